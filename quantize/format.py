@@ -1,0 +1,43 @@
+"""The canonical, device-independent layout of quantized tensors (on disk and in memory).
+
+Every quantized weight W of logical shape [N_out, K_in] (the nn.Linear convention,
+``y = x @ W.T``) is stored as up to three tensors next to the weight's name with its
+``.weight`` suffix dropped:
+
+    <name>.qweight  uint8  [..., N, K // 2]  bits == 4: two codes per byte, the code of
+                                             input column 2j in the LOW nibble and of
+                                             column 2j+1 in the HIGH nibble
+                    uint8  [..., N, K]       bits == 8: one code per byte
+    <name>.scales   float16 [..., N, K // G] one scale per group of G consecutive input columns
+    <name>.qzeros   uint8  [..., N, K // G]  only when asymmetric: the integer zero point
+
+Codes are always unsigned, 0 .. 2**bits - 1, and dequantize as
+
+    W[n, k] = (code[n, k] - zero[n, k // G]) * scale[n, k // G]
+
+with zero = 2**(bits-1) (8 for int4, 128 for int8) when symmetric (not stored). Groups run
+along the input dimension K; G == K is per-channel (one scale per output row). K must be
+divisible by G (and by 2 for 4-bit); DBRX's dims (6144, 10752, 8192) are multiples of 128.
+
+Experts. The fused DBRX expert tensors ``ffn.experts.mlp.{w1,v1,w2}`` ([E*F, D] each in the hub
+layout) are stored with a leading expert dimension, each matrix in its (out, in) orientation:
+
+    w1, v1: [E, F, D]  (out = F, in = D)          w2: [E, D, F]  (out = D, in = F; transposed)
+
+so ``qweight[e]``, ``scales[e]`` (and ``qzeros[e]``) are each one contiguous block: one expert
+can be sliced, read or memory-mapped alone. Kernel-specific repacking (torch's int4pack
+layouts, bitsandbytes, our C kernel) happens at load time and never reaches the disk.
+
+Unquantized tensors (norms, router, embeddings, lm_head unless asked) keep their hub names and
+stay in bf16. The checkpoint's config.json carries a ``quantization_config`` block
+(see :mod:`quantize.config`) whose ``format_version`` is :data:`FORMAT_VERSION`.
+"""
+
+FORMAT_VERSION = 1
+
+QWEIGHT, SCALES, QZEROS = "qweight", "scales", "qzeros"
+
+SUPPORTED_BITS = (4, 8)
+# Group sizes a user may ask for; -1 (or K itself) means per-channel.
+SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
+SCALE_DTYPE_NAME = "float16"
