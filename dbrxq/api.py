@@ -1,0 +1,108 @@
+"""The Python API: ``dbrxq.load(...)`` returns a ready-to-use :class:`DbrxRunner`.
+
+    >>> import dbrxq
+    >>> m = dbrxq.load()                      # the small model shipped in the package
+    >>> print(m.generate("Once upon a time", max_new_tokens=20))
+    >>> m.chat([{"role": "user", "content": "Hi"}])
+
+``m.model`` is the :class:`dbrxq.DbrxForCausalLM` (forward like transformers'), ``m.tokenizer``
+the :class:`dbrxq.tokenizer.DbrxTokenizer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .generate import GenerationOutput, generate
+from .loading import load_model
+from .model import DbrxForCausalLM
+from .tokenizer import DbrxTokenizer
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "tiny"
+
+
+def default_model_dir() -> Path:
+    """The small DBRX-architecture checkpoint shipped inside the package."""
+    return DEFAULT_MODEL_DIR
+
+
+@dataclass
+class DbrxRunner:
+    model: DbrxForCausalLM
+    tokenizer: DbrxTokenizer
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], **kwargs) -> GenerationOutput:
+        """Token-level generation for a batch of prompts (see dbrxq.generate.generate)."""
+        kwargs.setdefault("stop_tokens", self.stop_tokens)
+        kwargs.setdefault("pad_token_id", self.pad_token_id)
+        return generate(self.model, prompts, **kwargs)
+
+    @property
+    def stop_tokens(self) -> list[int]:
+        return sorted(set(self.tokenizer.eos_token_ids) | set(self.model.config.eos_token_ids))
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return 0 if pad is None else pad
+
+    def generate(self, prompt: str | Sequence[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 on_text: Callable[[str], None] | None = None) -> str | list[str]:
+        """Continue one prompt (returns str) or a batch (returns list[str]); stop tokens are dropped."""
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        texts = self._run(ids, on_text, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, seed=seed)
+        return texts[0] if single else texts
+
+    def chat(self, messages: list[dict], *, system_prompt: str | None = None,
+             on_text: Callable[[str], None] | None = None, **kwargs) -> str:
+        """Reply to a ChatML conversation (DBRX-instruct's template)."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, system_prompt=system_prompt)
+        return self._run([ids], on_text, **kwargs)[0]
+
+    def _run(self, ids: list[list[int]], on_text, **kwargs) -> list[str]:
+        stream = None
+        if on_text is not None:
+            if len(ids) != 1:
+                raise ValueError("streaming (on_text) takes a single prompt")
+            from .tokenizer import StreamDecoder
+            dec = StreamDecoder(self.tokenizer)
+            stops = set(self.stop_tokens)
+
+            def stream(tok: torch.Tensor) -> None:
+                t = int(tok[0])
+                if t not in stops:
+                    text = dec.push(t)
+                    if text:
+                        on_text(text)
+        self.last_output = out = self.generate_ids(ids, on_token=stream, **kwargs)
+        stops = set(self.stop_tokens)
+        return [self.tokenizer.decode([t for t in seq if t not in stops]) for seq in out.sequences]
+
+
+def load(path_or_repo_id: str | Path | None = None, *, device: str | torch.device | None = "cpu",
+         dtype: str | torch.dtype | None = None, revision: str | None = None,
+         backend: str | None = None) -> DbrxRunner:
+    """Load a float or quantized DBRX checkpoint with its tokenizer.
+
+    Args:
+        path_or_repo_id: a local folder or a hub repo id; None for the small model shipped with dbrxq.
+        device: cpu, cuda, cuda:N or auto.
+        dtype: float32, bfloat16, float16 or auto/None (the checkpoint's).
+        backend: force a quantized-kernel backend (default: the fastest for the device).
+    """
+    src = default_model_dir() if path_or_repo_id is None else path_or_repo_id
+    model = load_model(src, device=device, dtype=dtype, revision=revision, backend=backend)
+    tokenizer = DbrxTokenizer.from_pretrained(model.source_dir)
+    return DbrxRunner(model=model, tokenizer=tokenizer)

@@ -1,0 +1,121 @@
+"""The ``dbrxq`` command line: a thin click layer over the Python API.
+
+Every error a user can cause (DbrxqError) is printed as one line on stderr with exit status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+
+import click
+
+from .errors import DbrxqError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Run and quantize Databricks' DBRX on a CPU box or one GPU."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _peak_memory(device) -> str:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+    text = f"peak RSS {rss:.0f} MiB"
+    import torch
+    if device.type == "cuda":
+        text += f", peak GPU {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+    return text
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", required=False)
+@click.option("--prompt", "-p", help="Text to continue (with --chat: the first user message).")
+@click.option("--chat", is_flag=True, help="Use the ChatML chat template; without --prompt, an interactive session.")
+@click.option("--system", help="System prompt for --chat (default: DBRX-instruct's).")
+@click.option("--max-new-tokens", "-n", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="0 is greedy.")
+@click.option("--top-k", type=click.IntRange(min=1), help="Sample among the k most likely tokens.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), help="Nucleus sampling mass.")
+@click.option("--seed", type=int, help="Seed for sampling (reproducible output).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", default="auto", show_default=True,
+              help="auto (the checkpoint's), float32, bfloat16 or float16.")
+@click.option("--revision", help="Hub revision when MODEL is a repo id.")
+@click.option("--stats", is_flag=True, help="Print prefill/decode tokens per second and peak memory.")
+def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
+        revision, stats) -> None:
+    """Generate text with MODEL (a folder or hub repo id; default: the small model shipped with dbrxq).
+
+    Tokens stream to stdout as they are made.
+    """
+    from .api import load
+
+    if prompt is None and not chat:
+        raise click.UsageError("give --prompt TEXT, or --chat for an interactive session")
+    runner = load(model, device=device, dtype=dtype, revision=revision)
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+    def emit(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def report() -> None:
+        if stats:
+            s = runner.last_output.stats
+            click.echo(f"[prefill {s.prompt_tokens} tok in {s.prefill_s:.3f}s = {s.prefill_tok_s:.1f} tok/s; "
+                       f"decode {s.decode_steps} tok in {s.decode_s:.3f}s = {s.decode_tok_s:.1f} tok/s; "
+                       f"{_peak_memory(runner.model.device)}]", err=True)
+
+    if not chat:
+        emit(prompt)
+        runner.generate(prompt, on_text=emit, **kw)
+        emit("\n")
+        report()
+        return
+    messages: list[dict] = []
+    interactive = prompt is None
+    while True:
+        if interactive:
+            try:
+                prompt = click.prompt(">>>", prompt_suffix=" ", default="", show_default=False)
+            except (EOFError, click.Abort):
+                emit("\n")
+                return
+            if not prompt.strip():
+                continue
+        messages.append({"role": "user", "content": prompt})
+        reply = runner.chat(messages, system_prompt=system, on_text=emit, **kw)
+        emit("\n")
+        report()
+        messages.append({"role": "assistant", "content": reply})
+        if not interactive:
+            return
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except DbrxqError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

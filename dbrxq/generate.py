@@ -1,0 +1,166 @@
+"""Text generation: ``sample``, ``prefill``, ``decode_one_token``, ``generate``.
+
+A batch of prompts is left-padded; positions come from the attention mask (cumsum - 1), so each
+row sees exactly the positions and keys it would see alone. The KV cache is allocated once for
+prompt + max_new_tokens, and a request that does not fit the model's context is refused before
+any work is done.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import GenerationError
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # summed over the batch, padding excluded
+    new_tokens: int = 0  # generated tokens summed over the batch (stop tokens included)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Decode forward passes per second, per sequence (the first new token comes from prefill)."""
+        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass
+class GenerationOutput:
+    sequences: list[list[int]]  # new tokens per prompt, stop token included when one was hit
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row from logits (B, V); temperature 0 is greedy. Returns (B,) int64."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass before it already reaches top_p; the first always stays.
+        drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (input_ids (B, T), attention_mask (B, T)) left-padded to the longest."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, T - len(p):] = 1
+    return ids, mask
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) 0/1 mask -> positions (B, S): a real token's index among its row's real tokens."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache, *, chunk_size: int = 512) -> torch.Tensor:
+    """Run the prompt through the model in chunks; returns the last position's logits (B, V)."""
+    pos = positions_from_mask(mask)
+    padded = bool((mask == 0).any())
+    logits = None
+    for s in range(0, ids.shape[1], chunk_size):
+        e = min(s + chunk_size, ids.shape[1])
+        out = model(ids[:, s:e], attention_mask=mask[:, :e] if padded else None, position_ids=pos[:, s:e],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+    return logits
+
+
+@torch.no_grad()
+def decode_one_token(model, token: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, cache):
+    """token, pos (B,) -> logits (B, V) for the next position."""
+    out = model(token[:, None], attention_mask=mask, position_ids=pos[:, None], past_key_values=cache,
+                use_cache=True)
+    return out.logits[:, -1]
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             stop_tokens: Sequence[int] = (), pad_token_id: int = 0,
+             on_token: Callable[[torch.Tensor], None] | None = None,
+             prefill_chunk_size: int = 512) -> GenerationOutput:
+    """Generate up to max_new_tokens for each prompt (token id lists).
+
+    Args:
+        on_token: called with the (B,) tensor of tokens produced at each step (for streaming).
+    Raises:
+        GenerationError: an empty prompt, or prompt + max_new_tokens beyond the model's context.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GenerationError("empty prompt: at least one token is needed (DBRX adds no BOS token)")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for name, v, ok in (("temperature", temperature, temperature >= 0), ("top_k", top_k, top_k is None or top_k >= 1),
+                        ("top_p", top_p, top_p is None or 0 < top_p <= 1)):
+        if not ok:
+            raise GenerationError(f"invalid {name}={v!r} (temperature >= 0, top_k >= 1, 0 < top_p <= 1)")
+    ctx = model.config.max_seq_len
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > ctx:
+        raise GenerationError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "
+                              f"{longest + max_new_tokens} exceeds the model's context of {ctx} tokens")
+    device = model.device
+    ids, mask = left_pad(prompts, pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+    B, T = ids.shape
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+    cache = model.new_cache(B, T + max_new_tokens)
+    stats = GenerationStats(prompt_tokens=int(mask.sum()))
+    padded = bool((mask == 0).any())
+
+    t0 = time.perf_counter()
+    logits = prefill(model, ids, mask, cache, chunk_size=prefill_chunk_size)
+    stats.prefill_s = time.perf_counter() - t0
+
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    pos = positions_from_mask(mask)[:, -1]
+    t0 = time.perf_counter()
+    for step in range(max_new_tokens):
+        tok = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
+        for i in (~done).nonzero().flatten().tolist():
+            out[i].append(int(tok[i]))
+        stats.new_tokens += int((~done).sum())
+        if on_token is not None:
+            on_token(tok)
+        done |= torch.isin(tok, stop)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        pos = pos + 1
+        if padded:
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+        logits = decode_one_token(model, tok, pos, mask if padded else None, cache)
+        stats.decode_steps += 1
+    stats.decode_s = time.perf_counter() - t0
+    return GenerationOutput(sequences=out, stats=stats)
