@@ -1,0 +1,75 @@
+"""The dbrxq command line: runs on the embedded default, streams, and turns user errors into one line."""
+
+import subprocess
+import sys
+
+import pytest
+
+import dbrxq
+from dbrxq.cli import cli
+
+
+def dbrxq_cmd(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dbrxq.cli", *args], capture_output=True, text=True,
+                          input=input, timeout=120)
+
+
+def test_run_default_model_is_deterministic_with_seed():
+    args = ("run", "--prompt", "The value of", "-n", "12", "-t", "0.9", "--seed", "3")
+    a, b = dbrxq_cmd(*args), dbrxq_cmd(*args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.startswith("The value of")
+    assert len(a.stdout) > len("The value of")
+    c = dbrxq_cmd("run", "--prompt", "The value of", "-n", "12", "-t", "0.9", "--seed", "4")
+    assert c.stdout != a.stdout  # the seed matters (12 sampled tokens from a 1.5k vocabulary)
+
+
+def test_cli_output_equals_python_api():
+    r = dbrxq_cmd("run", "--prompt", "Hello", "-n", "10")
+    assert r.returncode == 0, r.stderr
+    text = dbrxq.load().generate("Hello", max_new_tokens=10)
+    assert r.stdout == "Hello" + text + "\n"
+
+
+def test_stats_line():
+    r = dbrxq_cmd("run", "--prompt", "Hi", "-n", "5", "--stats")
+    assert r.returncode == 0, r.stderr
+    assert "tok/s" in r.stderr and "peak RSS" in r.stderr
+
+
+def test_chat_one_shot_and_interactive():
+    r = dbrxq_cmd("run", "--chat", "--prompt", "Hello", "-n", "5")
+    assert r.returncode == 0, r.stderr
+    r = dbrxq_cmd("run", "--chat", "-n", "4", input="hi\nthere\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(">>>") == 3  # two turns, then EOF at the third prompt
+
+
+@pytest.mark.parametrize("args, message", [
+    (("run", "/no/such/folder", "--prompt", "x"), "is not a folder and not a hub repo id"),
+    (("run", "--prompt", "x", "-n", "5000"), "exceeds the model's context of 1024 tokens"),
+    (("run", "--prompt", "x", "--dtype", "int3"), "unknown dtype 'int3'"),
+    (("run", "--prompt", "x", "--device", "cuda"), "no CUDA device"),
+    (("run", "--prompt", ""), "empty prompt"),
+])
+def test_user_errors_are_one_line(args, message):
+    r = dbrxq_cmd(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_prompt_is_a_usage_error():
+    r = dbrxq_cmd("run")
+    assert r.returncode == 2 and "--prompt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_reads_well():
+    from click.testing import CliRunner
+    out = CliRunner().invoke(cli, ["--help"]).output
+    assert "run" in out
+    out = CliRunner().invoke(cli, ["run", "--help"]).output
+    for opt in ("--prompt", "--chat", "--system", "--max-new-tokens", "--temperature", "--top-k", "--top-p",
+                "--seed", "--device", "--dtype", "--stats"):
+        assert opt in out
