@@ -1,0 +1,357 @@
+"""Reading DBRX checkpoints: a local folder or a hub repo id, sharded or not, lazily.
+
+- :func:`resolve_model_dir` turns a folder or a hub repo id into a local folder (hub repos go
+  through ``huggingface_hub.snapshot_download``, restricted to the files we need, and work
+  offline from the cache).
+- :class:`CheckpointReader` validates a folder of safetensors up front from the headers alone
+  (index, missing/truncated/non-safetensors shards, tensors missing from their shard) and then
+  reads one tensor, or a slice of one, at a time from memory-mapped shards.
+- :func:`hub_tensor_shapes` lists every tensor of the hub layout (transformers'
+  ``modeling_dbrx.py``) with its shape, in the hub's order.
+
+Every failure a user can cause raises :class:`~dbrxq.errors.CheckpointError` with one line naming
+the file (and tensor) at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+
+from .config import DbrxConfig
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "*.tiktoken", "tiktoken.py",
+                      "special_tokens_map.json", "generation_config.json"]
+# What a hub download fetches by default: weights, their index, config and tokenizer -- never
+# the other formats some repos also carry (*.bin, *.pt, GGUF...).
+DEFAULT_ALLOW_PATTERNS = ["config.json", "*.safetensors", INDEX_NAME, *TOKENIZER_PATTERNS]
+
+# safetensors dtype string -> (torch dtype, bits per element). Bits let us check data_offsets.
+SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "BOOL": (torch.bool, 8), "U8": (torch.uint8, 8), "I8": (torch.int8, 8),
+    "I16": (torch.int16, 16), "U16": (torch.uint16, 16), "F16": (torch.float16, 16),
+    "BF16": (torch.bfloat16, 16), "I32": (torch.int32, 32), "U32": (torch.uint32, 32),
+    "F32": (torch.float32, 32), "F64": (torch.float64, 64), "I64": (torch.int64, 64),
+    "U64": (torch.uint64, 64), "F8_E4M3": (torch.float8_e4m3fn, 8), "F8_E5M2": (torch.float8_e5m2, 8),
+}
+# safetensors refuses headers above 100 MB; a larger length field means the file is not one.
+_MAX_HEADER_BYTES = 100_000_000
+_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SHARD_NAME_RE = re.compile(r"-(\d{5})-of-(\d{5})\.safetensors$")
+
+
+# -- locating a checkpoint ------------------------------------------------------------------
+def resolve_model_dir(path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
+                      allow_patterns: list[str] | None = None, cache_dir: str | os.PathLike | None = None,
+                      token: str | bool | None = None) -> Path:
+    """Return a local folder holding the checkpoint, downloading it from the hub if needed.
+
+    Args:
+        path_or_repo_id: an existing local folder (returned as is) or a hub repo id ("org/name").
+        revision: hub branch, tag or commit (default: main).
+        allow_patterns: files to fetch from the hub; default :data:`DEFAULT_ALLOW_PATTERNS`.
+        cache_dir: hub cache folder (default: huggingface_hub's, i.e. ``HF_HUB_CACHE``).
+        token: hub token for gated/private repos (default: the logged-in one).
+
+    Returns:
+        The folder (for a hub repo, its snapshot in the cache).
+
+    Raises:
+        CheckpointError: not a folder nor a repo id, repo not found or gated, or offline and
+            not cached.
+    """
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_repo_id)
+    if path.exists() or not _REPO_ID_RE.match(name):
+        raise CheckpointError(f"{name} is not a folder and not a hub repo id (expected 'org/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hf_errors
+    try:
+        folder = snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
+                                   allow_patterns=allow_patterns or DEFAULT_ALLOW_PATTERNS)
+    # Order matters: GatedRepoError subclasses RepositoryNotFoundError.
+    except hf_errors.GatedRepoError:
+        raise CheckpointError(f"hub repo {name} is gated: accept its license on huggingface.co and log in "
+                              f"(`hf auth login`) or pass a token") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise CheckpointError(f"hub repo {name} not found (or private: log in or pass a token); "
+                              f"check the id, or pass a local folder") from None
+    except hf_errors.RevisionNotFoundError:
+        raise CheckpointError(f"hub repo {name} has no revision {revision!r}") from None
+    except hf_errors.LocalEntryNotFoundError:
+        raise CheckpointError(f"hub repo {name} is not (completely) in the local cache and the hub cannot be "
+                              f"reached (offline?): connect and unset HF_HUB_OFFLINE to download it, "
+                              f"or pass a local folder") from None
+    except (hf_errors.HFValidationError, ValueError) as e:
+        raise CheckpointError(f"{name} is not a valid hub repo id: {str(e).splitlines()[0]}") from None
+    except (hf_errors.HfHubHTTPError, OSError) as e:
+        raise CheckpointError(f"hub repo {name}: download failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return Path(folder)
+
+
+def read_config(folder: str | os.PathLike) -> DbrxConfig:
+    """Read ``FOLDER/config.json``.
+
+    Raises:
+        CheckpointError: config.json missing.
+        ConfigError: it is there but unusable.
+    """
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json in this folder")
+    return DbrxConfig.from_json(path)
+
+
+# -- header validation ------------------------------------------------------------------
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Parse and check one safetensors file's header, reading no tensor data.
+
+    Returns:
+        ``{tensor name: {"dtype", "shape", "data_offsets"}}`` (``__metadata__`` removed).
+
+    Raises:
+        CheckpointError: not a safetensors file, an inconsistent header, or a truncated file.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file ({size} bytes, too short for a header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER_BYTES or n > size - 8:
+            raise CheckpointError(f"{path} is not a safetensors file (header length field {n} does not fit "
+                                  f"in its {size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, stop) = info["dtype"], info["shape"], info["data_offsets"]
+            numel = math.prod(int(s) for s in shape)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name} has a malformed header entry {info!r}") from None
+        bits = SAFETENSORS_DTYPES.get(dtype, (None, None))[1]
+        if not 0 <= start <= stop or (bits is not None and stop - start != numel * bits // 8):
+            raise CheckpointError(f"{path}: tensor {name} has data_offsets {[start, stop]} that do not fit "
+                                  f"its shape {list(shape)} and dtype {dtype}")
+        end = max(end, stop)
+    expected = 8 + n + end
+    if size < expected:
+        raise CheckpointError(f"{path} is truncated: expected {expected} bytes, found {size}")
+    if size > expected:
+        raise CheckpointError(f"{path} is corrupt: expected {expected} bytes, found {size} (trailing data)")
+    return header
+
+
+def _find_weight_files(folder: Path) -> tuple[dict[str, str], Path | None]:
+    """Return ({tensor: file name} from the index, or {} for a single file, index path or None)."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index} is not valid JSON ({e})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} has no 'weight_map' object mapping tensor names to files")
+        return weight_map, index
+    if (folder / SINGLE_NAME).is_file():
+        return {}, None
+    files = sorted(p.name for p in folder.glob("*.safetensors") if p.is_file())
+    if not files:
+        raise CheckpointError(f"{folder}: no safetensors checkpoint found (expected {INDEX_NAME} "
+                              f"or {SINGLE_NAME})")
+    m = _SHARD_NAME_RE.search(files[0])
+    if len(files) > 1 or (m and int(m.group(2)) > 1):
+        raise CheckpointError(f"{folder}: shard files ({files[0]}, ...) but no {INDEX_NAME}; the checkpoint "
+                              f"is incomplete")
+    return {}, None
+
+
+# -- the reader ---------------------------------------------------------------------------
+class CheckpointReader:
+    """Lazy, validated access to the tensors of a safetensors checkpoint folder.
+
+    Construction reads the index and every shard's header (never tensor data) and fails with a
+    one-line :class:`CheckpointError` on any inconsistency. Shards are opened with
+    ``safe_open`` on first use (memory-mapped, at most one handle per shard) and closed by
+    :meth:`close` or on leaving a ``with`` block.
+
+    Args:
+        folder: the checkpoint folder (see :func:`resolve_model_dir` for hub repos).
+
+    Raises:
+        CheckpointError: see :func:`read_safetensors_header` and :func:`_find_weight_files`.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder} is not a folder")
+        weight_map, index = _find_weight_files(self.folder)
+        self.index_path = index
+        self._handles: dict[str, Any] = {}
+        self._headers: dict[str, dict[str, dict[str, Any]]] = {}
+        if index is None:
+            single = self.folder / SINGLE_NAME
+            if not single.is_file():
+                single = next(p for p in self.folder.glob("*.safetensors") if p.is_file())
+            self._headers[single.name] = read_safetensors_header(single)
+            self._file_of = {name: single.name for name in self._headers[single.name]}
+            return
+        for fname in dict.fromkeys(weight_map.values()):
+            path = self.folder / fname
+            if not path.is_file():
+                raise CheckpointError(f"{index} names {fname}, which does not exist in {self.folder}")
+            self._headers[fname] = read_safetensors_header(path)
+        for name, fname in weight_map.items():
+            if name not in self._headers[fname]:
+                raise CheckpointError(f"{self.folder / fname}: tensor {name} is not in this shard although "
+                                      f"{INDEX_NAME} maps it there")
+        self._file_of = dict(weight_map)
+
+    # -- metadata (headers only) --
+    def keys(self) -> list[str]:
+        """Tensor names, in index (or header) order."""
+        return list(self._file_of)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._file_of
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+    def _info(self, name: str) -> dict[str, Any]:
+        if name not in self._file_of:
+            raise CheckpointError(f"{self.folder}: tensor {name} not found in the checkpoint")
+        return self._headers[self._file_of[name]][name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._info(name)["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._info(name)["dtype"]
+        if code not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.file_of(name)}: tensor {name} has dtype {code}, which dbrxq cannot read")
+        return SAFETENSORS_DTYPES[code][0]
+
+    def file_of(self, name: str) -> Path:
+        """The shard holding `name`."""
+        self._info(name)
+        return self.folder / self._file_of[name]
+
+    # -- data --
+    def _handle(self, name: str) -> Any:
+        fname = self._file_of[name]
+        if fname not in self._handles:
+            try:
+                self._handles[fname] = safe_open(str(self.folder / fname), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own SafetensorError; report it as ours
+                raise CheckpointError(f"{self.folder / fname}: cannot open ({e})") from None
+        return self._handles[fname]
+
+    def get(self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+            expected_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Read one tensor.
+
+        Args:
+            name: tensor name.
+            device: where to put it.
+            dtype: convert to this dtype (default: keep the stored one).
+            expected_shape: fail unless the stored shape is this (checked before reading).
+
+        Returns:
+            The tensor (a fresh copy; the shard stays memory-mapped, not resident).
+
+        Raises:
+            CheckpointError: tensor missing, or of another shape than `expected_shape`.
+        """
+        self._check_shape(name, expected_shape)
+        t = self._handle(name).get_tensor(name)
+        if dtype is not None or torch.device(device) != t.device:
+            t = t.to(device=device, dtype=dtype)
+        return t
+
+    def get_slice(self, name: str, *, expected_shape: tuple[int, ...] | None = None) -> Any:
+        """A safetensors slice: index it (``s[a:b]``) to read only those rows, e.g. one expert's.
+
+        Raises:
+            CheckpointError: tensor missing, or of another shape than `expected_shape`.
+        """
+        self._check_shape(name, expected_shape)
+        return self._handle(name).get_slice(name)
+
+    def _check_shape(self, name: str, expected: tuple[int, ...] | None) -> None:
+        shape = self.shape(name)
+        if expected is not None and shape != tuple(expected):
+            raise CheckpointError(f"{self.file_of(name)}: tensor {name} has shape {list(shape)}, "
+                                  f"expected {list(expected)}")
+
+    def close(self) -> None:
+        """Drop every shard handle (and with it the memory maps)."""
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({str(self.folder)!r}, {len(self)} tensors in {len(self._headers)} file(s))"
+
+
+# -- the hub layout -------------------------------------------------------------------------
+def hub_tensor_shapes(config: DbrxConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a DBRX checkpoint in the hub layout, with its shape, in the hub's order.
+
+    Follows transformers' ``modeling_dbrx.py``: LayerNorms have no bias, the three fused expert
+    tensors carry no ``.weight`` suffix, and ``lm_head.weight`` is absent when embeddings are tied.
+    """
+    d, v = config.d_model, config.vocab_size
+    ef = config.num_experts * config.ffn_hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (v, d)}
+    for i in range(config.n_layers):
+        b = f"transformer.blocks.{i}"
+        shapes[f"{b}.norm_attn_norm.norm_1.weight"] = (d,)
+        shapes[f"{b}.norm_attn_norm.attn.Wqkv.weight"] = (config.qkv_out_features, d)
+        shapes[f"{b}.norm_attn_norm.attn.out_proj.weight"] = (d, d)
+        shapes[f"{b}.norm_attn_norm.norm_2.weight"] = (d,)
+        shapes[f"{b}.ffn.router.layer.weight"] = (config.num_experts, d)
+        for w in ("w1", "v1", "w2"):
+            shapes[f"{b}.ffn.experts.mlp.{w}"] = (ef, d)
+    shapes["transformer.norm_f.weight"] = (d,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, d)
+    return shapes
+
+
+__all__ = ["CheckpointReader", "resolve_model_dir", "read_config", "read_safetensors_header",
+           "hub_tensor_shapes", "DEFAULT_ALLOW_PATTERNS", "TOKENIZER_PATTERNS", "INDEX_NAME", "SINGLE_NAME",
+           "SAFETENSORS_DTYPES"]
