@@ -1,0 +1,150 @@
+"""QuantConfig: what was quantized how; the ``quantization_config`` block of config.json.
+
+One :class:`ModuleQuant` per module kind ("experts", "attn", "lm_head", "embed"); the block
+is versioned with :data:`quantize.format.FORMAT_VERSION` so a reader can refuse layouts it
+does not know. Example (the defaults)::
+
+    {"quant_method": "dbrxq", "format_version": 1, "method": "rtn",
+     "experts": {"bits": 4, "group_size": 128, "symmetric": true},
+     "attn":    {"bits": 8, "group_size": -1,  "symmetric": true},
+     "lm_head": {"bits": null, "group_size": -1, "symmetric": true},
+     "embed":   {"bits": null, "group_size": -1, "symmetric": true}}
+
+plus an optional free-form ``"calibration"`` summary (data set, token count, seed, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dbrxq.errors import QuantizationError
+from quantize.format import FORMAT_VERSION, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+
+QUANT_METHOD = "dbrxq"
+METHODS = ("rtn", "gptq")
+MODULE_KINDS = ("experts", "attn", "lm_head", "embed")
+# Format versions this dbrxq can read (a newer writer may add versions; an old reader refuses).
+READABLE_FORMAT_VERSIONS = (FORMAT_VERSION,)
+
+
+@dataclass(frozen=True)
+class ModuleQuant:
+    """How one kind of module is stored.
+
+    bits: 4 or 8; None (or 16) keeps the module unquantized in bf16.
+    group_size: one of SUPPORTED_GROUP_SIZES; -1 = per-channel (ignored when unquantized).
+    symmetric: implicit zero point 2**(bits-1) if True, stored uint8 zero points otherwise.
+    """
+
+    bits: int | None = None
+    group_size: int = -1
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        # 16 is accepted as a spelling of "keep bf16"; normalise so equality is by meaning.
+        if self.bits == 16:
+            object.__setattr__(self, "bits", None)
+        _check(self.bits is None or self.bits in SUPPORTED_BITS, "bits", self.bits,
+               f"one of {SUPPORTED_BITS}, 16 or null (unquantized)")
+        _check(self.group_size in SUPPORTED_GROUP_SIZES, "group_size", self.group_size,
+               f"one of {SUPPORTED_GROUP_SIZES} (-1 = per-channel)")
+        _check(isinstance(self.symmetric, bool), "symmetric", self.symmetric, "true or false")
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], kind: str = "") -> ModuleQuant:
+        if not isinstance(d, dict):
+            raise QuantizationError(f"quantization_config.{kind} must be an object, got {d!r}")
+        unknown = set(d) - {"bits", "group_size", "symmetric"}
+        if unknown:
+            raise QuantizationError(
+                f"quantization_config.{kind} has unknown field(s) {sorted(unknown)}"
+            )
+        try:
+            return cls(d.get("bits"), d.get("group_size", -1), d.get("symmetric", True))
+        except QuantizationError as e:
+            # Name the module kind in the one-line message.
+            raise QuantizationError(f"quantization_config.{kind}.{e}") from None
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise QuantizationError(f"{name}={value!r} is not supported; expected {expected}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The whole quantization recipe of a checkpoint. Defaults: DESIGN.md section 2.
+
+    Experts are ~96% of the bytes and are read per token, so int4 g128 there; attention is
+    small and sensitive, so int8 per-channel; embeddings and lm_head stay bf16.
+    """
+
+    method: str = "rtn"
+    experts: ModuleQuant = ModuleQuant(bits=4, group_size=128, symmetric=True)
+    attn: ModuleQuant = ModuleQuant(bits=8, group_size=-1, symmetric=True)
+    lm_head: ModuleQuant = ModuleQuant(bits=None)
+    embed: ModuleQuant = ModuleQuant(bits=None)
+    # Free-form summary of the calibration run (data, tokens, seed, fallbacks), for humans.
+    calibration: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
+        _check(self.format_version in READABLE_FORMAT_VERSIONS, "format_version",
+               self.format_version,
+               f"one of {READABLE_FORMAT_VERSIONS} (the versions this dbrxq reads)")
+
+    def for_kind(self, kind: str) -> ModuleQuant:
+        """The ModuleQuant of ``kind`` (one of MODULE_KINDS)."""
+        assert kind in MODULE_KINDS, (kind, MODULE_KINDS)
+        return getattr(self, kind)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready ``quantization_config`` block."""
+        d: dict[str, Any] = {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "method": self.method,
+        }
+        for kind in MODULE_KINDS:
+            d[kind] = self.for_kind(kind).to_dict()
+        if self.calibration:
+            d["calibration"] = dict(self.calibration)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        """Parse a ``quantization_config`` block; QuantizationError names the bad field."""
+        if not isinstance(d, dict):
+            raise QuantizationError(
+                f"quantization_config must be an object, got {type(d).__name__}"
+            )
+        if d.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
+            raise QuantizationError(
+                f"quantization_config.quant_method={d.get('quant_method')!r} is not "
+                f"{QUANT_METHOD!r}; this checkpoint was not written by dbrxq"
+            )
+        version = d.get("format_version")
+        if version not in READABLE_FORMAT_VERSIONS:
+            raise QuantizationError(
+                f"quantization_config.format_version={version!r} is not supported; this dbrxq "
+                f"reads format_version {', '.join(map(str, READABLE_FORMAT_VERSIONS))}"
+            )
+        method = d.get("method", "rtn")
+        if method not in METHODS:
+            raise QuantizationError(
+                f"quantization_config.method={method!r} is not supported; expected one of {METHODS}"
+            )
+        calibration = d.get("calibration") or {}
+        if not isinstance(calibration, dict):
+            raise QuantizationError("quantization_config.calibration must be an object")
+        kinds = {k: ModuleQuant.from_dict(d[k], k) for k in MODULE_KINDS if k in d}
+        return cls(method=method, calibration=calibration, format_version=version, **kinds)

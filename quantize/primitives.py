@@ -1,0 +1,380 @@
+"""Group-wise quantization primitives: qparams, quantize, dequantize, int4 pack/unpack.
+
+Pure ``@torch.no_grad()`` functions following the one convention of :mod:`quantize.format`:
+
+    W[..., n, k] ~= (code[..., n, k] - zero[..., n, k // G]) * scale[..., n, k // G]
+
+codes uint8 in 0 .. 2**bits - 1, scales float16, zeros uint8 (stored only when asymmetric;
+the implicit symmetric zero is 2**(bits-1)). Groups are G consecutive input columns (the last
+dim, K); ``group_size=-1`` (or K) is per-channel, G = K. Every function accepts leading batch
+dims ``[..., N, K]`` (e.g. experts ``[E, N, K]``), any device and any float dtype; the math runs
+in float32.
+
+We do not pad: K must be a multiple of G (and even for 4-bit). DBRX's dims (6144, 10752,
+8192) are multiples of 128, so padding would only buy support for shapes we never serve.
+
+Scales are rounded to float16 *up* (to the next representable value at or above the exact
+scale) before any code is computed, and codes are computed with that rounded scale. Hence
+(a) dequantize reproduces exactly what quantize intended, and (b) the grid always covers the
+group's range, so no in-range value is ever clamped and ``|w - w_hat| <= scale / 2``
+elementwise (up to float32 arithmetic rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dbrxq.errors import QuantizationError
+from quantize.format import QWEIGHT, QZEROS, SCALES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+
+__all__ = [
+    "QuantizedTensor",
+    "check_bits",
+    "compute_qparams",
+    "dequantize",
+    "pack_int4",
+    "quantize_codes",
+    "quantize_tensor",
+    "resolve_group_size",
+    "unpack_int4",
+]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_bits(bits: int) -> int:
+    """Return ``bits`` if it is one of SUPPORTED_BITS, else raise QuantizationError."""
+    if bits not in SUPPORTED_BITS:
+        raise QuantizationError(f"bits={bits!r} is not supported; use one of {SUPPORTED_BITS}")
+    return bits
+
+
+def resolve_group_size(group_size: int, k: int, bits: int) -> int:
+    """The effective group length G for a weight with K = ``k`` input columns.
+
+    ``-1`` (or ``k`` itself) means per-channel, G = K. Raises QuantizationError when the group
+    size is not one of SUPPORTED_GROUP_SIZES, K is not a multiple of G, or K is odd at 4 bits
+    (two codes share a byte; we do not pad).
+    """
+    check_bits(bits)
+    if group_size not in SUPPORTED_GROUP_SIZES and group_size != k:
+        raise QuantizationError(
+            f"group_size={group_size!r} is not supported; use one of {SUPPORTED_GROUP_SIZES} "
+            "(-1 = per-channel)"
+        )
+    g = k if group_size == -1 else group_size
+    if g <= 0 or k % g != 0:
+        raise QuantizationError(
+            f"input dim K={k} is not divisible by group_size={group_size}; dbrxq does not pad "
+            "(DBRX dims are multiples of 128)"
+        )
+    if bits == 4 and k % 2 != 0:
+        raise QuantizationError(f"input dim K={k} is odd; 4-bit packing needs an even K")
+    return g
+
+
+def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
+    """[..., N, K] float32 -> [..., N, K // G, G] (a view when ``w`` is contiguous)."""
+    return w.reshape(*w.shape[:-1], w.shape[-1] // g, g)
+
+
+def _round_up_fp16(s: torch.Tensor) -> torch.Tensor:
+    """Positive float32 -> the smallest float16 >= s (elementwise).
+
+    Rounding up (not to nearest) keeps ``range / scale_fp16 <= qmax`` so the grid covers the
+    group: see the module docstring. For positive finite halves, the next representable value
+    is the bit pattern + 1.
+    """
+    h = s.to(torch.float16)
+    low = h.float() < s
+    bumped = (h.view(torch.int16) + 1).view(torch.float16)
+    return torch.where(low, bumped, h)
+
+
+# ----------------------------------------------------------------------------- qparams
+
+
+@torch.no_grad()
+def compute_qparams(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-group scales (and zero points) for ``w``.
+
+    Args:
+        w: ``[..., N, K]`` weights, any float dtype and device.
+        bits: 4 or 8.
+        group_size: G in SUPPORTED_GROUP_SIZES, or -1 (per-channel, G = K).
+        symmetric: implicit zero 2**(bits-1) if True, else a stored uint8 zero point.
+
+    Returns:
+        ``(scales, zeros)``: scales float16 ``[..., N, K // G]``; zeros uint8 of the same shape,
+        or None when symmetric.
+
+    Formulas, per group g (amax, min, max over the group's G values):
+        symmetric:  scale = amax / (2**(bits-1) - 1)      (codes use -qmax..qmax around 2**(bits-1);
+                                                          code 0 is representable but unused)
+        asymmetric: lo = min(min, 0), hi = max(max, 0)   (widened so 0 is exactly representable)
+                    scale = (hi - lo) / (2**bits - 1)
+                    zero = clamp(round(-lo / scale), 0, 2**bits - 1)   (with the fp16 scale)
+    A group whose scale would be 0 (all zeros) gets scale 1.0: any positive scale reproduces
+    zeros exactly, and 1.0 avoids a division by zero and fp16 subnormals.
+
+    Raises:
+        QuantizationError: unsupported bits/group size, K not divisible, non-finite weights, or
+            a range too large for a float16 scale.
+    """
+    g = resolve_group_size(group_size, w.shape[-1], bits)
+    wg = _grouped(w.float(), g)
+    if not torch.isfinite(wg).all():
+        raise QuantizationError(f"weight of shape {tuple(w.shape)} contains NaN or inf values")
+    if symmetric:
+        scale = wg.abs().amax(dim=-1) / (2 ** (bits - 1) - 1)
+    else:
+        lo = wg.amin(dim=-1).clamp(max=0.0)
+        hi = wg.amax(dim=-1).clamp(min=0.0)
+        scale = (hi - lo) / (2**bits - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scales = _round_up_fp16(scale)
+    if not torch.isfinite(scales).all():
+        raise QuantizationError(
+            f"weight of shape {tuple(w.shape)} has a range too large for float16 scales "
+            f"(max |w| = {w.abs().max().item():.3g})"
+        )
+    if symmetric:
+        return scales, None
+    zeros = torch.round(-lo / scales.float()).clamp(0, 2**bits - 1).to(torch.uint8)
+    return scales, zeros
+
+
+# ----------------------------------------------------------------------------- codes
+
+
+@torch.no_grad()
+def quantize_codes(
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """Unpacked codes for ``w`` under given qparams.
+
+    ``code = clamp(round(w / scale) + zero, 0, 2**bits - 1)`` with zero = 2**(bits-1) when
+    ``zeros`` is None (symmetric). Rounding is torch's round-half-to-even.
+
+    Args:
+        w: ``[..., N, K]`` weights.
+        scales: float16 (or any float) ``[..., N, K // G]``.
+        zeros: uint8 ``[..., N, K // G]`` or None.
+    Returns:
+        uint8 codes ``[..., N, K]`` on ``w``'s device.
+    """
+    g = resolve_group_size(group_size, w.shape[-1], bits)
+    wg = _grouped(w.float(), g)
+    assert scales.shape == wg.shape[:-1], (tuple(scales.shape), tuple(w.shape), g)
+    zero = (
+        torch.tensor(2 ** (bits - 1), dtype=torch.float32, device=w.device)
+        if zeros is None
+        else zeros.float().unsqueeze(-1)
+    )
+    q = torch.round(wg / scales.float().unsqueeze(-1)) + zero
+    return q.clamp_(0, 2**bits - 1).to(torch.uint8).reshape(w.shape)
+
+
+@torch.no_grad()
+def dequantize(
+    codes_or_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    packed: bool | None = None,
+) -> torch.Tensor:
+    """The reference dequantizer: ``W = (code - zero) * scale`` -> ``[..., N, K]`` in ``dtype``.
+
+    Args:
+        codes_or_packed: uint8, either codes ``[..., N, K]`` or, at 4 bits, the packed
+            ``qweight`` ``[..., N, K // 2]`` of :mod:`quantize.format`.
+        scales: ``[..., N, K // G]``; zeros: uint8 ``[..., N, K // G]`` or None (symmetric).
+        packed: whether the input is packed (4-bit only). None infers it from the shapes:
+            K = (K // G) * G must match the last dim (codes) or twice it (packed). Per-channel
+            4-bit is ambiguous (one group, K unknown) and is taken as packed, the on-disk form.
+
+    The product is formed in float32, where it is exact ((code - zero) has at most 9 bits,
+    the fp16 scale 11), then cast to ``dtype``.
+    """
+    check_bits(bits)
+    c = codes_or_packed
+    if bits == 4:
+        if packed is None:
+            if group_size == -1:
+                packed = True
+            else:
+                packed = c.shape[-1] * 2 == scales.shape[-1] * group_size
+        if packed:
+            c = unpack_int4(c)
+    k = c.shape[-1]
+    g = resolve_group_size(group_size, k, bits)
+    if tuple(scales.shape) != (*c.shape[:-1], k // g) or (
+        zeros is not None and zeros.shape != scales.shape
+    ):
+        raise QuantizationError(
+            f"codes {tuple(c.shape)} do not fit scales {tuple(scales.shape)}"
+            f"{'' if zeros is None else f' / qzeros {tuple(zeros.shape)}'} at "
+            f"bits={bits}, group_size={group_size}"
+        )
+    zero = float(2 ** (bits - 1)) if zeros is None else zeros.float().unsqueeze(-1)
+    w = (_grouped(c.float(), g) - zero) * scales.float().unsqueeze(-1)
+    return w.reshape(c.shape).to(dtype)
+
+
+# ----------------------------------------------------------------------------- int4 packing
+
+
+@torch.no_grad()
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes ``[..., N, K]`` (values 0..15, K even) -> uint8 ``[..., N, K // 2]``.
+
+    ``packed[..., j] = codes[..., 2j] | codes[..., 2j + 1] << 4`` (even column in the low nibble).
+    """
+    k = codes.shape[-1]
+    if k % 2 != 0:
+        raise QuantizationError(f"cannot pack int4 codes with odd K={k}; 4-bit needs an even K")
+    c = codes.to(torch.uint8)
+    if c.numel() and int(c.max()) > 15:
+        raise QuantizationError(f"int4 codes must be in 0..15, got max {int(c.max())}")
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+@torch.no_grad()
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., N, K // 2]`` -> uint8 codes ``[..., N, K]``; inverse of :func:`pack_int4`."""
+    p = packed.to(torch.uint8)
+    both = torch.stack((p & 0x0F, p >> 4), dim=-1)  # [..., N, K // 2, 2]
+    return both.reshape(*p.shape[:-1], p.shape[-1] * 2)
+
+
+# ----------------------------------------------------------------------------- the container
+
+
+@dataclass
+class QuantizedTensor:
+    """One quantized weight in the canonical layout of :mod:`quantize.format`.
+
+    Attributes:
+        qweight: uint8 ``[..., N, K // 2]`` (4-bit, packed) or ``[..., N, K]`` (8-bit).
+        scales: float16 ``[..., N, K // G]``.
+        qzeros: uint8 ``[..., N, K // G]``, or None when symmetric.
+        bits: 4 or 8.
+        group_size: as requested (-1 = per-channel); :attr:`group` is the resolved G.
+        shape: the logical float shape ``[..., N, K]``.
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    qzeros: torch.Tensor | None
+    bits: int
+    group_size: int
+    shape: torch.Size
+
+    def __post_init__(self) -> None:
+        self.shape = torch.Size(self.shape)
+        g = resolve_group_size(self.group_size, self.shape[-1], self.bits)
+        want_q = (*self.shape[:-1], self.shape[-1] // (2 if self.bits == 4 else 1))
+        want_s = (*self.shape[:-1], self.shape[-1] // g)
+        bad = [
+            f"{name} {tuple(t.shape)} (want {want})"
+            for name, t, want in (
+                (QWEIGHT, self.qweight, want_q),
+                (SCALES, self.scales, want_s),
+                (QZEROS, self.qzeros, want_s),
+            )
+            if t is not None and tuple(t.shape) != want
+        ]
+        if bad:
+            raise QuantizationError(
+                f"quantized tensor of shape {tuple(self.shape)}, bits={self.bits}, "
+                f"group_size={self.group_size} has misshapen " + ", ".join(bad)
+            )
+
+    @property
+    def group(self) -> int:
+        """The resolved group length G (K when per-channel)."""
+        return self.shape[-1] if self.group_size == -1 else self.group_size
+
+    @property
+    def symmetric(self) -> bool:
+        return self.qzeros is None
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked uint8 codes ``[..., N, K]``."""
+        return unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[..., N, K]`` in ``dtype``; see :func:`dequantize`."""
+        return dequantize(
+            self.codes(), self.scales, self.qzeros, self.bits, self.group_size,
+            dtype=dtype, packed=False,
+        )
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """``{prefix.qweight, prefix.scales[, prefix.qzeros]}``; drops a trailing ``.weight``."""
+        prefix = prefix.removesuffix(".weight")
+        out = {f"{prefix}.{QWEIGHT}": self.qweight, f"{prefix}.{SCALES}": self.scales}
+        if self.qzeros is not None:
+            out[f"{prefix}.{QZEROS}"] = self.qzeros
+        return out
+
+    @classmethod
+    def stack(cls, parts: list[QuantizedTensor]) -> QuantizedTensor:
+        """Stack same-spec tensors ``[N, K]`` (e.g. one per expert) into ``[E, N, K]``."""
+        assert parts, "nothing to stack"
+        p0 = parts[0]
+        spec = (p0.bits, p0.group_size, p0.shape, p0.symmetric)
+        assert all((p.bits, p.group_size, p.shape, p.symmetric) == spec for p in parts), spec
+        return cls(
+            torch.stack([p.qweight for p in parts]),
+            torch.stack([p.scales for p in parts]),
+            None if p0.qzeros is None else torch.stack([p.qzeros for p in parts]),
+            p0.bits, p0.group_size, torch.Size((len(parts), *p0.shape)),
+        )
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], prefix: str, bits: int, group_size: int
+    ) -> QuantizedTensor:
+        """Inverse of :meth:`tensors`; the logical shape is read off ``qweight``.
+
+        Raises QuantizationError when ``qweight`` or ``scales`` is missing or the shapes and
+        dtypes do not fit ``bits`` / ``group_size``.
+        """
+        check_bits(bits)
+        prefix = prefix.removesuffix(".weight")
+        names = [f"{prefix}.{n}" for n in (QWEIGHT, SCALES, QZEROS)]
+        missing = [n for n in names[:2] if n not in tensors]
+        if missing:
+            raise QuantizationError(f"missing quantized tensor(s): {', '.join(missing)}")
+        qweight, scales = tensors[names[0]], tensors[names[1]]
+        qzeros = tensors.get(names[2])
+        for name, t, dt in ((names[0], qweight, torch.uint8), (names[1], scales, torch.float16),
+                            (names[2], qzeros, torch.uint8)):
+            if t is not None and t.dtype != dt:
+                raise QuantizationError(f"{name} has dtype {t.dtype}, expected {dt}")
+        k = qweight.shape[-1] * (2 if bits == 4 else 1)
+        return cls(qweight, scales, qzeros, bits, group_size, torch.Size((*qweight.shape[:-1], k)))
+
+
+@torch.no_grad()
+def quantize_tensor(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True
+) -> QuantizedTensor:
+    """Round-to-nearest quantization of ``w [..., N, K]`` into a :class:`QuantizedTensor`."""
+    scales, zeros = compute_qparams(w, bits, group_size, symmetric)
+    codes = quantize_codes(w, scales, zeros, bits, group_size)
+    qweight = pack_int4(codes) if bits == 4 else codes
+    return QuantizedTensor(qweight, scales, zeros, bits, group_size, w.shape)

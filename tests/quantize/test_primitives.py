@@ -1,0 +1,297 @@
+"""Tests of quantize.primitives (qparams, codes, dequantize, int4 packing, QuantizedTensor),
+of the RTN expert layout (quantize.rtn) and of QuantConfig (quantize.config).
+
+Tolerances are derived, not tuned; see the comments at each bound.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from dbrxq.errors import QuantizationError
+from quantize.config import ModuleQuant, QuantConfig
+from quantize.format import FORMAT_VERSION, QWEIGHT, QZEROS, SCALES
+from quantize.primitives import (
+    QuantizedTensor,
+    compute_qparams,
+    dequantize,
+    pack_int4,
+    quantize_codes,
+    quantize_tensor,
+    unpack_int4,
+)
+from quantize.rtn import (
+    dequantize_experts_to_hub,
+    experts_to_canonical,
+    experts_to_hub,
+    quantize_experts_rtn,
+)
+
+BITS = (4, 8)
+GROUPS = (32, 64, 128, -1)
+# Odd N, a leading expert dim, K a multiple of 128 (what DBRX has) and K == G.
+SHAPES = ((7, 256), (3, 5, 384), (2, 1, 128), (33, 128))
+CASES = list(itertools.product(BITS, GROUPS, (True, False), SHAPES))
+
+
+def _ids(case):
+    bits, g, sym, shape = case
+    return f"b{bits}-g{g}-{'sym' if sym else 'asym'}-{'x'.join(map(str, shape))}"
+
+
+def _per_column(t: torch.Tensor, k: int) -> torch.Tensor:
+    """[..., N, K // G] -> [..., N, K]: each group's value repeated over its columns."""
+    return t.repeat_interleave(k // t.shape[-1], dim=-1)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (7, 256), (3, 5, 130), (2, 3, 4, 6)])
+def test_pack_unpack_round_trip(shape):
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, shape, dtype=torch.uint8, generator=gen)
+    packed = pack_int4(codes)
+    assert packed.shape == (*shape[:-1], shape[-1] // 2) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), codes)
+
+
+def test_pack_nibble_order():
+    # format.py: column 2j in the LOW nibble, 2j+1 in the HIGH nibble.
+    packed = pack_int4(torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8))
+    assert packed.tolist() == [[0x21, 0x0F]]
+
+
+def test_pack_rejects_odd_k_and_big_codes():
+    with pytest.raises(QuantizationError, match="odd K=3"):
+        pack_int4(torch.zeros(2, 3, dtype=torch.uint8))
+    with pytest.raises(QuantizationError, match="0..15, got max 16"):
+        pack_int4(torch.full((2, 2), 16, dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_k_not_divisible_by_group():
+    with pytest.raises(QuantizationError, match="K=96 is not divisible by group_size=64"):
+        quantize_tensor(torch.randn(4, 96), 4, 64, True)
+
+
+@pytest.mark.parametrize(
+    "bits, g, k, msg",
+    [
+        (3, 128, 256, r"bits=3 is not supported; use one of \(4, 8\)"),
+        (4, 16, 256, r"group_size=16 is not supported; use one of \(32, 64, 128, -1\)"),
+        (4, -1, 5, "K=5 is odd"),
+    ],
+)
+def test_bad_settings_raise(bits, g, k, msg):
+    with pytest.raises(QuantizationError, match=msg):
+        compute_qparams(torch.randn(3, k), bits, g, True)
+
+
+def test_non_finite_weights_raise():
+    w = torch.randn(4, 128)
+    w[1, 7] = float("nan")
+    with pytest.raises(QuantizationError, match="NaN or inf"):
+        quantize_tensor(w, 4, 128, True)
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("bits, g, sym, shape", CASES, ids=[_ids(c) for c in CASES])
+def test_round_trip_error_bound(bits, g, sym, shape):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.02
+    qt = quantize_tensor(w, bits, g, sym)
+    k = shape[-1]
+    G = k if g == -1 else g
+    assert qt.qweight.shape == (*shape[:-1], k // 2 if bits == 4 else k)
+    assert qt.scales.shape == (*shape[:-1], k // G) and qt.scales.dtype == torch.float16
+    assert (qt.qzeros is None) == sym
+    w_hat = qt.dequantize()
+    assert w_hat.shape == w.shape and w_hat.dtype == torch.float32
+
+    # The fp16 scale is the exact one rounded UP by at most one fp16 step (2**-10 relative
+    # for normal halves), so the grid always covers the group and nothing is clamped.
+    wg = w.reshape(*shape[:-1], k // G, G)
+    exact = (
+        wg.abs().amax(-1) / (2 ** (bits - 1) - 1)
+        if sym
+        else (wg.amax(-1).clamp(min=0) - wg.amin(-1).clamp(max=0)) / (2**bits - 1)
+    )
+    s = qt.scales.float()
+    assert (s >= exact).all() and (s <= exact * (1 + 2**-10)).all()
+
+    # Elementwise bound |w - w_hat| <= s/2. (code - zero) * s is exact in float32 (<= 9 + 11
+    # significant bits), so the only slack is float32 rounding of w / s (relative 2**-24 of
+    # |w / s| <= 2**bits) and of the final subtraction (2**-24 |w|): 2**-22 (|w| + 2**bits s)
+    # is a comfortable cover.
+    s_col = _per_column(s, k)
+    slack = 2.0**-22 * (w.abs() + 2**bits * s_col)
+    assert ((w - w_hat).abs() <= s_col / 2 + slack).all()
+
+    # Both on-disk and unpacked forms dequantize identically, and re-quantizing the
+    # dequantized weight with the same qparams is the identity (quantize/dequantize agree).
+    assert torch.equal(dequantize(qt.qweight, qt.scales, qt.qzeros, bits, g), w_hat)
+    assert torch.equal(quantize_codes(w_hat, qt.scales, qt.qzeros, bits, g), qt.codes())
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("sym", (True, False))
+@pytest.mark.parametrize("g", (32, 128, -1))
+def test_sqnr_floor_uniform(bits, sym, g):
+    # Uniform data on [-a, a] with step s: noise power s^2/12, signal power a^2/3, so
+    # SQNR = 20 log10(2a / s). Asymmetric: s = 2a / (2^b - 1) -> 20 log10(2^b - 1);
+    # symmetric: s = a / (2^(b-1) - 1) -> 20 log10(2^b - 2), i.e. ~6.02 b dB minus a little
+    # (4-bit: 23.0 / 23.5 dB, 8-bit: 48.1 dB). A finite group's range is slightly inside
+    # [-a, a] (which only helps), and the fp16 round-up of s costs < 0.01 dB; 0.5 dB of
+    # margin covers the sampling noise of the estimate over 64k values.
+    w = (torch.rand(64, 1024, generator=torch.Generator().manual_seed(2)) * 2 - 1) * 0.05
+    w_hat = quantize_tensor(w, bits, g, sym).dequantize()
+    sqnr = 10 * math.log10(float(w.square().sum() / (w - w_hat).square().sum()))
+    floor = 20 * math.log10(2**bits - (2 if sym else 1)) - 0.5
+    assert sqnr >= floor, (sqnr, floor)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_asymmetric_zero_is_exact(bits):
+    # Group 0 has min exactly 0 (zero point must be code 0), group 1 max exactly 0, group 2
+    # straddles 0; every exact zero must come back as exactly 0.
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 96, generator=gen)
+    w[:, :32] = w[:, :32].abs()
+    w[:, 32:64] = -w[:, 32:64].abs()
+    w[:, ::7] = 0.0
+    qt = quantize_tensor(w, bits, 32, symmetric=False)
+    assert (qt.qzeros[:, 0] == 0).all() and (qt.qzeros[:, 1] == 2**bits - 1).all()
+    w_hat = qt.dequantize()
+    assert (w_hat[w == 0] == 0).all()
+    assert (w_hat[:, :32] >= 0).all() and (w_hat[:, 32:64] <= 0).all()
+
+
+@pytest.mark.parametrize("sym", (True, False))
+def test_all_zero_group(sym):
+    w = torch.randn(3, 64)
+    w[1, :32] = 0.0
+    qt = quantize_tensor(w, 4, 32, sym)
+    assert qt.scales[1, 0] == 1.0  # documented guard: scale 1 for an all-zero group
+    w_hat = qt.dequantize()
+    assert torch.isfinite(w_hat).all() and (w_hat[1, :32] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_low_precision_input_and_output_dtype(dtype):
+    w = torch.randn(4, 2, 128).to(dtype)
+    ref = quantize_tensor(w.float(), 4, 64, True)
+    qt = quantize_tensor(w, 4, 64, True)
+    assert torch.equal(qt.qweight, ref.qweight) and torch.equal(qt.scales, ref.scales)
+    out = qt.dequantize(dtype)
+    assert out.dtype == dtype and torch.equal(out, ref.dequantize().to(dtype))
+
+
+# ----------------------------------------------------------------------------- container
+
+
+@pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True), (8, False)])
+def test_tensors_round_trip(bits, sym):
+    qt = quantize_tensor(torch.randn(3, 6, 256), bits, 128, sym)
+    d = qt.tensors("transformer.blocks.0.ffn.experts.mlp.w1.weight")
+    prefix = "transformer.blocks.0.ffn.experts.mlp.w1"
+    want = {f"{prefix}.{n}" for n in (QWEIGHT, SCALES) + (() if sym else (QZEROS,))}
+    assert set(d) == want
+    back = QuantizedTensor.from_tensors(d, prefix, bits, 128)
+    assert back.shape == qt.shape and torch.equal(back.dequantize(), qt.dequantize())
+
+
+def test_from_tensors_rejects_misshapen_and_missing():
+    d = quantize_tensor(torch.randn(4, 256), 4, 128, True).tensors("x")
+    with pytest.raises(QuantizationError, match="misshapen scales"):
+        QuantizedTensor.from_tensors(d, "x", 4, 64)
+    with pytest.raises(QuantizationError, match="missing quantized tensor"):
+        QuantizedTensor.from_tensors({"x.qweight": d["x.qweight"]}, "x", 4, 128)
+    with pytest.raises(QuantizationError, match="dtype torch.float32, expected torch.float16"):
+        QuantizedTensor.from_tensors({**d, "x.scales": d["x.scales"].float()}, "x", 4, 128)
+
+
+def test_stack_matches_batched_quantize():
+    w = torch.randn(3, 8, 128)
+    stacked = QuantizedTensor.stack([quantize_tensor(w[e], 4, 32, False) for e in range(3)])
+    batched = quantize_tensor(w, 4, 32, False)
+    assert torch.equal(stacked.qweight, batched.qweight)
+    assert torch.equal(stacked.dequantize(), batched.dequantize())
+
+
+# ----------------------------------------------------------------------------- RTN experts
+
+
+@pytest.mark.parametrize("kind", ("w1", "v1", "w2"))
+@pytest.mark.parametrize("bits, g", [(4, 128), (8, -1)])
+def test_expert_layout(kind, bits, g):
+    E, F, D = 4, 256, 128
+    w_hub = torch.randn(E * F, D, generator=torch.Generator().manual_seed(4))
+    qt = quantize_experts_rtn(w_hub, kind, E, bits, g)
+    assert qt.shape == ((E, D, F) if kind == "w2" else (E, F, D))
+    assert torch.equal(experts_to_hub(experts_to_canonical(w_hub, kind, E), kind), w_hub)
+    hub_hat = dequantize_experts_to_hub(qt, kind)
+    assert hub_hat.shape == w_hub.shape
+    for e in range(E):
+        # Expert e alone, in nn.Linear orientation: the hub computes x @ w2[e] but x @ w1[e].T.
+        block = w_hub[e * F : (e + 1) * F]
+        linear = block.T if kind == "w2" else block
+        ref = quantize_tensor(linear, bits, g).dequantize()
+        assert torch.equal(qt.dequantize()[e], ref)
+        assert torch.equal(hub_hat[e * F : (e + 1) * F], ref.T if kind == "w2" else ref)
+
+
+def test_expert_bad_kind_and_shape():
+    with pytest.raises(QuantizationError, match="kind 'w3'"):
+        quantize_experts_rtn(torch.randn(8, 128), "w3", 2)
+    with pytest.raises(QuantizationError, match=r"not \[E\*F, D\] with E=3"):
+        quantize_experts_rtn(torch.randn(8, 128), "w1", 3)
+
+
+# ----------------------------------------------------------------------------- QuantConfig
+
+
+def test_quant_config_defaults_and_round_trip():
+    cfg = QuantConfig()
+    d = cfg.to_dict()
+    assert d["quant_method"] == "dbrxq" and d["format_version"] == FORMAT_VERSION
+    assert d["experts"] == {"bits": 4, "group_size": 128, "symmetric": True}
+    assert d["attn"] == {"bits": 8, "group_size": -1, "symmetric": True}
+    assert d["lm_head"]["bits"] is None and d["embed"]["bits"] is None
+    assert QuantConfig.from_dict(json.loads(json.dumps(d))) == cfg
+
+    custom = QuantConfig(
+        method="gptq",
+        experts=ModuleQuant(4, 64, False),
+        lm_head=ModuleQuant(8, -1, True),
+        embed=ModuleQuant(16),
+        calibration={"dataset": "c4", "tokens": 4096, "seed": 0},
+    )
+    assert custom.embed.bits is None and not custom.embed.quantized
+    assert QuantConfig.from_dict(json.loads(json.dumps(custom.to_dict()))) == custom
+
+
+@pytest.mark.parametrize(
+    "patch, msg",
+    [
+        ({"format_version": 99},
+         "format_version=99 is not supported; this dbrxq reads format_version 1"),
+        ({"method": "awq"}, "method='awq' is not supported"),
+        ({"experts": {"bits": 3, "group_size": 128}},
+         r"quantization_config.experts.bits=3 is not supported"),
+        ({"attn": {"bits": 8, "group_size": 48}},
+         r"quantization_config.attn.group_size=48 is not supported"),
+        ({"quant_method": "gptq"}, "not written by dbrxq"),
+    ],
+)
+def test_quant_config_errors(patch, msg):
+    with pytest.raises(QuantizationError, match=msg):
+        QuantConfig.from_dict({**QuantConfig().to_dict(), **patch})
