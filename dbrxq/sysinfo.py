@@ -1,0 +1,64 @@
+"""What machine is this, and how fast can it read memory? Shared by every benchmark.
+
+Benchmarks report speed as a ratio to the memory-bandwidth bound measured in the same run
+(DESIGN.md section 5): ``read_bandwidth`` streams a large float32 tensor through a sum, with the
+thread count torch uses, and keeps the best of several runs (a read-only stream; a copy would
+understate it by counting the writes).
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+
+import torch
+
+_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
+          "amx_int8")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def describe_machine() -> str:
+    flags = cpu_flags()
+    have = " ".join(f for f in _FLAGS if f in flags) or "none of avx2/avx512/amx"
+    return (f"CPU: {cpu_model()} | flags: {have} | torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best read-only bandwidth in bytes/s: sum over a float32 tensor of `nbytes`."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    del x
+    return nbytes / best
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -1,0 +1,110 @@
+"""Decode time per layer at real DBRX width on this machine, next to the memory-bandwidth bound.
+
+One DBRX block (d_model 6144, 48 heads / 8 kv heads, 16 experts of 10752, top-4) with random
+weights decodes one token at a time at batch 1 after a prefilled context. Each step feeds a fresh
+random hidden state, so the router picks a fresh set of 4 experts, as real tokens do, and the
+weights come from DRAM, not cache. The bound is the weight bytes one token must read (Wqkv,
+out_proj, router and the 4 chosen experts' w1/v1/w2, plus the KV cache) divided by the read-only
+bandwidth measured in the same run; the ratio time / bound says how far from the physical limit
+the float path is.
+
+    python scripts/bench_decode.py                       # bf16 and float32, real width
+    python scripts/bench_decode.py --dtype bfloat16 --steps 10
+    python scripts/bench_decode.py --quick               # quarter width, for a smoke run
+
+Memory: the float32 block holds 13.0 GB of weights, the bf16 one 6.5 GB (one at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+
+from dbrxq.config import DbrxConfig
+from dbrxq.model import DbrxBlock, rope_cos_sin
+from dbrxq.kv_cache import StaticKVCache
+from dbrxq.sysinfo import describe_machine, peak_rss_bytes, read_bandwidth
+
+REAL = dict(d_model=6144, n_heads=48, n_layers=1, max_seq_len=32768, vocab_size=100352,
+            attn_config=dict(kv_n_heads=8, clip_qkv=8, rope_theta=500000),
+            ffn_config=dict(ffn_hidden_size=10752, moe_num_experts=16, moe_top_k=4))
+
+
+def make_block(config: DbrxConfig, dtype: torch.dtype) -> DbrxBlock:
+    with torch.device("meta"):
+        block = DbrxBlock(config, 0)
+    block = block.to_empty(device="cpu").to(dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                for rows in torch.split(p.view(p.shape[0], -1), 4096):  # bounded float32 temporaries
+                    rows.copy_(torch.randn(rows.shape, generator=g) * 0.02)
+    return block.eval().requires_grad_(False)
+
+
+def bench(config: DbrxConfig, dtype: torch.dtype, context: int, steps: int, bandwidth: float) -> dict:
+    block = make_block(config, dtype)
+    c = config
+    cache = StaticKVCache(1, 1, context + 1, c.kv_n_heads, c.head_dim, dtype=dtype)
+    cache.k[0].normal_()
+    cache.v[0].normal_()
+    pos = torch.tensor([[context]])
+    cos, sin = rope_cos_sin(pos, c.head_dim, c.attn_config.rope_theta, dtype)
+    g = torch.Generator().manual_seed(1)
+    item = torch.finfo(dtype).bits // 8
+    attn_bytes = (c.qkv_out_features * c.d_model + c.d_model * c.d_model + c.num_experts * c.d_model) * item
+    expert_bytes = 3 * c.ffn_hidden_size * c.d_model * item
+    kv_bytes = 2 * c.kv_n_heads * c.head_dim * (context + 1) * item
+    times = []
+    with torch.no_grad():
+        for step in range(steps + 3):
+            x = torch.randn(1, 1, c.d_model, generator=g).to(dtype)
+            cache.lengths[0] = context
+            t0 = time.perf_counter()
+            block(x, cos, sin, None, cache, context)
+            if step >= 3:  # warm-up steps excluded
+                times.append(time.perf_counter() - t0)
+    nbytes = attn_bytes + c.top_k * expert_bytes + kv_bytes
+    t = statistics.median(times)
+    bound = nbytes / bandwidth
+    del block, cache
+    gc.collect()
+    return dict(dtype=str(dtype).removeprefix("torch."), ms=t * 1e3, mb=nbytes / 1e6, bound_ms=bound * 1e3,
+                ratio=t / bound)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", choices=["bfloat16", "float32", "both"], default="both")
+    ap.add_argument("--context", type=int, default=256, help="tokens already in the KV cache")
+    ap.add_argument("--steps", type=int, default=12, help="timed decode steps (median reported)")
+    ap.add_argument("--quick", action="store_true", help="quarter-width model (d_model 1536, ffn 2688)")
+    args = ap.parse_args()
+    d = dict(REAL)
+    if args.quick:
+        d.update(d_model=1536, n_heads=12, attn_config=dict(REAL["attn_config"], kv_n_heads=4),
+                 ffn_config=dict(REAL["ffn_config"], ffn_hidden_size=2688))
+    config = DbrxConfig.from_dict(d)
+    print(describe_machine())
+    bw = read_bandwidth()
+    print(f"read-only bandwidth (sum over 1 GiB float32, best of 5): {bw / 1e9:.1f} GB/s")
+    dtypes = [torch.bfloat16, torch.float32] if args.dtype == "both" else [getattr(torch, args.dtype)]
+    rows = [bench(config, dt, args.context, args.steps, bw) for dt in dtypes]
+    width = "quarter width" if args.quick else "real width"
+    print(f"\nOne DBRX layer ({width}), decode batch 1, context {args.context}, median of {args.steps} steps\n")
+    print("| dtype | ms / token / layer | MB read / token | bound (ms) | ratio to bound |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['dtype']} | {r['ms']:.1f} | {r['mb']:.0f} | {r['bound_ms']:.1f} | {r['ratio']:.2f}x |")
+    print(f"\npeak RSS {peak_rss_bytes() / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
