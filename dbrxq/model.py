@@ -183,6 +183,20 @@ def moe_dispatch(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tenso
     return out
 
 
+def down_proj(h: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """h (n, F) @ w2 (F, D) with w2 in the hub's (in, out) orientation.
+
+    Same value as ``h @ w2``, but a 16-bit ``h @ w2`` on a CPU without native bf16 takes a path
+    ~40x slower than reading the weights (0.5 s for one DBRX expert at n = 1, 8.7 s at n = 16,
+    torch 2.13, AVX2). A matrix-vector product reads w2 once; for several rows, upcasting beats it.
+    """
+    if h.device.type != "cpu" or h.dtype == torch.float32:
+        return h @ w2
+    if h.shape[0] == 1:
+        return torch.mv(w2.t(), h[0])[None]
+    return (h.float() @ w2.float()).to(h.dtype)
+
+
 class DbrxExpertGLU(nn.Module):
     """Holds the fused expert tensors exactly as the hub stores them: w1, v1, w2 each (E*F, D)."""
 
@@ -207,7 +221,7 @@ class DbrxExperts(nn.Module):
         Fh = self.ffn_hidden_size
         rows = slice(e * Fh, (e + 1) * Fh)
         w1, v1, w2 = self.mlp.w1[rows], self.mlp.v1[rows], self.mlp.w2[rows]  # (F, D) each
-        return (self.act(x @ w1.T) * (x @ v1.T)) @ w2  # (n, D)
+        return down_proj(self.act(x @ w1.T) * (x @ v1.T), w2)  # (n, D)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return moe_dispatch(x, expert_ids, weights, self.num_experts, self.expert)
@@ -328,12 +342,13 @@ class DbrxForCausalLM(nn.Module):
     def init_weights(self, generator: torch.Generator | None = None) -> DbrxForCausalLM:
         """transformers' init: normal(0, initializer_range) weights, unit LayerNorms."""
         std = self.config.initializer_range
-        for name, p in self.named_parameters():
-            with torch.no_grad():
-                if "norm" in name:
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, std, generator=generator)
+        with torch.no_grad():
+            for module in self.modules():
+                for p in module.parameters(recurse=False):
+                    if isinstance(module, nn.LayerNorm):
+                        p.fill_(1.0)
+                    else:
+                        p.normal_(0.0, std, generator=generator)
         return self
 
     def new_cache(self, batch_size: int, max_length: int, *, dtype: torch.dtype | None = None,

@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny DBRX models built in memory (no files, no network)."""
+
+import pytest
+import torch
+
+from dbrxq.config import DbrxConfig
+from dbrxq.model import DbrxForCausalLM
+
+TINY = dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=40, vocab_size=50,
+            attn_config=dict(kv_n_heads=2, clip_qkv=8, rope_theta=10000),
+            ffn_config=dict(ffn_hidden_size=24, moe_num_experts=8, moe_top_k=2))
+
+
+def build_tiny_model(seed: int = 0, **overrides) -> DbrxForCausalLM:
+    """A seeded, randomly initialised float32 DBRX of toy width (8 experts, top-2)."""
+    torch.manual_seed(seed)
+    return DbrxForCausalLM(DbrxConfig.from_dict({**TINY, **overrides})).init_weights().eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return build_tiny_model

@@ -1,0 +1,84 @@
+"""Model pieces checked against plain float computations (the whole model is checked against
+transformers in test_parity.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dbrxq.errors import GenerationError
+from dbrxq.model import down_proj, moe_dispatch, route
+
+def test_route_softmax_topk_and_l1_normalisation():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 1.0]])
+    w, ids = route(logits, 2, 1.0)
+    p = torch.softmax(logits, -1)
+    assert ids.tolist() == [[0, 1], [2, 3]]
+    expected = torch.stack([p[0, [0, 1]], p[1, [2, 3]]])
+    assert torch.allclose(w, expected / expected.sum(-1, keepdim=True))
+    w_raw, _ = route(logits, 2, None)
+    assert torch.allclose(w_raw, expected)
+
+
+def test_moe_dispatch_equals_per_token_loop():
+    torch.manual_seed(0)
+    N, D, E, k = 37, 8, 5, 3
+    x = torch.randn(N, D)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(N)])
+    w = torch.rand(N, k)
+    mats = torch.randn(E, D, D)
+    got = moe_dispatch(x, ids, w, E, lambda e, xe: xe @ mats[e])
+    ref = torch.stack([sum(w[n, j] * (x[n] @ mats[ids[n, j]]) for j in range(k)) for n in range(N)])
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_bf16_down_projection_equals_float(rows):
+    torch.manual_seed(0)
+    h = torch.randn(rows, 64).bfloat16()
+    w2 = torch.randn(64, 48).bfloat16()
+    ref = h.float() @ w2.float()
+    got = down_proj(h, w2)
+    assert got.dtype == torch.bfloat16 and got.shape == ref.shape
+    # one bf16 rounding of the result (rel 2^-8) plus bf16 accumulation differences in mv
+    assert (got.float() - ref).abs().max() <= 2 ** -7 * ref.abs().max()
+
+
+def test_bf16_model_tracks_float32(tiny_model):
+    m = tiny_model(1)
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = m(ids).logits
+    m16 = tiny_model(1).to(torch.bfloat16)
+    got = m16(ids).logits.float()
+    # bf16 keeps 8 bits of mantissa; two layers of rounding leave a few percent of the logit scale
+    assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_cache_refuses_to_grow_past_context(tiny_model):
+    m = tiny_model()
+    cache = m.new_cache(1, 8)
+    ids = torch.randint(0, 50, (1, 30))
+    m(ids, past_key_values=cache)
+    with pytest.raises(GenerationError, match="exceeds the model's context"):
+        m(torch.randint(0, 50, (1, 11)), past_key_values=cache)
+
+
+def test_cache_crop_and_reorder(tiny_model):
+    m = tiny_model()
+    ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(3))
+    cache = m.new_cache(2, 16)
+    m(ids[:, :6], past_key_values=cache)
+    m(ids[:, 6:8], past_key_values=cache)
+    cache.crop(6)  # forget positions 6, 7 and redo them: same logits as the first time
+    again = m(ids[:, 6:], past_key_values=cache).logits
+    assert torch.allclose(again, m(ids).logits[:, 6:], atol=1e-5)
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert cache.get_seq_length() == 10
+    assert cache.nbytes() == 2 * 2 * 2 * 2 * 16 * 8 * 4  # layers*(k,v)*B*kvH*cap*hd*fp32
+
+
+def test_router_logits_and_hidden_state_shapes(tiny_model):
+    m = tiny_model()
+    out = m(torch.randint(0, 50, (3, 5)), output_router_logits=True, output_hidden_states=True)
+    assert [r.shape for r in out.router_logits] == [(15, 8)] * 2
+    assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (3, 5, 32)
+    assert out.aux_loss is not None and out.loss is None
