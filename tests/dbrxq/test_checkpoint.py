@@ -367,3 +367,15 @@ def test_resolve_neither_folder_nor_repo_id(tmp_path, text, monkeypatch):
 def test_resolve_file_is_not_a_folder(single):
     with pytest.raises(CheckpointError, match="is not a folder and not a hub repo id"):
         resolve_model_dir(single / "model.safetensors")
+
+
+def test_load_whole_model_from_cached_hub_repo(offline_hub):
+    """dbrxq.load with a repo id: the embedded model placed in a fake hub cache, offline."""
+    import dbrxq
+    for f in offline_hub.iterdir():
+        f.unlink()
+    for f in dbrxq.default_model_dir().iterdir():
+        (offline_hub / f.name).write_bytes(f.read_bytes())
+    from_hub = dbrxq.load("org/name")
+    local = dbrxq.load()
+    assert from_hub.generate("x = ", max_new_tokens=8) == local.generate("x = ", max_new_tokens=8)
