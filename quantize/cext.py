@@ -1,0 +1,115 @@
+"""Build, cache and load dbrxq's C kernel (quantize/csrc/qmatmul.c) with gcc + ctypes.
+
+The C file has no torch headers, so it compiles in about a second at first use. The shared
+library lands in ``$DBRXQ_CACHE`` (default ``~/.cache/dbrxq``) under a name keyed by a hash of
+the source, the flags and the compiler's version, so an edited kernel rebuilds and concurrent
+processes never see a half-written file (compile to a temp name, then rename).
+
+No -march flags: the AVX2 functions carry ``target`` attributes inside the one build, and
+:func:`cpu_path` picks the path from the CPU's flags at run time (override with
+``DBRXQ_CPU_KERNEL=generic|avx2``). ``DBRXQ_DISABLE_CEXT=1`` pretends the build failed. When gcc
+is missing or the build fails, :func:`load` logs once and returns None; callers fall back to the
+torch backends.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "qmatmul.c"
+FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp"]
+PATHS = {"generic": 0, "avx2": 1}  # the `path` argument of dbrxq_matmul
+
+_c_int, _c_i64, _vp = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DBRXQ_CACHE") or Path.home() / ".cache" / "dbrxq")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where that file does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_path() -> str:
+    """The fastest kernel path the running CPU supports, or the one forced by DBRXQ_CPU_KERNEL."""
+    forced = os.environ.get("DBRXQ_CPU_KERNEL")
+    if forced:
+        assert forced in PATHS, f"DBRXQ_CPU_KERNEL={forced!r}; use one of {sorted(PATHS)}"
+        return forced
+    return "avx2" if {"avx2", "fma", "f16c"} <= cpu_flags() else "generic"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "gcc"))
+
+
+def _build(cc: str) -> Path:
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(src + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    out = cache_dir() / f"qmatmul-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed:\n{r.stderr[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("built %s", out)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (logged once) when it cannot be built or loaded."""
+    if os.environ.get("DBRXQ_DISABLE_CEXT") == "1":
+        log.warning("dbrxq C kernel disabled by DBRXQ_DISABLE_CEXT=1; using torch backends")
+        return None
+    cc = _compiler()
+    if cc is None:
+        log.warning("no C compiler (gcc) found; dbrxq's cpu_q4/cpu_q8 kernels are unavailable")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except Exception as e:  # compiler errors, missing libgomp, read-only cache...
+        log.warning("could not build dbrxq's C kernel, using torch backends: %s", e)
+        return None
+    lib.dbrxq_row_bytes.argtypes = [_c_int, _c_int, _c_int, _c_int]
+    lib.dbrxq_row_bytes.restype = _c_i64
+    lib.dbrxq_repack.argtypes = [_vp, _vp, _vp, _c_int, _c_int, _c_int, _c_int, _vp]
+    lib.dbrxq_repack.restype = None
+    lib.dbrxq_matmul.argtypes = [_vp, _c_int, _c_int, _vp, _c_int, _c_int, _c_int, _c_int, _vp,
+                                 _c_int, _c_int]
+    lib.dbrxq_matmul.restype = _c_int
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    """Why the C kernel cannot be used here, or None when it can."""
+    return None if load() is not None else "dbrxq C kernel could not be built (see log)"

@@ -1,0 +1,345 @@
+/* dbrxq's own weight-only quantized matmul for CPUs: y[M, N] = x[M, K] @ W[N, K]^T.
+ *
+ * Plain C (no torch headers) so it compiles in a second; quantize/cext.py builds it with
+ * `gcc -O3 -fopenmp -shared` and loads it with ctypes. The AVX2 functions carry
+ * __attribute__((target("avx2,fma,f16c"))) so ONE build holds both paths and the file never
+ * needs -march flags; Python picks the path from /proc/cpuinfo at run time.
+ *
+ * Method (the llama.cpp Q4_0 x Q8_0 idea): activations are quantized per row, per block of 32
+ * values, to int8 with a float scale d = amax / 127 (q = round(x / d), |q| <= 127). Weights keep
+ * their canonical unsigned codes c (format.py), repacked at load into one row record:
+ *
+ *   q4: codes  K/2 bytes, per superblock of 64 columns k0..k0+63, byte j < 16 holds
+ *              c[k0+j] | c[k0+16+j] << 4 and byte 16+j holds c[k0+32+j] | c[k0+48+j] << 4,
+ *              so ONE 32-byte load + two masks yields 64 codes (low nibbles: columns
+ *              k0..15, k0+32..47; high nibbles: k0+16..31, k0+48..63). Activations are stored
+ *              in the same permuted order (see quant_act).
+ *   q8: codes  K bytes, int8 c - 128, natural column order.
+ *   then       scales  K/G fp16, then zeros K/G uint8 (asymmetric only); record padded to 64 B.
+ *
+ * Per row n and activation row m:
+ *   y = sum_b d_b * s_g(b) * sum_{k in b} c_k q_k  -  sum_g s_g * z_g * A_g,
+ *   A_g = sum_{b in g} d_b * sum_{k in b} q_k            (the zero-point correction)
+ * The inner dot products are exact integers (_mm256_maddubs_epi16: unsigned 4-bit codes x
+ * signed int8; pair sums <= 2 * 15 * 127, no saturation), so the only error against the float
+ * reference is activation quantization, |x - d q| <= d / 2 per element, i.e.
+ *   |y - y_ref| <= sum_k |W[n,k]| * d_b(k) / 2   (+ float32 accumulation rounding).
+ * For q8 the codes are shifted to signed (c - 128) and multiplied with the abs/sign trick
+ * (|c-128| <= 128 unsigned x sign-adjusted q, pair sums <= 2 * 128 * 127 < 32767).
+ *
+ * Blocking: rows of W are split into chunks of NCHUNK across OpenMP threads; within a chunk,
+ * activation rows go in tiles of 4 so a weight row (3 KB at K = 6144) is unpacked once per
+ * tile and re-read from L1 by later tiles: batch 16 costs far less than 16x batch 1.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define QK 32     /* activation block */
+#define NCHUNK 16 /* weight rows per work item */
+#define MT 4      /* activation rows per tile */
+#ifndef PF
+#define PF 1024   /* software prefetch distance, bytes (hardware prefetchers alone fall short) */
+#endif
+
+/* ------------------------------------------------------------------ helpers (portable) */
+
+static float h2f(uint16_t h) { /* IEEE half -> float, no F16C needed */
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF, bits;
+    if (e == 0) {
+        if (m == 0) { bits = sign; }
+        else { /* subnormal: normalise */
+            e = 127 - 15 + 1;
+            while (!(m & 0x400)) { m <<= 1; e--; }
+            bits = sign | (e << 23) | ((m & 0x3FF) << 13);
+        }
+    } else if (e == 31) { bits = sign | 0x7F800000u | (m << 13); }
+    else { bits = sign | ((e + 127 - 15) << 23) | (m << 13); }
+    float f; memcpy(&f, &bits, 4); return f;
+}
+
+/* Position of natural column o (0..63 in a superblock) in the q4 permuted order. */
+static inline int perm64(int o) { return o < 16 ? o : o < 32 ? o + 16 : o < 48 ? o - 16 : o; }
+
+/* Row record size in bytes for a weight with K columns, group G. */
+int64_t dbrxq_row_bytes(int bits, int K, int G, int asym) {
+    int64_t b = (bits == 4 ? K / 2 : K) + 2 * (K / G) + (asym ? K / G : 0);
+    return (b + 63) / 64 * 64;
+}
+
+/* Repack one canonical weight (codes uint8 [N, K] unpacked, scales fp16 [N, K/G],
+ * zeros uint8 [N, K/G] or NULL) into row records (dst: N * row_bytes). */
+void dbrxq_repack(const uint8_t *codes, const uint16_t *scales, const uint8_t *zeros,
+                  int bits, int N, int K, int G, uint8_t *dst) {
+    int64_t rb = dbrxq_row_bytes(bits, K, G, zeros != NULL), nc = bits == 4 ? K / 2 : K;
+    for (int n = 0; n < N; n++) {
+        const uint8_t *c = codes + (int64_t)n * K;
+        uint8_t *r = dst + n * rb;
+        memset(r, 0, rb);
+        if (bits == 4) {
+            for (int k0 = 0; k0 < K; k0 += 64)
+                for (int j = 0; j < 16; j++) {
+                    r[k0 / 2 + j] = (uint8_t)(c[k0 + j] | c[k0 + 16 + j] << 4);
+                    r[k0 / 2 + 16 + j] = (uint8_t)(c[k0 + 32 + j] | c[k0 + 48 + j] << 4);
+                }
+        } else {
+            for (int k = 0; k < K; k++) r[k] = (uint8_t)(c[k] ^ 0x80); /* = (int8)(c - 128) */
+        }
+        memcpy(r + nc, scales + (int64_t)n * (K / G), 2 * (K / G));
+        if (zeros) memcpy(r + nc + 2 * (K / G), zeros + (int64_t)n * (K / G), K / G);
+    }
+}
+
+/* Quantize activations x [M, K] float32 -> qa int8 [M, K] (q4: permuted per 64), d [M, K/32],
+ * bsum [M, K/32] = d_b * sum(q_b). */
+static void quant_act(const float *x, int M, int K, int permute, int8_t *qa, float *d, float *bsum) {
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < K / QK; b++) {
+            const float *xb = x + (int64_t)m * K + b * QK;
+            float amax = 0.f;
+            for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+            float db = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+            int s = 0;
+            for (int i = 0; i < QK; i++) {
+                int q = (int)nearbyintf(xb[i] * id);
+                q = q > 127 ? 127 : q < -127 ? -127 : q;
+                int k = b * QK + i;
+                int pos = permute ? (k & ~63) + perm64(k & 63) : k;
+                qa[(int64_t)m * K + pos] = (int8_t)q;
+                s += q;
+            }
+            d[m * (K / QK) + b] = db;
+            bsum[m * (K / QK) + b] = db * (float)s;
+        }
+}
+
+/* ------------------------------------------------------------------ generic scalar path */
+
+static void rows_generic(const uint8_t *row, int bits, int K, int G, int asym,
+                         const int8_t *qa, const float *d, const float *bsum, int m0, int mt,
+                         float *y, int64_t ldy) {
+    int ng = K / G, nc = bits == 4 ? K / 2 : K;
+    const uint16_t *sc = (const uint16_t *)(row + nc);
+    const uint8_t *zp = row + nc + 2 * ng;
+    for (int m = m0; m < m0 + mt; m++) {
+        const int8_t *a = qa + (int64_t)m * K;
+        double acc = 0.0;
+        for (int g = 0; g < ng; g++) {
+            float s = h2f(sc[g]), ag = 0.f, part = 0.f;
+            int zc = bits == 4 ? (asym ? zp[g] : 8) : (asym ? zp[g] - 128 : 0);
+            for (int b = g * G / QK; b < (g + 1) * G / QK; b++) {
+                int32_t dot = 0;
+                if (bits == 4) {
+                    /* block b is half of superblock b/2: lanes 0..15 of each half */
+                    const uint8_t *w = row + (b / 2) * 32 + (b & 1) * 16;
+                    const int8_t *ab = a + (b / 2) * 64 + (b & 1) * 16;
+                    for (int j = 0; j < 16; j++)
+                        dot += (w[j] & 15) * ab[j] + (w[j] >> 4) * ab[32 + j];
+                } else {
+                    const int8_t *w = (const int8_t *)row + b * QK, *ab = a + b * QK;
+                    for (int j = 0; j < QK; j++) dot += w[j] * ab[j];
+                }
+                part += d[m * (K / QK) + b] * (float)dot;
+                ag += bsum[m * (K / QK) + b];
+            }
+            acc += (double)(s * (part - (float)zc * ag));
+        }
+        y[m * ldy] = (float)acc;
+    }
+}
+
+/* ------------------------------------------------------------------ AVX2 path */
+
+#define TGT __attribute__((target("avx2,fma,f16c")))
+#define INL static inline __attribute__((always_inline))
+
+TGT INL float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* q4 kernel for `nr` weight rows x `nt` activation rows (nr, nt compile-time constants after
+ * inlining: (1, MT) for batches, (2, 1) for decode, where two weight rows give the FMA chains
+ * independent work and share the activation loads).
+ * dv [M, K/8]: per superblock 8 floats [d_A x4, d_B x4] matching the madd lanes.
+ * ag [K/G, M]: A_g per group (transposed so a tile's values are adjacent).
+ * For G >= 64 the weight scale is constant over a group: accumulate d_a * dot in accg and apply
+ * the scale once per group (one multiply per group instead of one per superblock). */
+TGT INL void q4_kern(const uint8_t *const *rows, const int nr, int K, int G, int asym, const int8_t *qa,
+                     const float *dv, const float *ag, int M, int m0, const int nt,
+                     float *const *y, int64_t ldy) {
+    const int ng = K / G;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[2][MT], accg[2][MT];
+    float corr[2][MT];
+    _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++)
+        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) { acc[r][i] = _mm256_setzero_ps(); corr[r][i] = 0.f; }
+    const int8_t *a[MT];
+    const float *dd[MT];
+    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) { a[i] = qa + (int64_t)(m0 + i) * K; dd[i] = dv + (int64_t)(m0 + i) * (K / 8); }
+    if (G >= 64) {
+        const int spg = G / 64;
+        for (int g = 0; g < ng; g++) {
+            _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++)
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) accg[r][i] = _mm256_setzero_ps();
+            for (int sb = g * spg; sb < (g + 1) * spg; sb++) {
+                __m256i lo[2], hi[2];
+                _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(rows[r] + sb * 32));
+                    _mm_prefetch((const char *)(rows[r] + sb * 32 + PF), _MM_HINT_T0);
+                    lo[r] = _mm256_and_si256(v, m4);
+                    hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                }
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                    __m256i a1 = _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64));
+                    __m256i a2 = _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64 + 32));
+                    __m256 t = _mm256_loadu_ps(dd[i] + sb * 8);
+                    _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++) {
+                        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], a1), _mm256_maddubs_epi16(hi[r], a2));
+                        accg[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), t, accg[r][i]);
+                    }
+                }
+            }
+            _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++) {
+                float s = _cvtsh_ss(((const uint16_t *)(rows[r] + K / 2))[g]);
+                float sz = s * (float)(asym ? rows[r][K / 2 + 2 * ng + g] : 8);
+                __m256 ws = _mm256_set1_ps(s);
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                    acc[r][i] = _mm256_fmadd_ps(accg[r][i], ws, acc[r][i]);
+                    corr[r][i] += sz * ag[(int64_t)g * M + m0 + i];
+                }
+            }
+        }
+    } else { /* G == 32: the two halves of a superblock have their own scales */
+        const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++) {
+            const uint16_t *sc = (const uint16_t *)(rows[r] + K / 2);
+            const uint8_t *zp = rows[r] + K / 2 + 2 * ng;
+            for (int sb = 0; sb < K / 64; sb++) {
+                uint32_t two; memcpy(&two, sc + 2 * sb, 4);
+                __m128 s2 = _mm_cvtph_ps(_mm_cvtsi32_si128((int)two));
+                __m256 ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s2), lanes);
+                __m256i v = _mm256_loadu_si256((const __m256i *)(rows[r] + sb * 32));
+                __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                float sz0 = _cvtsh_ss(sc[2 * sb]) * (float)(asym ? zp[2 * sb] : 8);
+                float sz1 = _cvtsh_ss(sc[2 * sb + 1]) * (float)(asym ? zp[2 * sb + 1] : 8);
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                    __m256i p = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64))),
+                        _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64 + 32))));
+                    __m256 t = _mm256_mul_ps(_mm256_loadu_ps(dd[i] + sb * 8), ws);
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), t, acc[r][i]);
+                    corr[r][i] += sz0 * ag[(int64_t)(2 * sb) * M + m0 + i] + sz1 * ag[(int64_t)(2 * sb + 1) * M + m0 + i];
+                }
+            }
+        }
+    }
+    _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++)
+        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) y[r][(int64_t)(m0 + i) * ldy] = hsum8(acc[r][i]) - corr[r][i];
+}
+
+/* q8: codes int8 (c - 128); d [M, K/32] per block. Zero correction uses (z - 128). */
+TGT INL void q8_tile(const uint8_t *row, int K, int G, int asym, const int8_t *qa,
+                     const float *d, const float *ag, int M, int m0, const int nt,
+                     float *y, int64_t ldy) {
+    const int ng = K / G, bpg = G / QK;
+    const uint16_t *sc = (const uint16_t *)(row + K);
+    const uint8_t *zp = row + K + 2 * ng;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[MT];
+    float corr[MT];
+    for (int i = 0; i < nt; i++) { acc[i] = _mm256_setzero_ps(); corr[i] = 0.f; }
+    for (int g = 0; g < ng; g++) {
+        float s = _cvtsh_ss(sc[g]);
+        for (int b = g * bpg; b < (g + 1) * bpg; b++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * QK));
+            __m256i aw = _mm256_abs_epi8(w);
+            for (int i = 0; i < nt; i++) {
+                const int8_t *ab = qa + (int64_t)(m0 + i) * K + b * QK;
+                __m256i sa = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)ab), w);
+                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sa), ones);
+                __m256 t = _mm256_set1_ps(s * d[(int64_t)(m0 + i) * (K / QK) + b]);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), t, acc[i]);
+            }
+        }
+        if (asym) {
+            float sz = s * (float)((int)zp[g] - 128);
+            for (int i = 0; i < nt; i++) corr[i] += sz * ag[(int64_t)g * M + m0 + i];
+        }
+    }
+    for (int i = 0; i < nt; i++) y[(int64_t)(m0 + i) * ldy] = hsum8(acc[i]) - corr[i];
+}
+
+/* Weight rows n0..n1 (records at w, stride rb) x activation rows m0..m0+mt. */
+TGT static void rows_avx2(const uint8_t *w, int64_t rb, int n0, int n1, int bits, int K, int G, int asym,
+                          const int8_t *qa, const float *dvd, const float *ag, int M, int m0, int mt,
+                          float *y, int64_t ldy) {
+    for (int n = n0; n < n1;) {
+        const uint8_t *rows[2] = {w + (int64_t)n * rb, w + (int64_t)(n + 1) * rb};
+        float *ys[2] = {y + n, y + n + 1};
+        if (bits == 8) {
+            if (mt == MT) q8_tile(rows[0], K, G, asym, qa, dvd, ag, M, m0, MT, y + n, ldy);
+            else for (int i = 0; i < mt; i++) q8_tile(rows[0], K, G, asym, qa, dvd, ag, M, m0 + i, 1, y + n, ldy);
+            n += 1;
+        } else if (mt == MT) {
+            q4_kern(rows, 1, K, G, asym, qa, dvd, ag, M, m0, MT, ys, ldy);
+            n += 1;
+        } else if (n + 1 < n1) {
+            for (int i = 0; i < mt; i++) q4_kern(rows, 2, K, G, asym, qa, dvd, ag, M, m0 + i, 1, ys, ldy);
+            n += 2;
+        } else {
+            for (int i = 0; i < mt; i++) q4_kern(rows, 1, K, G, asym, qa, dvd, ag, M, m0 + i, 1, ys, ldy);
+            n += 1;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ entry point */
+
+/* y [M, N] float32 = x [M, K] float32 @ W^T; W as repacked row records (w, row_bytes).
+ * path: 0 generic scalar, 1 AVX2. Returns 0, or -1 on allocation failure. */
+int dbrxq_matmul(const float *x, int M, int K, const uint8_t *w, int N, int bits, int G,
+                 int asym, float *y, int path, int nthreads) {
+    int nb = K / QK, ng = K / G;
+    int64_t rb = dbrxq_row_bytes(bits, K, G, asym);
+    int8_t *qa = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
+    float *d = malloc(sizeof(float) * M * nb), *bsum = malloc(sizeof(float) * M * nb);
+    float *ag = malloc(sizeof(float) * M * ng);
+    float *dv = (bits == 4 && path == 1) ? malloc(sizeof(float) * M * (K / 8)) : NULL;
+    if (!qa || !d || !bsum || !ag || (bits == 4 && path == 1 && !dv)) {
+        free(qa); free(d); free(bsum); free(ag); free(dv); return -1;
+    }
+    quant_act(x, M, K, bits == 4, qa, d, bsum);
+    for (int g = 0; g < ng; g++)
+        for (int m = 0; m < M; m++) {
+            float s = 0.f;
+            for (int b = g * (G / QK); b < (g + 1) * (G / QK); b++) s += bsum[m * nb + b];
+            ag[(int64_t)g * M + m] = s;
+        }
+    if (dv)
+        for (int m = 0; m < M; m++)
+            for (int sb = 0; sb < K / 64; sb++)
+                for (int l = 0; l < 8; l++) dv[(int64_t)m * (K / 8) + sb * 8 + l] = d[m * nb + 2 * sb + (l >> 2)];
+    const float *dvd = dv ? dv : d;
+    int nchunks = (N + NCHUNK - 1) / NCHUNK;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int c = 0; c < nchunks; c++) {
+        int n1 = c * NCHUNK + NCHUNK < N ? c * NCHUNK + NCHUNK : N;
+        for (int m0 = 0; m0 < M; m0 += MT) {
+            int mt = M - m0 < MT ? M - m0 : MT;
+            if (path == 1) { rows_avx2(w, rb, c * NCHUNK, n1, bits, K, G, asym, qa, dvd, ag, M, m0, mt, y, N); continue; }
+            for (int n = c * NCHUNK; n < n1; n++)
+                rows_generic(w + (int64_t)n * rb, bits, K, G, asym, qa, d, bsum, m0, mt, y + n, N);
+        }
+    }
+    free(qa); free(d); free(bsum); free(ag); free(dv);
+    return 0;
+}

@@ -1,0 +1,350 @@
+"""Weight-only quantized matmul backends: y[..., N] = x[..., K] @ W[N, K]^T with W stored per
+:mod:`quantize.format` (codes, fp16 scales, optional zero points; W = (code - zero) * scale).
+
+One entry point, :func:`prepare`, takes a canonical :class:`~quantize.primitives.QuantizedTensor`
+and repacks it ONCE, at load time, for the chosen backend; the resulting
+:class:`PreparedWeight` has ``matmul(x)``. Backends (``BACKENDS``):
+
+- ``torch``      dequantize to float32, then matmul. Runs everywhere; THE numerical reference.
+- ``torch_int4`` torch's fused int4 kernels (``_weight_int4pack_mm_for_cpu`` on CPU,
+                 ``_weight_int4pack_mm`` on CUDA, bf16). Exact mapping of our codes: torch
+                 computes ``(q - 8) * scale + zero``, so we pass ``zero_f = (8 - z) * scale``.
+- ``torch_int8`` ``_weight_int8pack_mm``: 8-bit, per-channel, symmetric only.
+- ``bnb``        bitsandbytes NF4 (4-bit) / vector-wise int8 (8-bit), RE-quantized from the
+                 dequantized weight: it changes the numbers and is here for comparison only.
+- ``cpu_q4`` / ``cpu_q8`` dbrxq's own C kernel (quantize/csrc/qmatmul.c): activations
+                 quantized per 32-block to int8, exact integer dot products on the codes.
+
+:func:`available_backends` / :func:`backend_support` say what runs here and why not;
+:func:`choose_backend` picks the fastest exact one (override by argument or $DBRXQ_BACKEND).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from dbrxq.errors import QuantizationError
+from quantize import cext
+from quantize.primitives import QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "torch_int4", "torch_int8", "bnb", "cpu_q4", "cpu_q8")
+# What each backend supports, for one-line errors.
+SUPPORTS = {
+    "torch": "any bits, group size and device",
+    "torch_int4": "bits=4, N % 16 == 0, group size a multiple of 32 (incl. per-channel); CPU or CUDA",
+    "torch_int8": "bits=8, per-channel (group_size=-1), symmetric; CPU or CUDA",
+    "bnb": "bits 4 (NF4) or 8 (int8) where bitsandbytes runs",
+    "cpu_q4": "bits=4 on CPU, K % 64 == 0, group size a multiple of 32 (incl. per-channel)",
+    "cpu_q8": "bits=8 on CPU, K % 32 == 0, group size a multiple of 32 (incl. per-channel)",
+}
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------- support
+
+
+def _int4_group(g: int) -> int | None:
+    """torch's int4 kernels take G in 32..256: the largest such G' dividing our G (scales are then
+    repeated G/G' times; exact), or None."""
+    return next((c for c in (256, 128, 64, 32) if g % c == 0), None)
+
+
+@functools.lru_cache(maxsize=None)
+def _bnb_reason() -> str | None:
+    """None when bitsandbytes imports and runs a tiny NF4 matmul on CPU, else why not."""
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bf
+
+        q, st = bf.quantize_4bit(torch.ones(16, 64), quant_type="nf4", compress_statistics=False)
+        bnb.matmul_4bit(torch.ones(1, 64), q.t(), quant_state=st)
+    except Exception as e:  # ImportError, missing native library, unsupported CPU...
+        return f"bitsandbytes unusable here: {type(e).__name__}: {str(e)[:120]}"
+    return None
+
+
+def backend_support(
+    backend: str, device: torch.device | str, bits: int, group_size: int,
+    dtype: torch.dtype = torch.float32, *, shape: tuple[int, int] | None = None,
+    symmetric: bool = True,
+) -> str | None:
+    """None when ``backend`` can run this weight on ``device``, else a one-line reason.
+
+    ``shape`` is the logical ``(N, K)``; without it, shape constraints are not checked.
+    ``group_size`` -1 means per-channel.
+    """
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose one of {BACKENDS}"
+    dev = torch.device(device)
+    n, k = shape if shape is not None else (None, None)
+    g = k if group_size == -1 else group_size
+    if dtype not in _FLOAT_DTYPES:
+        return f"activation dtype {dtype} is not one of {_FLOAT_DTYPES}"
+    if backend == "torch":
+        return None
+    if dev.type not in ("cpu", "cuda"):
+        return f"device {dev.type} is not supported"
+    if backend == "torch_int4":
+        if bits != 4:
+            return f"bits={bits}"
+        if n is not None and n % 16:
+            return f"N={n} is not a multiple of 16"
+        if g is not None and g != -1 and _int4_group(g) is None:
+            return f"group size {g} is not a multiple of 32"
+        return None
+    if backend == "torch_int8":
+        if bits != 8 or not symmetric:
+            return f"bits={bits}, symmetric={symmetric}"
+        if group_size != -1 and (k is None or group_size != k):
+            return f"group_size={group_size} is not per-channel"
+        return None
+    if backend == "bnb":
+        if dev.type != "cpu" and not torch.cuda.is_available():
+            return "CUDA is not available"
+        return _bnb_reason() if dev.type == "cpu" else None
+    # cpu_q4 / cpu_q8
+    want = 4 if backend == "cpu_q4" else 8
+    if dev.type != "cpu":
+        return f"device {dev.type}: only CPU"
+    if bits != want:
+        return f"bits={bits}"
+    if k is not None and k % (64 if want == 4 else 32):
+        return f"K={k} is not a multiple of {64 if want == 4 else 32}"
+    if g is not None and g != -1 and g % 32:
+        return f"group size {g} is not a multiple of 32"
+    return cext.unavailable_reason()
+
+
+def available_backends(
+    device: torch.device | str, bits: int, group_size: int, dtype: torch.dtype = torch.float32,
+    *, shape: tuple[int, int] | None = None, symmetric: bool = True,
+) -> list[str]:
+    """The backends that can run such a weight here, in BACKENDS order."""
+    return [b for b in BACKENDS
+            if backend_support(b, device, bits, group_size, dtype, shape=shape, symmetric=symmetric) is None]
+
+
+def _check(backend, device, bits, group_size, dtype, shape, symmetric) -> None:
+    why = backend_support(backend, device, bits, group_size, dtype, shape=shape, symmetric=symmetric)
+    if why is not None:
+        raise QuantizationError(
+            f"backend {backend!r} cannot run bits={bits}, group_size={group_size}, shape={shape} "
+            f"on {device}: {why} (it supports {SUPPORTS.get(backend, '-')})"
+        )
+
+
+def choose_backend(
+    device: torch.device | str, bits: int, group_size: int, dtype: torch.dtype = torch.float32,
+    *, shape: tuple[int, int] | None = None, symmetric: bool = True, override: str | None = None,
+) -> str:
+    """The backend to use: ``override`` (or $DBRXQ_BACKEND) when given, validated (raises
+    QuantizationError naming what it supports); else the fastest exact backend available.
+
+    Preference: CPU: our C kernel (cpu_q4/cpu_q8), then torch's fused kernels, then torch;
+    CUDA: torch's fused kernels, then torch. bnb is never chosen automatically (it re-quantizes).
+    """
+    override = override or os.environ.get("DBRXQ_BACKEND") or None
+    if override and override != "auto":
+        _check(override, device, bits, group_size, dtype, shape, symmetric)
+        return override
+    order = (["cpu_q4", "cpu_q8"] if torch.device(device).type == "cpu" else []) + [
+        "torch_int4", "torch_int8", "torch"]
+    avail = available_backends(device, bits, group_size, dtype, shape=shape, symmetric=symmetric)
+    return next(b for b in order if b in avail)
+
+
+# ----------------------------------------------------------------------------- prepared weights
+
+
+class PreparedWeight:
+    """A quantized weight W [N, K] repacked for one backend. ``matmul(x [..., K]) -> [..., N]``
+    in x's dtype; ``nbytes`` is what one matmul reads of the weight (codes + scales [+ zeros])."""
+
+    backend = "?"
+
+    def __init__(self, qt: QuantizedTensor, device: torch.device):
+        self.shape = tuple(qt.shape)  # (N, K)
+        self.bits, self.group_size, self.group = qt.bits, qt.group_size, qt.group
+        self.symmetric = qt.symmetric
+        self.device = device
+        self.nbytes = sum(t.numel() * t.element_size() for t in (qt.qweight, qt.scales, qt.qzeros)
+                          if t is not None)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.shape
+        assert x.shape[-1] == k, (tuple(x.shape), self.shape)
+        y = self._mm(x.reshape(-1, k).to(self.device))  # [M, N]
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+    __call__ = matmul
+
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N]
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(backend={self.backend!r}, shape={self.shape}, bits={self.bits}, "
+                f"group_size={self.group_size}, symmetric={self.symmetric})")
+
+
+class TorchWeight(PreparedWeight):
+    """Dequantize to float32 on every call, then a float32 matmul: the reference."""
+
+    backend = "torch"
+
+    def __init__(self, qt, device):
+        super().__init__(qt, device)
+        self.qt = QuantizedTensor(qt.qweight.to(device), qt.scales.to(device),
+                                  None if qt.qzeros is None else qt.qzeros.to(device),
+                                  qt.bits, qt.group_size, qt.shape)
+
+    def _mm(self, x2):
+        return x2.float() @ self.qt.dequantize(torch.float32).t()
+
+
+class TorchInt4Weight(PreparedWeight):
+    """torch's fused int4 kernels; scales_and_zeros [K/G', N, 2] in the activation dtype."""
+
+    backend = "torch_int4"
+
+    def __init__(self, qt, device):
+        super().__init__(qt, device)
+        n, k = self.shape
+        g2 = _int4_group(self.group)
+        self.g = g2
+        codes = qt.codes()  # uint8 [N, K]
+        if device.type == "cpu":
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        else:  # CUDA: uint8 [N, K/2], even column in the HIGH nibble (torch's convention, not ours)
+            c = codes.to(device)
+            tiles = next(t for t in (8, 4, 2, 1) if k % (t * 16) == 0)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack((c[:, ::2] << 4) | c[:, 1::2], tiles)
+        s = qt.scales.float().repeat_interleave(self.group // g2, dim=1)  # [N, K/G']
+        z = (torch.full_like(qt.scales, 8, dtype=torch.float32) if qt.qzeros is None
+             else qt.qzeros.float()).repeat_interleave(self.group // g2, dim=1)
+        # torch: (q - 8) * s + zero_f  ==  (q - z) * s  iff  zero_f = (8 - z) * s
+        self.sz32 = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(device)
+        self._sz = {}
+
+    def _mm(self, x2):
+        dt = x2.dtype if (self.device.type == "cpu" and x2.dtype in _FLOAT_DTYPES) else torch.bfloat16
+        if dt not in self._sz:
+            self._sz[dt] = self.sz32.to(dt)
+        x2 = x2.to(dt).contiguous()
+        if self.device.type == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.g, self._sz[dt])
+        return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.g, self._sz[dt])
+
+
+class TorchInt8Weight(PreparedWeight):
+    """``_weight_int8pack_mm``: int8 weights (code - 128) and per-row scales [N]."""
+
+    backend = "torch_int8"
+
+    def __init__(self, qt, device):
+        super().__init__(qt, device)
+        self.w = (qt.codes().to(torch.int16) - 128).to(torch.int8).to(device)  # [N, K], -127..127
+        self.s32 = qt.scales[:, 0].float().to(device)  # [N]
+
+    def _mm(self, x2):
+        dt = x2.dtype if x2.dtype in _FLOAT_DTYPES else torch.float32
+        return torch.ops.aten._weight_int8pack_mm(x2.to(dt).contiguous(), self.w, self.s32.to(dt))
+
+
+class BnbWeight(PreparedWeight):
+    """bitsandbytes, for COMPARISON ONLY: the dequantized weight is re-quantized to NF4
+    (blocksize 64, fp32 absmax; 4-bit) or vector-wise int8 (8-bit, activations quantized per row
+    at run time), so results differ from the other backends by that extra quantization error."""
+
+    backend = "bnb"
+
+    def __init__(self, qt, device):
+        super().__init__(qt, device)
+        import bitsandbytes.functional as bf
+
+        w = qt.dequantize(torch.float32).to(device)
+        if self.bits == 4:
+            self.q, self.state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+        else:
+            self.cb, self.scb, _ = bf.int8_vectorwise_quant(w)
+        self.nbytes = (self.q.numel() + self.state.absmax.numel() * 4 if self.bits == 4
+                       else self.cb.numel() + self.scb.numel() * 4)
+
+    def _mm(self, x2):
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bf
+
+        if self.bits == 4:
+            return bnb.matmul_4bit(x2.float(), self.q.t(), quant_state=self.state)
+        xq, sx, _ = bf.int8_vectorwise_quant(x2.float().contiguous())
+        return bf.int8_mm_dequant(bf.int8_linear_matmul(xq, self.cb), sx, self.scb)
+
+
+class CpuQWeight(PreparedWeight):
+    """dbrxq's C kernel (cpu_q4 / cpu_q8). Weights become one row record per output row
+    (codes in the kernel's order, fp16 scales, uint8 zeros; see qmatmul.c). Activations are
+    quantized per row per 32-block to int8 (scale d = amax/127), so vs the float reference
+    |y - y_ref| <= sum_k |W[n,k]| * d_block(k) / 2 (+ float32 rounding); the code products
+    themselves are exact integers. ``cpu_path`` forces "generic" or "avx2" (default: by CPU)."""
+
+    def __init__(self, qt, device, cpu_path: str | None = None):
+        super().__init__(qt, device)
+        self.backend = "cpu_q4" if qt.bits == 4 else "cpu_q8"
+        self.lib = cext.load()
+        self.path = cpu_path or cext.cpu_path()
+        n, k = self.shape
+        asym = qt.qzeros is not None
+        rb = self.lib.dbrxq_row_bytes(qt.bits, k, self.group, int(asym))
+        codes = qt.codes().contiguous()
+        scales = qt.scales.contiguous()
+        zeros = qt.qzeros.contiguous() if asym else None
+        self.w = torch.empty(n, rb, dtype=torch.uint8)  # [N, row_bytes]
+        self.lib.dbrxq_repack(codes.data_ptr(), scales.data_ptr(), zeros.data_ptr() if asym else None,
+                              qt.bits, n, k, self.group, self.w.data_ptr())
+        self.asym = int(asym)
+
+    def _mm(self, x2):
+        n, k = self.shape
+        x2 = x2.float().contiguous()
+        y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+        rc = self.lib.dbrxq_matmul(x2.data_ptr(), x2.shape[0], k, self.w.data_ptr(), n, self.bits,
+                                   self.group, self.asym, y.data_ptr(), cext.PATHS[self.path],
+                                   torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"dbrxq_matmul could not allocate its buffers (M={x2.shape[0]}, K={k})")
+        return y
+
+
+_CLASSES = {"torch": TorchWeight, "torch_int4": TorchInt4Weight, "torch_int8": TorchInt8Weight,
+            "bnb": BnbWeight, "cpu_q4": CpuQWeight, "cpu_q8": CpuQWeight}
+
+
+def prepare(qt: QuantizedTensor, backend: str = "auto", device: torch.device | str = "cpu", *,
+            dtype: torch.dtype = torch.float32, cpu_path: str | None = None) -> PreparedWeight:
+    """Repack a canonical 2-D quantized weight [N, K] for ``backend`` ("auto": :func:`choose_backend`).
+
+    Raises QuantizationError when the backend cannot run this weight on ``device``.
+    """
+    if len(qt.shape) != 2:
+        raise QuantizationError(f"prepare() takes one [N, K] weight, got shape {tuple(qt.shape)}; "
+                                "slice experts first")
+    device = torch.device(device)
+    shape = tuple(qt.shape)
+    if backend == "auto":
+        backend = choose_backend(device, qt.bits, qt.group_size, dtype, shape=shape, symmetric=qt.symmetric)
+    else:
+        _check(backend, device, qt.bits, qt.group_size, dtype, shape, qt.symmetric)
+    if backend in ("cpu_q4", "cpu_q8"):
+        return CpuQWeight(qt, device, cpu_path)
+    return _CLASSES[backend](qt, device)
+
+
+def glu(x: torch.Tensor, w1: PreparedWeight, v1: PreparedWeight, w2: PreparedWeight) -> torch.Tensor:
+    """One DBRX expert: ``(silu(x @ w1^T) * (x @ v1^T)) @ w2^T``; x [..., D] -> [..., D]."""
+    return w2.matmul(F.silu(w1.matmul(x)) * v1.matmul(x))

@@ -1,0 +1,162 @@
+"""Tests of quantize/kernels.py: every available backend against the float reference
+(dequantize per format.py, then a float64 matmul), with tolerances DERIVED per backend below.
+
+Notation: y_ref = x @ W^T in float64, S = |x| @ |W|^T (the sum of absolute products, [M, N]),
+u = 2**-24 (float32 unit roundoff), gamma_K = K * u (bound on a length-K float32 dot product's
+relative rounding error w.r.t. S, first order).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dbrxq.errors import QuantizationError
+from quantize import cext, kernels
+from quantize.primitives import quantize_tensor
+
+N, K = 48, 256  # N % 16 == 0 (torch_int4), K % 64 == 0 (cpu_q4); small so the suite is fast
+ROWS = (1, 3, 16, 77)  # decode, odd, a tile multiple, an odd prefill size
+U = 2.0**-24
+# NF4 codebook (bitsandbytes): the widest gap is -1 -> -0.6962, so rounding moves a value by at
+# most 0.1519 * absmax of its 64-block.
+NF4_HALF_GAP = 0.152
+
+
+def _qt(bits, group_size, symmetric, n=N, k=K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return quantize_tensor(torch.randn(n, k, generator=g), bits, group_size, symmetric)
+
+
+def _x(m, k=K, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, 5] *= 20  # one outlier column: blocks with a large activation scale
+    return x
+
+
+def _act_quant_bound(x, w):
+    """cpu_q*: activations quantized per 32-block with d = amax / 127, q = round(x / d), so
+    |x - d q| <= d / 2 per element; the code products are exact integers. Hence
+    |y - y_ref| <= sum_k |W[n, k]| * d(m, k) / 2, plus float32 accumulation (gamma_K * S, twice
+    for the two-level sums over blocks and groups)."""
+    m, k = x.shape
+    d = x.abs().reshape(m, k // 32, 32).amax(-1) / 127  # [M, K/32]
+    half = d.repeat_interleave(32, dim=1) / 2  # [M, K]
+    return half.double() @ w.abs().double().t()
+
+
+def _tolerance(backend, x, w, y_ref, dtype, bits):
+    s = x.abs().double() @ w.abs().double().t()  # S [M, N]
+    gamma = 4 * K * U * s + 1e-6
+    if backend in ("torch", "torch_int8", "torch_int4") and dtype == torch.float32:
+        return gamma  # exact dequantization, float32 accumulation only
+    if backend == "torch_int4":  # bf16: scale/zero and the dequantized weight rounded to bf16
+        return 2.0**-7 * s + 2.0**-8 * y_ref.abs() + gamma  # (2^-8 each) + bf16 output rounding
+    if backend in ("cpu_q4", "cpu_q8"):
+        extra = 2.0**-8 * y_ref.abs() if dtype == torch.bfloat16 else 0.0  # bf16 output
+        return _act_quant_bound(x, w) + gamma + extra
+    if backend == "bnb" and bits == 4:
+        absmax = w.abs().reshape(w.shape[0], -1, 64).amax(-1).repeat_interleave(64, dim=1)  # [N, K]
+        return NF4_HALF_GAP * (x.abs().double() @ absmax.double().t()) + gamma
+    # bnb int8 (vector-wise): W per row with s_w = rowmax/127, x per row with s_x = rowmax/127:
+    # |err| <= sum_k (|x| s_w/2 + |W| s_x/2 + s_x s_w/4); output may pass through fp16 (2^-11).
+    sw = w.abs().amax(1).double() / 127  # [N]
+    sx = x.abs().amax(1, keepdim=True).double() / 127  # [M, 1]
+    xs, ws = x.abs().double().sum(1, keepdim=True), w.abs().double().sum(1)
+    return xs * sw / 2 + ws * sx / 2 + K * sx * sw / 4 + 2.0**-10 * y_ref.abs() + gamma
+
+
+@pytest.mark.parametrize("bits", (4, 8))
+@pytest.mark.parametrize("group_size", (32, 64, 128, -1))
+@pytest.mark.parametrize("symmetric", (True, False))
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
+def test_backend_matches_reference(bits, group_size, symmetric, backend):
+    qt = _qt(bits, group_size, symmetric)
+    why = kernels.backend_support(backend, "cpu", bits, group_size, shape=(N, K), symmetric=symmetric)
+    if why is not None:
+        with pytest.raises(QuantizationError, match=backend):
+            kernels.prepare(qt, backend, "cpu")
+        pytest.skip(f"{backend}: {why}")
+    w = qt.dequantize(torch.float32)
+    pw = kernels.prepare(qt, backend, "cpu")
+    assert pw.backend == backend and pw.shape == (N, K)
+    dtypes = [torch.float32] + ([torch.bfloat16] if backend in ("torch_int4", "cpu_q4", "cpu_q8") else [])
+    for dtype in dtypes:
+        for m in ROWS:
+            x = _x(m).to(dtype)
+            y = pw.matmul(x)
+            assert y.shape == (m, N) and y.dtype == dtype
+            xf = x.float()
+            y_ref = xf.double() @ w.double().t()
+            err = (y.double() - y_ref).abs()
+            tol = _tolerance(backend, xf, w, y_ref, dtype, bits)
+            assert (err <= tol).all(), (backend, dtype, m, float((err - tol).max()), float(err.max()))
+
+
+@pytest.mark.parametrize("bits", (4, 8))
+def test_cpu_kernel_exact_emulation_and_paths_agree(bits):
+    """The C kernel equals (dequantized int8 activations) @ W^T up to float rounding, on the
+    generic scalar path and on the AVX2 path (when this CPU has it), for odd row counts."""
+    if cext.unavailable_reason():
+        pytest.skip(cext.unavailable_reason())
+    backend = f"cpu_q{bits}"
+    for gs, sym in ((32, False), (64, True), (-1, False)):
+        qt = _qt(bits, gs, sym, n=40, k=192)  # N not a multiple of 16, K = 3 superblocks
+        w = qt.dequantize(torch.float32)
+        paths = ["generic"] + (["avx2"] if cext.cpu_path() == "avx2" else [])
+        x = _x(5, k=192)
+        amax = x.abs().reshape(5, -1, 32).amax(-1, keepdim=True)  # same float32 ops as the C code
+        d = amax / 127
+        xq = torch.where(amax > 0, torch.round(x.reshape(5, -1, 32) * (127 / amax)), 0).clamp(-127, 127)
+        y_emul = ((xq * d).reshape(5, 192).double() @ w.double().t())
+        s = x.abs().double() @ w.abs().double().t()
+        outs = [kernels.prepare(qt, backend, "cpu", cpu_path=p).matmul(x) for p in paths]
+        for p, y in zip(paths, outs):
+            assert ((y.double() - y_emul).abs() <= 4 * 192 * U * s + 1e-6).all(), (p, gs, sym)
+        if len(outs) == 2:
+            assert ((outs[0] - outs[1]).double().abs() <= 4 * 192 * U * s + 1e-6).all()
+
+
+def test_leading_dims_and_glu():
+    qts = [_qt(4, 64, True, n=64, k=128, seed=s) for s in (1, 2)] + [_qt(4, 64, True, n=128, k=64, seed=3)]
+    x = _x(6, k=128).reshape(2, 3, 128)
+    for backend in kernels.available_backends("cpu", 4, 64, shape=(64, 128)):
+        if backend == "bnb":
+            continue
+        w1, v1, w2 = (kernels.prepare(q, backend) for q in qts)
+        y = kernels.glu(x, w1, v1, w2)
+        assert y.shape == (2, 3, 128)
+        a, b, c = (q.dequantize().double() for q in qts)
+        xd = x.double()
+        ref = (torch.nn.functional.silu(xd @ a.t()) * (xd @ b.t())) @ c.t()
+        assert torch.allclose(y.double(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item()), backend
+
+
+def test_dispatcher():
+    for bits in (4, 8):
+        for gs in (32, 128, -1):
+            b = kernels.choose_backend("cpu", bits, gs, shape=(N, K))
+            assert b in kernels.available_backends("cpu", bits, gs, shape=(N, K)) and b != "bnb"
+            if cext.unavailable_reason() is None:
+                assert b == f"cpu_q{bits}"
+    assert kernels.choose_backend("cpu", 4, 128, shape=(N, K), override="torch") == "torch"
+    with pytest.raises(QuantizationError, match="torch_int8"):
+        kernels.choose_backend("cpu", 4, 128, shape=(N, K), override="torch_int8")
+    with pytest.raises(QuantizationError, match="N=40"):
+        kernels.prepare(_qt(4, 32, True, n=40, k=64), "torch_int4")
+    with pytest.raises(QuantizationError, match="unknown backend"):
+        kernels.choose_backend("cpu", 4, 128, override="nope")
+    assert kernels.prepare(_qt(8, -1, True), "auto").backend in kernels.BACKENDS
+
+
+def test_cext_disabled_falls_back(monkeypatch):
+    monkeypatch.setenv("DBRXQ_DISABLE_CEXT", "1")
+    cext.load.cache_clear()
+    try:
+        assert cext.unavailable_reason() is not None
+        assert "cpu_q4" not in kernels.available_backends("cpu", 4, 128, shape=(N, K))
+        assert kernels.choose_backend("cpu", 4, 128, shape=(N, K)) == "torch_int4"
+    finally:
+        monkeypatch.delenv("DBRXQ_DISABLE_CEXT")
+        cext.load.cache_clear()
