@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "*.tiktoken", "tiktoken.py",
+TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "*.tiktoken", "*.tiktoken.json", "tiktoken.py",
                       "special_tokens_map.json", "generation_config.json"]
 # What a hub download fetches by default: weights, their index, config and tokenizer -- never
 # the other formats some repos also carry (*.bin, *.pt, GGUF...).

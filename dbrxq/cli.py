@@ -100,6 +100,10 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
             return
 
 
+from quantize.cli import quantize_command  # noqa: E402  (the quantize subcommand lives with quantize/)
+cli.add_command(quantize_command, "quantize")
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)

@@ -1,0 +1,263 @@
+"""Quantized drop-in modules for DBRX, and the one function that swaps them in.
+
+- :class:`QLinear` replaces a bias-free ``nn.Linear`` (attention ``Wqkv`` / ``out_proj``, optionally
+  ``lm_head``): buffers ``qweight``, ``scales`` (``qzeros``) in :mod:`quantize.format`'s layout.
+- :class:`QExperts` replaces ``dbrxq.model.DbrxExperts``: ``mlp.{w1,v1,w2}`` each hold
+  ``qweight``/``scales``/(``qzeros``) with a leading expert dim, w1/v1 ``[E, F, D]``, w2
+  ``[E, D, F]``, so one expert's bytes are ``t[e]`` of each tensor.
+- :func:`quantize_model_modules` swaps them in (on meta, before a quantized checkpoint is
+  assigned); :func:`quantize_model_rtn` quantizes a loaded float model in memory.
+
+State-dict names are the hub's with ``.weight`` replaced, e.g.
+``transformer.blocks.0.norm_attn_norm.attn.Wqkv.qweight`` and
+``transformer.blocks.0.ffn.experts.mlp.w1.scales``. The buffers are the canonical bytes; the
+kernel's own (possibly repacked) weight is made once by ``finalize_load`` via :func:`prepare_weight`,
+the single place that picks a kernel. Moving a module after ``finalize_load`` needs another
+``finalize_load``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from dbrxq.errors import QuantizationError
+from dbrxq.model import _ACTIVATIONS, DbrxExperts, moe_dispatch
+from quantize import kernels
+from quantize.config import ModuleQuant, QuantConfig
+from quantize.format import QWEIGHT, QZEROS, SCALES
+from quantize.primitives import QuantizedTensor, resolve_group_size
+from quantize.rtn import EXPERT_KINDS, quantize_experts_rtn, quantize_rtn
+
+__all__ = ["QLinear", "QExperts", "QWeight", "prepare_weight", "quantize_model_modules",
+           "quantize_model_rtn"]
+
+
+def prepare_weight(qt: QuantizedTensor, backend: str | None, device: torch.device) -> Any:
+    """The kernel weight for ``qt`` (``.matmul(x [..., K]) -> [..., N]``): the ONE dispatch point.
+
+    ``backend`` None (or "auto") lets :func:`quantize.kernels.choose_backend` pick by device, bits
+    and shape ($DBRXQ_BACKEND overrides); a named backend that cannot run the weight raises
+    QuantizationError.
+    """
+    return kernels.prepare(qt, backend or "auto", device)
+
+
+# --------------------------------------------------------------------------------------------
+# Buffers in the canonical layout
+# --------------------------------------------------------------------------------------------
+class QWeight(nn.Module):
+    """Holds one quantized weight of logical shape ``[*lead, N, K]`` as buffers.
+
+    ``qweight`` uint8 ``[*lead, N, K//2]`` (4-bit) or ``[*lead, N, K]`` (8-bit), ``scales`` float16
+    ``[*lead, N, K//G]``, ``qzeros`` uint8 ``[*lead, N, K//G]`` only when asymmetric. The dtypes are
+    explicit because the loader builds the model on meta under a float default dtype. No forward:
+    :class:`QLinear` and :class:`QExperts` compute with it.
+    """
+
+    def __init__(self, shape: tuple[int, ...], mq: ModuleQuant, *, device: torch.device | None = None,
+                 name: str = "") -> None:
+        super().__init__()
+        assert mq.quantized, mq
+        *lead, n, k = shape
+        try:
+            g = resolve_group_size(mq.group_size, k, mq.bits)
+        except QuantizationError as e:
+            raise QuantizationError(f"{name or 'weight'} {list(shape)}: {e}") from None
+        self.bits, self.group_size, self.shape = mq.bits, mq.group_size, torch.Size(shape)
+        packed_k = k // 2 if mq.bits == 4 else k
+        self.register_buffer(QWEIGHT, torch.empty(*lead, n, packed_k, dtype=torch.uint8, device=device))
+        self.register_buffer(SCALES, torch.empty(*lead, n, k // g, dtype=torch.float16, device=device))
+        if not mq.symmetric:
+            self.register_buffer(QZEROS, torch.empty(*lead, n, k // g, dtype=torch.uint8, device=device))
+        else:
+            self.qzeros = None  # a plain attribute: not part of the state dict
+
+    def quantized(self, index: int | None = None) -> QuantizedTensor:
+        """The weight (or, with ``index``, slice ``[index]`` of the leading dim) as views."""
+        q, s, z = self.qweight, self.scales, self.qzeros
+        shape = self.shape
+        if index is not None:
+            q, s, z, shape = q[index], s[index], None if z is None else z[index], shape[1:]
+        return QuantizedTensor(q, s, z, self.bits, self.group_size, shape)
+
+    @torch.no_grad()
+    def copy_from(self, qt: QuantizedTensor) -> None:
+        """Fill the buffers from ``qt`` (same spec); used by the in-memory RTN path."""
+        assert (qt.bits, qt.group_size, tuple(qt.shape), qt.symmetric) == \
+            (self.bits, self.group_size, tuple(self.shape), self.qzeros is None), (qt, self.shape)
+        self.qweight.copy_(qt.qweight)
+        self.scales.copy_(qt.scales)
+        if qt.qzeros is not None:
+            self.qzeros.copy_(qt.qzeros)
+
+    def extra_repr(self) -> str:
+        return f"shape={list(self.shape)}, bits={self.bits}, group_size={self.group_size}, " \
+               f"symmetric={self.qzeros is None}"
+
+
+def _check_loaded(w: QWeight, what: str) -> None:
+    if w.qweight.is_meta:
+        raise QuantizationError(f"{what}: finalize_load called before the quantized tensors were loaded")
+
+
+class QLinear(QWeight):
+    """Bias-free ``nn.Linear`` replacement: ``y = x @ W.T`` with W in the canonical layout."""
+
+    def __init__(self, in_features: int, out_features: int, mq: ModuleQuant, *,
+                 device: torch.device | None = None, name: str = "") -> None:
+        super().__init__((out_features, in_features), mq, device=device, name=name)
+        self.in_features, self.out_features = in_features, out_features
+        self._prepared: Any = None
+
+    def finalize_load(self, backend: str | None = None) -> None:
+        """Make the kernel weight from the loaded buffers, on their device."""
+        _check_loaded(self, "QLinear")
+        self._prepared = prepare_weight(self.quantized(), backend, self.qweight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[..., K]`` -> ``[..., N]`` in x's dtype."""
+        assert self._prepared is not None, "QLinear used before finalize_load()"
+        return self._prepared.matmul(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Experts
+# --------------------------------------------------------------------------------------------
+class QExpertGLU(nn.Module):
+    """``w1``, ``v1`` ``[E, F, D]`` and ``w2`` ``[E, D, F]``, each a :class:`QWeight`."""
+
+    def __init__(self, num_experts: int, ffn: int, d_model: int, mq: ModuleQuant, *,
+                 device: torch.device | None = None, name: str = "") -> None:
+        super().__init__()
+        shapes = {"w1": (num_experts, ffn, d_model), "v1": (num_experts, ffn, d_model),
+                  "w2": (num_experts, d_model, ffn)}
+        for kind in EXPERT_KINDS:
+            setattr(self, kind, QWeight(shapes[kind], mq, device=device, name=f"{name}.{kind}"))
+
+
+class QExperts(nn.Module):
+    """Drop-in for ``DbrxExperts``: same attributes and ``forward(x, expert_ids, weights)``.
+
+    Expert e computes ``(act(x @ w1[e].T) * (x @ v1[e].T)) @ w2[e].T`` with the prepared per-expert
+    kernel weights; :meth:`expert_weights` gives one expert's canonical tensors (views), which is
+    what an offloading cache moves.
+    """
+
+    def __init__(self, config, mq: ModuleQuant, *, device: torch.device | None = None,
+                 name: str = "experts") -> None:
+        super().__init__()
+        self.num_experts, self.ffn_hidden_size = config.num_experts, config.ffn_hidden_size
+        self.act: Callable[[torch.Tensor], torch.Tensor] = _ACTIVATIONS[config.activation]
+        self.mlp = QExpertGLU(config.num_experts, config.ffn_hidden_size, config.d_model, mq,
+                              device=device, name=f"{name}.mlp")
+        self._prepared: list[tuple[Any, Any, Any]] | None = None
+
+    def expert_weights(self, e: int) -> tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor]:
+        """Expert e's (w1 ``[F, D]``, v1 ``[F, D]``, w2 ``[D, F]``): contiguous views of the buffers."""
+        return tuple(getattr(self.mlp, kind).quantized(e) for kind in EXPERT_KINDS)
+
+    def finalize_load(self, backend: str | None = None) -> None:
+        """Prepare the kernel weights of every expert, each from its own slices."""
+        for kind in EXPERT_KINDS:
+            _check_loaded(getattr(self.mlp, kind), f"QExperts.mlp.{kind}")
+        dev = self.mlp.w1.qweight.device
+        self._prepared = [tuple(prepare_weight(qt, backend, dev) for qt in self.expert_weights(e))
+                          for e in range(self.num_experts)]
+
+    def set_prepared(self, e: int, prepared: tuple[Any, Any, Any]) -> None:
+        """Replace expert e's kernel weights (for an offloading cache that moved them)."""
+        assert self._prepared is not None and len(prepared) == 3
+        self._prepared[e] = tuple(prepared)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x ``(n, D)`` -> ``(n, D)`` through expert e."""
+        assert self._prepared is not None, "QExperts used before finalize_load()"
+        w1, v1, w2 = self._prepared[e]
+        return w2.matmul(self.act(w1.matmul(x)) * v1.matmul(x))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return moe_dispatch(x, expert_ids, weights, self.num_experts, self.expert)
+
+
+# --------------------------------------------------------------------------------------------
+# Swapping
+# --------------------------------------------------------------------------------------------
+def _as_qconfig(quantization_config: dict | QuantConfig) -> QuantConfig:
+    if isinstance(quantization_config, QuantConfig):
+        return quantization_config
+    return QuantConfig.from_dict(quantization_config)
+
+
+def _targets(model: nn.Module, qc: QuantConfig):
+    """Yield ``(parent, attribute, full name, kind)`` of every module ``qc`` quantizes."""
+    if qc.embed.quantized:
+        raise QuantizationError("quantization_config.embed: quantized embeddings are not supported yet; "
+                                "set embed.bits to null")
+    for i, block in enumerate(model.transformer.blocks):
+        attn = block.norm_attn_norm.attn
+        if qc.attn.quantized:
+            for attr in ("Wqkv", "out_proj"):
+                yield attn, attr, f"transformer.blocks.{i}.norm_attn_norm.attn.{attr}", "attn"
+        if qc.experts.quantized:
+            yield block.ffn, "experts", f"transformer.blocks.{i}.ffn.experts", "experts"
+    if qc.lm_head.quantized:
+        if model.lm_head is None:
+            raise QuantizationError("quantization_config.lm_head: this model ties lm_head to the "
+                                    "embeddings, which stay unquantized; set lm_head.bits to null")
+        yield model, "lm_head", "lm_head", "lm_head"
+
+
+def _replacement(old: nn.Module, mq: ModuleQuant, config, name: str, device) -> nn.Module:
+    if isinstance(old, DbrxExperts):
+        return QExperts(config, mq, device=device, name=name)
+    assert isinstance(old, nn.Linear) and old.bias is None, (name, old)
+    return QLinear(old.in_features, old.out_features, mq, device=device, name=name)
+
+
+def quantize_model_modules(model: nn.Module, quantization_config: dict | QuantConfig) -> nn.Module:
+    """Swap, in place, the modules ``quantization_config`` quantizes for empty quantized ones.
+
+    Attention ``Wqkv``/``out_proj`` and ``lm_head`` become :class:`QLinear`, each layer's
+    ``DbrxExperts`` a :class:`QExperts`; kinds with bits None stay float. New buffers go on the
+    replaced module's device (meta when the loader builds the model). Returns ``model``.
+
+    Raises:
+        QuantizationError: an unreadable quantization_config, quantized embeddings (not supported),
+            or a group size that does not divide a module's input dim (naming the module).
+    """
+    qc = _as_qconfig(quantization_config)
+    for parent, attr, name, kind in list(_targets(model, qc)):
+        old = getattr(parent, attr)
+        device = next(old.parameters()).device
+        setattr(parent, attr, _replacement(old, qc.for_kind(kind), model.config, name, device))
+    return model
+
+
+@torch.no_grad()
+def quantize_model_rtn(model: nn.Module, qconfig: dict | QuantConfig, *,
+                       backend: str | None = None) -> nn.Module:
+    """RTN-quantize a loaded float model in place (same swap as the loader, buffers filled from the
+    float weights with quantize.rtn), then prepare the kernels. Returns ``model``.
+
+    Codes and scales equal those :func:`quantize.writer.quantize_checkpoint` writes for the same
+    float weights, so the two paths give the same logits with the same backend.
+    """
+    qc = _as_qconfig(qconfig)
+    for parent, attr, name, kind in list(_targets(model, qc)):
+        old = getattr(parent, attr)
+        mq = qc.for_kind(kind)
+        device = next(old.parameters()).device
+        new = _replacement(old, mq, model.config, name, device)
+        if isinstance(new, QExperts):
+            for k in EXPERT_KINDS:
+                qt = quantize_experts_rtn(getattr(old.mlp, k), k, new.num_experts, mq.bits,
+                                          mq.group_size, mq.symmetric)
+                getattr(new.mlp, k).copy_from(qt)
+        else:
+            new.copy_from(quantize_rtn(old.weight, mq.bits, mq.group_size, mq.symmetric))
+        new.finalize_load(backend=backend)
+        setattr(parent, attr, new)
+    return model

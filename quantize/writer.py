@@ -1,0 +1,274 @@
+"""Writing a quantized checkpoint: ``quantize_checkpoint(SRC, OUT, qconfig)`` (RTN), streamed.
+
+The output is the layout of :mod:`quantize.format` (and quantize/FORMAT.md): the hub's tensors in
+the hub's order, each quantized weight replaced by ``<name>.qweight``, ``.scales`` (``.qzeros``),
+unquantized tensors copied byte for byte in their stored dtype, then tokenizer files, then
+``config.json`` (SRC's config plus ``quantization_config``) LAST, atomically. A folder with a
+config.json is therefore complete; a failure at any point leaves none (the shards written so far
+are removed by :class:`~dbrxq.writer.ShardedCheckpointWriter`).
+
+Memory is bounded by one row chunk of one source tensor (``chunk_bytes`` of float32, 64 MiB by
+default) plus one expert's codes and one tensor's scales, whatever the model size: rows are
+quantized independently (groups run along a row), so chunking changes no byte. Codes equal those
+of :func:`quantize.modules.quantize_model_rtn` on the same float weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from dbrxq.checkpoint import INDEX_NAME, CheckpointReader, hub_tensor_shapes, read_config, resolve_model_dir
+from dbrxq.config import DbrxConfig
+from dbrxq.errors import CheckpointError, QuantizationError
+from dbrxq.make_checkpoint import copy_tokenizer_files
+from dbrxq.writer import DEFAULT_MAX_SHARD_BYTES, ShardedCheckpointWriter, TensorSpec, tensor_nbytes, \
+    write_json_atomic
+from quantize.config import ModuleQuant, QuantConfig
+from quantize.format import QWEIGHT, QZEROS, SCALES
+from quantize.primitives import resolve_group_size
+from quantize.rtn import EXPERT_KINDS, quantize_rtn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["quantize_checkpoint", "quantized_tensor_specs", "module_kind", "checkpoint_size"]
+
+DEFAULT_CHUNK_BYTES = 64 * 1024**2
+_SHARD_FILE_RE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+
+
+# --------------------------------------------------------------------------------------------
+# What goes where
+# --------------------------------------------------------------------------------------------
+def module_kind(name: str) -> str | None:
+    """The QuantConfig kind of hub tensor ``name`` (experts, attn, lm_head, embed) or None."""
+    if name.endswith((".attn.Wqkv.weight", ".attn.out_proj.weight")):
+        return "attn"
+    if name.rsplit(".", 1)[-1] in EXPERT_KINDS and ".ffn.experts.mlp." in name:
+        return "experts"
+    if name == "lm_head.weight":
+        return "lm_head"
+    if name == "transformer.wte.weight":
+        return "embed"
+    return None
+
+
+def _logical_shape(name: str, hub_shape: tuple[int, ...], kind: str, config: DbrxConfig) -> tuple[int, ...]:
+    """The canonical (out, in) shape: experts [E, F, D] (w1, v1) / [E, D, F] (w2); else the hub's."""
+    if kind != "experts":
+        return hub_shape
+    e, f, d = config.num_experts, config.ffn_hidden_size, config.d_model
+    return (e, d, f) if name.endswith(".w2") else (e, f, d)
+
+
+def _quantized_plan(config: DbrxConfig, qconfig: QuantConfig) -> Iterator[tuple[str, tuple, ModuleQuant | None]]:
+    """Yield (hub name, hub shape, ModuleQuant or None for a plain copy) in the hub's order."""
+    if qconfig.embed.quantized:
+        raise QuantizationError("embed: quantized embeddings are not supported yet; keep them at 16 bits")
+    if qconfig.lm_head.quantized and config.tie_word_embeddings:
+        raise QuantizationError("lm_head: this model ties lm_head to the embeddings, which stay "
+                                "unquantized; keep lm_head at 16 bits")
+    for name, shape in hub_tensor_shapes(config).items():
+        kind = module_kind(name)
+        mq = qconfig.for_kind(kind) if kind else None
+        yield name, shape, (mq if mq is not None and mq.quantized else None)
+
+
+def quantized_tensor_specs(config: DbrxConfig, qconfig: QuantConfig, *,
+                           float_dtype: torch.dtype | Mapping[str, torch.dtype] = torch.bfloat16
+                           ) -> list[TensorSpec]:
+    """Every tensor of the quantized checkpoint as ``(name, shape, dtype)``, in write order.
+
+    Args:
+        float_dtype: dtype of the unquantized tensors, one for all or per hub name.
+    Raises:
+        QuantizationError: quantized embeddings, a quantized lm_head tied to them, or a group size
+            that does not divide a tensor's input dim (naming the tensor).
+    """
+    specs: list[TensorSpec] = []
+    for name, hub_shape, mq in _quantized_plan(config, qconfig):
+        if mq is None:
+            dt = float_dtype if isinstance(float_dtype, torch.dtype) else float_dtype[name]
+            specs.append((name, hub_shape, dt))
+            continue
+        *lead, n, k = _logical_shape(name, hub_shape, module_kind(name), config)
+        try:
+            g = resolve_group_size(mq.group_size, k, mq.bits)
+        except QuantizationError as e:
+            raise QuantizationError(f"{name} (input dim {k}): {e}") from None
+        base = name.removesuffix(".weight")
+        specs.append((f"{base}.{QWEIGHT}", (*lead, n, k // 2 if mq.bits == 4 else k), torch.uint8))
+        specs.append((f"{base}.{SCALES}", (*lead, n, k // g), torch.float16))
+        if not mq.symmetric:
+            specs.append((f"{base}.{QZEROS}", (*lead, n, k // g), torch.uint8))
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming one tensor
+# --------------------------------------------------------------------------------------------
+def _row_blocks(rows: int, cols: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    step = max(1, chunk_bytes // (4 * max(cols, 1)))  # sized by the float32 working copy
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+def _canonical_rows(sl, name: str, config: DbrxConfig, e: int | None, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 of the canonical (out, in) matrix (of expert e), read from the hub slice."""
+    if e is None:
+        return sl[r0:r1]
+    f = config.ffn_hidden_size
+    if name.endswith(".w2"):  # canonical w2[e] = hub[e*F:(e+1)*F, :].T  -> rows are hub columns
+        return sl[e * f:(e + 1) * f, r0:r1].t()
+    return sl[e * f + r0:e * f + r1]
+
+
+def _write_quantized(writer: ShardedCheckpointWriter, reader: CheckpointReader, name: str,
+                     hub_shape: tuple, mq: ModuleQuant, config: DbrxConfig, chunk_bytes: int, bar) -> None:
+    """RTN-quantize hub tensor ``name`` in row chunks (per expert for experts) and write its
+    qweight as it goes, then its scales (and zeros), which are small, in one piece each."""
+    kind = module_kind(name)
+    *lead, n, k = _logical_shape(name, hub_shape, kind, config)
+    base = name.removesuffix(".weight")
+    sl = reader.get_slice(name, expected_shape=hub_shape)
+    scales, zeros = [], []
+    for e in (range(lead[0]) if lead else [None]):
+        codes = []  # one expert's (or the whole matrix's) qweight rows: written whole along dim 0
+        for r0, r1 in _row_blocks(n, k, chunk_bytes):
+            w = _canonical_rows(sl, name, config, e, r0, r1)  # [r, K] in the stored dtype
+            qt = quantize_rtn(w, mq.bits, mq.group_size, mq.symmetric)
+            codes.append(qt.qweight)
+            scales.append(qt.scales)
+            zeros.append(qt.qzeros)
+            bar.update(w.numel() * w.element_size())
+        q = torch.cat(codes)
+        writer.write(f"{base}.{QWEIGHT}", q if e is None else q[None])
+    lead_shape = (*lead, n, -1)
+    writer.write(f"{base}.{SCALES}", torch.cat(scales).reshape(lead_shape))
+    if not mq.symmetric:
+        writer.write(f"{base}.{QZEROS}", torch.cat(zeros).reshape(lead_shape))
+
+
+def _copy(writer: ShardedCheckpointWriter, reader: CheckpointReader, name: str, hub_shape: tuple,
+          chunk_bytes: int, bar) -> None:
+    sl = reader.get_slice(name, expected_shape=hub_shape)
+    if len(hub_shape) != 2:
+        t = reader.get(name)
+        writer.write(name, t)
+        bar.update(t.numel() * t.element_size())
+        return
+    for r0, r1 in _row_blocks(hub_shape[0], hub_shape[1], chunk_bytes):
+        t = sl[r0:r1]
+        writer.write(name, t)
+        bar.update(t.numel() * t.element_size())
+
+
+# --------------------------------------------------------------------------------------------
+# The whole checkpoint
+# --------------------------------------------------------------------------------------------
+def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise QuantizationError(f"output {out} exists and is not a folder")
+    if out.exists() and out.resolve() == src.resolve():
+        raise QuantizationError(f"output {out} is the source folder; choose another OUT")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise QuantizationError(f"output {out} exists and is not empty; pass --overwrite "
+                                f"(overwrite=True) to replace the checkpoint in it")
+
+
+def _remove_old_checkpoint(out: Path) -> None:
+    """Delete config.json FIRST, then the index and shards of an earlier run in ``out`` (only
+    those names; anything else the user keeps there stays)."""
+    (out / "config.json").unlink(missing_ok=True)
+    (out / INDEX_NAME).unlink(missing_ok=True)
+    for p in out.iterdir():
+        if _SHARD_FILE_RE.match(p.name):
+            p.unlink()
+
+
+def _check_source(reader: CheckpointReader, config: DbrxConfig, src: Path) -> None:
+    """Every hub tensor present with its shape and a float dtype, before a byte is written."""
+    for name, shape in hub_tensor_shapes(config).items():
+        if name not in reader:
+            raise CheckpointError(f"{src}: tensor {name} not found in the checkpoint")
+        if reader.shape(name) != tuple(shape):
+            raise CheckpointError(f"{reader.file_of(name)}: tensor {name} has shape {list(reader.shape(name))}, "
+                                  f"expected {list(shape)}")
+        if not reader.dtype(name).is_floating_point:
+            raise CheckpointError(f"{reader.file_of(name)}: tensor {name} has dtype {reader.dtype(name)}; "
+                                  f"expected a float checkpoint")
+
+
+def _copy_tokenizer(src: Path, out: Path) -> None:
+    try:
+        copy_tokenizer_files(src, out)
+    except CheckpointError:
+        log.warning("%s has no tokenizer files; %s will need one to generate text", src, out)
+
+
+def checkpoint_size(folder: str | os.PathLike) -> tuple[int, int]:
+    """``(number of tensors, tensor bytes)`` of a safetensors checkpoint folder (headers only)."""
+    with CheckpointReader(folder) as r:
+        return len(r), sum(tensor_nbytes(r.shape(n), r.dtype(n)) for n in r.keys())
+
+
+def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, qconfig: QuantConfig, *,
+                        overwrite: bool = False, progress: bool = True, revision: str | None = None,
+                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                        chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Path:
+    """RTN-quantize the float DBRX checkpoint ``src`` into the folder ``out``.
+
+    Args:
+        src: a local folder or a hub repo id (downloaded via dbrxq.checkpoint.resolve_model_dir).
+        out: output folder; created if needed. config.json is written last.
+        qconfig: the recipe; its ``method`` must be "rtn" (GPTQ goes through calibration).
+        overwrite: replace a checkpoint in a non-empty ``out``; its config.json is removed first,
+            so a failed run never leaves an old-looking-complete folder.
+        progress: tqdm bar over the source bytes.
+        max_shard_bytes: shard size limit; chunk_bytes: float32 working memory per row chunk.
+    Returns:
+        ``out`` as a Path.
+    Raises:
+        QuantizationError: unsupported recipe for this model, an already quantized source, or an
+            existing non-empty ``out`` without ``overwrite``.
+        CheckpointError / ConfigError: unreadable or incomplete source.
+    """
+    if qconfig.method != "rtn":
+        raise QuantizationError(f"method={qconfig.method!r}: quantize_checkpoint writes rtn only")
+    t0 = time.perf_counter()
+    src_dir = resolve_model_dir(src, revision=revision)
+    out = Path(out)
+    config = read_config(src_dir)
+    if config.quantization_config is not None:
+        raise QuantizationError(f"{src_dir}: already quantized (config.json has a quantization_config); "
+                                f"quantize a float checkpoint")
+    _check_out(src_dir, out, overwrite)
+    with CheckpointReader(src_dir) as reader:
+        _check_source(reader, config, src_dir)
+        plan = list(_quantized_plan(config, qconfig))
+        specs = quantized_tensor_specs(config, qconfig, float_dtype={n: reader.dtype(n) for n in reader.keys()})
+        total = sum(tensor_nbytes(shape, reader.dtype(name)) for name, shape, _ in plan)
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_old_checkpoint(out)  # from here on the folder is incomplete
+        log.info("quantizing %s -> %s: %d tensors, %.3f GB", src_dir, out, len(plan), total / 1e9)
+        with ShardedCheckpointWriter(out, specs, max_shard_bytes=max_shard_bytes,
+                                     metadata={"format": "pt"}) as writer, \
+                tqdm(total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
+            for name, shape, mq in plan:
+                if mq is None:
+                    _copy(writer, reader, name, shape, chunk_bytes, bar)
+                else:
+                    _write_quantized(writer, reader, name, shape, mq, config, chunk_bytes, bar)
+    _copy_tokenizer(src_dir, out)
+    d = config.to_dict()
+    d["quantization_config"] = qconfig.to_dict()
+    write_json_atomic(d, out / "config.json")
+    log.info("wrote %s in %.1fs", out, time.perf_counter() - t0)
+    return out

@@ -1,0 +1,92 @@
+"""``dbrxq quantize``: end to end with ``dbrxq run``, the summary, and one-line option errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import dbrxq
+from dbrxq import cli as dbrxq_cli
+from quantize.config import QuantConfig
+
+TINY = str(dbrxq.default_model_dir())  # d_model 128, ffn 64: every expert group size up to 64
+
+
+def dbrxq_cmd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dbrxq.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def main_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run dbrxq.cli.main as the console script does (one-line errors, exit codes), in process."""
+    monkeypatch.setattr(sys, "argv", ["dbrxq", *args])
+    try:
+        dbrxq_cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_then_run(tmp_path):
+    out = tmp_path / "q"
+    r = dbrxq_cmd("quantize", TINY, str(out), "--method", "rtn", "--group-size", "64", "--asym")
+    assert r.returncode == 0, r.stderr
+    assert "int4 g64 asym" in r.stdout and "tensors" in r.stdout and "smaller" in r.stdout
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert QuantConfig.from_dict(qc).experts.group_size == 64 and qc["method"] == "rtn"
+    r = dbrxq_cmd("run", str(out), "--prompt", "Once upon", "-n", "6")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Once upon") and len(r.stdout) > len("Once upon\n")
+    assert r.stdout == "Once upon" + dbrxq.load(out).generate("Once upon", max_new_tokens=6) + "\n"
+
+
+def test_options_reach_the_config(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "q"
+    code, stdout, err = main_in_process(
+        monkeypatch, capsys, "quantize", TINY, str(out), "--expert-bits", "8", "--group-size", "-1",
+        "--attn-bits", "16", "--lm-head-bits", "8")
+    assert code == 0, err
+    qc = QuantConfig.from_dict(json.loads((out / "config.json").read_text())["quantization_config"])
+    assert (qc.experts.bits, qc.experts.group_size, qc.attn.quantized, qc.lm_head.bits) == (8, -1, False, 8)
+    assert qc.experts.symmetric and qc.lm_head.group_size == -1
+    assert "attention bf16" in stdout and "lm_head int8 per-channel" in stdout
+    # An existing OUT is refused without --overwrite, in one line, and replaced with it.
+    code, _, err = main_in_process(monkeypatch, capsys, "quantize", TINY, str(out))
+    assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    code, _, err = main_in_process(monkeypatch, capsys, "quantize", TINY, str(out), "--overwrite",
+                                   "--group-size", "32")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--expert-bits", "3"), "--expert-bits 3 is not supported; choose one of 4, 8"),
+    (("--group-size", "48"), "--group-size 48 is not supported"),
+    (("--attn-bits", "2"), "--attn-bits 2 is not supported; choose one of 4, 8, 16"),
+    (("--attn-group-size", "100"), "--attn-group-size 100 is not supported"),
+    (("--lm-head-bits", "4"), "--lm-head-bits 4 is not supported; choose one of 8, 16"),
+    (("--method", "gptq"), "--method gptq is not supported; choose one of rtn"),
+    (("--group-size", "128"), "mlp.w2 (input dim 64): input dim K=64 is not divisible by group_size=128"),
+])
+def test_bad_options_are_one_line_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    out = tmp_path / "q"
+    code, _, err = main_in_process(monkeypatch, capsys, "quantize", TINY, str(out), *args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (out / "config.json").exists()
+
+
+def test_broken_quantized_checkpoint_is_one_line_on_run(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "q"
+    assert main_in_process(monkeypatch, capsys, "quantize", TINY, str(out), "--group-size", "64")[0] == 0
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 7
+    (out / "config.json").write_text(json.dumps(config))
+    r = dbrxq_cmd("run", str(out), "--prompt", "x")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "quantization_config.format_version=7 is not supported" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,191 @@
+"""Tests of quantize.writer: the quantized checkpoint's names, dtypes, shapes and bytes follow
+quantize/format.py; it loads through dbrxq's loader to the same logits as in-memory RTN; bad
+checkpoints and bad outputs fail with one line; a failed run never leaves a config.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dbrxq
+import quantize.writer as qwriter
+from dbrxq.checkpoint import CheckpointReader
+from dbrxq.errors import CheckpointError, DbrxqError, QuantizationError
+from dbrxq.make_checkpoint import make_random_checkpoint, preset_config
+from quantize.config import ModuleQuant, QuantConfig
+from quantize.modules import quantize_model_rtn
+from quantize.primitives import unpack_int4
+from quantize.rtn import experts_to_canonical, quantize_experts_rtn
+from quantize.writer import quantize_checkpoint, quantized_tensor_specs
+
+load_model = dbrxq.DbrxForCausalLM.from_pretrained
+IDS = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
+RECIPES = {
+    "default": QuantConfig(),  # experts int4 g128, attn int8 per-channel, lm_head bf16
+    "asym-lmhead": QuantConfig(experts=ModuleQuant(8, 32, False), attn=ModuleQuant(4, 64, False),
+                               lm_head=ModuleQuant(8, -1, True)),
+    "attn-bf16": QuantConfig(experts=ModuleQuant(4, -1, True), attn=ModuleQuant(None)),
+}
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    """A random bf16 DBRX checkpoint whose dims (128) take every group size."""
+    config = preset_config("tiny", d_model=128, ffn_hidden_size=128)
+    return make_random_checkpoint(tmp_path_factory.mktemp("src"), config, seed=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def quantized(src, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("q")
+    return {k: quantize_checkpoint(src, root / k, qc, progress=False) for k, qc in RECIPES.items()}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_tensors_follow_the_format(src, quantized, recipe):
+    qc, out = RECIPES[recipe], quantized[recipe]
+    config = dbrxq.DbrxConfig.from_json(out / "config.json")
+    with CheckpointReader(out) as r:
+        got = [(n, r.shape(n), r.dtype(n)) for n in r.keys()]
+        want = [(n, tuple(s), d) for n, s, d in quantized_tensor_specs(config, qc)]
+        assert got == want  # names, shapes, dtypes and order (unquantized tensors stay bf16)
+        base = "transformer.blocks.1.ffn.experts.mlp"
+        with CheckpointReader(src) as s:
+            for kind in ("w1", "v1", "w2"):  # the bytes are RTN of the canonical orientation
+                mq = qc.experts
+                qt = quantize_experts_rtn(s.get(f"{base}.{kind}"), kind, config.num_experts, mq.bits,
+                                          mq.group_size, mq.symmetric)
+                assert torch.equal(r.get(f"{base}.{kind}.qweight"), qt.qweight)
+                assert torch.equal(r.get(f"{base}.{kind}.scales"), qt.scales)
+            assert torch.equal(r.get("transformer.wte.weight"), s.get("transformer.wte.weight"))
+        if recipe == "default":  # spell the formula out by hand for w2 of expert 5, int4 g128 sym
+            w = experts_to_canonical(s_get(src, f"{base}.w2"), "w2", config.num_experts)[5].float()
+            packed, scales = r.get(f"{base}.w2.qweight")[5], r.get(f"{base}.w2.scales")[5].float()
+            low, high = (packed & 15).float(), (packed >> 4).float()  # columns 2j, 2j+1
+            codes = torch.stack((low, high), -1).reshape(w.shape)
+            w_hat = (codes - 8) * scales.repeat_interleave(128, dim=-1)
+            assert torch.equal(codes, unpack_int4(packed).float())
+            assert ((w_hat - w).abs() <= scales.repeat_interleave(128, -1) / 2 * (1 + 1e-6)).all()
+
+
+def s_get(folder, name):
+    with CheckpointReader(folder) as r:
+        return r.get(name)
+
+
+def test_quantization_config_round_trips(src, quantized):
+    for recipe, out in quantized.items():
+        d = json.loads((out / "config.json").read_text())
+        assert d.pop("quantization_config") == RECIPES[recipe].to_dict()
+        assert QuantConfig.from_dict(RECIPES[recipe].to_dict()) == RECIPES[recipe]
+        assert d == json.loads((src / "config.json").read_text())  # everything else as in SRC
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("backend", ["torch", None])
+def test_loaded_logits_equal_in_memory_rtn(src, quantized, recipe, backend):
+    for dtype in ("float32", None):  # None: the checkpoint's bf16
+        loaded = load_model(quantized[recipe], dtype=dtype, backend=backend)
+        ref = quantize_model_rtn(load_model(src, dtype=dtype), RECIPES[recipe], backend=backend)
+        assert torch.equal(loaded(IDS).logits, ref(IDS).logits), (recipe, backend, dtype)
+
+
+def test_sharded_and_chunked_output_is_the_same(src, quantized, tmp_path):
+    out = quantize_checkpoint(src, tmp_path / "q", RECIPES["default"], progress=False,
+                              max_shard_bytes=100_000, chunk_bytes=4096)
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*"))) > 2
+    with CheckpointReader(out) as a, CheckpointReader(quantized["default"]) as b:
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a.get(n), b.get(n)) for n in a.keys())
+    assert torch.equal(load_model(out)(IDS).logits, load_model(quantized["default"])(IDS).logits)
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+def _broken_copy(folder: Path, tmp_path: Path, edit) -> Path:
+    """Copy a single-file checkpoint, applying ``edit(tensors, config_dict)``."""
+    out = tmp_path / "broken"
+    out.mkdir()
+    tensors = load_file(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    edit(tensors, config)
+    save_file(tensors, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def _one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_missing_scales_is_one_line(quantized, tmp_path):
+    name = "transformer.blocks.0.ffn.experts.mlp.v1.scales"
+    broken = _broken_copy(quantized["default"], tmp_path, lambda t, c: t.pop(name))
+    with pytest.raises(CheckpointError) as e:
+        load_model(broken)
+    assert name in _one_line(e)
+
+
+def test_wrong_packed_shape_is_one_line(quantized, tmp_path):
+    name = "transformer.blocks.1.norm_attn_norm.attn.Wqkv.qweight"
+
+    def edit(t, c):  # int8 attn -> pretend it was packed like int4: [N, K/2]
+        t[name] = t[name][:, ::2].contiguous()
+    broken = _broken_copy(quantized["default"], tmp_path, edit)
+    with pytest.raises(CheckpointError) as e:
+        load_model(broken)
+    assert name in _one_line(e) and "shape" in _one_line(e)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("format_version", 2, "format_version=2"),
+    ("method", "awq", "method='awq'"),
+])
+def test_bad_quantization_config_is_one_line(quantized, tmp_path, field, value, match):
+    broken = _broken_copy(quantized["default"], tmp_path,
+                          lambda t, c: c["quantization_config"].__setitem__(field, value))
+    with pytest.raises(QuantizationError) as e:
+        load_model(broken)
+    assert match in _one_line(e)
+
+
+def test_existing_out_is_refused_without_overwrite(src, tmp_path):
+    out = tmp_path / "q"
+    quantize_checkpoint(src, out, RECIPES["attn-bf16"], progress=False)
+    with pytest.raises(QuantizationError, match="not empty; pass --overwrite") as e:
+        quantize_checkpoint(src, out, RECIPES["default"], progress=False)
+    _one_line(e)
+    quantize_checkpoint(src, out, RECIPES["default"], progress=False, overwrite=True)
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == RECIPES["default"].to_dict()
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantize_checkpoint(out, tmp_path / "again", RECIPES["default"], progress=False)
+    with pytest.raises(QuantizationError, match="is the source"):
+        quantize_checkpoint(src, src, RECIPES["default"], progress=False, overwrite=True)
+    with pytest.raises(QuantizationError, match=r"mlp\.w2 \(input dim 64\).*group_size=128"):
+        small = preset_config("tiny", d_model=128, ffn_hidden_size=64)
+        quantized_tensor_specs(small, RECIPES["default"])
+
+
+def test_failure_midway_leaves_no_config_json(src, tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    quantize_checkpoint(src, out, RECIPES["default"], progress=False)  # a complete earlier run
+    calls = {"n": 0}
+    real = qwriter.quantize_rtn
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("disk on fire")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(qwriter, "quantize_rtn", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        quantize_checkpoint(src, out, RECIPES["asym-lmhead"], progress=False, overwrite=True)
+    assert not (out / "config.json").exists()
+    assert not list(out.glob("*.safetensors")) and not list(out.glob("*.tmp.*"))
+    with pytest.raises(DbrxqError):  # and the folder does not load
+        load_model(out)
