@@ -128,14 +128,19 @@ def compute_qparams(
     """
     g = resolve_group_size(group_size, w.shape[-1], bits)
     wg = _grouped(w.float(), g)
-    if not torch.isfinite(wg).all():
-        raise QuantizationError(f"weight of shape {tuple(w.shape)} contains NaN or inf values")
+    # NaN and inf propagate through amax/amin, so checking the per-group statistics is enough
+    # (a full-tensor isfinite costs as much as the quantization itself).
     if symmetric:
-        scale = wg.abs().amax(dim=-1) / (2 ** (bits - 1) - 1)
+        amax = wg.abs().amax(dim=-1)
+        stats = (amax,)
+        scale = amax / (2 ** (bits - 1) - 1)
     else:
-        lo = wg.amin(dim=-1).clamp(max=0.0)
-        hi = wg.amax(dim=-1).clamp(min=0.0)
+        lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+        stats = (lo, hi)
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
         scale = (hi - lo) / (2**bits - 1)
+    if not all(bool(torch.isfinite(t).all()) for t in stats):
+        raise QuantizationError(f"weight of shape {tuple(w.shape)} contains NaN or inf values")
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scales = _round_up_fp16(scale)
     if not torch.isfinite(scales).all():
@@ -180,8 +185,8 @@ def quantize_codes(
         if zeros is None
         else zeros.float().unsqueeze(-1)
     )
-    q = torch.round(wg / scales.float().unsqueeze(-1)) + zero
-    return q.clamp_(0, 2**bits - 1).to(torch.uint8).reshape(w.shape)
+    q = wg / scales.float().unsqueeze(-1)  # fresh tensor: the in-place ops below do not touch w
+    return q.round_().add_(zero).clamp_(0, 2**bits - 1).to(torch.uint8).reshape(w.shape)
 
 
 @torch.no_grad()
@@ -373,8 +378,22 @@ class QuantizedTensor:
 def quantize_tensor(
     w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True
 ) -> QuantizedTensor:
-    """Round-to-nearest quantization of ``w [..., N, K]`` into a :class:`QuantizedTensor`."""
-    scales, zeros = compute_qparams(w, bits, group_size, symmetric)
-    codes = quantize_codes(w, scales, zeros, bits, group_size)
-    qweight = pack_int4(codes) if bits == 4 else codes
+    """Round-to-nearest quantization of ``w [..., N, K]`` into a :class:`QuantizedTensor`.
+
+    Rows are processed in chunks of about 4M values so the float32 temporaries stay small and
+    in cache-friendly sizes; groups run along K, so chunking rows does not change any result.
+    """
+    resolve_group_size(group_size, w.shape[-1], bits)
+    flat = w.reshape(-1, w.shape[-1])
+    rows = max(1, (1 << 22) // w.shape[-1])
+    parts = []
+    for r0 in range(0, flat.shape[0], rows):
+        wf = flat[r0:r0 + rows].float()
+        scales, zeros = compute_qparams(wf, bits, group_size, symmetric)
+        codes = quantize_codes(wf, scales, zeros, bits, group_size)
+        parts.append((pack_int4(codes) if bits == 4 else codes, scales, zeros))
+    lead = w.shape[:-1]
+    qweight = torch.cat([p[0] for p in parts]).reshape(*lead, -1)
+    scales = torch.cat([p[1] for p in parts]).reshape(*lead, -1)
+    zeros = None if symmetric else torch.cat([p[2] for p in parts]).reshape(*lead, -1)
     return QuantizedTensor(qweight, scales, zeros, bits, group_size, w.shape)
