@@ -12,7 +12,12 @@ the float path is.
     python scripts/bench_decode.py --dtype bfloat16 --steps 10
     python scripts/bench_decode.py --quick               # quarter width, for a smoke run
 
-Memory: the float32 block holds 13.0 GB of weights, the bf16 one 6.5 GB (one at a time).
+With --quant (default on) a third row runs the layer with int4 g128 experts and int8 per-channel
+attention (RTN, dbrxq's CPU kernels), whose bound counts codes + scales. DESIGN.md section 5: llama.cpp
+decodes such a layer (Q4_0 experts) in 33 ms on the AVX2 box, 1.5x its read bound.
+
+Memory: the float32 block holds 13.0 GB of weights, the bf16 one 6.5 GB (one at a time; the
+quantized row builds a bf16 block first, then 1.7 GB of codes).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import time
 import torch
 
 from dbrxq.config import DbrxConfig
-from dbrxq.model import DbrxBlock, rope_cos_sin
+from dbrxq.model import DbrxBlock, DbrxForCausalLM, rope_cos_sin
 from dbrxq.kv_cache import StaticKVCache
 from dbrxq.sysinfo import describe_machine, peak_rss_bytes, read_bandwidth
 
@@ -34,23 +39,34 @@ REAL = dict(d_model=6144, n_heads=48, n_layers=1, max_seq_len=32768, vocab_size=
             ffn_config=dict(ffn_hidden_size=10752, moe_num_experts=16, moe_top_k=4))
 
 
-def make_block(config: DbrxConfig, dtype: torch.dtype) -> DbrxBlock:
+def make_block(config: DbrxConfig, dtype: torch.dtype, quant: bool) -> DbrxBlock:
+    """One real-width block with random weights; with ``quant``, int4 g128 experts and int8
+    per-channel attention (the product's default recipe) swapped in by RTN."""
+    one_layer = DbrxConfig.from_dict(dict(config.to_dict(), n_layers=1, vocab_size=256))
     with torch.device("meta"):
-        block = DbrxBlock(config, 0)
-    block = block.to_empty(device="cpu").to(dtype)
+        model = DbrxForCausalLM(one_layer)
+    model = model.to_empty(device="cpu").to(torch.bfloat16 if quant else dtype)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in block.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                if isinstance(module, torch.nn.LayerNorm):
+                    p.fill_(1.0)
+                    continue
                 for rows in torch.split(p.view(p.shape[0], -1), 4096):  # bounded float32 temporaries
                     rows.copy_(torch.randn(rows.shape, generator=g) * 0.02)
-    return block.eval().requires_grad_(False)
+    if quant:
+        from quantize.config import QuantConfig
+        from quantize.modules import quantize_model_rtn
+        quantize_model_rtn(model, QuantConfig())
+        for p in model.parameters():  # what stays float (norms, router) runs in the activation dtype
+            p.data = p.data.to(dtype)
+    return model.transformer.blocks[0].eval().requires_grad_(False)
 
 
-def bench(config: DbrxConfig, dtype: torch.dtype, context: int, steps: int, bandwidth: float) -> dict:
-    block = make_block(config, dtype)
+def bench(config: DbrxConfig, dtype: torch.dtype, quant: bool, context: int, steps: int,
+          bandwidth: float) -> dict:
+    block = make_block(config, dtype, quant)
     c = config
     cache = StaticKVCache(1, 1, context + 1, c.kv_n_heads, c.head_dim, dtype=dtype)
     cache.k[0].normal_()
@@ -59,8 +75,13 @@ def bench(config: DbrxConfig, dtype: torch.dtype, context: int, steps: int, band
     cos, sin = rope_cos_sin(pos, c.head_dim, c.attn_config.rope_theta, dtype)
     g = torch.Generator().manual_seed(1)
     item = torch.finfo(dtype).bits // 8
-    attn_bytes = (c.qkv_out_features * c.d_model + c.d_model * c.d_model + c.num_experts * c.d_model) * item
-    expert_bytes = 3 * c.ffn_hidden_size * c.d_model * item
+    router_bytes = c.num_experts * c.d_model * item
+    if quant:  # bytes of codes + fp16 scales actually read: int8 per-channel attention, int4 g128 experts
+        attn_bytes = (c.qkv_out_features + c.d_model) * (c.d_model + 2) + router_bytes
+        expert_bytes = 3 * c.ffn_hidden_size * c.d_model * (0.5 + 2 / 128)
+    else:
+        attn_bytes = (c.qkv_out_features * c.d_model + c.d_model * c.d_model) * item + router_bytes
+        expert_bytes = 3 * c.ffn_hidden_size * c.d_model * item
     kv_bytes = 2 * c.kv_n_heads * c.head_dim * (context + 1) * item
     times = []
     with torch.no_grad():
@@ -76,13 +97,17 @@ def bench(config: DbrxConfig, dtype: torch.dtype, context: int, steps: int, band
     bound = nbytes / bandwidth
     del block, cache
     gc.collect()
-    return dict(dtype=str(dtype).removeprefix("torch."), ms=t * 1e3, mb=nbytes / 1e6, bound_ms=bound * 1e3,
+    name = "int4 g128 experts + int8 attention (cpu kernels)" if quant else str(dtype).removeprefix("torch.")
+    return dict(dtype=name, ms=t * 1e3, mb=nbytes / 1e6, bound_ms=bound * 1e3,
                 ratio=t / bound)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtype", choices=["bfloat16", "float32", "both"], default="both")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32", "both", "none"], default="both",
+                    help="float variants to run ('none': only --quant)")
+    ap.add_argument("--quant", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the quantized layer (int4 g128 experts, int8 attention, float32 activations)")
     ap.add_argument("--context", type=int, default=256, help="tokens already in the KV cache")
     ap.add_argument("--steps", type=int, default=12, help="timed decode steps (median reported)")
     ap.add_argument("--quick", action="store_true", help="quarter-width model (d_model 1536, ffn 2688)")
@@ -95,11 +120,12 @@ def main() -> None:
     print(describe_machine())
     bw = read_bandwidth()
     print(f"read-only bandwidth (sum over 1 GiB float32, best of 5): {bw / 1e9:.1f} GB/s")
-    dtypes = [torch.bfloat16, torch.float32] if args.dtype == "both" else [getattr(torch, args.dtype)]
-    rows = [bench(config, dt, args.context, args.steps, bw) for dt in dtypes]
+    dtypes = {"both": [torch.bfloat16, torch.float32], "none": []}.get(args.dtype) or [getattr(torch, args.dtype)]
+    runs = [(dt, False) for dt in dtypes] + ([(torch.float32, True)] if args.quant else [])
+    rows = [bench(config, dt, quant, args.context, args.steps, bw) for dt, quant in runs]
     width = "quarter width" if args.quick else "real width"
     print(f"\nOne DBRX layer ({width}), decode batch 1, context {args.context}, median of {args.steps} steps\n")
-    print("| dtype | ms / token / layer | MB read / token | bound (ms) | ratio to bound |")
+    print("| weights | ms / token / layer | MB read / token | bound (ms) | ratio to bound |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['dtype']} | {r['ms']:.1f} | {r['mb']:.0f} | {r['bound_ms']:.1f} | {r['ratio']:.2f}x |")
