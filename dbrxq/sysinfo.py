@@ -8,6 +8,7 @@ understate it by counting the writes).
 
 from __future__ import annotations
 
+import functools
 import platform
 import resource
 import time
@@ -18,15 +19,17 @@ _FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_v
           "amx_int8")
 
 
-def cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where that file does not exist)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def cpu_model() -> str:

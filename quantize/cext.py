@@ -24,6 +24,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from dbrxq.errors import QuantizationError
+from dbrxq.sysinfo import cpu_flags
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "qmatmul.c"
@@ -37,24 +40,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DBRXQ_CACHE") or Path.home() / ".cache" / "dbrxq")
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where that file does not exist)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def cpu_path() -> str:
     """The fastest kernel path the running CPU supports, or the one forced by DBRXQ_CPU_KERNEL."""
     forced = os.environ.get("DBRXQ_CPU_KERNEL")
     if forced:
-        assert forced in PATHS, f"DBRXQ_CPU_KERNEL={forced!r}; use one of {sorted(PATHS)}"
+        if forced not in PATHS:
+            raise QuantizationError(f"DBRXQ_CPU_KERNEL={forced!r} is not a kernel path; use one of {sorted(PATHS)}")
         return forced
     return "avx2" if {"avx2", "fma", "f16c"} <= cpu_flags() else "generic"
 

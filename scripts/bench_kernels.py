@@ -13,8 +13,6 @@ fresh random tensors (100+ MB, larger than the caches). Prints a markdown table 
 from __future__ import annotations
 
 import argparse
-import platform
-import resource
 import statistics
 import sys
 import time
@@ -24,25 +22,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dbrxq.sysinfo import describe_machine, peak_rss_bytes, read_bandwidth  # noqa: E402
 from quantize import cext, kernels  # noqa: E402
 from quantize.primitives import quantize_tensor  # noqa: E402
-
-
-def cpu_line() -> str:
-    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                 platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    flags = cext.cpu_flags()
-    have = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{model}; flags: {' '.join(have) or '-'}"
-
-
-def read_bandwidth(reps: int) -> float:
-    """Bytes/s of a read-only stream: sum over a 1 GiB float32 tensor, best of `reps`."""
-    big = torch.ones(256 * 1024 * 1024)
-    big.sum()
-    best = min(_timed(big.sum) for _ in range(reps))
-    del big
-    return 4 * 256 * 1024 * 1024 / best
 
 
 def _timed(fn) -> float:
@@ -66,10 +48,9 @@ def main() -> None:
     runs = args.runs or (3 if args.quick else 7)
     torch.manual_seed(0)
 
-    print(f"CPU: {cpu_line()}")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, C kernel path: "
-          f"{cext.cpu_path() if cext.load() else 'unavailable'}")
-    bw = read_bandwidth(5)
+    print(describe_machine())
+    print(f"C kernel path: {cext.cpu_path() if cext.load() else 'unavailable: ' + str(cext.unavailable_reason())}")
+    bw = read_bandwidth()
     print(f"read-only bandwidth (sum over 1 GiB fp32): {bw / 1e9:.1f} GB/s")
     print(f"GLU: w1, v1 [{f}, {d}], w2 [{d}, {f}]; median of {runs} runs after warmup\n")
 
@@ -108,7 +89,7 @@ def main() -> None:
         bound = 1e3 * nbytes / bw
         print(f"| {name} | {nbytes / 1e6:.0f} | {ms[1]:.1f} | {ms[1] / bound:.2f} | {ms[16]:.1f} | "
               f"{ms[16] / bound:.2f} |")
-    print(f"\npeak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.2f} GiB")
+    print(f"\npeak RSS: {peak_rss_bytes() / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":
