@@ -35,14 +35,23 @@ class DbrxRunner:
     model: DbrxForCausalLM
     tokenizer: DbrxTokenizer
 
+    kv_cache: str = "bf16"  # KV cache flavour (dbrxq.kv_cache.KV_FLAVOURS)
+
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def offload(self):
+        """The dbrxq.offload.OffloadRuntime when experts are offloaded (stats, cache), else None."""
+        return getattr(self.model, "offload", None)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], **kwargs) -> GenerationOutput:
         """Token-level generation for a batch of prompts (see dbrxq.generate.generate)."""
         kwargs.setdefault("stop_tokens", self.stop_tokens)
         kwargs.setdefault("pad_token_id", self.pad_token_id)
+        # With offloading the runtime makes the KV cache, within the memory plan.
+        kwargs.setdefault("kv_cache", self.offload.kv_factory if self.offload is not None else self.kv_cache)
         return generate(self.model, prompts, **kwargs)
 
     @property
@@ -93,7 +102,8 @@ class DbrxRunner:
 
 def load(path_or_repo_id: str | Path | None = None, *, device: str | torch.device | None = "cpu",
          dtype: str | torch.dtype | None = None, revision: str | None = None,
-         backend: str | None = None) -> DbrxRunner:
+         backend: str | None = None, gpu_memory: str | int | None = None, cpu_memory: str | int | None = None,
+         context: int | None = None, kv_cache: str = "bf16", offload_options: dict | None = None) -> DbrxRunner:
     """Load a float or quantized DBRX checkpoint with its tokenizer.
 
     Args:
@@ -101,8 +111,17 @@ def load(path_or_repo_id: str | Path | None = None, *, device: str | torch.devic
         device: cpu, cuda, cuda:N or auto.
         dtype: float32, bfloat16, float16 or auto/None (the checkpoint's).
         backend: force a quantized-kernel backend (default: the fastest for the device).
+        gpu_memory, cpu_memory: memory budgets ("20GiB", "512MiB", "1.5GB" or bytes); either one
+            offloads the experts of a quantized checkpoint (dbrxq.offload). Float checkpoints refuse.
+        context: the tokens (prompt + new) the KV cache is planned for when offloading
+            (default min(max_seq_len, 4096)).
+        kv_cache: "bf16" (the model's dtype) or "int8" (about half the bytes; dbrxq.kv_cache).
+        offload_options: prefetch, cache_dir, drop_page_cache, timing (see enable_offloading).
     """
+    from .kv_cache import check_flavour
     src = default_model_dir() if path_or_repo_id is None else path_or_repo_id
-    model = load_model(src, device=device, dtype=dtype, revision=revision, backend=backend)
+    model = load_model(src, device=device, dtype=dtype, revision=revision, backend=backend,
+                       gpu_memory=gpu_memory, cpu_memory=cpu_memory, context=context,
+                       kv_cache=check_flavour(kv_cache), offload_options=offload_options)
     tokenizer = DbrxTokenizer.from_pretrained(model.source_dir)
-    return DbrxRunner(model=model, tokenizer=tokenizer)
+    return DbrxRunner(model=model, tokenizer=tokenizer, kv_cache=kv_cache)

@@ -34,6 +34,40 @@ def _peak_memory(device) -> str:
     return text
 
 
+class SizeType(click.ParamType):
+    """A memory size like 20GiB, 512MiB, 1.5GB (dbrxq.placement.parse_size), as bytes."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        from .placement import BudgetError, parse_size
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value, param.opts[0] if param else "size")
+        except BudgetError as e:
+            self.fail(str(e).split(": ", 1)[-1], param, ctx)
+
+
+def _offload_report(rt) -> str:
+    """--stats lines for an offloaded run: per decode token latency split, cache, bytes, memory."""
+    from .placement import format_size
+    from .sysinfo import peak_rss_bytes
+    lines = []
+    for name, ph in rt.stats.phases.items():
+        if not ph.tokens:
+            continue
+        n = ph.tokens
+        lines.append(f"[{name}: per token attention {1e3 * ph.attention_s / n:.1f} ms, experts resident "
+                     f"{1e3 * ph.resident_s / n:.1f} ms, experts missed {1e3 * ph.missed_s / n:.1f} ms; hit rate "
+                     f"{ph.hit_rate:.1%} ({ph.hits} hits, {ph.misses} misses); moved "
+                     f"{format_size(ph.bytes_moved / n)}/token]")
+    peak = ", ".join(f"{k} {format_size(v)}" for k, v in rt.stats.peak.items())
+    lines.append(f"[tracked peak per tier: {peak}; peak RSS {format_size(peak_rss_bytes())}; "
+                 f"prefetched {rt.cache.counters.prefetched}, evictions {rt.cache.counters.evictions}]")
+    return "\n".join(lines)
+
+
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", required=False)
 @click.option("--prompt", "-p", help="Text to continue (with --chat: the first user message).")
@@ -49,18 +83,37 @@ def _peak_memory(device) -> str:
 @click.option("--dtype", default="auto", show_default=True,
               help="auto (the checkpoint's), float32, bfloat16 or float16.")
 @click.option("--revision", help="Hub revision when MODEL is a repo id.")
-@click.option("--stats", is_flag=True, help="Print prefill/decode tokens per second and peak memory.")
+@click.option("--stats", is_flag=True,
+              help="Print tokens per second and peak memory; with offloading also the per-token latency "
+                   "split, cache hit rate and bytes moved.")
+@click.option("--gpu-memory", type=SizeType(), help="GPU budget (e.g. 20GiB): offload experts that do not fit.")
+@click.option("--cpu-memory", type=SizeType(),
+              help="RAM budget (e.g. 8GiB): on CPU the experts that do not fit are read from disk; "
+                   "with CUDA, the pinned host tier.")
+@click.option("--kv-cache", type=click.Choice(["bf16", "int8"]), default="bf16", show_default=True,
+              help="KV cache flavour: the model's dtype, or int8 with per-token scales (about half).")
+@click.option("--context", type=click.IntRange(min=1),
+              help="Tokens (prompt + new) the memory plan reserves KV cache for [default: min(max_seq_len, 4096)].")
+@click.option("--plan", "show_plan", is_flag=True, help="Print the memory placement plan and exit.")
 def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
-        revision, stats) -> None:
+        revision, stats, gpu_memory, cpu_memory, kv_cache, context, show_plan) -> None:
     """Generate text with MODEL (a folder or hub repo id; default: the small model shipped with dbrxq).
 
     Tokens stream to stdout as they are made.
     """
-    from .api import load
+    from .api import default_model_dir, load
 
+    if show_plan:
+        from .loading import describe_plan
+        click.echo(describe_plan(model or default_model_dir(), device=device, dtype=dtype, revision=revision,
+                                 gpu_memory=gpu_memory, cpu_memory=cpu_memory, context=context,
+                                 kv_cache=kv_cache))
+        return
     if prompt is None and not chat:
         raise click.UsageError("give --prompt TEXT, or --chat for an interactive session")
-    runner = load(model, device=device, dtype=dtype, revision=revision)
+    runner = load(model, device=device, dtype=dtype, revision=revision, gpu_memory=gpu_memory,
+                  cpu_memory=cpu_memory, context=context, kv_cache=kv_cache,
+                  offload_options={"timing": True} if stats else None)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
     def emit(text: str) -> None:
@@ -73,6 +126,8 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
             click.echo(f"[prefill {s.prompt_tokens} tok in {s.prefill_s:.3f}s = {s.prefill_tok_s:.1f} tok/s; "
                        f"decode {s.decode_steps} tok in {s.decode_s:.3f}s = {s.decode_tok_s:.1f} tok/s; "
                        f"{_peak_memory(runner.model.device)}]", err=True)
+            if runner.offload is not None:
+                click.echo(_offload_report(runner.offload), err=True)
 
     if not chat:
         emit(prompt)

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import GenerationError
+from .kv_cache import cache_factory
 
 
 @dataclass
@@ -105,11 +106,14 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 6
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_tokens: Sequence[int] = (), pad_token_id: int = 0,
              on_token: Callable[[torch.Tensor], None] | None = None,
-             prefill_chunk_size: int = 512) -> GenerationOutput:
+             prefill_chunk_size: int = 512,
+             kv_cache: str | Callable[[int, int], object] | None = None) -> GenerationOutput:
     """Generate up to max_new_tokens for each prompt (token id lists).
 
     Args:
         on_token: called with the (B,) tensor of tokens produced at each step (for streaming).
+        kv_cache: a flavour name ("bf16", "int8"; see dbrxq.kv_cache) or a factory
+            ``(batch_size, length) -> cache``; default: ``model.new_cache``.
     Raises:
         GenerationError: an empty prompt, or prompt + max_new_tokens beyond the model's context.
     """
@@ -134,7 +138,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 6
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
-    cache = model.new_cache(B, T + max_new_tokens)
+    factory = kv_cache if callable(kv_cache) else cache_factory(model, kv_cache or "bf16")
+    cache = factory(B, T + max_new_tokens)
     stats = GenerationStats(prompt_tokens=int(mask.sum()))
     padded = bool((mask == 0).any())
 

@@ -9,13 +9,26 @@ never beyond ``max_capacity`` (the model's max_seq_len).
 
 Memory: 2 * n_layers * B * kv_heads * capacity * head_dim * itemsize bytes; for DBRX in bf16
 that is 160 KiB per token of capacity (DESIGN.md section 2).
+
+Flavours (``KV_FLAVOURS``, chosen by ``make_kv_cache`` / ``generate(kv_cache=...)``, never by the
+model): ``"bf16"`` is :class:`StaticKVCache` in the model's activation dtype (bf16 for real DBRX
+checkpoints), ``"int8"`` is :class:`Int8KVCache`: int8 codes plus one float32 scale per (token,
+head), i.e. (head_dim + 4) / (2 * head_dim) = 0.516 of the bf16 bytes at head_dim 128.
+Its cost: ``update`` quantizes only the new positions, but returns the WHOLE prefix dequantized
+(one (B, kvH, S, hd) temporary per K and V, per layer, per step): that is a first version, O(S)
+extra work per layer and step, small next to the O(S) attention itself; a fused int8 attention
+kernel would remove it.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from .errors import GenerationError
+from .errors import ConfigError, GenerationError
+
+KV_FLAVOURS = ("bf16", "int8")
 
 
 class KVCache:
@@ -94,3 +107,107 @@ class StaticKVCache(KVCache):
 
     def reset(self) -> None:
         self.lengths = [0] * self.n_layers
+
+
+class Int8KVCache(StaticKVCache):
+    """K/V stored as int8 with per-token, per-head scales (symmetric absmax over head_dim).
+
+    Buffers per layer: codes int8 (B, kvH, capacity, hd) and scales float32 (B, kvH, capacity, 1)
+    for K and for V. Quantization: s = max|x| / 127 over head_dim, q = round(x / s) in -127..127,
+    x' = q * s, so |x - x'| <= s / 2 = max|x| / 254 per element (relative error <= 0.4% of the
+    row's absmax). ``update`` returns dequantized K/V in the activation dtype (see module doc).
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, capacity: int, kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 max_capacity: int | None = None):
+        self.n_layers, self.batch_size = n_layers, batch_size
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)  # dtype: what update() returns
+        self.max_capacity = max_capacity
+        self._check_capacity(capacity)
+        shape = (batch_size, kv_heads, capacity, head_dim)
+        sshape = shape[:3] + (1,)
+        self.k = [torch.zeros(shape, dtype=torch.int8, device=self.device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=torch.int8, device=self.device) for _ in range(n_layers)]
+        self.k_scale = [torch.zeros(sshape, dtype=torch.float32, device=self.device) for _ in range(n_layers)]
+        self.v_scale = [torch.zeros(sshape, dtype=torch.float32, device=self.device) for _ in range(n_layers)]
+        self.lengths = [0] * n_layers
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.k_scale + self.v_scale)
+
+    def _grow(self, needed: int) -> None:
+        self._check_capacity(needed)
+        new_cap = max(needed, 2 * self.capacity)
+        if self.max_capacity is not None:
+            new_cap = min(new_cap, self.max_capacity)
+        for bufs in (self.k, self.v, self.k_scale, self.v_scale):
+            for i, old in enumerate(bufs):
+                new = old.new_zeros(old.shape[:2] + (new_cap,) + old.shape[3:])
+                new[:, :, : old.shape[2]] = old
+                bufs[i] = new
+
+    @staticmethod
+    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., hd) -> (codes int8 (..., hd), scale float32 (..., 1)); all-zero rows get scale 0."""
+        x = x.float()
+        scale = x.abs().amax(dim=-1, keepdim=True) / 127.0
+        q = torch.where(scale > 0, x / torch.where(scale > 0, scale, 1.0), 0.0)
+        return q.round().clamp(-127, 127).to(torch.int8), scale
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, cache_position: int):
+        """k, v (B, kvH, T, hd) -> all cached positions dequantized, (B, kvH, S, hd) in self.dtype."""
+        T = k.shape[2]
+        end = cache_position + T
+        assert k.shape[0] == self.batch_size, (k.shape, self.batch_size)
+        if end > self.capacity:
+            self._grow(end)
+        for codes, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, s = self.quantize(x)
+            codes[layer_idx][:, :, cache_position:end] = q
+            scales[layer_idx][:, :, cache_position:end] = s
+        self.lengths[layer_idx] = end
+        out = []
+        for codes, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            out.append((codes[layer_idx][:, :, :end].float() * scales[layer_idx][:, :, :end]).to(self.dtype))
+        return out[0], out[1]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for bufs in (self.k, self.v, self.k_scale, self.v_scale):
+            for i, t in enumerate(bufs):
+                bufs[i] = t.index_select(0, beam_idx.to(t.device))
+
+
+def kv_cache_bytes(config, batch_size: int, length: int, flavour: str, dtype: torch.dtype) -> int:
+    """Bytes a cache of ``flavour`` takes for ``length`` positions (what make_kv_cache allocates)."""
+    per_row = config.kv_n_heads * config.head_dim  # one layer, one token, K or V
+    if flavour == "int8":
+        per_row += config.kv_n_heads * 4  # one float32 scale per head
+    else:
+        per_row *= torch.empty(0, dtype=dtype).element_size()
+    return 2 * config.n_layers * batch_size * length * per_row
+
+
+def check_flavour(flavour: str) -> str:
+    if flavour not in KV_FLAVOURS:
+        raise ConfigError(f"kv_cache={flavour!r}: choose one of {', '.join(KV_FLAVOURS)}")
+    return flavour
+
+
+def make_kv_cache(config, batch_size: int, length: int, *, flavour: str = "bf16", dtype: torch.dtype,
+                  device: torch.device | str) -> StaticKVCache:
+    """A cache of ``flavour`` for a model with ``config`` (duck-typed: n_layers, kv_n_heads, head_dim,
+    max_seq_len); ``dtype`` is the model's activation dtype."""
+    cls = Int8KVCache if check_flavour(flavour) == "int8" else StaticKVCache
+    return cls(config.n_layers, batch_size, length, config.kv_n_heads, config.head_dim, dtype=dtype,
+               device=device, max_capacity=config.max_seq_len)
+
+
+def cache_factory(model, flavour: str = "bf16") -> Callable[[int, int], StaticKVCache]:
+    """``factory(batch_size, length)`` making ``flavour`` caches for ``model`` (what generate calls)."""
+    check_flavour(flavour)
+    if flavour == "bf16":
+        return model.new_cache
+    return lambda batch_size, length: make_kv_cache(model.config, batch_size, length, flavour=flavour,
+                                                    dtype=model.dtype, device=model.device)

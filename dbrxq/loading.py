@@ -6,6 +6,11 @@ read from the checkpoint one tensor at a time, straight onto the target device a
 assigned. At no point are two copies of the weights in RAM. The match is strict: a tensor the
 model expects but the checkpoint lacks, one with the wrong shape, or one the model does not
 know, is a CheckpointError naming it.
+
+With a memory budget (``cpu_memory`` / ``gpu_memory``), the placement plan (dbrxq.placement) is
+made from the checkpoint's headers and ONE expert's bytes before anything else is read, so a budget
+that is too small fails in a second; expert tensors are then left as the memory-mapped checkpoint
+views (never touched, never resident), and dbrxq.offload wraps each layer's experts.
 """
 
 from __future__ import annotations
@@ -70,7 +75,9 @@ def _checkpoint_float_dtype(reader: CheckpointReader) -> torch.dtype:
 
 def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None = "cpu",
                dtype: str | torch.dtype | None = None, revision: str | None = None,
-               backend: str | None = None) -> DbrxForCausalLM:
+               backend: str | None = None, gpu_memory: str | int | None = None,
+               cpu_memory: str | int | None = None, context: int | None = None, batch_size: int = 1,
+               kv_cache: str = "bf16", offload_options: dict | None = None) -> DbrxForCausalLM:
     """Load a float or dbrxq-quantized DBRX checkpoint.
 
     Args:
@@ -78,14 +85,29 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
         device: where the weights go (cpu, cuda, auto).
         dtype: activation/float weight dtype; None/'auto' keeps the checkpoint's.
         backend: quantized-kernel override (quantize.kernels names); None picks automatically.
+        gpu_memory, cpu_memory: budgets ("20GiB", bytes); either turns expert offloading on
+            (quantized checkpoints only), see dbrxq.placement / dbrxq.offload.
+        context, batch_size, kv_cache: what the KV cache is planned for (offloading only);
+            context defaults to min(max_seq_len, 4096).
+        offload_options: more keywords for dbrxq.offload.enable_offloading (prefetch, cache_dir,
+            drop_page_cache, timing, miss_policy).
     Raises:
-        CheckpointError, ConfigError: with one line naming the file, tensor or field.
+        CheckpointError, ConfigError: with one line naming the file, tensor or field;
+        BudgetError (a ConfigError) for a budget that cannot hold the non-expert weights.
     """
     folder = resolve_model_dir(path_or_repo_id, revision=revision)
     config = DbrxConfig.from_json(Path(folder) / "config.json")
     dev = parse_device(device)
+    offloading = gpu_memory is not None or cpu_memory is not None
+    if offloading and config.quantization_config is None:
+        raise ConfigError(f"{folder}: --cpu-memory/--gpu-memory offloading needs a dbrxq-quantized checkpoint "
+                          f"(this one is float); quantize it first with `dbrxq quantize`")
     with CheckpointReader(folder) as reader:
         target = parse_dtype(dtype) or _checkpoint_float_dtype(reader)
+        if offloading:
+            plan, layout = plan_offload(reader, config, device=dev, dtype=target, backend=backend,
+                                        gpu_memory=gpu_memory, cpu_memory=cpu_memory, context=context,
+                                        batch_size=batch_size, kv_cache=kv_cache)
         old_default = torch.get_default_dtype()
         torch.set_default_dtype(target)
         try:
@@ -104,12 +126,54 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
             raise CheckpointError(f"{folder}: unexpected tensors {', '.join(unexpected[:3])}{more}: "
                                   f"not part of a DBRX model with this config.json")
         for name, meta in expected.items():
-            tensor = reader.get(name, device=dev, dtype=meta.dtype, expected_shape=tuple(meta.shape))
+            # Offloaded experts stay where the checkpoint maps them (CPU, file-backed, untouched).
+            where = "cpu" if offloading and ".ffn.experts." in name else dev
+            tensor = reader.get(name, device=where, dtype=meta.dtype, expected_shape=tuple(meta.shape))
             _set_tensor(model, name, tensor)
-    for m in model.modules():  # quantized modules repack for their kernel once the bytes are in place
-        if hasattr(m, "finalize_load"):
+    for name, m in model.named_modules():  # quantized modules repack for their kernel once the bytes are in place
+        if hasattr(m, "finalize_load") and not (offloading and name.endswith(".ffn.experts")):
             m.finalize_load(backend=backend)
     model.eval()
     model.requires_grad_(False)
     model.source_dir = Path(folder)
+    if offloading:
+        from .offload import enable_offloading
+        enable_offloading(model, plan, layout, backend=backend, non_expert_bytes=plan.non_expert_bytes,
+                          **(offload_options or {}))
     return model
+
+
+def plan_offload(reader: CheckpointReader, config: DbrxConfig, *, device: torch.device, dtype: torch.dtype,
+                 backend: str | None, gpu_memory, cpu_memory, context: int | None, batch_size: int,
+                 kv_cache: str):
+    """(PlacementPlan, SlotLayout) for a quantized checkpoint, from headers and one expert's bytes."""
+    from .kv_cache import check_flavour
+    from .offload import checkpoint_sizes
+    from .placement import make_plan, parse_size
+
+    if config.quantization_config is None:
+        raise ConfigError(f"{reader.folder}: offloading needs a dbrxq-quantized checkpoint (this one is float)")
+    gpu = None if gpu_memory is None else parse_size(gpu_memory, "--gpu-memory")
+    cpu = None if cpu_memory is None else parse_size(cpu_memory, "--cpu-memory")
+    context = context or min(config.max_seq_len, 4096)
+    if not 1 <= context <= config.max_seq_len:
+        raise ConfigError(f"--context {context}: must be between 1 and the model's max_seq_len {config.max_seq_len}")
+    non_expert, expert_bytes, layout = checkpoint_sizes(reader, config, backend, device, dtype)
+    plan = make_plan(config, device=device, gpu_memory=gpu, cpu_memory=cpu, non_expert_bytes=non_expert,
+                     expert_bytes=expert_bytes, slot_bytes=layout.nbytes, context=context,
+                     batch_size=batch_size, kv_flavour=check_flavour(kv_cache), dtype=dtype)
+    return plan, layout
+
+
+def describe_plan(path_or_repo_id: str | Path, *, device="cpu", dtype=None, revision: str | None = None,
+                  backend: str | None = None, gpu_memory=None, cpu_memory=None, context: int | None = None,
+                  batch_size: int = 1, kv_cache: str = "bf16") -> str:
+    """The placement plan as text, reading headers and one expert only (``dbrxq run --plan``)."""
+    folder = resolve_model_dir(path_or_repo_id, revision=revision)
+    config = DbrxConfig.from_json(Path(folder) / "config.json")
+    with CheckpointReader(folder) as reader:
+        target = parse_dtype(dtype) or _checkpoint_float_dtype(reader)
+        plan, _ = plan_offload(reader, config, device=parse_device(device), dtype=target, backend=backend,
+                               gpu_memory=gpu_memory, cpu_memory=cpu_memory, context=context,
+                               batch_size=batch_size, kv_cache=kv_cache)
+    return plan.describe()

@@ -1,0 +1,223 @@
+"""A model-agnostic expert cache: per-layer LRU over fixed-size byte slots (mixtral-offloading's
+design, STYLE.md).
+
+The cache knows (layer, expert) ids, slots and counters, nothing about DBRX. Each slot is ONE
+uint8 storage holding every tensor of one expert's kernel weights (w1, v1, w2 as prepared by
+quantize.kernels), so bringing an expert in is one copy into the slot, and a slot never moves or
+reallocates. :class:`SlotLayout` maps the tensors of a prepared expert to offsets in such a storage
+and builds kernel-weight objects whose tensors are views of a slot.
+
+Eviction is pluggable (:class:`EvictionPolicy`; :class:`LRU` by default), one instance per layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+_ALIGN = 64  # bytes; every tensor in a slot starts on a cache line (and any dtype's alignment)
+
+
+# --------------------------------------------------------------------------------------------
+# Slot layout: kernel weights <-> one flat storage
+# --------------------------------------------------------------------------------------------
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], memo: dict[int, Any]) -> Any:
+    """A copy of ``obj`` (tensor, dict, dataclass, or object with a __dict__ such as a
+    PreparedWeight) with every tensor t replaced by fn(t); shared tensors stay shared (memo)."""
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = fn(obj)
+        return memo[id(obj)]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn, memo) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(v, fn, memo) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _map_tensors(getattr(obj, f.name), fn, memo)
+                                           for f in dataclasses.fields(obj) if f.init})
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        new = copy.copy(obj)
+        for k, v in vars(obj).items():
+            if isinstance(v, (torch.Tensor, dict, tuple, list)) or dataclasses.is_dataclass(v):
+                setattr(new, k, _map_tensors(v, fn, memo))
+        return new
+    return obj
+
+
+class SlotLayout:
+    """Where each tensor of a prepared expert goes in a flat uint8 storage of ``nbytes``.
+
+    Built from one prepared expert (a tuple of kernel weights); every expert of the model has the
+    same shapes, hence the same layout. Lazily-filled caches inside kernel weights (torch_int4's
+    per-dtype scales) must be warm before the layout is taken, or they would outlive the bytes of
+    a slot: :meth:`from_prepared` runs one matmul in ``act_dtype`` first.
+    """
+
+    def __init__(self, template: tuple):
+        self.template = template
+        self.entries: list[tuple[int, torch.Size, torch.dtype]] = []  # (offset, shape, dtype)
+        self._index: dict[int, int] = {}  # id(tensor in template) -> entry
+
+        def record(t: torch.Tensor) -> torch.Tensor:
+            off = self.nbytes_unaligned
+            self._index[id(t)] = len(self.entries)
+            self.entries.append((off, t.shape, t.dtype))
+            self.nbytes_unaligned = off + -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+            return t
+
+        self.nbytes_unaligned = 0
+        _map_tensors(template, record, {})
+        self.nbytes = self.nbytes_unaligned
+
+    @staticmethod
+    def warm(prepared: tuple, act_dtype: torch.dtype) -> tuple:
+        """Run one (1, K) matmul per weight so lazily-made tensors exist (and get a place)."""
+        for w in prepared:
+            w.matmul(torch.zeros(1, w.shape[1], dtype=act_dtype, device=w.device))
+        return prepared
+
+    @classmethod
+    def from_prepared(cls, prepared: tuple, act_dtype: torch.dtype) -> SlotLayout:
+        return cls(cls.warm(prepared, act_dtype))
+
+    def _view(self, storage: torch.Tensor, i: int) -> torch.Tensor:
+        off, shape, dtype = self.entries[i]
+        n = shape.numel() * torch.empty(0, dtype=dtype).element_size()
+        return storage[off:off + n].view(dtype).view(shape)
+
+    def views(self, storage: torch.Tensor) -> tuple:
+        """Kernel weights whose tensors are views of ``storage`` (built once per slot)."""
+        assert storage.dtype == torch.uint8 and storage.numel() == self.nbytes, (storage.shape, self.nbytes)
+        return _map_tensors(self.template, lambda t: self._view(storage, self._index[id(t)]), {})
+
+    def pack(self, prepared: tuple, storage: torch.Tensor) -> None:
+        """Copy the tensors of ``prepared`` (same shapes as the template) into ``storage``."""
+        order: list[torch.Tensor] = []
+        _map_tensors(prepared, lambda t: order.append(t) or t, {})
+        assert len(order) == len(self.entries), (len(order), len(self.entries))
+        for i, t in enumerate(order):
+            self._view(storage, i).copy_(t.reshape(self.entries[i][1]))
+
+
+# --------------------------------------------------------------------------------------------
+# Eviction policies
+# --------------------------------------------------------------------------------------------
+class EvictionPolicy:
+    """Chooses which cached key leaves; one instance per layer."""
+
+    def touch(self, key: int) -> None: ...  # a hit
+    def insert(self, key: int) -> None: ...  # a new resident
+    def remove(self, key: int) -> None: ...
+    def victim(self) -> int: ...
+
+
+class LRU(EvictionPolicy):
+    def __init__(self) -> None:
+        self.order: OrderedDict[int, None] = OrderedDict()  # least recent first
+
+    def touch(self, key: int) -> None:
+        self.order.move_to_end(key)
+
+    def insert(self, key: int) -> None:
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def remove(self, key: int) -> None:
+        del self.order[key]
+
+    def victim(self) -> int:
+        return next(iter(self.order))
+
+
+# --------------------------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Slot:
+    storage: torch.Tensor  # uint8 [layout.nbytes] on the cache's device
+    weights: tuple  # kernel weights viewing `storage`
+    expert: int = -1  # which expert's bytes are in it (-1: none)
+    ready: Any = None  # CUDA event: the copy into the slot has finished
+    released: Any = None  # CUDA event: the last computation reading the slot has finished
+
+
+@dataclass
+class CacheCounters:
+    hits: int = 0
+    misses: int = 0
+    prefetched: int = 0  # experts brought in ahead of their use
+    evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+
+class ExpertCache:
+    """``capacity[layer]`` slots per layer on ``device``, each ``layout.nbytes`` bytes.
+
+    Slots are allocated on first use and then reused, so :meth:`resident_bytes` (what is
+    allocated) never exceeds ``sum(capacity) * layout.nbytes``. ``lookup`` counts a hit or a miss;
+    ``admit`` returns the slot to fill for a missing expert, evicting per the layer's policy.
+    """
+
+    def __init__(self, layout: SlotLayout, capacity: list[int], device: torch.device, *,
+                 policy: Callable[[], EvictionPolicy] = LRU, pin_memory: bool = False):
+        self.layout, self.capacity, self.device = layout, list(capacity), torch.device(device)
+        self.pin_memory = pin_memory and self.device.type == "cpu"
+        self.policies = [policy() for _ in capacity]
+        self.where: list[dict[int, Slot]] = [{} for _ in capacity]  # layer -> expert -> slot
+        self.free: list[list[Slot]] = [[] for _ in capacity]
+        self.allocated = [0] * len(capacity)
+        self.counters = CacheCounters()
+
+    def new_slot(self) -> Slot:
+        storage = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self.device,
+                              pin_memory=self.pin_memory)
+        return Slot(storage, self.layout.views(storage))
+
+    def resident_bytes(self) -> int:
+        return sum(self.allocated) * self.layout.nbytes
+
+    def contains(self, layer: int, expert: int) -> bool:
+        return expert in self.where[layer]
+
+    def lookup(self, layer: int, expert: int, *, count: bool = True) -> Slot | None:
+        slot = self.where[layer].get(expert)
+        if slot is not None:
+            self.policies[layer].touch(expert)
+        if count:
+            if slot is None:
+                self.counters.misses += 1
+            else:
+                self.counters.hits += 1
+        return slot
+
+    def admit(self, layer: int, expert: int) -> Slot | None:
+        """The slot that will hold ``expert`` (caller fills it); None when the layer has no slots."""
+        assert expert not in self.where[layer], (layer, expert)
+        if self.capacity[layer] == 0:
+            return None
+        if self.free[layer]:
+            slot = self.free[layer].pop()
+        elif self.allocated[layer] < self.capacity[layer]:
+            slot = self.new_slot()
+            self.allocated[layer] += 1
+        else:
+            old = self.policies[layer].victim()
+            self.policies[layer].remove(old)
+            slot = self.where[layer].pop(old)
+            self.counters.evictions += 1
+        slot.expert = expert
+        self.where[layer][expert] = slot
+        self.policies[layer].insert(expert)
+        return slot
+
+    def cached(self, layer: int) -> list[int]:
+        return sorted(self.where[layer])

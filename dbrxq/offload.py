@@ -1,0 +1,573 @@
+"""Expert offloading: run a quantized DBRX whose experts do not all fit in memory.
+
+What each tier holds (see dbrxq.placement for the budgets):
+
+- compute device (GPU, or RAM on a CPU-only run): non-expert weights, KV cache, workspace, one
+  scratch slot, and an :class:`~dbrxq.expert_cache.ExpertCache` (per-layer LRU of kernel-ready
+  expert slots).
+- host RAM (CUDA only): a fixed set of experts in the GPU's kernel layout, pinned, so a GPU miss
+  is ONE non-blocking copy on a side stream, overlapped with compute and ordered by events.
+- disk: a *prepared-expert file*: every expert in the compute device's kernel layout, one slot
+  image per expert. It is made once per (checkpoint, backend, device) and reused. Why a file and
+  not the checkpoint: the checkpoint holds the canonical layout, and turning one real-width expert
+  into the fast CPU kernel's layout costs ~0.7 s (3 x 240 ms, cpu_q4, AVX2 box) against ~25 ms to
+  compute it, so a miss served from the checkpoint would be 30x slower than the read it needs.
+  A miss reads the slot image with ``os.preadv`` straight into its slot: one copy from the page
+  cache (or the disk), no mapping, so RSS stays within the budget; ``drop_page_cache`` also
+  evicts the read range from the page cache (posix_fadvise DONTNEED) for runs that must not grow
+  it. While the file is being built, each expert's canonical checkpoint pages (memory-mapped by
+  safetensors) are dropped from our RSS after use with madvise(MADV_DONTNEED).
+
+Miss policy (:class:`MissPolicy`): on a CPU-only run computing a missed expert "where it lives"
+would read the same bytes as copying it, so a miss always moves (:class:`AlwaysMove`). With CUDA,
+:class:`MeasuredMissPolicy` times once, per token count, one host-to-device copy + GPU compute
+against one CPU computation from the canonical bytes (which includes the CPU repack, see above)
+and picks the cheaper; at DBRX width moving wins (the repack alone is ~30x a PCIe copy).
+
+Prefetch: a forward hook on block i applies block i+1's norm_2 and router to block i's output and
+loads the experts it would pick into block i+1's cache (skipping block i+1's attention, whose
+residual contribution is small). It only changes *where* bytes come from, never results.
+
+The model is untouched: each ``block.ffn.experts`` (a quantize.modules.QExperts) is wrapped by
+an :class:`OffloadedExperts` with the same forward signature, holding the runtime object.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import mmap
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .expert_cache import ExpertCache, SlotLayout
+from .model import moe_dispatch, route
+from .placement import PlacementPlan, format_size
+
+log = logging.getLogger(__name__)
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel weights of one expert
+# --------------------------------------------------------------------------------------------
+def prepare_expert(canonical: tuple, backend: str | None, device: torch.device, act_dtype: torch.dtype) -> tuple:
+    """(w1, v1, w2) QuantizedTensors -> warm kernel weights on ``device`` (quantize.modules' dispatch)."""
+    from quantize.modules import prepare_weight
+    return SlotLayout.warm(tuple(prepare_weight(qt, backend, device) for qt in canonical), act_dtype)
+
+
+def expert_layout(canonical: tuple, backend: str | None, device: torch.device, act_dtype: torch.dtype) -> SlotLayout:
+    """The slot layout of every expert (all share shapes): made from one expert."""
+    return SlotLayout(prepare_expert(canonical, backend, device, act_dtype))
+
+
+def canonical_nbytes(canonical: tuple) -> int:
+    return sum(t.numel() * t.element_size() for qt in canonical for t in (qt.qweight, qt.scales, qt.qzeros)
+               if t is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# Page release for file-backed tensors
+# --------------------------------------------------------------------------------------------
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of regular files (from /proc/self/maps)."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[5].startswith("/"):
+                    a, b = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((a, b))
+    except OSError:
+        pass
+    return out
+
+
+class PageReleaser:
+    """madvise(MADV_DONTNEED) on the whole pages inside a tensor's bytes, ONLY when they lie in a
+    file mapping (for anonymous memory MADV_DONTNEED would zero the data). For a read-only use of
+    a file mapping this only drops our page-table entries: the next access re-reads the file."""
+
+    def __init__(self) -> None:
+        self.maps = _file_mappings()
+        try:
+            self.libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            self.libc = None
+
+    def __call__(self, t: torch.Tensor) -> None:
+        if self.libc is None or t.device.type != "cpu":
+            return
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        if not any(a <= start and end <= b for a, b in self.maps):
+            return
+        a, b = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+        if b > a:
+            self.libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED)
+
+
+# --------------------------------------------------------------------------------------------
+# Disk tier: the prepared-expert file
+# --------------------------------------------------------------------------------------------
+class PreparedExpertFile:
+    """Slot image of expert (layer, e) at byte ``(layer * E + e) * nbytes``; read with preadv."""
+
+    def __init__(self, path: Path, nbytes: int, num_experts: int, *, drop_page_cache: bool = False):
+        self.path, self.nbytes, self.num_experts = Path(path), nbytes, num_experts
+        self.drop_page_cache = drop_page_cache
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def read_into(self, layer: int, expert: int, dst: torch.Tensor) -> None:
+        """dst: CPU uint8 [nbytes] (a slot in RAM, or pinned staging for a GPU)."""
+        off = (layer * self.num_experts + expert) * self.nbytes
+        view = memoryview(dst.numpy()).cast("B")
+        got = os.preadv(self.fd, [view], off)
+        assert got == self.nbytes, (self.path, layer, expert, got, self.nbytes)
+        if self.drop_page_cache:
+            os.posix_fadvise(self.fd, off, self.nbytes, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @classmethod
+    def build(cls, path: Path, experts: list, layout: SlotLayout, backend: str | None, device: torch.device,
+              act_dtype: torch.dtype, **kw) -> PreparedExpertFile:
+        """Write every expert of ``experts`` (QExperts-like: expert_weights(e)) atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        release = PageReleaser()
+        buf = torch.empty(layout.nbytes, dtype=torch.uint8)
+        E = experts[0].num_experts
+        t0 = time.perf_counter()
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            for layer, mod in enumerate(experts):
+                for e in range(E):
+                    canonical = mod.expert_weights(e)
+                    layout.pack(prepare_expert(canonical, backend, device, act_dtype), buf)
+                    f.write(memoryview(buf.numpy()))
+                    for qt in canonical:  # the checkpoint's pages are not needed any more
+                        for t in (qt.qweight, qt.scales, qt.qzeros):
+                            if t is not None:
+                                release(t)
+                log.info("prepared experts of layer %d/%d (%.1fs)", layer + 1, len(experts), time.perf_counter() - t0)
+        os.replace(tmp, path)
+        return cls(path, layout.nbytes, E, **kw)
+
+
+def prepared_file_key(source_dir: Path | None, backend: str | None, device: torch.device, layout: SlotLayout,
+                      act_dtype: torch.dtype) -> str | None:
+    """A name that changes with the checkpoint files, the kernel and this torch; None without files."""
+    if source_dir is None:
+        return None
+    h = hashlib.sha256()
+    for p in sorted(Path(source_dir).glob("*.safetensors")):
+        st = p.stat()
+        h.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    from quantize import cext
+    h.update(f"{backend}:{device.type}:{act_dtype}:{layout.nbytes}:{torch.__version__}:{cext.cpu_path()}".encode())
+    return h.hexdigest()[:20]
+
+
+# --------------------------------------------------------------------------------------------
+# Miss policies
+# --------------------------------------------------------------------------------------------
+class MissPolicy:
+    def move(self, n_tokens: int) -> bool:
+        """True: bring the missed expert into a cache slot; False: compute it where it lives."""
+        raise NotImplementedError
+
+
+class AlwaysMove(MissPolicy):
+    def move(self, n_tokens: int) -> bool:
+        return True
+
+
+class MeasuredMissPolicy(MissPolicy):
+    """Picks by measured cost per token-count bucket (powers of two): ``move_s(n)`` (copy + device
+    compute) vs ``local_s(n)`` (compute where the bytes are); each measured once, lazily."""
+
+    def __init__(self, move_s, local_s):
+        self.move_s, self.local_s = move_s, local_s
+        self.choice: dict[int, bool] = {}
+
+    def move(self, n_tokens: int) -> bool:
+        b = 1 << max(0, (n_tokens - 1).bit_length())
+        if b not in self.choice:
+            m, c = self.move_s(b), self.local_s(b)
+            self.choice[b] = m <= c
+            log.info("miss policy at %d tokens: move %.2f ms vs compute in place %.2f ms -> %s",
+                     b, m * 1e3, c * 1e3, "move" if self.choice[b] else "compute in place")
+        return self.choice[b]
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PhaseStats:
+    forwards: int = 0
+    tokens: int = 0  # positions processed (B * T summed over forwards)
+    attention_s: float = 0.0
+    resident_s: float = 0.0  # experts computed from a cache slot (hits)
+    missed_s: float = 0.0  # experts that missed: bringing them in + computing them
+    bytes_moved: int = 0
+    hits: int = 0
+    misses: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+
+@dataclass
+class OffloadStats:
+    phases: dict[str, PhaseStats] = field(default_factory=lambda: {"prefill": PhaseStats(), "decode": PhaseStats()})
+    peak: dict[str, int] = field(default_factory=dict)  # tier -> peak tracked bytes
+
+
+# --------------------------------------------------------------------------------------------
+# The runtime the wrapped modules talk to
+# --------------------------------------------------------------------------------------------
+class OffloadRuntime:
+    """Owns the tiers, the cache, the policies and the counters; one per model."""
+
+    def __init__(self, plan: PlacementPlan, layout: SlotLayout, file: PreparedExpertFile, experts: list, *,
+                 act, act_dtype: torch.dtype, non_expert_bytes: int, miss_policy: MissPolicy | None = None,
+                 timing: bool = False):
+        self.plan, self.layout, self.file, self.inner = plan, layout, file, experts
+        self.device = torch.device(plan.device)
+        self.cuda = self.device.type == "cuda"
+        self.act, self.act_dtype = act, act_dtype
+        self.non_expert_bytes = non_expert_bytes
+        self.timing = timing
+        self.cache = ExpertCache(layout, plan.slots_per_layer, self.device)
+        self.scratch = self.cache.new_slot()  # for layers without slots / computed-in-place misses
+        self.kv_bytes = 0
+        self.stats = OffloadStats()
+        self.phase = "prefill"
+        self.host: dict[tuple[int, int], torch.Tensor] = {}
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.staging = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=True)
+            self.staging_done = torch.cuda.Event()
+            for layer, es in enumerate(plan.host_experts):
+                for e in es:
+                    t = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=True)
+                    file.read_into(layer, e, t)
+                    self.host[layer, e] = t
+            self.miss_policy = miss_policy or MeasuredMissPolicy(self._time_move, self._time_local)
+        else:
+            self.miss_policy = miss_policy or AlwaysMove()
+        self.note_peak()
+
+    # -- memory accounting --
+    def tracked_bytes(self) -> dict[str, int]:
+        dev = self.non_expert_bytes + self.kv_bytes + self.plan.workspace_bytes + self.cache.resident_bytes()
+        out = {"device": dev}
+        if self.cuda:
+            out["host"] = (len(self.host) + 1) * self.layout.nbytes
+        return out
+
+    def note_peak(self) -> None:
+        for k, v in self.tracked_bytes().items():
+            self.stats.peak[k] = max(self.stats.peak.get(k, 0), v)
+
+    def kv_factory(self, batch_size: int, length: int):
+        """What generate calls for a KV cache: the plan's flavour, within the planned context."""
+        from .errors import GenerationError
+        from .kv_cache import make_kv_cache
+        if length > self.plan.context or batch_size > self.plan.batch_size:
+            raise GenerationError(f"this request needs a KV cache for {batch_size} x {length} tokens but the "
+                                  f"memory plan reserved {self.plan.batch_size} x {self.plan.context}; "
+                                  f"load with a larger context (--context) or batch")
+        cache = make_kv_cache(self.model_config, batch_size, length, flavour=self.plan.kv_flavour,
+                              dtype=self.act_dtype, device=self.device)
+        self.kv_bytes = cache.nbytes()
+        self.note_peak()
+        return cache
+
+    # -- moving bytes --
+    def _fill(self, layer: int, e: int, slot) -> None:
+        """Bring expert (layer, e) into ``slot``: async on CUDA (side stream), sync on CPU."""
+        self.stats.phases[self.phase].bytes_moved += self.layout.nbytes
+        if not self.cuda:
+            self.file.read_into(layer, e, slot.storage)
+            return
+        src = self.host.get((layer, e))
+        if src is None:  # from disk through the pinned staging buffer (its last copy must be done)
+            self.staging_done.synchronize()
+            self.file.read_into(layer, e, self.staging)
+            src = self.staging
+        with torch.cuda.stream(self.copy_stream):
+            if slot.released is not None:
+                self.copy_stream.wait_event(slot.released)  # nobody still reads the old bytes
+            slot.storage.copy_(src, non_blocking=True)
+            slot.ready = torch.cuda.Event()
+            slot.ready.record(self.copy_stream)
+            if src is self.staging:
+                self.staging_done.record(self.copy_stream)
+
+    def _compute(self, slot, x: torch.Tensor) -> torch.Tensor:
+        if self.cuda:
+            if slot.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(slot.ready)
+        w1, v1, w2 = slot.weights
+        y = w2.matmul(self.act(w1.matmul(x)) * v1.matmul(x))  # same ops as QExperts.expert: (n, D)
+        if self.cuda:
+            slot.released = torch.cuda.Event()
+            slot.released.record(torch.cuda.current_stream(self.device))
+        return y
+
+    def _compute_on_cpu(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
+        """CUDA miss computed where the canonical bytes are (CPU), with the CPU kernel."""
+        w1, v1, w2 = prepare_expert(self.inner[layer].expert_weights(e), None, torch.device("cpu"), x.dtype)
+        xc = x.to("cpu")
+        return w2.matmul(self.act(w1.matmul(xc)) * v1.matmul(xc)).to(self.device)
+
+    def _time_move(self, n: int) -> float:
+        x = torch.zeros(n, self.model_config.d_model, dtype=self.act_dtype, device=self.device)
+        torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        self._fill(0, 0, self.scratch)
+        self._compute(self.scratch, x)
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def _time_local(self, n: int) -> float:
+        x = torch.zeros(n, self.model_config.d_model, dtype=self.act_dtype, device=self.device)
+        t0 = time.perf_counter()
+        self._compute_on_cpu(0, 0, x)
+        return time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        if self.cuda and self.timing:
+            torch.cuda.synchronize(self.device)
+
+    # -- what OffloadedExperts calls --
+    def expert(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x (n, D) -> (n, D) through expert e of ``layer``, wherever it is."""
+        ph = self.stats.phases[self.phase]
+        self._sync()
+        t0 = time.perf_counter()
+        slot = self.cache.lookup(layer, e)
+        if slot is not None:
+            ph.hits += 1
+            y = self._compute(slot, x)
+            self._sync()
+            ph.resident_s += time.perf_counter() - t0
+            return y
+        ph.misses += 1
+        if self.miss_policy.move(x.shape[0]):
+            slot = self.cache.admit(layer, e)
+            if slot is None:
+                slot = self.scratch
+                slot.expert = -1
+            self._fill(layer, e, slot)
+            y = self._compute(slot, x)
+        else:
+            y = self._compute_on_cpu(layer, e, x)
+        self._sync()
+        ph.missed_s += time.perf_counter() - t0
+        self.note_peak()
+        return y
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Bring ``experts`` of ``layer`` into its cache ahead of use (at most its capacity)."""
+        for e in experts[: self.cache.capacity[layer]]:
+            if not self.cache.contains(layer, e):
+                slot = self.cache.admit(layer, e)
+                self._fill(layer, e, slot)
+                self.cache.counters.prefetched += 1
+        self.note_peak()
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for QExperts: ``forward(x (N, D), expert_ids (N, k), weights (N, k)) -> (N, D)``.
+
+    ``inner`` (the QExperts, canonical buffers only) is kept as a plain attribute so the model's
+    state_dict does not change shape; ``runtime`` decides where each expert is computed."""
+
+    def __init__(self, inner: nn.Module, layer: int, runtime: OffloadRuntime):
+        super().__init__()
+        self.num_experts, self.layer = inner.num_experts, layer
+        self.__dict__["inner"] = inner
+        self.__dict__["runtime"] = runtime
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return moe_dispatch(x, expert_ids, weights, self.num_experts,
+                            lambda e, xe: self.runtime.expert(self.layer, e, xe))
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, slots={self.runtime.cache.capacity[self.layer]}"
+
+
+# --------------------------------------------------------------------------------------------
+# Wiring
+# --------------------------------------------------------------------------------------------
+def _install_hooks(model: nn.Module, rt: OffloadRuntime, prefetch: bool) -> None:
+    def begin(module, args, kwargs):
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = args[0] if args else kwargs.get("inputs_embeds")
+        rt.phase = "decode" if x.shape[1] == 1 else "prefill"
+        ph = rt.stats.phases[rt.phase]
+        ph.forwards += 1
+        ph.tokens += x.shape[0] * x.shape[1]
+
+    model.register_forward_pre_hook(begin, with_kwargs=True)
+    blocks = model.transformer.blocks
+    if rt.timing:
+        for b in blocks:
+            attn = b.norm_attn_norm
+
+            def pre(module, args):
+                rt._sync()
+                module._t0 = time.perf_counter()
+
+            def post(module, args, out):
+                rt._sync()
+                rt.stats.phases[rt.phase].attention_s += time.perf_counter() - module._t0
+
+            attn.register_forward_pre_hook(pre)
+            attn.register_forward_hook(post)
+    if not prefetch:
+        return
+    top_k = model.config.top_k
+    for i in range(len(blocks) - 1):
+        nxt = blocks[i + 1]
+
+        def guess(module, args, out, nxt=nxt, layer=i + 1):
+            x = out[0]  # (B, T, D): block i's output, i.e. block i+1's input
+            flat = nxt.norm_attn_norm.norm_2(x.reshape(-1, x.shape[-1]))
+            w, ids = route(nxt.ffn.router(flat), top_k, nxt.ffn.norm_p)  # (N, k)
+            score = torch.zeros(rt.plan.num_experts, device=w.device).index_add_(0, ids.reshape(-1), w.reshape(-1))
+            order = [e for e in torch.argsort(score, descending=True).tolist() if score[e] > 0]
+            rt.prefetch(layer, order)
+
+        blocks[i].register_forward_hook(guess)
+
+
+def non_expert_bytes_of(model: nn.Module) -> int:
+    """Bytes of the model's tensors outside the experts, plus quantized layers' kernel copies."""
+    total, seen = 0, set()
+    for name, m in model.named_modules():
+        if ".experts" in name:
+            continue
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            if t is not None and id(t) not in seen and not t.is_meta:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        prepared = getattr(m, "_prepared", None)
+        if prepared is not None and hasattr(prepared, "nbytes"):
+            total += prepared.nbytes
+    return total
+
+
+def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout, *, backend: str | None = None,
+                      non_expert_bytes: int, cache_dir: str | os.PathLike | None = None, prefetch: bool | None = None,
+                      drop_page_cache: bool = False, timing: bool = False,
+                      miss_policy: MissPolicy | None = None) -> OffloadRuntime:
+    """Wrap every layer's experts in :class:`OffloadedExperts` per ``plan``; returns the runtime
+    (also at ``model.offload``). ``prefetch`` None: on with CUDA (copies overlap compute), off on
+    CPU (there it only moves the same synchronous work earlier)."""
+    experts = [b.ffn.experts for b in model.transformer.blocks]
+    assert all(hasattr(m, "expert_weights") for m in experts), "offloading needs quantized experts (QExperts)"
+    dev = torch.device(plan.device)
+    act_dtype = model.dtype
+    src = getattr(model, "source_dir", None)
+    key = prepared_file_key(src, backend, dev, layout, act_dtype)
+    root = Path(cache_dir or os.environ.get("DBRXQ_CACHE") or Path.home() / ".cache" / "dbrxq") / "prepared"
+    path = root / f"{key}.bin" if key else Path(tempfile.mkdtemp(prefix="dbrxq-prepared-")) / "experts.bin"
+    want = plan.n_layers * plan.num_experts * layout.nbytes
+    if path.is_file() and path.stat().st_size == want:
+        log.info("reusing prepared experts %s", path)
+        file = PreparedExpertFile(path, layout.nbytes, plan.num_experts, drop_page_cache=drop_page_cache)
+    else:
+        log.info("writing kernel-ready experts (%s) to %s (once per checkpoint and backend)", format_size(want), path)
+        file = PreparedExpertFile.build(path, experts, layout, backend, dev, act_dtype, drop_page_cache=drop_page_cache)
+        if key is None:
+            os.unlink(path)  # anonymous: the open descriptor keeps it readable until closed
+            os.rmdir(path.parent)
+    rt = OffloadRuntime(plan, layout, file, experts, act=experts[0].act, act_dtype=act_dtype,
+                        non_expert_bytes=non_expert_bytes, miss_policy=miss_policy, timing=timing)
+    rt.model_config = model.config
+    for i, block in enumerate(model.transformer.blocks):
+        block.ffn.experts = OffloadedExperts(experts[i], i, rt)
+    _install_hooks(model, rt, prefetch if prefetch is not None else rt.cuda)
+    model.offload = rt
+    return rt
+
+
+# --------------------------------------------------------------------------------------------
+# Plans: from a checkpoint's headers (before loading) or from a model in memory
+# --------------------------------------------------------------------------------------------
+_QUANT_SUFFIXES = (".qweight", ".scales", ".qzeros")
+
+
+def checkpoint_sizes(reader, config, backend: str | None, device: torch.device, act_dtype: torch.dtype):
+    """(non-expert bytes, expert canonical bytes, slot layout) from headers and ONE expert's bytes.
+
+    Non-expert: float tensors in the activation dtype; quantized ones (attention) twice, for the
+    canonical buffers and the kernel's copy made by finalize_load.
+    """
+    from quantize.config import QuantConfig
+    from quantize.primitives import QuantizedTensor
+
+    non_expert = 0
+    for name in reader.keys():
+        if ".ffn.experts." in name:
+            continue
+        numel = 1
+        for d in reader.shape(name):
+            numel *= d
+        dt = reader.dtype(name)
+        if name.endswith(_QUANT_SUFFIXES):
+            non_expert += 2 * numel * torch.empty(0, dtype=dt).element_size()
+        elif name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        else:
+            non_expert += numel * torch.empty(0, dtype=act_dtype if dt.is_floating_point else dt).element_size()
+    mq = QuantConfig.from_dict(config.quantization_config).experts
+    F_, D = config.ffn_hidden_size, config.d_model
+    canonical = []
+    for kind, shape in (("w1", (F_, D)), ("v1", (F_, D)), ("w2", (D, F_))):
+        base = f"transformer.blocks.0.ffn.experts.mlp.{kind}"
+        z = reader.get(f"{base}.qzeros")[0] if f"{base}.qzeros" in reader else None
+        canonical.append(QuantizedTensor(reader.get(f"{base}.qweight")[0], reader.get(f"{base}.scales")[0], z,
+                                         mq.bits, mq.group_size, shape))
+    canonical = tuple(canonical)
+    return non_expert, canonical_nbytes(canonical), expert_layout(canonical, backend, device, act_dtype)
+
+
+def offload_model(model: nn.Module, *, device: torch.device | str | None = None, gpu_memory=None, cpu_memory=None,
+                  context: int | None = None, batch_size: int = 1, kv_cache: str = "bf16",
+                  backend: str | None = None, **kw) -> OffloadRuntime:
+    """Offload a quantized model already in memory (e.g. from quantize_model_rtn); budgets as in
+    dbrxq.load. ``kw`` goes to :func:`enable_offloading`."""
+    from .placement import make_plan, parse_size
+    dev = torch.device(device) if device is not None else model.device
+    inner = model.transformer.blocks[0].ffn.experts
+    canonical = inner.expert_weights(0)
+    layout = expert_layout(canonical, backend, dev, model.dtype)
+    non_expert = non_expert_bytes_of(model)
+    plan = make_plan(model.config, device=dev,
+                     gpu_memory=None if gpu_memory is None else parse_size(gpu_memory, "gpu_memory"),
+                     cpu_memory=None if cpu_memory is None else parse_size(cpu_memory, "cpu_memory"),
+                     non_expert_bytes=non_expert, expert_bytes=canonical_nbytes(canonical),
+                     slot_bytes=layout.nbytes, context=context or model.config.max_seq_len,
+                     batch_size=batch_size, kv_flavour=kv_cache, dtype=model.dtype)
+    return enable_offloading(model, plan, layout, backend=backend, non_expert_bytes=non_expert, **kw)

@@ -1,0 +1,201 @@
+"""Tests of expert offloading (dbrxq.offload, dbrxq.expert_cache, dbrxq.placement) on CPU with
+tiny quantized models: offloaded outputs are bitwise those of the resident model (same kernel,
+same device), tracked bytes stay within the budget after every step, the LRU matches a hand trace,
+prefetch never changes results, and budgets / sizes fail with one clear line."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dbrxq
+from dbrxq.cli import cli
+from dbrxq.errors import ConfigError
+from dbrxq.expert_cache import LRU, ExpertCache, SlotLayout
+from dbrxq.make_checkpoint import make_random_checkpoint, preset_config
+from dbrxq.model import DbrxForCausalLM
+from dbrxq.offload import expert_layout, non_expert_bytes_of, offload_model
+from dbrxq.placement import BudgetError, make_plan, parse_size
+from quantize.config import QuantConfig
+from quantize.modules import quantize_model_rtn
+from quantize.writer import quantize_checkpoint
+
+CFG = preset_config("tiny", d_model=128, ffn_hidden_size=128)  # 2 layers, 16 experts, top-4
+PROMPT = [[5, 17, 99, 3, 250, 41, 7, 8]]
+
+
+def quantized_model(backend: str | None = None) -> DbrxForCausalLM:
+    torch.manual_seed(0)
+    m = DbrxForCausalLM(CFG).init_weights().eval()
+    return quantize_model_rtn(m, QuantConfig(), backend=backend)
+
+
+def budget_for(slots_per_layer: int, context: int = 32, kv: str = "bf16") -> int:
+    """The CPU budget that leaves exactly ``slots_per_layer`` expert slots in each layer."""
+    m = quantized_model()
+    inner = m.transformer.blocks[0].ffn.experts
+    layout = expert_layout(inner.expert_weights(0), None, torch.device("cpu"), m.dtype)
+    plan = make_plan(m.config, device=torch.device("cpu"), gpu_memory=None, cpu_memory=None,
+                     non_expert_bytes=non_expert_bytes_of(m), expert_bytes=1, slot_bytes=layout.nbytes,
+                     context=context, batch_size=1, kv_flavour=kv, dtype=m.dtype)
+    return plan.device_fixed_bytes + slots_per_layer * m.config.n_layers * layout.nbytes
+
+
+def run_steps(model, kv_factory=None, steps: int = 5, check=None) -> list[torch.Tensor]:
+    """Greedy prefill + decode with explicit caches; the logits of every step."""
+    cache = (kv_factory or model.new_cache)(1, 32)
+    ids = torch.tensor(PROMPT)
+    out = []
+    with torch.no_grad():
+        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        for _ in range(steps):
+            out.append(logits)
+            if check:
+                check()
+            tok = logits.argmax(-1)
+            logits = model(tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[torch.Tensor]:
+    return run_steps(quantized_model())
+
+
+@pytest.mark.parametrize("slots", [0, 1, 3, 16])
+def test_offloaded_logits_equal_resident_and_stay_in_budget(reference, slots, tmp_path):
+    budget = budget_for(slots)
+    m = quantized_model()
+    rt = offload_model(m, cpu_memory=budget, context=32, cache_dir=tmp_path)
+    assert rt.plan.slots_per_layer == [slots] * CFG.n_layers
+
+    def check():
+        tracked = rt.tracked_bytes()["device"]
+        assert tracked <= budget, (tracked, budget)
+        assert rt.cache.resident_bytes() <= slots * CFG.n_layers * rt.layout.nbytes
+
+    got = run_steps(m, rt.kv_factory, check=check)
+    for a, b in zip(got, reference):
+        assert torch.equal(a, b)  # the same kernel (auto: cpu_q4) on the same bytes: bitwise
+    c = rt.cache.counters
+    assert c.misses > 0 and (slots < 16 or c.hits > 0)
+
+
+def test_forced_torch_backend_bitwise(tmp_path):
+    ref = run_steps(quantized_model("torch"), steps=2)
+    m = quantized_model("torch")
+    rt = offload_model(m, cpu_memory=budget_for(1), context=32, backend="torch", cache_dir=tmp_path)
+    for a, b in zip(run_steps(m, rt.kv_factory, steps=2), ref):
+        assert torch.equal(a, b)
+
+
+def test_hits_and_misses_follow_a_hand_computed_lru_trace(tmp_path):
+    m = quantized_model()
+    rt = offload_model(m, cpu_memory=budget_for(2), context=32, cache_dir=tmp_path)
+    experts = m.transformer.blocks[0].ffn.experts
+    x = torch.randn(1, CFG.d_model)
+    # One token, top-1 routing, experts in this order; LRU with 2 slots:
+    # 0 m [0] | 1 m [0 1] | 0 h [1 0] | 2 m [0 2] | 1 m [2 1] | 0 m [1 0] | 3 m [0 3] | 3 h | 0 h
+    for e in [0, 1, 0, 2, 1, 0, 3, 3, 0]:
+        experts(x, torch.tensor([[e]]), torch.ones(1, 1))
+    c = rt.cache.counters
+    assert (c.hits, c.misses, c.evictions) == (3, 6, 4)
+    assert rt.cache.cached(0) == [0, 3]
+
+
+def test_lru_policy_alone():
+    lru = LRU()
+    for k in (1, 2, 3):
+        lru.insert(k)
+    lru.touch(1)
+    assert lru.victim() == 2
+
+
+def test_prefetch_never_changes_results(reference, tmp_path):
+    m = quantized_model()
+    rt = offload_model(m, cpu_memory=budget_for(4), context=32, prefetch=True, cache_dir=tmp_path)
+    got = run_steps(m, rt.kv_factory)
+    for a, b in zip(got, reference):
+        assert torch.equal(a, b)
+    assert rt.cache.counters.prefetched > 0
+
+
+def test_slot_layout_roundtrip():
+    m = quantized_model()
+    inner = m.transformer.blocks[1].ffn.experts
+    layout = expert_layout(inner.expert_weights(0), None, torch.device("cpu"), m.dtype)
+    storage = torch.empty(layout.nbytes, dtype=torch.uint8)
+    cache = ExpertCache(layout, [1], torch.device("cpu"))
+    slot = cache.new_slot()
+    from dbrxq.offload import prepare_expert
+    layout.pack(prepare_expert(inner.expert_weights(5), None, torch.device("cpu"), m.dtype), slot.storage)
+    x = torch.randn(3, CFG.d_model)
+    w1, v1, w2 = slot.weights
+    assert torch.equal(w2.matmul(inner.act(w1.matmul(x)) * v1.matmul(x)), inner.expert(5, x))
+    assert storage.numel() == layout.nbytes
+
+
+def test_budget_too_small_for_non_expert_weights():
+    m = quantized_model()
+    with pytest.raises(BudgetError, match=r"--cpu-memory .* too small: at least .* is needed"):
+        offload_model(m, cpu_memory="64KiB", context=32)
+
+
+def test_gpu_budget_needs_cuda():
+    with pytest.raises(BudgetError, match="needs a CUDA device"):
+        offload_model(quantized_model(), device="cpu", gpu_memory="1GiB")
+
+
+@pytest.mark.parametrize("text,want", [("20GiB", 20 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000),
+                                       ("4096b", 4096), (" 2 kib ", 2048), (123, 123)])
+def test_parse_size(text, want):
+    assert parse_size(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "12", "GiB", "1.2.3GiB", "-1GiB", "5 parsecs", "1e3MB"])
+def test_parse_size_errors(text):
+    with pytest.raises(BudgetError, match="--cpu-memory: cannot read"):
+        parse_size(text, "--cpu-memory")
+
+
+def test_float_checkpoint_refuses_offloading():
+    with pytest.raises(ConfigError, match="needs a dbrxq-quantized checkpoint"):
+        dbrxq.load(cpu_memory="1GiB")
+
+
+@pytest.fixture(scope="module")
+def qdir(tmp_path_factory):
+    src = make_random_checkpoint(tmp_path_factory.mktemp("src"), CFG, seed=1, progress=False)
+    out = quantize_checkpoint(src, tmp_path_factory.mktemp("q") / "q", QuantConfig(), progress=False)
+    for f in dbrxq.default_model_dir().glob("tokenizer*"):  # dbrxq.load wants a tokenizer
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def test_loaded_checkpoint_offloads_to_the_same_logits(qdir, tmp_path):
+    full = DbrxForCausalLM.from_pretrained(qdir)
+    ref = run_steps(full, steps=3)
+    probe = dbrxq.load(qdir, cpu_memory="1GiB", context=32, offload_options={"cache_dir": tmp_path})
+    per_slot = probe.offload.layout.nbytes
+    fixed = probe.offload.plan.device_fixed_bytes
+    runner = dbrxq.load(qdir, cpu_memory=fixed + 2 * per_slot, context=32, kv_cache="int8",
+                        offload_options={"cache_dir": tmp_path, "timing": True})
+    rt = runner.offload
+    assert rt.plan.slots_per_layer == [1, 1]
+    assert len(list((tmp_path / "prepared").glob("*.bin"))) == 1  # made once, reused
+    got = run_steps(runner.model, steps=3)  # float KV here: compare experts only
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    out = runner.generate_ids(PROMPT, max_new_tokens=4)
+    assert len(out.sequences[0]) == 4 and rt.stats.phases["decode"].misses > 0
+
+
+def test_cli_plan_and_bad_size(qdir):
+    r = CliRunner().invoke(cli, ["run", str(qdir), "--plan", "--cpu-memory", "1GiB", "--context", "64"])
+    assert r.exit_code == 0, r.output
+    assert "KV cache for 64 tokens: bf16" in r.output and "int8" in r.output and "per layer" in r.output
+    r = CliRunner().invoke(cli, ["run", str(qdir), "--plan", "--cpu-memory", "lots"])
+    assert r.exit_code == 2 and "--cpu-memory" in r.output and "20GiB" in r.output
