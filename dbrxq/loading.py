@@ -25,6 +25,7 @@ from .checkpoint import CheckpointReader, resolve_model_dir
 from .config import DbrxConfig
 from .errors import CheckpointError, ConfigError
 from .model import DbrxForCausalLM
+from .pages import PageReleaser, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,17 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
+# Quantized buffers have exactly the dtype the format fixes (quantize/format.py): never converted.
+_EXACT_DTYPE_SUFFIXES = (".qweight", ".scales", ".qzeros")
+
+
 def _checkpoint_float_dtype(reader: CheckpointReader) -> torch.dtype:
+    """The dtype the checkpoint stores its float weights in: the embedding's (always float)."""
+    if "transformer.wte.weight" in reader:
+        return reader.dtype("transformer.wte.weight")
     for name in reader.keys():
         dt = reader.dtype(name)
-        if dt.is_floating_point:
+        if dt.is_floating_point and not name.endswith(_EXACT_DTYPE_SUFFIXES):
             return dt
     return torch.float32
 
@@ -128,11 +136,20 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
         for name, meta in expected.items():
             # Offloaded experts stay where the checkpoint maps them (CPU, file-backed, untouched).
             where = "cpu" if offloading and ".ffn.experts." in name else dev
+            if name.endswith(_EXACT_DTYPE_SUFFIXES) and name in reader and reader.dtype(name) != meta.dtype:
+                raise CheckpointError(f"{reader.file_of(name)}: tensor {name} has dtype {reader.dtype(name)}, "
+                                      f"expected {meta.dtype} (quantize/format.py)")
             tensor = reader.get(name, device=where, dtype=meta.dtype, expected_shape=tuple(meta.shape))
             _set_tensor(model, name, tensor)
+    release = PageReleaser()  # made after every shard is mapped
     for name, m in model.named_modules():  # quantized modules repack for their kernel once the bytes are in place
         if hasattr(m, "finalize_load") and not (offloading and name.endswith(".ffn.experts")):
             m.finalize_load(backend=backend)
+            # The repack touched the canonical bytes; they stay file-backed, so give the pages back
+            # rather than holding the checkpoint in RSS next to the kernel's copy.
+            for buf in m.buffers():
+                release(buf)
+    trim_heap()
     model.eval()
     model.requires_grad_(False)
     model.source_dir = Path(folder)

@@ -34,10 +34,8 @@ an :class:`OffloadedExperts` with the same forward signature, holding the runtim
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import logging
-import mmap
 import os
 import tempfile
 import time
@@ -49,11 +47,10 @@ from torch import nn
 
 from .expert_cache import ExpertCache, SlotLayout
 from .model import moe_dispatch, route
+from .pages import PageReleaser
 from .placement import PlacementPlan, format_size
 
 log = logging.getLogger(__name__)
-_PAGE = mmap.PAGESIZE
-_MADV_DONTNEED = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,48 +70,6 @@ def expert_layout(canonical: tuple, backend: str | None, device: torch.device, a
 def canonical_nbytes(canonical: tuple) -> int:
     return sum(t.numel() * t.element_size() for qt in canonical for t in (qt.qweight, qt.scales, qt.qzeros)
                if t is not None)
-
-
-# --------------------------------------------------------------------------------------------
-# Page release for file-backed tensors
-# --------------------------------------------------------------------------------------------
-def _file_mappings() -> list[tuple[int, int]]:
-    """Address ranges of this process's mappings of regular files (from /proc/self/maps)."""
-    out = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 6 and parts[5].startswith("/"):
-                    a, b = (int(x, 16) for x in parts[0].split("-"))
-                    out.append((a, b))
-    except OSError:
-        pass
-    return out
-
-
-class PageReleaser:
-    """madvise(MADV_DONTNEED) on the whole pages inside a tensor's bytes, ONLY when they lie in a
-    file mapping (for anonymous memory MADV_DONTNEED would zero the data). For a read-only use of
-    a file mapping this only drops our page-table entries: the next access re-reads the file."""
-
-    def __init__(self) -> None:
-        self.maps = _file_mappings()
-        try:
-            self.libc = ctypes.CDLL(None, use_errno=True)
-        except OSError:
-            self.libc = None
-
-    def __call__(self, t: torch.Tensor) -> None:
-        if self.libc is None or t.device.type != "cpu":
-            return
-        start = t.data_ptr()
-        end = start + t.numel() * t.element_size()
-        if not any(a <= start and end <= b for a, b in self.maps):
-            return
-        a, b = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
-        if b > a:
-            self.libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED)
 
 
 # --------------------------------------------------------------------------------------------

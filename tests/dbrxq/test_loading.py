@@ -100,3 +100,60 @@ print(size, peak - base)
     assert size > 100e6
     # one copy of the weights, plus allocator and activation slack; two copies would be 2x size
     assert grown <= 1.3 * size + 100e6, (size, grown)
+
+
+@pytest.fixture(scope="module")
+def quantized(ckpt, tmp_path_factory):
+    from quantize.config import ModuleQuant, QuantConfig
+    from quantize.writer import quantize_checkpoint
+    out = tmp_path_factory.mktemp("q")
+    qc = QuantConfig(experts=ModuleQuant(4, 32, True))  # the tiny preset's d_model is 64
+    quantize_checkpoint(ckpt, out, qc, overwrite=True, progress=False)
+    return out
+
+
+def test_quantized_checkpoint_loads_in_the_embedding_dtype(quantized):
+    # the first float tensor of a quantized checkpoint may be a float16 `scales`: not the model dtype
+    assert load_model(quantized).dtype == torch.bfloat16
+
+
+def test_quantized_tensor_of_wrong_dtype_is_refused(quantized, tmp_path):
+    folder = _copy(quantized, tmp_path)
+    name = "transformer.blocks.0.ffn.experts.mlp.v1.qweight"
+    _rewrite(folder, lambda t: t.__setitem__(name, t[name].to(torch.bfloat16)))
+    with pytest.raises(CheckpointError, match=rf"{name} has dtype torch.bfloat16, expected torch.uint8"):
+        load_model(folder)
+
+
+def test_quantized_load_gives_checkpoint_pages_back(tmp_path):
+    """After the kernels repack the codes, the file-backed canonical pages leave our RSS."""
+    from quantize.config import QuantConfig
+    from quantize.writer import quantize_checkpoint
+    cfg = preset_config("tiny", d_model=512, n_heads=4, kv_n_heads=2, ffn_hidden_size=1024,
+                        moe_num_experts=16, n_layers=2, vocab_size=512)
+    make_random_checkpoint(tmp_path / "f", cfg, progress=False)
+    quantize_checkpoint(tmp_path / "f", tmp_path / "q", QuantConfig(), progress=False)
+    code = f"""
+import sys
+def rss_file():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssFile")).split()[1]) * 1024
+import dbrxq.pages
+if sys.argv[1] == "keep":  # the same load with the release switched off, for comparison
+    dbrxq.pages.PageReleaser.__call__ = lambda self, t: None
+from dbrxq.loading import load_model
+from quantize import cext
+cext.load()
+base = rss_file()
+m = load_model({str(tmp_path / "q")!r})
+print(rss_file() - base)
+"""
+    grown = {}
+    for mode in ("release", "keep"):
+        out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        grown[mode] = int(out.stdout)
+    size = sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors"))
+    assert size > 25e6
+    # kept, every canonical byte the repack read stays mapped; released, at most a few pages remain
+    assert grown["keep"] > 0.8 * size, (grown, size)
+    assert grown["release"] < grown["keep"] - 0.7 * size, (grown, size)

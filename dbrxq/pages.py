@@ -1,0 +1,71 @@
+"""Giving back the pages of memory-mapped checkpoint tensors.
+
+safetensors returns CPU tensors backed by the memory-mapped shard, so reading a tensor costs no
+anonymous memory, but every page a kernel touches (e.g. while repacking the canonical codes)
+stays mapped and counts in our RSS. ``PageReleaser`` drops those page-table entries with
+madvise(MADV_DONTNEED), and only for addresses inside a mapping of a regular file: for a
+read-only file mapping that is safe (the next access re-reads the page from the page cache or
+disk), whereas on anonymous memory it would zero the data.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+import torch
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of regular files (from /proc/self/maps)."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[5].startswith("/"):
+                    a, b = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((a, b))
+    except OSError:
+        pass
+    return out
+
+
+class PageReleaser:
+    """madvise(MADV_DONTNEED) on the whole pages inside a tensor's bytes, ONLY when they lie in a
+    file mapping (for anonymous memory MADV_DONTNEED would zero the data). For a read-only use of
+    a file mapping this only drops our page-table entries: the next access re-reads the file."""
+
+    def __init__(self) -> None:
+        self.maps = _file_mappings()
+        try:
+            self.libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            self.libc = None
+
+    def __call__(self, t: torch.Tensor) -> None:
+        if self.libc is None or t.device.type != "cpu":
+            return
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        if not any(a <= start and end <= b for a, b in self.maps):
+            return
+        a, b = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+        if b > a:
+            self.libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED)
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Repacking thousands of expert matrices frees many temporaries of a few MB each; glibc's
+    dynamic mmap threshold keeps such blocks in the heap afterwards (measured: ~90 MB kept for a
+    109 MB model), which a resident model should not carry for its lifetime.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
