@@ -157,6 +157,8 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
 
 from quantize.cli import quantize_command  # noqa: E402  (the quantize subcommand lives with quantize/)
 cli.add_command(quantize_command, "quantize")
+from .eval_cli import compare_command, eval_command  # noqa: E402
+cli.add_command(eval_command, "eval"); cli.add_command(compare_command, "compare")
 
 
 def main() -> None:

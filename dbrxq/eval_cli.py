@@ -1,0 +1,115 @@
+"""``dbrxq eval`` and ``dbrxq compare``: perplexity of a model, and KL / top-1 agreement of two
+models, on a text file (see dbrxq.evaluate for the sliding-window recipe).
+
+MODEL may be a float or a quantized checkpoint: both load through dbrxq.load. A missing, empty
+or too-short data file is a one-line DataError naming the file.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from .evaluate import DataError, compare, perplexity
+
+# As in dbrxq.cli; not imported from there, because dbrxq.cli imports this module.
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of the --data file; DataError when it is missing, unreadable or blank."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: data file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder; --data wants a text file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: data file is empty")
+    return text
+
+
+def tokenize(path: Path, text: str, tokenizer, max_tokens: int | None) -> torch.Tensor:
+    """Token ids (N,) of `text` cut to `max_tokens`; DataError naming `path` below 2 tokens."""
+    ids = tokenizer.encode(text)[:max_tokens]
+    if len(ids) < 2:
+        raise DataError(f"{path}: data too short: {len(ids)} token(s); need at least 2")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _check_window(window: int, stride: int, *models) -> None:
+    for m in models:
+        if window > m.config.max_seq_len:
+            raise DataError(f"--window {window} exceeds the model's context of {m.config.max_seq_len} tokens")
+    if stride > window:
+        raise DataError(f"--stride {stride} must not exceed --window {window}")
+
+
+def _options(f):
+    """The options eval and compare share (defaults written once, here)."""
+    for opt in reversed([
+        click.option("--data", required=True, type=click.Path(path_type=Path), help="UTF-8 text file."),
+        click.option("--window", default=512, show_default=True, type=click.IntRange(min=2),
+                     help="Tokens per forward pass."),
+        click.option("--stride", default=256, show_default=True, type=click.IntRange(min=1),
+                     help="Step between windows; each token is scored once, with >= window-stride context."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
+        click.option("--dtype", default="auto", show_default=True,
+                     help="auto (the checkpoint's), float32, bfloat16 or float16."),
+        click.option("--max-tokens", type=click.IntRange(min=2), help="Score only the first N tokens."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("model")
+@_options
+def eval_command(model, data, window, stride, device, dtype, max_tokens) -> None:
+    """Perplexity of MODEL (a folder or hub repo id, float or quantized) on the text in --data."""
+    from .api import load
+
+    text = read_text(data)  # before loading: a typo in --data should not cost a model load
+    runner = load(model, device=device, dtype=dtype)
+    _check_window(window, stride, runner.model)
+    ids = tokenize(data, text, runner.tokenizer, max_tokens)
+    t0 = time.perf_counter()
+    r = perplexity(runner.model, ids, window=window, stride=stride, progress=True)
+    seconds = time.perf_counter() - t0
+    click.echo(f"| model | tokens | nll | ppl |\n|---|---:|---:|---:|\n"
+               f"| {model} | {r['tokens']} | {r['nll']:.4f} | {r['ppl']:.3f} |")
+    click.echo(f"window {window}, stride {stride}, {seconds:.1f}s", err=True)
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("model_a")
+@click.argument("model_b")
+@_options
+def compare_command(model_a, model_b, data, window, stride, device, dtype, max_tokens) -> None:
+    """Compare MODEL_B (e.g. quantized) with the reference MODEL_A on --data: perplexities, mean
+    KL(A||B) per token (nats) and top-1 agreement, on exactly the same windows."""
+    from .api import load
+
+    text = read_text(data)
+    a = load(model_a, device=device, dtype=dtype)
+    b = load(model_b, device=device, dtype=dtype)
+    _check_window(window, stride, a.model, b.model)
+    if a.model.config.vocab_size != b.model.config.vocab_size:
+        raise DataError(f"{model_b}: vocab_size {b.model.config.vocab_size} differs from {model_a}'s "
+                        f"{a.model.config.vocab_size}")
+    ids = tokenize(data, text, a.tokenizer, max_tokens)
+    t0 = time.perf_counter()
+    r = compare(a.model, b.model, ids, window=window, stride=stride, progress=True)
+    seconds = time.perf_counter() - t0
+    click.echo(f"| | A | B |\n|---|---:|---:|\n| model | {model_a} | {model_b} |\n"
+               f"| ppl | {r['ppl_a']:.3f} | {r['ppl_b']:.3f} |\n"
+               f"| nll | {r['nll_a']:.4f} | {r['nll_b']:.4f} |\n\n"
+               f"mean KL(A||B): {r['mean_kl']:.3e} nats/token\n"
+               f"top-1 agreement: {r['top1_agreement']:.4f}\n"
+               f"tokens: {r['tokens']}")
+    click.echo(f"window {window}, stride {stride}, {seconds:.1f}s", err=True)
