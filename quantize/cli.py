@@ -1,4 +1,9 @@
-"""``dbrxq quantize SRC OUT``: the click command over :func:`quantize.writer.quantize_checkpoint`.
+"""``dbrxq quantize SRC OUT``: the click command over the two quantizers.
+
+``--method gptq`` (the default) goes through :func:`calibration.pipeline.quantize_with_calibration`
+(layer streaming, calibration data, manifest and ``--resume``); ``--method rtn`` through
+:func:`quantize.writer.quantize_checkpoint` (no calibration data, one streaming pass). Both write the
+canonical layout of :func:`quantize.writer.quantized_tensor_specs`.
 
 Registered by dbrxq/cli.py with ``cli.add_command(quantize_command, "quantize")``. Option values
 are checked here and refused with a one-line QuantizationError naming the option (exit status 2
@@ -14,7 +19,8 @@ import click
 from dbrxq.errors import QuantizationError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-METHODS = ("rtn",)  # gptq arrives with calibration; not offered before it works
+METHODS = ("rtn", "gptq")
+RARE_STRATEGIES = ("route-all", "rtn")
 EXPERT_BITS, ATTN_BITS, LM_HEAD_BITS = (4, 8), (4, 8, 16), (8, 16)
 GROUP_SIZES = (32, 64, 128, -1)
 
@@ -28,8 +34,8 @@ def _choice(option: str, value, allowed: tuple) -> None:
 @click.command(context_settings=CONTEXT)
 @click.argument("src")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--method", default="rtn", show_default=True, metavar="[rtn]",
-              help="Quantization method: rtn (round to nearest, no calibration data).")
+@click.option("--method", default="gptq", show_default=True, metavar="[rtn|gptq]",
+              help="gptq: calibrated, layer by layer (resumable); rtn: round to nearest, no data.")
 @click.option("--expert-bits", default=4, show_default=True, type=int, metavar="[4|8]",
               help="Bits of the expert weights (96% of the model's bytes).")
 @click.option("--group-size", default=128, show_default=True, type=int, metavar="[32|64|128|-1]",
@@ -41,10 +47,22 @@ def _choice(option: str, value, allowed: tuple) -> None:
 @click.option("--lm-head-bits", default=16, show_default=True, type=int, metavar="[8|16]",
               help="8 quantizes lm_head per-channel; 16 keeps it bf16.")
 @click.option("--asym", is_flag=True, help="Asymmetric quantization (stored uint8 zero points).")
+@click.option("--calib-data", metavar="PATH", help="Calibration text: .txt, .jsonl, or "
+              "hf://datasets/ORG/NAME/FILE [default: the packaged calibration/data/calib.txt].")
+@click.option("--calib-field", default="text", show_default=True, help="Text field of a .jsonl file.")
+@click.option("--calib-samples", default=128, show_default=True, type=int, help="Calibration sequences N.")
+@click.option("--calib-seq-len", default=512, show_default=True, type=int, help="Tokens per sequence L.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration windows.")
+@click.option("--rare-experts", default="route-all", show_default=True, metavar="[route-all|rtn]",
+              help="Experts routed too few calibration tokens: Hessian from all tokens, or RTN.")
+@click.option("--min-expert-tokens", type=int, help="Rare-expert threshold [default: d_model / 8].")
+@click.option("--device", default="cpu", show_default=True, help="Calibration device (cpu, cuda, cuda:N).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted gptq run in OUT (same options).")
 @click.option("--revision", help="Hub revision when SRC is a repo id.")
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in OUT.")
 def quantize_command(src, out, method, expert_bits, group_size, attn_bits, attn_group_size, lm_head_bits,
-                     asym, revision, overwrite) -> None:
+                     asym, calib_data, calib_field, calib_samples, calib_seq_len, seed, rare_experts,
+                     min_expert_tokens, device, resume, revision, overwrite) -> None:
     """Quantize the float DBRX checkpoint SRC (a folder or hub repo id) into the folder OUT.
 
     OUT loads with `dbrxq run OUT` and dbrxq.load(OUT); its format is in quantize/FORMAT.md.
@@ -55,6 +73,10 @@ def quantize_command(src, out, method, expert_bits, group_size, attn_bits, attn_
     _choice("--attn-bits", attn_bits, ATTN_BITS)
     _choice("--attn-group-size", attn_group_size, GROUP_SIZES)
     _choice("--lm-head-bits", lm_head_bits, LM_HEAD_BITS)
+    _choice("--rare-experts", rare_experts, RARE_STRATEGIES)
+    if method == "rtn" and resume:
+        raise QuantizationError("--resume continues a --method gptq run; an rtn run is one pass: rerun it "
+                                "with --overwrite")
     from quantize.config import ModuleQuant, QuantConfig
     from quantize.writer import checkpoint_size, quantize_checkpoint
 
@@ -65,17 +87,33 @@ def quantize_command(src, out, method, expert_bits, group_size, attn_bits, attn_
         attn=ModuleQuant(attn_bits, attn_group_size, sym),
         lm_head=ModuleQuant(lm_head_bits, -1, sym),
     )
+    describe = lambda mq: "bf16" if not mq.quantized else (  # noqa: E731
+        f"int{mq.bits} " + ("per-channel" if mq.group_size == -1 else f"g{mq.group_size}")
+        + ("" if mq.symmetric else " asym"))
+    recipe = (f"  experts {describe(qconfig.experts)}, attention {describe(qconfig.attn)}, "
+              f"lm_head {describe(qconfig.lm_head)}; embeddings, norms, router as stored")
+    if method == "gptq":
+        from calibration.pipeline import CalibrationOptions, quantize_with_calibration
+
+        opts = CalibrationOptions(data=calib_data, text_field=calib_field, samples=calib_samples,
+                                  seq_len=calib_seq_len, seed=seed, rare_strategy=rare_experts,
+                                  min_expert_tokens=min_expert_tokens, device=device)
+        result = quantize_with_calibration(src, out, qconfig, opts, overwrite=overwrite, resume=resume,
+                                           revision=revision)
+        first, _, rest = result.summary.partition("\n")
+        click.echo(first)
+        click.echo(recipe)
+        if rest:
+            click.echo(rest)
+        click.echo(f"  report   {result.out / 'quantize_report.json'}")
+        return
     t0 = time.perf_counter()
     folder = quantize_checkpoint(src, out, qconfig, overwrite=overwrite, revision=revision)
     seconds = time.perf_counter() - t0
     n_in, bytes_in = checkpoint_size(_source_dir(src, revision))
     n_out, bytes_out = checkpoint_size(folder)
-    describe = lambda mq: "bf16" if not mq.quantized else (  # noqa: E731
-        f"int{mq.bits} " + ("per-channel" if mq.group_size == -1 else f"g{mq.group_size}")
-        + ("" if mq.symmetric else " asym"))
     click.echo(f"quantized {src} -> {folder} ({method})")
-    click.echo(f"  experts {describe(qconfig.experts)}, attention {describe(qconfig.attn)}, "
-               f"lm_head {describe(qconfig.lm_head)}; embeddings, norms, router as stored")
+    click.echo(recipe)
     click.echo(f"  tensors  {n_in} in, {n_out} out")
     click.echo(f"  bytes    {_size(bytes_in)} in, {_size(bytes_out)} out "
                f"({bytes_in / max(bytes_out, 1):.2f}x smaller)")

@@ -266,6 +266,9 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, qconfig:
                     _copy(writer, reader, name, shape, chunk_bytes, bar)
                 else:
                     _write_quantized(writer, reader, name, shape, mq, config, chunk_bytes, bar)
+                # Unmap what this tensor touched: kept mapped, every shard read so far stays in our
+                # RSS (measured: 12.8 GiB peak on a 2-layer real-width source, vs ~1 layer now).
+                reader.close()
     _copy_tokenizer(src_dir, out)
     d = config.to_dict()
     d["quantization_config"] = qconfig.to_dict()

@@ -12,6 +12,7 @@ import dbrxq
 from dbrxq import cli as dbrxq_cli
 from quantize.config import QuantConfig
 
+SMALL_CALIB = ("--calib-samples", "8", "--calib-seq-len", "64")  # --method gptq is the default: keep it fast
 TINY = str(dbrxq.default_model_dir())  # d_model 128, ffn 64: every expert group size up to 64
 
 
@@ -49,7 +50,7 @@ def test_options_reach_the_config(tmp_path, monkeypatch, capsys):
     out = tmp_path / "q"
     code, stdout, err = main_in_process(
         monkeypatch, capsys, "quantize", TINY, str(out), "--expert-bits", "8", "--group-size", "-1",
-        "--attn-bits", "16", "--lm-head-bits", "8")
+        "--attn-bits", "16", "--lm-head-bits", "8", *SMALL_CALIB)
     assert code == 0, err
     qc = QuantConfig.from_dict(json.loads((out / "config.json").read_text())["quantization_config"])
     assert (qc.experts.bits, qc.experts.group_size, qc.attn.quantized, qc.lm_head.bits) == (8, -1, False, 8)
@@ -59,7 +60,7 @@ def test_options_reach_the_config(tmp_path, monkeypatch, capsys):
     code, _, err = main_in_process(monkeypatch, capsys, "quantize", TINY, str(out))
     assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
     code, _, err = main_in_process(monkeypatch, capsys, "quantize", TINY, str(out), "--overwrite",
-                                   "--group-size", "32")
+                                   "--group-size", "32", *SMALL_CALIB)
     assert code == 0, err
 
 
@@ -69,7 +70,9 @@ def test_options_reach_the_config(tmp_path, monkeypatch, capsys):
     (("--attn-bits", "2"), "--attn-bits 2 is not supported; choose one of 4, 8, 16"),
     (("--attn-group-size", "100"), "--attn-group-size 100 is not supported"),
     (("--lm-head-bits", "4"), "--lm-head-bits 4 is not supported; choose one of 8, 16"),
-    (("--method", "gptq"), "--method gptq is not supported; choose one of rtn"),
+    (("--method", "awq"), "--method awq is not supported; choose one of rtn, gptq"),
+    (("--method", "rtn", "--resume"), "--resume continues a --method gptq run"),
+    (("--rare-experts", "drop"), "--rare-experts drop is not supported; choose one of route-all, rtn"),
     (("--group-size", "128"), "mlp.w2 (input dim 64): input dim K=64 is not divisible by group_size=128"),
 ])
 def test_bad_options_are_one_line_exit_2(tmp_path, monkeypatch, capsys, args, message):
