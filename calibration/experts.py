@@ -32,7 +32,7 @@ import torch
 
 from calibration.capture import chunks
 from quantize.config import ModuleQuant
-from quantize.gptq import GPTQ
+from quantize.gptq import GPTQ, quadratic_energy
 from quantize.primitives import QuantizedTensor, quantize_tensor
 
 RARE_STRATEGIES = ("route-all", "rtn")
@@ -83,8 +83,7 @@ def quantize_matrix(w: torch.Tensor, solver: GPTQ, mq: ModuleQuant, use_gptq: bo
         err = solver.output_error(w, qt) if n else None
     rel = None
     if n:
-        wf = w.to(solver.device, torch.float32)
-        ref = float(((wf @ solver.H) * wf).sum())  # tr(W H W^T) = 2/n ||X W^T||^2
+        ref = quadratic_energy(w.to(solver.device, torch.float32), solver.H)  # tr(W H W^T) = 2/n ||X W^T||^2
         rel = math.sqrt(max(err, 0.0) / ref) if ref > 0 else 0.0
     qt = QuantizedTensor(qt.qweight.cpu(), qt.scales.cpu(), None if qt.qzeros is None else qt.qzeros.cpu(),
                          qt.bits, qt.group_size, qt.shape)

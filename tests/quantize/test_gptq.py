@@ -150,3 +150,15 @@ def test_misuse_raises(problem):
     solver.free()
     with pytest.raises(QuantizationError, match="after free"):
         solver.quantize(w, 4, 128, True)
+
+
+def test_output_error_estimate_exact_when_small_close_when_large():
+    from quantize.gptq import ERROR_ROWS, quadratic_energy
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(1024, 64, generator=g)
+    H = 2 / 1024 * X.T @ X
+    small = torch.randn(ERROR_ROWS, 64, generator=g)
+    assert quadratic_energy(small, H) == pytest.approx(float(((small @ H) * small).sum()), rel=1e-6)
+    # rows of uneven scale, 20x more than ERROR_ROWS: the strided estimate stays within 10%
+    big = torch.randn(20 * ERROR_ROWS, 64, generator=g) * torch.rand(20 * ERROR_ROWS, 1, generator=g)
+    assert quadratic_energy(big, H) == pytest.approx(float(((big @ H) * big).sum()), rel=0.1)
