@@ -173,7 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--n-layers", type=int, default=4)
-    ap.add_argument("--ffn", type=int, default=96, help="ffn_hidden_size of each expert")
+    # 128: w2 quantizes along ffn_hidden_size, and group size 128 (the default recipe) must divide it.
+    ap.add_argument("--ffn", type=int, default=128, help="ffn_hidden_size of each expert")
     # Optimisation.
     ap.add_argument("--steps", type=int, default=900)
     ap.add_argument("--batch", type=int, default=8)

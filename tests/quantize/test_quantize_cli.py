@@ -13,7 +13,7 @@ from dbrxq import cli as dbrxq_cli
 from quantize.config import QuantConfig
 
 SMALL_CALIB = ("--calib-samples", "8", "--calib-seq-len", "64")  # --method gptq is the default: keep it fast
-TINY = str(dbrxq.default_model_dir())  # d_model 128, ffn 64: every expert group size up to 64
+TINY = str(dbrxq.default_model_dir())  # d_model 128, ffn 128: every expert group size
 
 
 def dbrxq_cmd(*args: str) -> subprocess.CompletedProcess:
@@ -73,11 +73,13 @@ def test_options_reach_the_config(tmp_path, monkeypatch, capsys):
     (("--method", "awq"), "--method awq is not supported; choose one of rtn, gptq"),
     (("--method", "rtn", "--resume"), "--resume continues a --method gptq run"),
     (("--rare-experts", "drop"), "--rare-experts drop is not supported; choose one of route-all, rtn"),
-    (("--group-size", "128"), "mlp.w2 (input dim 64): input dim K=64 is not divisible by group_size=128"),
+    (("--method", "rtn", "--group-size", "128"), "mlp.w1 (input dim 64): input dim K=64 is not divisible by group_size=128"),
 ])
 def test_bad_options_are_one_line_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    from dbrxq.make_checkpoint import make_random_checkpoint, preset_config
+    src = make_random_checkpoint(tmp_path / "src", preset_config("tiny"), progress=False)  # d_model 64
     out = tmp_path / "q"
-    code, _, err = main_in_process(monkeypatch, capsys, "quantize", TINY, str(out), *args)
+    code, _, err = main_in_process(monkeypatch, capsys, "quantize", str(src), str(out), *args)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (out / "config.json").exists()
