@@ -149,7 +149,7 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
             # rather than holding the checkpoint in RSS next to the kernel's copy.
             for buf in m.buffers():
                 release(buf)
-    trim_heap()
+            trim_heap()  # per module: the repack's freed temporaries otherwise double the peak
     model.eval()
     model.requires_grad_(False)
     model.source_dir = Path(folder)

@@ -62,8 +62,9 @@ def trim_heap() -> None:
     """Return freed heap memory to the OS (glibc's malloc_trim; a no-op elsewhere).
 
     Repacking thousands of expert matrices frees many temporaries of a few MB each; glibc's
-    dynamic mmap threshold keeps such blocks in the heap afterwards (measured: ~90 MB kept for a
-    109 MB model), which a resident model should not carry for its lifetime.
+    dynamic mmap threshold keeps such blocks in the heap afterwards. Measured on a real-width
+    2-layer int4 checkpoint (3.2 GiB): trimming only at the end of loading, anonymous memory
+    peaked at 2x the repacked weights (7.8 GiB RSS); trimming after each module keeps it near 1x.
     """
     try:
         ctypes.CDLL(None).malloc_trim(0)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from dbrxq.errors import QuantizationError
+from dbrxq.pages import PageReleaser, trim_heap
 from dbrxq.model import _ACTIVATIONS, DbrxExperts, moe_dispatch
 from quantize import kernels
 from quantize.config import ModuleQuant, QuantConfig
@@ -164,8 +165,18 @@ class QExperts(nn.Module):
         for kind in EXPERT_KINDS:
             _check_loaded(getattr(self.mlp, kind), f"QExperts.mlp.{kind}")
         dev = self.mlp.w1.qweight.device
-        self._prepared = [tuple(prepare_weight(qt, backend, dev) for qt in self.expert_weights(e))
-                          for e in range(self.num_experts)]
+        self._prepared = []
+        release = PageReleaser()
+        for e in range(self.num_experts):
+            canonical = self.expert_weights(e)
+            self._prepared.append(tuple(prepare_weight(qt, backend, dev) for qt in canonical))
+            # Per expert, so a resident load peaks near the repacked size: the canonical pages the
+            # repack touched (file-backed when loaded from disk) and its freed temporaries go back.
+            for qt in canonical:
+                for t in (qt.qweight, qt.scales, qt.qzeros):
+                    if t is not None:
+                        release(t)
+            trim_heap()
 
     def set_prepared(self, e: int, prepared: tuple[Any, Any, Any]) -> None:
         """Replace expert e's kernel weights (for an offloading cache that moved them)."""
