@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from dbrxq.checkpoint import (INDEX_NAME, SINGLE_NAME, TOKENIZER_PATTERNS, CheckpointReader,
+from dbrxq.checkpoint import (INDEX_NAME, SINGLE_NAME, TOKENIZER_PATTERNS, CheckpointReader, check_float_checkpoint,
                               hub_tensor_shapes, read_config, read_safetensors_header, resolve_model_dir,
                               SAFETENSORS_DTYPES)
 from dbrxq.config import DbrxConfig
@@ -180,21 +180,6 @@ def _identity(folder: Path, hub_commit: str | None) -> dict[str, str]:
     return ident
 
 
-def _check_tensors(reader: Any, config: DbrxConfig, where: str, local: bool) -> None:
-    """Every hub tensor named; locally also its shape and a float dtype (headers only)."""
-    for name, shape in hub_tensor_shapes(config).items():
-        if name not in reader:
-            raise CheckpointError(f"{where}: tensor {name} not found in the checkpoint")
-        if not local:
-            continue
-        if reader.shape(name) != tuple(shape):
-            raise CheckpointError(f"{reader.file_of(name)}: tensor {name} has shape {list(reader.shape(name))}, "
-                                  f"expected {list(shape)}")
-        if not reader.dtype(name).is_floating_point:
-            raise CheckpointError(f"{reader.file_of(name)}: tensor {name} has dtype {reader.dtype(name)}; "
-                                  f"expected a float checkpoint")
-
-
 def open_source(src: str, *, revision: str | None = None) -> Source:
     """Open SRC (folder or hub repo id) for the streaming pipeline.
 
@@ -214,6 +199,6 @@ def open_source(src: str, *, revision: str | None = None) -> Source:
         raise QuantizationError(f"{folder}: already quantized (config.json has a quantization_config); "
                                 f"quantize a float checkpoint")
     reader = CheckpointReader(folder) if local else _HubShards(folder, str(src), revision)
-    _check_tensors(reader, config, str(folder), local)
+    check_float_checkpoint(reader, config, str(folder), headers=local)
     ident = _identity(folder, None if local else folder.name)
     return Source(str(src), folder, config, reader, ident, hub=not local)

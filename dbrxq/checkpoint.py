@@ -355,3 +355,24 @@ def hub_tensor_shapes(config: DbrxConfig) -> dict[str, tuple[int, ...]]:
 __all__ = ["CheckpointReader", "resolve_model_dir", "read_config", "read_safetensors_header",
            "hub_tensor_shapes", "DEFAULT_ALLOW_PATTERNS", "TOKENIZER_PATTERNS", "INDEX_NAME", "SINGLE_NAME",
            "SAFETENSORS_DTYPES"]
+
+
+def check_float_checkpoint(reader: Any, config: DbrxConfig, where: str | os.PathLike, *,
+                           headers: bool = True) -> None:
+    """Before a quantizer writes a byte: every hub tensor of ``config`` is in ``reader``; with
+    ``headers`` (the shard headers are local) also with its shape and a float dtype.
+
+    Raises:
+        CheckpointError: naming the tensor (and its file) that is missing, misshapen or not float.
+    """
+    for name, shape in hub_tensor_shapes(config).items():
+        if name not in reader:
+            raise CheckpointError(f"{where}: tensor {name} not found in the checkpoint")
+        if not headers:
+            continue
+        if reader.shape(name) != tuple(shape):
+            raise CheckpointError(f"{reader.file_of(name)}: tensor {name} has shape {list(reader.shape(name))}, "
+                                  f"expected {list(shape)}")
+        if not reader.dtype(name).is_floating_point:
+            raise CheckpointError(f"{reader.file_of(name)}: tensor {name} has dtype {reader.dtype(name)}; "
+                                  f"expected a float checkpoint")

@@ -25,7 +25,8 @@ from typing import Iterator, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from dbrxq.checkpoint import INDEX_NAME, CheckpointReader, hub_tensor_shapes, read_config, resolve_model_dir
+from dbrxq.checkpoint import (INDEX_NAME, CheckpointReader, check_float_checkpoint, hub_tensor_shapes, read_config,
+                              resolve_model_dir)
 from dbrxq.config import DbrxConfig
 from dbrxq.errors import CheckpointError, QuantizationError
 from dbrxq.make_checkpoint import copy_tokenizer_files
@@ -193,19 +194,6 @@ def _remove_old_checkpoint(out: Path) -> None:
             p.unlink()
 
 
-def _check_source(reader: CheckpointReader, config: DbrxConfig, src: Path) -> None:
-    """Every hub tensor present with its shape and a float dtype, before a byte is written."""
-    for name, shape in hub_tensor_shapes(config).items():
-        if name not in reader:
-            raise CheckpointError(f"{src}: tensor {name} not found in the checkpoint")
-        if reader.shape(name) != tuple(shape):
-            raise CheckpointError(f"{reader.file_of(name)}: tensor {name} has shape {list(reader.shape(name))}, "
-                                  f"expected {list(shape)}")
-        if not reader.dtype(name).is_floating_point:
-            raise CheckpointError(f"{reader.file_of(name)}: tensor {name} has dtype {reader.dtype(name)}; "
-                                  f"expected a float checkpoint")
-
-
 def _copy_tokenizer(src: Path, out: Path) -> None:
     try:
         copy_tokenizer_files(src, out)
@@ -251,7 +239,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, qconfig:
                                 f"quantize a float checkpoint")
     _check_out(src_dir, out, overwrite)
     with CheckpointReader(src_dir) as reader:
-        _check_source(reader, config, src_dir)
+        check_float_checkpoint(reader, config, src_dir)
         plan = list(_quantized_plan(config, qconfig))
         specs = quantized_tensor_specs(config, qconfig, float_dtype={n: reader.dtype(n) for n in reader.keys()})
         total = sum(tensor_nbytes(shape, reader.dtype(name)) for name, shape, _ in plan)
