@@ -78,13 +78,17 @@ class StaticKVCache(KVCache):
                 new[:, :, : old.shape[2]] = old
                 bufs[i] = new
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, cache_position: int):
-        """k, v (B, kvH, T, hd) for positions cache_position .. +T -> all cached (B, kvH, S, hd)."""
-        T = k.shape[2]
-        end = cache_position + T
+    def _reserve(self, k: torch.Tensor, cache_position: int) -> int:
+        """Make room for k's T positions from cache_position; returns the end position."""
+        end = cache_position + k.shape[2]
         assert k.shape[0] == self.batch_size, (k.shape, self.batch_size)
         if end > self.capacity:
             self._grow(end)
+        return end
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, cache_position: int):
+        """k, v (B, kvH, T, hd) for positions cache_position .. +T -> all cached (B, kvH, S, hd)."""
+        end = self._reserve(k, cache_position)
         self.k[layer_idx][:, :, cache_position:end] = k
         self.v[layer_idx][:, :, cache_position:end] = v
         self.lengths[layer_idx] = end
@@ -158,11 +162,7 @@ class Int8KVCache(StaticKVCache):
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, cache_position: int):
         """k, v (B, kvH, T, hd) -> all cached positions dequantized, (B, kvH, S, hd) in self.dtype."""
-        T = k.shape[2]
-        end = cache_position + T
-        assert k.shape[0] == self.batch_size, (k.shape, self.batch_size)
-        if end > self.capacity:
-            self._grow(end)
+        end = self._reserve(k, cache_position)
         for codes, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             q, s = self.quantize(x)
             codes[layer_idx][:, :, cache_position:end] = q
