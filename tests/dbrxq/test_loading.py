@@ -81,13 +81,18 @@ def test_not_a_dbrx_config(ckpt, tmp_path):
 
 def test_loading_holds_one_copy_of_the_weights(tmp_path):
     """Peak RSS while loading (and running once) stays near one copy of the weights."""
-    cfg = preset_config("tiny", d_model=256, n_heads=4, kv_n_heads=2, ffn_hidden_size=512,
+    cfg = preset_config("tiny", d_model=512, n_heads=8, kv_n_heads=2, ffn_hidden_size=1024,
                         moe_num_experts=16, n_layers=4, vocab_size=1000)
-    make_random_checkpoint(tmp_path, cfg, dtype=torch.float32, progress=False, max_shard_bytes=30 << 20)
+    make_random_checkpoint(tmp_path, cfg, dtype=torch.float32, progress=False, max_shard_bytes=100 << 20)
     code = f"""
 import resource, torch
 from dbrxq.loading import load_model
-base = int(open("/proc/self/statm").read().split()[1]) * 4096
+from dbrxq.make_checkpoint import preset_config
+from dbrxq.model import DbrxForCausalLM
+# one-time runtime initialisation (lazy imports, oneDNN, allocator pools: ~100 MB, varying with the
+# environment) happens in a throw-away forward, not inside the measured window
+DbrxForCausalLM(preset_config("tiny")).init_weights()(torch.zeros(1, 4, dtype=torch.long))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 m = load_model({str(tmp_path)!r}, dtype="float32")
 m(torch.zeros(1, 4, dtype=torch.long))
 size = sum(t.numel() * t.element_size() for t in m.state_dict().values())
@@ -97,9 +102,9 @@ print(size, peak - base)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     size, grown = map(int, out.stdout.split())
-    assert size > 100e6
-    # one copy of the weights, plus allocator and activation slack; two copies would be 2x size
-    assert grown <= 1.3 * size + 100e6, (size, grown)
+    assert size > 400e6
+    # one copy of the weights plus slack; a second copy would make it >= 2 x size
+    assert grown <= 1.5 * size, (size, grown)
 
 
 @pytest.fixture(scope="module")
