@@ -27,7 +27,10 @@
  * For q8 the codes are shifted to signed (c - 128) and multiplied with the abs/sign trick
  * (|c-128| <= 128 unsigned x sign-adjusted q, pair sums <= 2 * 128 * 127 < 32767).
  *
- * Blocking: rows of W are split into chunks of NCHUNK across OpenMP threads; within a chunk,
+ * Blocking: rows of W are split into chunks of NCHUNK, handed to OpenMP threads 4 chunks at a
+ * time, dynamically (on a shared 2-core VM one thread is often slowed; static halves left the
+ * other idle: M = 1, 10752 x 6144, median time over the read time 1.15-1.40 static, 1.03-1.17
+ * dynamic). Each row's result is independent of the schedule. Within a chunk,
  * activation rows go in tiles of 4 so a weight row (3 KB at K = 6144) is unpacked once per
  * tile and re-read from L1 by later tiles: batch 16 costs far less than 16x batch 1.
  */
@@ -44,7 +47,13 @@
 #define NCHUNK 16 /* weight rows per work item */
 #define MT 4      /* activation rows per tile */
 #ifndef PF
-#define PF 1024   /* software prefetch distance, bytes (hardware prefetchers alone fall short) */
+/* Software prefetch distance in bytes (prefetch_line: L1 at PF, L2 at 4 * PF), about bandwidth x
+ * memory latency of one core's share, with room. 2-core AMD EPYC (Zen 3) VM, M = 1, one
+ * 10752 x 6144 int4 g128 matrix, median kernel time over the median time of an AVX2 read of
+ * a same-sized buffer in between: no prefetch 1.76-2.20x, PF = 1 KB 1.17-1.36x, 8 KB
+ * 1.15-1.22x. Row records are walked in memory order, so the prefetch runs on across row
+ * boundaries, which the hardware prefetchers (trained per 4 KB page) do not. */
+#define PF 8192
 #endif
 
 /* ------------------------------------------------------------------ helpers (portable) */
@@ -102,11 +111,12 @@ static void quant_act(const float *x, int M, int K, int permute, int8_t *qa, flo
         for (int b = 0; b < K / QK; b++) {
             const float *xb = x + (int64_t)m * K + b * QK;
             float amax = 0.f;
-            for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+            for (int i = 0; i < QK; i++) { float v = fabsf(xb[i]); amax = v > amax ? v : amax; }
             float db = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
             int s = 0;
             for (int i = 0; i < QK; i++) {
-                int q = (int)nearbyintf(xb[i] * id);
+                float r = xb[i] * id; /* |r| <= 127; the magic number rounds half to even */
+                int q = (int)((r + 12582912.f) - 12582912.f);
                 q = q > 127 ? 127 : q < -127 ? -127 : q;
                 int k = b * QK + i;
                 int pos = permute ? (k & ~63) + perm64(k & 63) : k;
@@ -158,6 +168,14 @@ static void rows_generic(const uint8_t *row, int bits, int K, int G, int asym,
 #define TGT __attribute__((target("avx2,fma,f16c")))
 #define INL static inline __attribute__((always_inline))
 
+/* Once per 64-byte line (records are 64-byte aligned): into L1 PF bytes ahead and into L2
+ * 4 * PF ahead (adding the L2 prefetch: mean 1.27x -> 1.20x over 7 runs each, in the noise
+ * of this VM but never worse on average). */
+INL void prefetch_line(const uint8_t *p) {
+    _mm_prefetch((const char *)(p + PF), _MM_HINT_T0);
+    _mm_prefetch((const char *)(p + 4 * PF), _MM_HINT_T1);
+}
+
 TGT INL float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -165,84 +183,114 @@ TGT INL float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* q4 kernel for `nr` weight rows x `nt` activation rows (nr, nt compile-time constants after
- * inlining: (1, MT) for batches, (2, 1) for decode, where two weight rows give the FMA chains
- * independent work and share the activation loads).
+/* quant_act for AVX2, bit-identical to the generic one (the same float operations;
+ * cvtps rounds half to even like the magic number). */
+TGT static void quant_act_avx2(const float *x, int M, int K, int permute, int8_t *qa, float *d, float *bsum) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    const __m256i fix = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undo packs' lane interleave */
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < K / QK; b++) {
+            const float *xb = x + (int64_t)m * K + b * QK;
+            __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
+            __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+            __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                      _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            float amax = _mm_cvtss_f32(h);
+            float db = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+            __m256 vid = _mm256_set1_ps(id);
+            __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, vid)), q1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, vid));
+            __m256i q2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, vid)), q3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, vid));
+            __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(q0, q1), _mm256_add_epi32(q2, q3));
+            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+            p = _mm256_permutevar8x32_epi32(p, fix); /* 32 int8 in column order */
+            int8_t *dst = qa + (int64_t)m * K;
+            if (permute) { /* block b is half (b & 1) of superblock b / 2; see perm64 */
+                int8_t *base = dst + (b / 2) * 64 + (b & 1) * 16;
+                _mm_storeu_si128((__m128i *)base, _mm256_castsi256_si128(p));
+                _mm_storeu_si128((__m128i *)(base + 32), _mm256_extracti128_si256(p, 1));
+            } else {
+                _mm256_storeu_si256((__m256i *)(dst + b * QK), p);
+            }
+            d[m * (K / QK) + b] = db;
+            bsum[m * (K / QK) + b] = db * (float)_mm_cvtsi128_si32(s);
+        }
+}
+
+/* q4 kernel for one weight row x `nt` activation rows (nt a compile-time constant after
+ * inlining: MT for batches, 1 for decode).
  * dv [M, K/8]: per superblock 8 floats [d_A x4, d_B x4] matching the madd lanes.
  * ag [K/G, M]: A_g per group (transposed so a tile's values are adjacent).
  * For G >= 64 the weight scale is constant over a group: accumulate d_a * dot in accg and apply
- * the scale once per group (one multiply per group instead of one per superblock). */
-TGT INL void q4_kern(const uint8_t *const *rows, const int nr, int K, int G, int asym, const int8_t *qa,
+ * the scale once per group (one multiply per group instead of one per superblock).
+ * Every second superblock (one 64-byte line) prefetches ahead; see PF. */
+TGT INL void q4_kern(const uint8_t *row, int K, int G, int asym, const int8_t *qa,
                      const float *dv, const float *ag, int M, int m0, const int nt,
-                     float *const *y, int64_t ldy) {
+                     float *y, int64_t ldy) {
     const int ng = K / G;
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256 acc[2][MT], accg[2][MT];
-    float corr[2][MT];
-    _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++)
-        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) { acc[r][i] = _mm256_setzero_ps(); corr[r][i] = 0.f; }
+    const uint16_t *sc = (const uint16_t *)(row + K / 2);
+    const uint8_t *zp = row + K / 2 + 2 * ng;
+    __m256 acc[MT], accg[MT];
+    float corr[MT];
     const int8_t *a[MT];
     const float *dd[MT];
-    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) { a[i] = qa + (int64_t)(m0 + i) * K; dd[i] = dv + (int64_t)(m0 + i) * (K / 8); }
+    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+        acc[i] = _mm256_setzero_ps();
+        corr[i] = 0.f;
+        a[i] = qa + (int64_t)(m0 + i) * K;
+        dd[i] = dv + (int64_t)(m0 + i) * (K / 8);
+    }
     if (G >= 64) {
         const int spg = G / 64;
         for (int g = 0; g < ng; g++) {
-            _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++)
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) accg[r][i] = _mm256_setzero_ps();
+            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) accg[i] = _mm256_setzero_ps();
             for (int sb = g * spg; sb < (g + 1) * spg; sb++) {
-                __m256i lo[2], hi[2];
-                _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++) {
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(rows[r] + sb * 32));
-                    _mm_prefetch((const char *)(rows[r] + sb * 32 + PF), _MM_HINT_T0);
-                    lo[r] = _mm256_and_si256(v, m4);
-                    hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                }
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-                    __m256i a1 = _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64));
-                    __m256i a2 = _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64 + 32));
-                    __m256 t = _mm256_loadu_ps(dd[i] + sb * 8);
-                    _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++) {
-                        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], a1), _mm256_maddubs_epi16(hi[r], a2));
-                        accg[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), t, accg[r][i]);
-                    }
-                }
-            }
-            _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++) {
-                float s = _cvtsh_ss(((const uint16_t *)(rows[r] + K / 2))[g]);
-                float sz = s * (float)(asym ? rows[r][K / 2 + 2 * ng + g] : 8);
-                __m256 ws = _mm256_set1_ps(s);
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-                    acc[r][i] = _mm256_fmadd_ps(accg[r][i], ws, acc[r][i]);
-                    corr[r][i] += sz * ag[(int64_t)g * M + m0 + i];
-                }
-            }
-        }
-    } else { /* G == 32: the two halves of a superblock have their own scales */
-        const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-        _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++) {
-            const uint16_t *sc = (const uint16_t *)(rows[r] + K / 2);
-            const uint8_t *zp = rows[r] + K / 2 + 2 * ng;
-            for (int sb = 0; sb < K / 64; sb++) {
-                uint32_t two; memcpy(&two, sc + 2 * sb, 4);
-                __m128 s2 = _mm_cvtph_ps(_mm_cvtsi32_si128((int)two));
-                __m256 ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s2), lanes);
-                __m256i v = _mm256_loadu_si256((const __m256i *)(rows[r] + sb * 32));
+                __m256i v = _mm256_loadu_si256((const __m256i *)(row + sb * 32));
+                if (!(sb & 1)) prefetch_line(row + sb * 32);
                 __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                float sz0 = _cvtsh_ss(sc[2 * sb]) * (float)(asym ? zp[2 * sb] : 8);
-                float sz1 = _cvtsh_ss(sc[2 * sb + 1]) * (float)(asym ? zp[2 * sb + 1] : 8);
                 _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
                     __m256i p = _mm256_add_epi16(
                         _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64))),
                         _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64 + 32))));
-                    __m256 t = _mm256_mul_ps(_mm256_loadu_ps(dd[i] + sb * 8), ws);
-                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), t, acc[r][i]);
-                    corr[r][i] += sz0 * ag[(int64_t)(2 * sb) * M + m0 + i] + sz1 * ag[(int64_t)(2 * sb + 1) * M + m0 + i];
+                    accg[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)),
+                                              _mm256_loadu_ps(dd[i] + sb * 8), accg[i]);
                 }
+            }
+            float s = _cvtsh_ss(sc[g]), sz = s * (float)(asym ? zp[g] : 8);
+            __m256 ws = _mm256_set1_ps(s);
+            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                acc[i] = _mm256_fmadd_ps(accg[i], ws, acc[i]);
+                corr[i] += sz * ag[(int64_t)g * M + m0 + i];
+            }
+        }
+    } else { /* G == 32: the two halves of a superblock have their own scales */
+        const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        for (int sb = 0; sb < K / 64; sb++) {
+            uint32_t two; memcpy(&two, sc + 2 * sb, 4);
+            __m128 s2 = _mm_cvtph_ps(_mm_cvtsi32_si128((int)two));
+            __m256 ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s2), lanes);
+            __m256i v = _mm256_loadu_si256((const __m256i *)(row + sb * 32));
+            if (!(sb & 1)) prefetch_line(row + sb * 32);
+            __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            float sz0 = _cvtsh_ss(sc[2 * sb]) * (float)(asym ? zp[2 * sb] : 8);
+            float sz1 = _cvtsh_ss(sc[2 * sb + 1]) * (float)(asym ? zp[2 * sb + 1] : 8);
+            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                __m256i p = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64))),
+                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64 + 32))));
+                __m256 t = _mm256_mul_ps(_mm256_loadu_ps(dd[i] + sb * 8), ws);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), t, acc[i]);
+                corr[i] += sz0 * ag[(int64_t)(2 * sb) * M + m0 + i] + sz1 * ag[(int64_t)(2 * sb + 1) * M + m0 + i];
             }
         }
     }
-    _Pragma("GCC unroll 4") for (int r = 0; r < nr; r++)
-        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) y[r][(int64_t)(m0 + i) * ldy] = hsum8(acc[r][i]) - corr[r][i];
+    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) y[(int64_t)(m0 + i) * ldy] = hsum8(acc[i]) - corr[i];
 }
 
 /* q8: codes int8 (c - 128); d [M, K/32] per block. Zero correction uses (z - 128). */
@@ -260,6 +308,7 @@ TGT INL void q8_tile(const uint8_t *row, int K, int G, int asym, const int8_t *q
         float s = _cvtsh_ss(sc[g]);
         for (int b = g * bpg; b < (g + 1) * bpg; b++) {
             __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * QK));
+            if (!(b & 1)) prefetch_line(row + b * QK);
             __m256i aw = _mm256_abs_epi8(w);
             for (int i = 0; i < nt; i++) {
                 const int8_t *ab = qa + (int64_t)(m0 + i) * K + b * QK;
@@ -281,23 +330,12 @@ TGT INL void q8_tile(const uint8_t *row, int K, int G, int asym, const int8_t *q
 TGT static void rows_avx2(const uint8_t *w, int64_t rb, int n0, int n1, int bits, int K, int G, int asym,
                           const int8_t *qa, const float *dvd, const float *ag, int M, int m0, int mt,
                           float *y, int64_t ldy) {
-    for (int n = n0; n < n1;) {
-        const uint8_t *rows[2] = {w + (int64_t)n * rb, w + (int64_t)(n + 1) * rb};
-        float *ys[2] = {y + n, y + n + 1};
-        if (bits == 8) {
-            if (mt == MT) q8_tile(rows[0], K, G, asym, qa, dvd, ag, M, m0, MT, y + n, ldy);
-            else for (int i = 0; i < mt; i++) q8_tile(rows[0], K, G, asym, qa, dvd, ag, M, m0 + i, 1, y + n, ldy);
-            n += 1;
-        } else if (mt == MT) {
-            q4_kern(rows, 1, K, G, asym, qa, dvd, ag, M, m0, MT, ys, ldy);
-            n += 1;
-        } else if (n + 1 < n1) {
-            for (int i = 0; i < mt; i++) q4_kern(rows, 2, K, G, asym, qa, dvd, ag, M, m0 + i, 1, ys, ldy);
-            n += 2;
-        } else {
-            for (int i = 0; i < mt; i++) q4_kern(rows, 1, K, G, asym, qa, dvd, ag, M, m0 + i, 1, ys, ldy);
-            n += 1;
-        }
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *row = w + (int64_t)n * rb;
+        if (bits == 8 && mt == MT) q8_tile(row, K, G, asym, qa, dvd, ag, M, m0, MT, y + n, ldy);
+        else if (bits == 8) for (int i = 0; i < mt; i++) q8_tile(row, K, G, asym, qa, dvd, ag, M, m0 + i, 1, y + n, ldy);
+        else if (mt == MT) q4_kern(row, K, G, asym, qa, dvd, ag, M, m0, MT, y + n, ldy);
+        else for (int i = 0; i < mt; i++) q4_kern(row, K, G, asym, qa, dvd, ag, M, m0 + i, 1, y + n, ldy);
     }
 }
 
@@ -316,7 +354,7 @@ int dbrxq_matmul(const float *x, int M, int K, const uint8_t *w, int N, int bits
     if (!qa || !d || !bsum || !ag || (bits == 4 && path == 1 && !dv)) {
         free(qa); free(d); free(bsum); free(ag); free(dv); return -1;
     }
-    quant_act(x, M, K, bits == 4, qa, d, bsum);
+    (path == 1 ? quant_act_avx2 : quant_act)(x, M, K, bits == 4, qa, d, bsum);
     for (int g = 0; g < ng; g++)
         for (int m = 0; m < M; m++) {
             float s = 0.f;
@@ -330,7 +368,7 @@ int dbrxq_matmul(const float *x, int M, int K, const uint8_t *w, int N, int bits
     const float *dvd = dv ? dv : d;
     int nchunks = (N + NCHUNK - 1) / NCHUNK;
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4)
     for (int c = 0; c < nchunks; c++) {
         int n1 = c * NCHUNK + NCHUNK < N ? c * NCHUNK + NCHUNK : N;
         for (int m0 = 0; m0 < M; m0 += MT) {
