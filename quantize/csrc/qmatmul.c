@@ -28,9 +28,9 @@
  * (|c-128| <= 128 unsigned x sign-adjusted q, pair sums <= 2 * 128 * 127 < 32767).
  *
  * Blocking: rows of W are split into chunks of NCHUNK, handed to OpenMP threads 4 chunks at a
- * time, dynamically (on a shared 2-core VM one thread is often slowed; static halves left the
- * other idle: M = 1, 10752 x 6144, median time over the read time 1.15-1.40 static, 1.03-1.17
- * dynamic). Each row's result is independent of the schedule. Within a chunk,
+ * time, dynamically (on a shared 2-core VM one thread is often slowed and static halves left
+ * the other idle; in A/B runs at M = 1, 10752 x 6144, dynamic took 10-20% less time). Each
+ * row's result is independent of the schedule. Within a chunk,
  * activation rows go in tiles of 4 so a weight row (3 KB at K = 6144) is unpacked once per
  * tile and re-read from L1 by later tiles: batch 16 costs far less than 16x batch 1.
  */
