@@ -118,6 +118,30 @@ def test_cpu_kernel_exact_emulation_and_paths_agree(bits):
             assert ((outs[0] - outs[1]).double().abs() <= 4 * 192 * U * s + 1e-6).all()
 
 
+@pytest.mark.parametrize("bits", (4, 8))
+def test_cpu_kernel_rounds_activation_ties_half_to_even(bits):
+    """Activation quantization on both C paths rounds x / d half to even, like torch.round.
+    Every block holds 127 (so d = 1 exactly) and half-integers, so each value is a tie: a path
+    rounding ties away from zero (or off by one code) is off by |W[n, k]| per tie, far above
+    the float tolerance."""
+    if cext.unavailable_reason():
+        pytest.skip(cext.unavailable_reason())
+    k = 192
+    qt = _qt(bits, 64, True, n=40, k=k)
+    w = qt.dequantize(torch.float64)
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randint(-126, 126, (3, k), generator=g) + 0.5).float()
+    x[:, ::32] = 127.0
+    xq = torch.round(x.double())  # half to even: 2.5 -> 2, -3.5 -> -4
+    assert (xq != torch.trunc(x.double()) + torch.sign(x.double())).any()  # ties do occur
+    y_emul = xq @ w.t()
+    s = x.abs().double() @ w.abs().t()
+    paths = ["generic"] + (["avx2"] if cext.cpu_path() == "avx2" else [])
+    for p in paths:
+        y = kernels.prepare(qt, f"cpu_q{bits}", "cpu", cpu_path=p).matmul(x).double()
+        assert ((y - y_emul).abs() <= 4 * k * U * s + 1e-6).all(), p
+
+
 def test_leading_dims_and_glu():
     qts = [_qt(4, 64, True, n=64, k=128, seed=s) for s in (1, 2)] + [_qt(4, 64, True, n=128, k=64, seed=3)]
     x = _x(6, k=128).reshape(2, 3, 128)
