@@ -207,6 +207,9 @@ class OffloadRuntime:
         self.device = torch.device(plan.device)
         self.cuda = self.device.type == "cuda"
         self.act, self.act_dtype = act, act_dtype
+        from quantize.kernels import glu
+
+        self.glu = glu  # the expert GLU, fused in C where the weights allow (as in QExperts.expert)
         self.non_expert_bytes = non_expert_bytes
         self.timing = timing
         self.cache = ExpertCache(layout, plan.slots_per_layer, self.device)
@@ -281,7 +284,7 @@ class OffloadRuntime:
             if slot.ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(slot.ready)
         w1, v1, w2 = slot.weights
-        y = w2.matmul(self.act(w1.matmul(x)) * v1.matmul(x))  # same ops as QExperts.expert: (n, D)
+        y = self.glu(x, w1, v1, w2, self.act)  # same call as QExperts.expert: (n, D)
         if self.cuda:
             slot.released = torch.cuda.Event()
             slot.released.record(torch.cuda.current_stream(self.device))
@@ -291,7 +294,7 @@ class OffloadRuntime:
         """CUDA miss computed where the canonical bytes are (CPU), with the CPU kernel."""
         w1, v1, w2 = prepare_expert(self.inner[layer].expert_weights(e), None, torch.device("cpu"), x.dtype)
         xc = x.to("cpu")
-        return w2.matmul(self.act(w1.matmul(xc)) * v1.matmul(xc)).to(self.device)
+        return self.glu(xc, w1, v1, w2, self.act).to(self.device)
 
     def _time_move(self, n: int) -> float:
         x = torch.zeros(n, self.model_config.d_model, dtype=self.act_dtype, device=self.device)

@@ -98,6 +98,9 @@ def load() -> ctypes.CDLL | None:
     lib.dbrxq_matmul.argtypes = [_vp, _c_int, _c_int, _vp, _c_int, _c_int, _c_int, _c_int, _vp,
                                  _c_int, _c_int]
     lib.dbrxq_matmul.restype = _c_int
+    lib.dbrxq_glu.argtypes = [_vp, _c_int, _c_int, _c_int, _vp, _vp, _vp, _c_int, _c_int, _c_int, _c_int,
+                              _vp, _c_int, _c_int]
+    lib.dbrxq_glu.restype = _c_int
     return lib
 
 

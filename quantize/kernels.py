@@ -345,6 +345,35 @@ def prepare(qt: QuantizedTensor, backend: str = "auto", device: torch.device | s
     return _CLASSES[backend](qt, device)
 
 
-def glu(x: torch.Tensor, w1: PreparedWeight, v1: PreparedWeight, w2: PreparedWeight) -> torch.Tensor:
-    """One DBRX expert: ``(silu(x @ w1^T) * (x @ v1^T)) @ w2^T``; x [..., D] -> [..., D]."""
-    return w2.matmul(F.silu(w1.matmul(x)) * v1.matmul(x))
+def _fusable(w1: PreparedWeight, v1: PreparedWeight, w2: PreparedWeight) -> bool:
+    """Whether the three weights can go through the C kernel's fused GLU (dbrxq_glu)."""
+    ws = (w1, v1, w2)
+    if not all(isinstance(w, CpuQWeight) for w in ws):
+        return False
+    f, d = w1.shape
+    return (v1.shape == (f, d) and w2.shape == (d, f) and len({w.bits for w in ws}) == 1
+            and len({w.asym for w in ws}) == 1 and len({w.path for w in ws}) == 1
+            and w1.group == v1.group)
+
+
+def glu(x: torch.Tensor, w1: PreparedWeight, v1: PreparedWeight, w2: PreparedWeight,
+        act=F.silu) -> torch.Tensor:
+    """One DBRX expert: ``(act(x @ w1^T) * (x @ v1^T)) @ w2^T``; x [..., D] -> [..., D].
+
+    With silu and three cpu_q4/cpu_q8 weights of one kind, ONE call into the C kernel
+    (dbrxq_glu: x quantized once, w1 and v1 in one parallel pass, silu * product in C);
+    otherwise three matmuls. The two agree within the activation-quantization bound of w2's
+    input (silu's exp is libm's expf in C and torch's otherwise: a last-bit difference can move
+    one hidden value across a quantization boundary)."""
+    if act is not F.silu or not _fusable(w1, v1, w2):
+        return w2.matmul(act(w1.matmul(x)) * v1.matmul(x))
+    f, d = w1.shape
+    assert x.shape[-1] == d, (tuple(x.shape), w1.shape)
+    x2 = x.reshape(-1, d).float().contiguous()
+    y = torch.empty(x2.shape[0], d, dtype=torch.float32)
+    rc = w1.lib.dbrxq_glu(x2.data_ptr(), x2.shape[0], d, f, w1.w.data_ptr(), v1.w.data_ptr(), w2.w.data_ptr(),
+                          w1.bits, w1.group, w2.group, w1.asym, y.data_ptr(), cext.PATHS[w1.path],
+                          torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"dbrxq_glu could not allocate its buffers (M={x2.shape[0]}, D={d}, F={f})")
+    return y.to(x.dtype).reshape(x.shape)

@@ -186,8 +186,7 @@ class QExperts(nn.Module):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """x ``(n, D)`` -> ``(n, D)`` through expert e."""
         assert self._prepared is not None, "QExperts used before finalize_load()"
-        w1, v1, w2 = self._prepared[e]
-        return w2.matmul(self.act(w1.matmul(x)) * v1.matmul(x))
+        return kernels.glu(x, *self._prepared[e], self.act)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return moe_dispatch(x, expert_ids, weights, self.num_experts, self.expert)

@@ -27,10 +27,12 @@
  * For q8 the codes are shifted to signed (c - 128) and multiplied with the abs/sign trick
  * (|c-128| <= 128 unsigned x sign-adjusted q, pair sums <= 2 * 128 * 127 < 32767).
  *
- * Blocking: rows of W are split into chunks of NCHUNK, handed to OpenMP threads 4 chunks at a
- * time, dynamically (on a shared 2-core VM one thread is often slowed and static halves left
- * the other idle; in A/B runs at M = 1, 10752 x 6144, dynamic took 10-20% less time). Each
- * row's result is independent of the schedule. Within a chunk,
+ * Blocking: rows of W are split into chunks of NCHUNK, handed to OpenMP threads 16 chunks
+ * (256 rows, 0.8 MB at K = 6144) at a time, dynamically: on a shared 2-core VM one thread is
+ * often slowed and static halves left the other idle (dynamic took 10-20% less time in the
+ * session-2 A/B runs), while each new work item restarts the prefetch stream (16 chunks per
+ * item beat 4 by 2-4% in 5 of 6 paired runs of the fused GLU; static, 16 and 64 could not be
+ * told apart). Each row's result is independent of the schedule. Within a chunk,
  * activation rows go in tiles of 4 so a weight row (3 KB at K = 6144) is unpacked once per
  * tile and re-read from L2 (the chunk is 51 KB) by later tiles: batch 16 costs far less than
  * 16x batch 1, but each tile streams its activations (9 KB per row with scales) from L2 too.
@@ -340,45 +342,118 @@ TGT static void rows_avx2(const uint8_t *w, int64_t rb, int n0, int n1, int bits
     }
 }
 
-/* ------------------------------------------------------------------ entry point */
+/* ------------------------------------------------------------------ entry points */
+
+/* One activation matrix [M, K], quantized for a weight with (bits, G) on `path`. */
+typedef struct {
+    int M, K, G, bits, path;
+    int8_t *qa;          /* [M, K] int8 codes (q4: permuted per superblock) */
+    float *d, *bsum;     /* [M, K/32]: block scales and d_b * sum(q_b) */
+    float *ag;           /* [K/G, M]: A_g for the zero-point correction */
+    float *dv;           /* [M, K/8]: the AVX2 q4 kernel's per-lane scales (else NULL) */
+} acts_t;
+
+static void acts_free(acts_t *a) {
+    free(a->qa); free(a->d); free(a->bsum); free(a->ag); free(a->dv);
+}
+
+static int acts_alloc(acts_t *a, int M, int K, int bits, int G, int path) {
+    int nb = K / QK;
+    *a = (acts_t){M, K, G, bits, path, NULL, NULL, NULL, NULL, NULL};
+    a->qa = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
+    a->d = malloc(sizeof(float) * M * nb);
+    a->bsum = malloc(sizeof(float) * M * nb);
+    a->ag = malloc(sizeof(float) * M * (K / G));
+    if (bits == 4 && path == 1) a->dv = malloc(sizeof(float) * M * (K / 8));
+    if (!a->qa || !a->d || !a->bsum || !a->ag || (bits == 4 && path == 1 && !a->dv)) {
+        acts_free(a);
+        return -1;
+    }
+    return 0;
+}
+
+/* Quantize rows m0..m1 of x [M, K] into a (rows are independent: callers may split them). */
+static void acts_quant(acts_t *a, const float *x, int m0, int m1) {
+    int K = a->K, M = a->M, G = a->G, nb = K / QK;
+    int64_t o = (int64_t)m0 * K, ob = (int64_t)m0 * nb;
+    (a->path == 1 ? quant_act_avx2 : quant_act)(x + o, m1 - m0, K, a->bits == 4, a->qa + o, a->d + ob, a->bsum + ob);
+    for (int m = m0; m < m1; m++) {
+        for (int g = 0; g < K / G; g++) {
+            float s = 0.f;
+            for (int b = g * (G / QK); b < (g + 1) * (G / QK); b++) s += a->bsum[(int64_t)m * nb + b];
+            a->ag[(int64_t)g * M + m] = s;
+        }
+        if (a->dv)
+            for (int sb = 0; sb < K / 64; sb++)
+                for (int l = 0; l < 8; l++)
+                    a->dv[(int64_t)m * (K / 8) + sb * 8 + l] = a->d[(int64_t)m * nb + 2 * sb + (l >> 2)];
+    }
+}
+
+/* y[:, n0:n1] (row stride ldy) for one chunk of weight rows, all activation rows. */
+static void chunk_rows(const acts_t *a, const uint8_t *w, int asym, int n0, int n1, float *y, int64_t ldy) {
+    int M = a->M, K = a->K, G = a->G, bits = a->bits;
+    int64_t rb = dbrxq_row_bytes(bits, K, G, asym);
+    for (int m0 = 0; m0 < M; m0 += MT) {
+        int mt = M - m0 < MT ? M - m0 : MT;
+        if (a->path == 1) {
+            rows_avx2(w, rb, n0, n1, bits, K, G, asym, a->qa, a->dv ? a->dv : a->d, a->ag, M, m0, mt, y, ldy);
+            continue;
+        }
+        for (int n = n0; n < n1; n++)
+            rows_generic(w + (int64_t)n * rb, bits, K, G, asym, a->qa, a->d, a->bsum, m0, mt, y + n, ldy);
+    }
+}
+
+static int nchunks_of(int N) { return (N + NCHUNK - 1) / NCHUNK; }
+static int chunk_end(int c, int N) { return c * NCHUNK + NCHUNK < N ? c * NCHUNK + NCHUNK : N; }
 
 /* y [M, N] float32 = x [M, K] float32 @ W^T; W as repacked row records (w, row_bytes).
  * path: 0 generic scalar, 1 AVX2. Returns 0, or -1 on allocation failure. */
 int dbrxq_matmul(const float *x, int M, int K, const uint8_t *w, int N, int bits, int G,
                  int asym, float *y, int path, int nthreads) {
-    int nb = K / QK, ng = K / G;
-    int64_t rb = dbrxq_row_bytes(bits, K, G, asym);
-    int8_t *qa = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
-    float *d = malloc(sizeof(float) * M * nb), *bsum = malloc(sizeof(float) * M * nb);
-    float *ag = malloc(sizeof(float) * M * ng);
-    float *dv = (bits == 4 && path == 1) ? malloc(sizeof(float) * M * (K / 8)) : NULL;
-    if (!qa || !d || !bsum || !ag || (bits == 4 && path == 1 && !dv)) {
-        free(qa); free(d); free(bsum); free(ag); free(dv); return -1;
-    }
-    (path == 1 ? quant_act_avx2 : quant_act)(x, M, K, bits == 4, qa, d, bsum);
-    for (int g = 0; g < ng; g++)
-        for (int m = 0; m < M; m++) {
-            float s = 0.f;
-            for (int b = g * (G / QK); b < (g + 1) * (G / QK); b++) s += bsum[m * nb + b];
-            ag[(int64_t)g * M + m] = s;
-        }
-    if (dv)
-        for (int m = 0; m < M; m++)
-            for (int sb = 0; sb < K / 64; sb++)
-                for (int l = 0; l < 8; l++) dv[(int64_t)m * (K / 8) + sb * 8 + l] = d[m * nb + 2 * sb + (l >> 2)];
-    const float *dvd = dv ? dv : d;
-    int nchunks = (N + NCHUNK - 1) / NCHUNK;
+    acts_t a;
+    if (acts_alloc(&a, M, K, bits, G, path)) return -1;
+    acts_quant(&a, x, 0, M);
+    int nc = nchunks_of(N);
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4)
-    for (int c = 0; c < nchunks; c++) {
-        int n1 = c * NCHUNK + NCHUNK < N ? c * NCHUNK + NCHUNK : N;
-        for (int m0 = 0; m0 < M; m0 += MT) {
-            int mt = M - m0 < MT ? M - m0 : MT;
-            if (path == 1) { rows_avx2(w, rb, c * NCHUNK, n1, bits, K, G, asym, qa, dvd, ag, M, m0, mt, y, N); continue; }
-            for (int n = c * NCHUNK; n < n1; n++)
-                rows_generic(w + (int64_t)n * rb, bits, K, G, asym, qa, d, bsum, m0, mt, y + n, N);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
+    for (int c = 0; c < nc; c++) chunk_rows(&a, w, asym, c * NCHUNK, chunk_end(c, N), y, N);
+    acts_free(&a);
+    return 0;
+}
+
+/* One DBRX expert, y [M, D] = (silu(x @ W1^T) * (x @ V1^T)) @ W2^T, in ONE call and one
+ * parallel region: x [M, D] is quantized once for W1 and V1 [F, D] (same bits, G, asym as
+ * W2 [D, F]), whose rows are shared out together; silu * product and the quantization of the
+ * hidden state are split over the threads; then W2. Against three dbrxq_matmul calls this saves
+ * two thread wake-ups and barriers, one activation quantization and the Python in between.
+ * silu(t) = t / (1 + exp(-t)) in float32. Returns 0, or -1 on allocation failure. */
+int dbrxq_glu(const float *x, int M, int D, int F, const uint8_t *w1, const uint8_t *v1,
+              const uint8_t *w2, int bits, int G1, int G2, int asym, float *y, int path, int nthreads) {
+    acts_t ax, ah;
+    float *h = malloc(sizeof(float) * 2 * (size_t)M * F); /* [M, F] gate, then [M, F] up */
+    if (!h || acts_alloc(&ax, M, D, bits, G1, path)) { free(h); return -1; }
+    if (acts_alloc(&ah, M, F, bits, G2, path)) { free(h); acts_free(&ax); return -1; }
+    float *up = h + (size_t)M * F;
+    int nc1 = nchunks_of(F), nc2 = nchunks_of(D);
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int m = 0; m < M; m++) acts_quant(&ax, x, m, m + 1);
+#pragma omp for schedule(dynamic, 16)
+        for (int c = 0; c < 2 * nc1; c++) {
+            int cc = c < nc1 ? c : c - nc1;
+            chunk_rows(&ax, c < nc1 ? w1 : v1, asym, cc * NCHUNK, chunk_end(cc, F), c < nc1 ? h : up, F);
         }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < (int64_t)M * F; i++) h[i] = h[i] / (1.f + expf(-h[i])) * up[i];
+#pragma omp for schedule(static)
+        for (int m = 0; m < M; m++) acts_quant(&ah, h, m, m + 1);
+#pragma omp for schedule(dynamic, 16)
+        for (int c = 0; c < nc2; c++) chunk_rows(&ah, w2, asym, c * NCHUNK, chunk_end(c, D), y, D);
     }
-    free(qa); free(d); free(bsum); free(ag); free(dv);
+    free(h); acts_free(&ax); acts_free(&ah);
     return 0;
 }

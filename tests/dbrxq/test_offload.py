@@ -16,6 +16,7 @@ from dbrxq.cli import cli
 from dbrxq.errors import ConfigError
 from dbrxq.expert_cache import LRU, ExpertCache, SlotLayout
 from dbrxq.make_checkpoint import make_random_checkpoint, preset_config
+from quantize import kernels
 from dbrxq.model import DbrxForCausalLM
 from dbrxq.offload import expert_layout, non_expert_bytes_of, offload_model
 from dbrxq.placement import BudgetError, make_plan, parse_size
@@ -133,8 +134,7 @@ def test_slot_layout_roundtrip():
     from dbrxq.offload import prepare_expert
     layout.pack(prepare_expert(inner.expert_weights(5), None, torch.device("cpu"), m.dtype), slot.storage)
     x = torch.randn(3, CFG.d_model)
-    w1, v1, w2 = slot.weights
-    assert torch.equal(w2.matmul(inner.act(w1.matmul(x)) * v1.matmul(x)), inner.expert(5, x))
+    assert torch.equal(kernels.glu(x, *slot.weights, inner.act), inner.expert(5, x))
     assert storage.numel() == layout.nbytes
 
 

@@ -157,6 +157,51 @@ def test_leading_dims_and_glu():
         assert torch.allclose(y.double(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item()), backend
 
 
+@pytest.mark.parametrize("bits", (4, 8))
+@pytest.mark.parametrize("group_size, symmetric", ((32, False), (128, True), (-1, True)))
+def test_fused_glu_matches_three_matmuls_and_the_float_expert(bits, group_size, symmetric):
+    """kernels.glu with three cpu_q* weights runs ONE C call (dbrxq_glu). Against the three
+    separate kernel matmuls it differs only through silu's last bits (libm's expf in C, torch's
+    otherwise): float rounding, plus one int8 code d_h(k) for each hidden value that sits
+    within a hair of a rounding tie (times |W2[n, k]|). Against the float expert (float64, dequantized weights)
+    the activation-quantization errors of both layers propagate through silu (|silu'| < 1.1)."""
+    if cext.unavailable_reason():
+        pytest.skip(cext.unavailable_reason())
+    d, f = 128, 384  # multiples of the largest group size; ROWS include odd counts
+    qts = [_qt(bits, group_size, symmetric, n=f, k=d, seed=1), _qt(bits, group_size, symmetric, n=f, k=d, seed=2),
+           _qt(bits, group_size, symmetric, n=d, k=f, seed=3)]
+    w1, v1, w2 = (q.dequantize(torch.float32) for q in qts)
+    paths = ["generic"] + (["avx2"] if cext.cpu_path() == "avx2" else [])
+    for path in paths:
+        pws = [kernels.prepare(q, f"cpu_q{bits}", "cpu", cpu_path=path) for q in qts]
+        assert kernels._fusable(*pws)
+        for m in ROWS:
+            x = _x(m, k=d)
+            y = kernels.glu(x, *pws)
+            a1, a3 = pws[0].matmul(x), pws[1].matmul(x)
+            h = torch.nn.functional.silu(a1) * a3
+            y3 = pws[2].matmul(h)
+            # only hidden values within a hair of a rounding tie can land on another code
+            hb = h.reshape(m, -1, 32)
+            amax = hb.abs().amax(-1, keepdim=True)
+            r = hb * (127 / amax)
+            near = ((r - r.floor() - 0.5).abs() < 1e-3) * (amax / 127)  # [M, F/32, 32]
+            flip = near.reshape(m, f).double() @ w2.abs().double().t()
+            s3 = h.abs().double() @ w2.abs().double().t()
+            assert ((y.double() - y3.double()).abs() <= flip + 8 * f * U * s3 + 1e-6).all(), (path, m)
+            # against float64 with exact silu
+            xd = x.double()
+            r1, r3 = xd @ w1.double().t(), xd @ v1.double().t()
+            e1 = _act_quant_bound(x, w1) + 4 * d * U * (x.abs().double() @ w1.abs().double().t()) + 1e-6
+            e3 = _act_quant_bound(x, v1) + 4 * d * U * (x.abs().double() @ v1.abs().double().t()) + 1e-6
+            rh = torch.nn.functional.silu(r1) * r3
+            eh = 1.1 * e1 * r3.abs() + torch.nn.functional.silu(r1).abs() * e3 + 1.1 * e1 * e3
+            ref = rh @ w2.double().t()
+            tol = eh @ w2.abs().double().t() + _act_quant_bound(h, w2) + 4 * f * U * s3 + 1e-5
+            assert ((y.double() - ref).abs() <= tol).all(), (path, m, float(((y.double() - ref).abs() - tol).max()))
+            assert (y - ref.float()).abs().max() > 0  # quantized activations: not bit-equal to float
+
+
 def test_dispatcher():
     for bits in (4, 8):
         for gs in (32, 128, -1):
