@@ -13,7 +13,8 @@ and repacks it ONCE, at load time, for the chosen backend; the resulting
 - ``bnb``        bitsandbytes NF4 (4-bit) / vector-wise int8 (8-bit), RE-quantized from the
                  dequantized weight: it changes the numbers and is here for comparison only.
 - ``cpu_q4`` / ``cpu_q8`` dbrxq's own C kernel (quantize/csrc/qmatmul.c): activations
-                 quantized per 32-block to int8, exact integer dot products on the codes.
+                 quantized to int8 (one scale per 32 values, or per 128 for int4 with groups
+                 a multiple of 128), exact integer dot products on the codes.
 
 :func:`available_backends` / :func:`backend_support` say what runs here and why not;
 :func:`choose_backend` picks the fastest exact one (override by argument or $DBRXQ_BACKEND).
@@ -289,8 +290,9 @@ class BnbWeight(PreparedWeight):
 class CpuQWeight(PreparedWeight):
     """dbrxq's C kernel (cpu_q4 / cpu_q8). Weights become one row record per output row
     (codes in the kernel's order, fp16 scales, uint8 zeros; see qmatmul.c). Activations are
-    quantized per row per 32-block to int8 (scale d = amax/127), so vs the float reference
-    |y - y_ref| <= sum_k |W[n,k]| * d_block(k) / 2 (+ float32 rounding); the code products
+    quantized per row to int8 with one scale d = amax/127 per span of ``act_span`` values (128
+    for 4-bit weights whose group size is a multiple of 128, else 32), so vs the float reference
+    |y - y_ref| <= sum_k |W[n,k]| * d_span(k) / 2 (+ float32 rounding); the code products
     themselves are exact integers. ``cpu_path`` forces "generic" or "avx2" (default: by CPU)."""
 
     def __init__(self, qt, device, cpu_path: str | None = None):
@@ -308,6 +310,7 @@ class CpuQWeight(PreparedWeight):
         self.lib.dbrxq_repack(codes.data_ptr(), scales.data_ptr(), zeros.data_ptr() if asym else None,
                               qt.bits, n, k, self.group, self.w.data_ptr())
         self.asym = int(asym)
+        self.act_span = self.lib.dbrxq_act_span(qt.bits, self.group)
 
     def _mm(self, x2):
         n, k = self.shape

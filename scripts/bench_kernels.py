@@ -1,15 +1,21 @@
 """Benchmark of the quantized matmul backends on one real-width DBRX expert GLU.
 
     python scripts/bench_kernels.py            # w1, v1: 10752 x 6144, w2: 6144 x 10752
-    python scripts/bench_kernels.py --quick    # a quarter-width run, fewer repeats
+    python scripts/bench_kernels.py --quick    # a quarter-width run, fewer turns
 
-For each backend (quantize/kernels.py) and for float32/bf16 matmul: ms per GLU call (median after
-warmup) at batch 1 and 16, the weight bytes one call reads, and the ratio to the bandwidth bound
-(time / (bytes / read bandwidth)), where the read-only bandwidth is measured in the same run as
-a sum over a 512 MiB float32 tensor with the same thread count, taken between every two timed
-calls (the bandwidth of a shared VM drifts by 30% within minutes); each variant's bound uses the
-median of the probes taken between its own calls, against the median of its times. Weights are
-fresh random tensors (100+ MB, larger than the caches). Prints a markdown table and peak RSS.
+For each backend (quantize/kernels.py) and for float32/bf16 matmul: ms per GLU call at batch 1
+and 16, the weight bytes one call reads, and the ratio to the bandwidth bound
+(time / (bytes / read bandwidth)). The read-only bandwidth is measured in the same run as a sum
+over a 512 MiB float32 tensor with the same thread count.
+
+This VM's speed drifts by 30% over seconds to minutes, and a variant timed in one block of calls
+got one state of the machine: in one run the same kernel measured 5.5 ms with float32 and 7.5 ms
+with bf16 activations, called one after the other. So the variants take TURNS: each turn calls
+every variant once, each call between two bandwidth probes, and a call's ratio is its time over
+bytes / the mean bandwidth of its two probes. Per variant: the median time, the median of its
+calls' ratios, and the median over turns of bf16's time in that turn over its own ("x faster
+than bf16"). Slow variants (seconds per call) take a third of the turns. Weights are fresh
+random tensors (100+ MB, larger than the caches). Prints a markdown table and peak RSS.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from dbrxq.sysinfo import describe_machine, peak_rss_bytes  # noqa: E402
 from quantize import cext, kernels  # noqa: E402
 from quantize.primitives import quantize_tensor  # noqa: E402
 
+BATCHES = (1, 16)
+
 
 def _timed(fn) -> float:
     t = time.perf_counter()
@@ -35,46 +43,13 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="quarter-width matrices, fewer repeats")
-    ap.add_argument("--runs", type=int, default=None)
-    args = ap.parse_args()
-    d, f = (1536, 2688) if args.quick else (6144, 10752)
-    runs = args.runs or (3 if args.quick else 9)
-    torch.manual_seed(0)
-
-    print(describe_machine())
-    print(f"C kernel path: {cext.cpu_path() if cext.load() else 'unavailable: ' + str(cext.unavailable_reason())}")
-    print(f"GLU: w1, v1 [{f}, {d}], w2 [{d}, {f}]; median of {runs} runs after warmup\n")
-
-    floats = [torch.randn(f, d) * 0.02, torch.randn(f, d) * 0.02, torch.randn(d, f) * 0.02]
-    xs = {m: torch.randn(m, d) for m in (1, 16)}
-    rows = []  # (variant, bytes, {m: (ms, read GB/s)})
-    probe = torch.ones(1 << 27)  # 512 MiB float32: far larger than every cache
-    probe.sum()
-
-    def measure(name, nbytes, fn, dt=torch.float32, slow=False):
-        """Median ms per call and the median read bandwidth of probes taken between the calls
-        (this VM's bandwidth drifts by 30% within minutes, so each variant gets its own)."""
-        res = {}
-        for m, x in xs.items():
-            x = x.to(dt)
-            for _ in range(1 if slow else 2):
-                fn(x)
-            ts, bws = [], []
-            for _ in range(max(3, runs // 2) if slow else runs):
-                bws.append(probe.numel() * 4 / _timed(probe.sum))
-                ts.append(_timed(lambda: fn(x)))
-            res[m] = (1e3 * statistics.median(ts), statistics.median(bws))
-        rows.append((name, nbytes, res))
-
+def variants(floats, d, f):
+    """(name, bytes read per call, fn(x), activation dtype, slow) for every variant."""
+    out = []
     for name, dt in (("fp32 matmul", torch.float32), ("bf16 matmul", torch.bfloat16)):
         ws = [w.to(dt) for w in floats]
-        measure(name, sum(w.numel() * w.element_size() for w in ws),
-                lambda x: F.linear(F.silu(F.linear(x, ws[0])) * F.linear(x, ws[1]), ws[2]), dt)
-        del ws
-
+        out.append((name, sum(w.numel() * w.element_size() for w in ws),
+                    lambda x, ws=ws: F.linear(F.silu(F.linear(x, ws[0])) * F.linear(x, ws[1]), ws[2]), dt, False))
     for bits, gs, label in ((4, 128, "int4 g128"), (8, -1, "int8 per-channel")):
         qts = [quantize_tensor(w, bits, gs, True) for w in floats]
         for backend in kernels.available_backends("cpu", bits, gs, shape=(f, d)):
@@ -88,21 +63,69 @@ def main() -> None:
             dts = (torch.float32, torch.bfloat16) if backend in ("torch_int4", "cpu_q4") else (torch.float32,)
             for dt in dts:
                 act = f", {str(dt).removeprefix('torch.')} activations" if len(dts) > 1 else ""
-                measure(f"{label} {backend}{extra}{act}", nbytes, lambda x: kernels.glu(x, *pws), dt,
-                        slow=backend in ("torch", "bnb"))
-            del pws
-        del qts
+                slow = backend in ("torch", "bnb", "torch_int8") or (backend == "torch_int4" and dt == torch.float32)
+                out.append((f"{label} {backend}{extra}{act}", nbytes, lambda x, pws=pws: kernels.glu(x, *pws),
+                            dt, slow))
+    return out
 
-    bws = [bw for _, _, res in rows for _, bw in res.values()]
-    print(f"read-only bandwidth (sum over 512 MiB fp32, between the timed calls): "
-          f"medians {min(bws) / 1e9:.1f} to {max(bws) / 1e9:.1f} GB/s across variants; each bound = bytes / "
-          "the median of the probes taken between that variant's own calls\n")
-    print("| variant | MB read | batch 1 ms | x bound | batch 16 ms | x bound |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, nbytes, res in rows:
-        (t1, bw1), (t16, bw16) = res[1], res[16]
-        print(f"| {name} | {nbytes / 1e6:.0f} | {t1:.1f} | {t1 * bw1 / 1e3 / nbytes:.2f} | {t16:.1f} | "
-              f"{t16 * bw16 / 1e3 / nbytes:.2f} |")
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="quarter-width matrices, fewer turns")
+    ap.add_argument("--turns", type=int, default=None, help="turns (default 15, --quick 3)")
+    args = ap.parse_args()
+    d, f = (1536, 2688) if args.quick else (6144, 10752)
+    turns = args.turns or (3 if args.quick else 15)
+    torch.manual_seed(0)
+
+    print(describe_machine())
+    print(f"C kernel path: {cext.cpu_path() if cext.load() else 'unavailable: ' + str(cext.unavailable_reason())}")
+    print(f"GLU: w1, v1 [{f}, {d}], w2 [{d}, {f}]; {turns} turns (slow variants: every third)\n")
+
+    floats = [torch.randn(f, d) * 0.02, torch.randn(f, d) * 0.02, torch.randn(d, f) * 0.02]
+    vs = variants(floats, d, f)
+    del floats
+    xs = {m: torch.randn(m, d) for m in BATCHES}
+    probe = torch.ones(1 << 27)  # 512 MiB float32: far larger than every cache
+    probe.sum()
+    for _, _, fn, dt, _ in vs:  # warm up: lazily made tensors, the C kernel build, page faults
+        for x in xs.values():
+            fn(x.to(dt))
+
+    # per variant and batch: times, ratios to the bound, and the turn each call belongs to
+    times = {(v[0], m): {} for v in vs for m in BATCHES}
+    ratios = {k: [] for k in times}
+    bw_all = []
+    for turn in range(turns):
+        for name, nbytes, fn, dt, slow in vs:
+            if slow and turn % 3:
+                continue
+            for m, x in xs.items():
+                x = x.to(dt)
+                t0 = _timed(probe.sum)
+                t = _timed(lambda: fn(x))
+                t1 = _timed(probe.sum)
+                bw = probe.numel() * 4 * (1 / t0 + 1 / t1) / 2
+                bw_all.append(bw)
+                times[(name, m)][turn] = t
+                ratios[(name, m)].append(t * bw / nbytes)
+
+    def faster_than_bf16(name, m):
+        """Median over the turns both ran of bf16's time / this variant's time."""
+        mine, ref = times[(name, m)], times[("bf16 matmul", m)]
+        return statistics.median(ref[k] / mine[k] for k in mine if k in ref)
+
+    print(f"read-only bandwidth (sum over 512 MiB fp32, around every call): {min(bw_all) / 1e9:.1f} to "
+          f"{max(bw_all) / 1e9:.1f} GB/s, median {statistics.median(bw_all) / 1e9:.1f}; each call's bound "
+          "uses the probes right before and after it\n")
+    print("| variant | MB read | batch 1 ms | x bound | x faster than bf16 | batch 16 ms | x bound | x faster than bf16 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, nbytes, *_ in vs:
+        cells = []
+        for m in BATCHES:
+            cells += [f"{1e3 * statistics.median(times[(name, m)].values()):.1f}",
+                      f"{statistics.median(ratios[(name, m)]):.2f}", f"{faster_than_bf16(name, m):.2f}"]
+        print(f"| {name} | {nbytes / 1e6:.0f} | " + " | ".join(cells) + " |")
     print(f"\npeak RSS: {peak_rss_bytes() / 2**30:.2f} GiB")
 
 

@@ -5,8 +5,9 @@
  * __attribute__((target("avx2,fma,f16c"))) so ONE build holds both paths and the file never
  * needs -march flags; Python picks the path from /proc/cpuinfo at run time.
  *
- * Method (the llama.cpp Q4_0 x Q8_0 idea): activations are quantized per row, per block of 32
- * values, to int8 with a float scale d = amax / 127 (q = round(x / d), |q| <= 127). Weights keep
+ * Method (the llama.cpp Q4_0 x Q8_0 idea): activations are quantized per row, per span of 32
+ * values (128 for q4 with groups a multiple of 128: dbrxq_act_span), to int8 with a float scale
+ * d = amax / 127 over the span (q = round(x / d), |q| <= 127), kept per 32-block. Weights keep
  * their canonical unsigned codes c (format.py), repacked at load into one row record:
  *
  *   q4: codes  K/2 bytes, per superblock of 64 columns k0..k0+63, byte j < 16 holds
@@ -23,7 +24,7 @@
  * The inner dot products are exact integers (_mm256_maddubs_epi16: unsigned 4-bit codes x
  * signed int8; pair sums <= 2 * 15 * 127, no saturation), so the only error against the float
  * reference is activation quantization, |x - d q| <= d / 2 per element, i.e.
- *   |y - y_ref| <= sum_k |W[n,k]| * d_b(k) / 2   (+ float32 accumulation rounding).
+ *   |y - y_ref| <= sum_k |W[n,k]| * d(k) / 2   (+ float32 accumulation rounding).
  * For q8 the codes are shifted to signed (c - 128) and multiplied with the abs/sign trick
  * (|c-128| <= 128 unsigned x sign-adjusted q, pair sums <= 2 * 128 * 127 < 32767).
  *
@@ -107,14 +108,25 @@ void dbrxq_repack(const uint8_t *codes, const uint16_t *scales, const uint8_t *z
     }
 }
 
+/* Activation values that share one scale: 128 (one 64-byte line of q4 codes) for q4 weights
+ * whose groups are multiples of 128, else QK. With one scale per 128 values the q4 kernel sums
+ * the integer dot products of a whole line before converting them (q4_kern): about a quarter
+ * fewer instructions per line. The cost is a coarser activation grid, d = amax / 127 over 128
+ * values instead of 32 (llama.cpp's Q8_K uses 256). */
+int dbrxq_act_span(int bits, int G) { return bits == 4 && G % 128 == 0 ? 128 : QK; }
+
 /* Quantize activations x [M, K] float32 -> qa int8 [M, K] (q4: permuted per 64), d [M, K/32],
- * bsum [M, K/32] = d_b * sum(q_b). */
-static void quant_act(const float *x, int M, int K, int permute, int8_t *qa, float *d, float *bsum) {
+ * bsum [M, K/32] = d_b * sum(q_b); d = amax / 127 over each span (32 or 128 values, K % span
+ * == 0), stored once per 32-block. */
+static void quant_act(const float *x, int M, int K, int span, int permute, int8_t *qa, float *d, float *bsum) {
+    float amax = 0.f;
     for (int m = 0; m < M; m++)
         for (int b = 0; b < K / QK; b++) {
             const float *xb = x + (int64_t)m * K + b * QK;
-            float amax = 0.f;
-            for (int i = 0; i < QK; i++) { float v = fabsf(xb[i]); amax = v > amax ? v : amax; }
+            if (b % (span / QK) == 0) {
+                amax = 0.f;
+                for (int i = 0; i < span; i++) { float v = fabsf(xb[i]); amax = v > amax ? v : amax; }
+            }
             float db = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
             int s = 0;
             for (int i = 0; i < QK; i++) {
@@ -188,20 +200,24 @@ TGT INL float hsum8(__m256 v) {
 
 /* quant_act for AVX2, bit-identical to the generic one (the same float operations;
  * cvtps rounds half to even like the magic number). */
-TGT static void quant_act_avx2(const float *x, int M, int K, int permute, int8_t *qa, float *d, float *bsum) {
+TGT static void quant_act_avx2(const float *x, int M, int K, int span, int permute, int8_t *qa, float *d,
+                               float *bsum) {
     const __m256 sign = _mm256_set1_ps(-0.f);
     const __m256i fix = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undo packs' lane interleave */
+    float amax = 0.f;
     for (int m = 0; m < M; m++)
         for (int b = 0; b < K / QK; b++) {
             const float *xb = x + (int64_t)m * K + b * QK;
             __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
             __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
-            __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                                      _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
-            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-            h = _mm_max_ss(h, _mm_movehdup_ps(h));
-            float amax = _mm_cvtss_f32(h);
+            if (b % (span / QK) == 0) { /* max is exact: any order gives the scalar path's value */
+                __m256 mx = _mm256_setzero_ps();
+                for (int i = 0; i < span; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+                __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+                h = _mm_max_ss(h, _mm_movehdup_ps(h));
+                amax = _mm_cvtss_f32(h);
+            }
             float db = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
             __m256 vid = _mm256_set1_ps(id);
             __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, vid)), q1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, vid));
@@ -249,7 +265,31 @@ TGT INL void q4_kern(const uint8_t *row, int K, int G, int asym, const int8_t *q
         a[i] = qa + (int64_t)(m0 + i) * K;
         dd[i] = dv + (int64_t)(m0 + i) * (K / 8);
     }
-    if (G >= 64) {
+    if (G % 128 == 0) { /* one activation scale per line (dbrxq_act_span): sum its 128 products first */
+        const int lpg = G / 128;
+        for (int g = 0; g < ng; g++) {
+            float s = _cvtsh_ss(sc[g]), sz = s * (float)(asym ? zp[g] : 8);
+            for (int l = g * lpg; l < (g + 1) * lpg; l++) {
+                const uint8_t *wl = row + l * 64;
+                prefetch_line(wl);
+                __m256i v0 = _mm256_loadu_si256((const __m256i *)wl), v1 = _mm256_loadu_si256((const __m256i *)(wl + 32));
+                __m256i lo0 = _mm256_and_si256(v0, m4), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4);
+                __m256i lo1 = _mm256_and_si256(v1, m4), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                    const int8_t *al = a[i] + l * 128;
+                    /* int16 lanes: 8 products of <= 15 * 127 each, |sum| <= 15240: no overflow */
+                    __m256i p = _mm256_add_epi16(
+                        _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_loadu_si256((const __m256i *)al)),
+                                         _mm256_maddubs_epi16(hi0, _mm256_loadu_si256((const __m256i *)(al + 32)))),
+                        _mm256_add_epi16(_mm256_maddubs_epi16(lo1, _mm256_loadu_si256((const __m256i *)(al + 64))),
+                                         _mm256_maddubs_epi16(hi1, _mm256_loadu_si256((const __m256i *)(al + 96)))));
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)),
+                                             _mm256_set1_ps(s * dd[i][l * 16]), acc[i]);
+                }
+            }
+            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) corr[i] += sz * ag[(int64_t)g * M + m0 + i];
+        }
+    } else if (G >= 64) {
         const int spg = G / 64;
         for (int g = 0; g < ng; g++) {
             _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) accg[i] = _mm256_setzero_ps();
@@ -376,7 +416,8 @@ static int acts_alloc(acts_t *a, int M, int K, int bits, int G, int path) {
 static void acts_quant(acts_t *a, const float *x, int m0, int m1) {
     int K = a->K, M = a->M, G = a->G, nb = K / QK;
     int64_t o = (int64_t)m0 * K, ob = (int64_t)m0 * nb;
-    (a->path == 1 ? quant_act_avx2 : quant_act)(x + o, m1 - m0, K, a->bits == 4, a->qa + o, a->d + ob, a->bsum + ob);
+    (a->path == 1 ? quant_act_avx2 : quant_act)(x + o, m1 - m0, K, dbrxq_act_span(a->bits, G), a->bits == 4, a->qa + o,
+                                                a->d + ob, a->bsum + ob);
     for (int m = m0; m < m1; m++) {
         for (int g = 0; g < K / G; g++) {
             float s = 0.f;

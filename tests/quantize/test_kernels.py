@@ -35,18 +35,19 @@ def _x(m, k=K, seed=1):
     return x
 
 
-def _act_quant_bound(x, w):
-    """cpu_q*: activations quantized per 32-block with d = amax / 127, q = round(x / d), so
+def _act_quant_bound(x, w, span=32):
+    """cpu_q*: activations quantized with d = amax / 127 per span of values (32, or 128 for
+    int4 with groups a multiple of 128: PreparedWeight.act_span), q = round(x / d), so
     |x - d q| <= d / 2 per element; the code products are exact integers. Hence
     |y - y_ref| <= sum_k |W[n, k]| * d(m, k) / 2, plus float32 accumulation (gamma_K * S, twice
     for the two-level sums over blocks and groups)."""
     m, k = x.shape
-    d = x.abs().reshape(m, k // 32, 32).amax(-1) / 127  # [M, K/32]
-    half = d.repeat_interleave(32, dim=1) / 2  # [M, K]
+    d = x.abs().reshape(m, k // span, span).amax(-1) / 127  # [M, K/span]
+    half = d.repeat_interleave(span, dim=1) / 2  # [M, K]
     return half.double() @ w.abs().double().t()
 
 
-def _tolerance(backend, x, w, y_ref, dtype, bits):
+def _tolerance(backend, x, w, y_ref, dtype, bits, span=32):
     s = x.abs().double() @ w.abs().double().t()  # S [M, N]
     gamma = 4 * K * U * s + 1e-6
     if backend in ("torch", "torch_int8", "torch_int4") and dtype == torch.float32:
@@ -55,7 +56,7 @@ def _tolerance(backend, x, w, y_ref, dtype, bits):
         return 2.0**-7 * s + 2.0**-8 * y_ref.abs() + gamma  # (2^-8 each) + bf16 output rounding
     if backend in ("cpu_q4", "cpu_q8"):
         extra = 2.0**-8 * y_ref.abs() if dtype == torch.bfloat16 else 0.0  # bf16 output
-        return _act_quant_bound(x, w) + gamma + extra
+        return _act_quant_bound(x, w, span) + gamma + extra
     if backend == "bnb" and bits == 4:
         absmax = w.abs().reshape(w.shape[0], -1, 64).amax(-1).repeat_interleave(64, dim=1)  # [N, K]
         return NF4_HALF_GAP * (x.abs().double() @ absmax.double().t()) + gamma
@@ -90,32 +91,38 @@ def test_backend_matches_reference(bits, group_size, symmetric, backend):
             xf = x.float()
             y_ref = xf.double() @ w.double().t()
             err = (y.double() - y_ref).abs()
-            tol = _tolerance(backend, xf, w, y_ref, dtype, bits)
+            tol = _tolerance(backend, xf, w, y_ref, dtype, bits, getattr(pw, "act_span", 32))
             assert (err <= tol).all(), (backend, dtype, m, float((err - tol).max()), float(err.max()))
 
 
 @pytest.mark.parametrize("bits", (4, 8))
 def test_cpu_kernel_exact_emulation_and_paths_agree(bits):
     """The C kernel equals (dequantized int8 activations) @ W^T up to float rounding, on the
-    generic scalar path and on the AVX2 path (when this CPU has it), for odd row counts."""
+    generic scalar path and on the AVX2 path (when this CPU has it), for odd row counts. The
+    activation span is 32 values, or 128 for int4 with groups a multiple of 128 (G = 128 and
+    per-channel G = 384 below), which takes the AVX2 path's line-at-a-time loop."""
     if cext.unavailable_reason():
         pytest.skip(cext.unavailable_reason())
     backend = f"cpu_q{bits}"
-    for gs, sym in ((32, False), (64, True), (-1, False)):
-        qt = _qt(bits, gs, sym, n=40, k=192)  # N not a multiple of 16, K = 3 superblocks
+    # K = 192: 3 superblocks; N = 40: not a multiple of 16
+    for gs, sym, k in ((32, False, 192), (64, True, 192), (-1, False, 192), (128, False, 384), (-1, True, 384)):
+        qt = _qt(bits, gs, sym, n=40, k=k)
         w = qt.dequantize(torch.float32)
         paths = ["generic"] + (["avx2"] if cext.cpu_path() == "avx2" else [])
-        x = _x(5, k=192)
-        amax = x.abs().reshape(5, -1, 32).amax(-1, keepdim=True)  # same float32 ops as the C code
+        pws = [kernels.prepare(qt, backend, "cpu", cpu_path=p) for p in paths]
+        span = pws[0].act_span
+        assert span == (128 if bits == 4 and (gs if gs > 0 else k) % 128 == 0 else 32)
+        x = _x(5, k=k)
+        amax = x.abs().reshape(5, -1, span).amax(-1, keepdim=True)  # same float32 ops as the C code
         d = amax / 127
-        xq = torch.where(amax > 0, torch.round(x.reshape(5, -1, 32) * (127 / amax)), 0).clamp(-127, 127)
-        y_emul = ((xq * d).reshape(5, 192).double() @ w.double().t())
+        xq = torch.where(amax > 0, torch.round(x.reshape(5, -1, span) * (127 / amax)), 0).clamp(-127, 127)
+        y_emul = ((xq * d).reshape(5, k).double() @ w.double().t())
         s = x.abs().double() @ w.abs().double().t()
-        outs = [kernels.prepare(qt, backend, "cpu", cpu_path=p).matmul(x) for p in paths]
+        outs = [pw.matmul(x) for pw in pws]
         for p, y in zip(paths, outs):
-            assert ((y.double() - y_emul).abs() <= 4 * 192 * U * s + 1e-6).all(), (p, gs, sym)
+            assert ((y.double() - y_emul).abs() <= 4 * k * U * s + 1e-6).all(), (p, gs, sym, k)
         if len(outs) == 2:
-            assert ((outs[0] - outs[1]).double().abs() <= 4 * 192 * U * s + 1e-6).all()
+            assert ((outs[0] - outs[1]).double().abs() <= 4 * k * U * s + 1e-6).all()
 
 
 @pytest.mark.parametrize("bits", (4, 8))
@@ -126,20 +133,20 @@ def test_cpu_kernel_rounds_activation_ties_half_to_even(bits):
     the float tolerance."""
     if cext.unavailable_reason():
         pytest.skip(cext.unavailable_reason())
-    k = 192
-    qt = _qt(bits, 64, True, n=40, k=k)
-    w = qt.dequantize(torch.float64)
-    g = torch.Generator().manual_seed(5)
-    x = (torch.randint(-126, 126, (3, k), generator=g) + 0.5).float()
-    x[:, ::32] = 127.0
-    xq = torch.round(x.double())  # half to even: 2.5 -> 2, -3.5 -> -4
-    assert (xq != torch.trunc(x.double()) + torch.sign(x.double())).any()  # ties do occur
-    y_emul = xq @ w.t()
-    s = x.abs().double() @ w.abs().t()
-    paths = ["generic"] + (["avx2"] if cext.cpu_path() == "avx2" else [])
-    for p in paths:
-        y = kernels.prepare(qt, f"cpu_q{bits}", "cpu", cpu_path=p).matmul(x).double()
-        assert ((y - y_emul).abs() <= 4 * k * U * s + 1e-6).all(), p
+    for gs, k in ((64, 192), (128, 256)):  # activation spans of 32 and (int4) 128 values
+        qt = _qt(bits, gs, True, n=40, k=k)
+        w = qt.dequantize(torch.float64)
+        g = torch.Generator().manual_seed(5)
+        x = (torch.randint(-126, 126, (3, k), generator=g) + 0.5).float()
+        x[:, ::32] = 127.0
+        xq = torch.round(x.double())  # half to even: 2.5 -> 2, -3.5 -> -4
+        assert (xq != torch.trunc(x.double()) + torch.sign(x.double())).any()  # ties do occur
+        y_emul = xq @ w.t()
+        s = x.abs().double() @ w.abs().t()
+        paths = ["generic"] + (["avx2"] if cext.cpu_path() == "avx2" else [])
+        for p in paths:
+            y = kernels.prepare(qt, f"cpu_q{bits}", "cpu", cpu_path=p).matmul(x).double()
+            assert ((y - y_emul).abs() <= 4 * k * U * s + 1e-6).all(), (p, gs)
 
 
 def test_leading_dims_and_glu():
@@ -182,7 +189,7 @@ def test_fused_glu_matches_three_matmuls_and_the_float_expert(bits, group_size, 
             h = torch.nn.functional.silu(a1) * a3
             y3 = pws[2].matmul(h)
             # only hidden values within a hair of a rounding tie can land on another code
-            hb = h.reshape(m, -1, 32)
+            hb = h.reshape(m, -1, pws[2].act_span)
             amax = hb.abs().amax(-1, keepdim=True)
             r = hb * (127 / amax)
             near = ((r - r.floor() - 0.5).abs() < 1e-3) * (amax / 127)  # [M, F/32, 32]
@@ -192,12 +199,12 @@ def test_fused_glu_matches_three_matmuls_and_the_float_expert(bits, group_size, 
             # against float64 with exact silu
             xd = x.double()
             r1, r3 = xd @ w1.double().t(), xd @ v1.double().t()
-            e1 = _act_quant_bound(x, w1) + 4 * d * U * (x.abs().double() @ w1.abs().double().t()) + 1e-6
-            e3 = _act_quant_bound(x, v1) + 4 * d * U * (x.abs().double() @ v1.abs().double().t()) + 1e-6
+            e1 = _act_quant_bound(x, w1, pws[0].act_span) + 4 * d * U * (x.abs().double() @ w1.abs().double().t()) + 1e-6
+            e3 = _act_quant_bound(x, v1, pws[1].act_span) + 4 * d * U * (x.abs().double() @ v1.abs().double().t()) + 1e-6
             rh = torch.nn.functional.silu(r1) * r3
             eh = 1.1 * e1 * r3.abs() + torch.nn.functional.silu(r1).abs() * e3 + 1.1 * e1 * e3
             ref = rh @ w2.double().t()
-            tol = eh @ w2.abs().double().t() + _act_quant_bound(h, w2) + 4 * f * U * s3 + 1e-5
+            tol = eh @ w2.abs().double().t() + _act_quant_bound(h, w2, pws[2].act_span) + 4 * f * U * s3 + 1e-5
             assert ((y.double() - ref).abs() <= tol).all(), (path, m, float(((y.double() - ref).abs() - tol).max()))
             assert (y - ref.float()).abs().max() > 0  # quantized activations: not bit-equal to float
 
