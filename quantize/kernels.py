@@ -371,7 +371,8 @@ def glu(x: torch.Tensor, w1: PreparedWeight, v1: PreparedWeight, w2: PreparedWei
     if act is not F.silu or not _fusable(w1, v1, w2):
         return w2.matmul(act(w1.matmul(x)) * v1.matmul(x))
     f, d = w1.shape
-    assert x.shape[-1] == d, (tuple(x.shape), w1.shape)
+    if x.shape[-1] != d:
+        raise QuantizationError(f"glu: input of shape {tuple(x.shape)} has last dim {x.shape[-1]}, expected d_model={d}")
     x2 = x.reshape(-1, d).float().contiguous()
     y = torch.empty(x2.shape[0], d, dtype=torch.float32)
     rc = w1.lib.dbrxq_glu(x2.data_ptr(), x2.shape[0], d, f, w1.w.data_ptr(), v1.w.data_ptr(), w2.w.data_ptr(),

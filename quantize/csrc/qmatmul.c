@@ -245,9 +245,11 @@ TGT static void quant_act_avx2(const float *x, int M, int K, int span, int permu
  * inlining: MT for batches, 1 for decode).
  * dv [M, K/8]: per superblock 8 floats [d_A x4, d_B x4] matching the madd lanes.
  * ag [K/G, M]: A_g per group (transposed so a tile's values are adjacent).
- * For G >= 64 the weight scale is constant over a group: accumulate d_a * dot in accg and apply
- * the scale once per group (one multiply per group instead of one per superblock).
- * Every second superblock (one 64-byte line) prefetches ahead; see PF. */
+ * Three loops: G % 128 == 0 (the activation scale is constant over each 128-column line,
+ * dbrxq_act_span): integer sums per line, one convert and FMA per line; other G >= 64: the
+ * weight scale is constant over a group, so accumulate d_a * dot in accg and apply the scale
+ * once per group; G == 32: both scales per superblock half. Each 64-byte line prefetches
+ * ahead once; see PF. */
 TGT INL void q4_kern(const uint8_t *row, int K, int G, int asym, const int8_t *qa,
                      const float *dv, const float *ag, int M, int m0, const int nt,
                      float *y, int64_t ldy) {
