@@ -7,7 +7,7 @@ processes never see a half-written file (compile to a temp name, then rename).
 
 No -march flags: the AVX2 functions carry ``target`` attributes inside the one build, and
 :func:`cpu_path` picks the path from the CPU's flags at run time (override with
-``DBRXQ_CPU_KERNEL=generic|avx2``). ``DBRXQ_DISABLE_CEXT=1`` pretends the build failed. When gcc
+``DBRXQ_CPU_KERNEL=generic|avx2|avx512``). ``DBRXQ_DISABLE_CEXT=1`` pretends the build failed. When gcc
 is missing or the build fails, :func:`load` logs once and returns None; callers fall back to the
 torch backends.
 """
@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "qmatmul.c"
 FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp"]
-PATHS = {"generic": 0, "avx2": 1}  # the `path` argument of dbrxq_matmul
+PATHS = {"generic": 0, "avx2": 1, "avx512": 2}  # the `path` argument of dbrxq_matmul
+# CPU flags (/proc/cpuinfo names) each path needs; "avx512" is AVX512F/BW/VL with VNNI (vpdpbusd).
+PATH_FLAGS = {"generic": frozenset(), "avx2": frozenset({"avx2", "fma", "f16c"}),
+              "avx512": frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})}
 
 _c_int, _c_i64, _vp = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
 
@@ -47,7 +50,12 @@ def cpu_path() -> str:
         if forced not in PATHS:
             raise QuantizationError(f"DBRXQ_CPU_KERNEL={forced!r} is not a kernel path; use one of {sorted(PATHS)}")
         return forced
-    return "avx2" if {"avx2", "fma", "f16c"} <= cpu_flags() else "generic"
+    return next(p for p in ("avx512", "avx2", "generic") if PATH_FLAGS[p] <= cpu_flags())
+
+
+def runnable_paths() -> list[str]:
+    """Every kernel path this CPU can run (tests compare them with each other)."""
+    return [p for p in PATHS if PATH_FLAGS[p] <= cpu_flags()]
 
 
 def _compiler() -> str | None:

@@ -50,6 +50,7 @@
 #define QK 32     /* activation block */
 #define NCHUNK 16 /* weight rows per work item */
 #define MT 4      /* activation rows per tile */
+#define NR2 2     /* weight rows per tile on the AVX2 path (16 ymm registers) */
 #ifndef PF
 /* Software prefetch distance in bytes (prefetch_line: L1 at PF, L2 at 4 * PF), about bandwidth x
  * memory latency of one core's share, with room. 2-core AMD EPYC (Zen 3) VM, M = 1, one
@@ -241,147 +242,409 @@ TGT static void quant_act_avx2(const float *x, int M, int K, int span, int permu
         }
 }
 
-/* q4 kernel for one weight row x `nt` activation rows (nt a compile-time constant after
- * inlining: MT for batches, 1 for decode).
+/* q4 kernel for `nr` weight rows (records w0, w0 + rb, ...) x `nt` activation rows (nr, nt
+ * compile-time constants after inlining: 1 x 1 for decode, NR2 x MT for batches).
  * dv [M, K/8]: per superblock 8 floats [d_A x4, d_B x4] matching the madd lanes.
  * ag [K/G, M]: A_g per group (transposed so a tile's values are adjacent).
  * Three loops: G % 128 == 0 (the activation scale is constant over each 128-column line,
  * dbrxq_act_span): integer sums per line, one convert and FMA per line; other G >= 64: the
  * weight scale is constant over a group, so accumulate d_a * dot in accg and apply the scale
  * once per group; G == 32: both scales per superblock half. Each 64-byte line prefetches
- * ahead once; see PF. */
-TGT INL void q4_kern(const uint8_t *row, int K, int G, int asym, const int8_t *qa,
-                     const float *dv, const float *ag, int M, int m0, const int nt,
-                     float *y, int64_t ldy) {
+ * ahead once; see PF.
+ * For every (weight row, activation row) the float operations are the same sequence whatever
+ * nr and nt are (and on the AVX-512 path below), so a row's result never depends on M. */
+TGT INL void q4_kern(const uint8_t *w0, int64_t rb, const int nr, int K, int G, int asym, const int8_t *qa,
+                     const float *dv, const float *ag, int M, int m0, const int nt, float *y, int64_t ldy) {
     const int ng = K / G;
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    const uint16_t *sc = (const uint16_t *)(row + K / 2);
-    const uint8_t *zp = row + K / 2 + 2 * ng;
-    __m256 acc[MT], accg[MT];
-    float corr[MT];
+    __m256 acc[NR2][MT], accg[NR2][MT];
+    float corr[NR2][MT];
     const int8_t *a[MT];
     const float *dd[MT];
     _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-        acc[i] = _mm256_setzero_ps();
-        corr[i] = 0.f;
         a[i] = qa + (int64_t)(m0 + i) * K;
         dd[i] = dv + (int64_t)(m0 + i) * (K / 8);
+        _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) { acc[r][i] = _mm256_setzero_ps(); corr[r][i] = 0.f; }
     }
     if (G % 128 == 0) { /* one activation scale per line (dbrxq_act_span): sum its 128 products first */
         const int lpg = G / 128;
         for (int g = 0; g < ng; g++) {
-            float s = _cvtsh_ss(sc[g]), sz = s * (float)(asym ? zp[g] : 8);
+            float s[NR2], sz[NR2];
+            _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) {
+                const uint8_t *row = w0 + r * rb;
+                s[r] = _cvtsh_ss(((const uint16_t *)(row + K / 2))[g]);
+                sz[r] = s[r] * (float)(asym ? (row + K / 2 + 2 * ng)[g] : 8);
+            }
             for (int l = g * lpg; l < (g + 1) * lpg; l++) {
-                const uint8_t *wl = row + l * 64;
-                prefetch_line(wl);
-                __m256i v0 = _mm256_loadu_si256((const __m256i *)wl), v1 = _mm256_loadu_si256((const __m256i *)(wl + 32));
-                __m256i lo0 = _mm256_and_si256(v0, m4), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4);
-                __m256i lo1 = _mm256_and_si256(v1, m4), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-                    const int8_t *al = a[i] + l * 128;
-                    /* int16 lanes: 8 products of <= 15 * 127 each, |sum| <= 15240: no overflow */
-                    __m256i p = _mm256_add_epi16(
-                        _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_loadu_si256((const __m256i *)al)),
-                                         _mm256_maddubs_epi16(hi0, _mm256_loadu_si256((const __m256i *)(al + 32)))),
-                        _mm256_add_epi16(_mm256_maddubs_epi16(lo1, _mm256_loadu_si256((const __m256i *)(al + 64))),
-                                         _mm256_maddubs_epi16(hi1, _mm256_loadu_si256((const __m256i *)(al + 96)))));
-                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)),
-                                             _mm256_set1_ps(s * dd[i][l * 16]), acc[i]);
+                _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) {
+                    const uint8_t *wl = w0 + r * rb + l * 64;
+                    prefetch_line(wl);
+                    __m256i v0 = _mm256_loadu_si256((const __m256i *)wl), v1 = _mm256_loadu_si256((const __m256i *)(wl + 32));
+                    __m256i lo0 = _mm256_and_si256(v0, m4), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4);
+                    __m256i lo1 = _mm256_and_si256(v1, m4), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);
+                    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                        const int8_t *al = a[i] + l * 128;
+                        /* int16 lanes: 8 products of <= 15 * 127 each, |sum| <= 15240: no overflow */
+                        __m256i p = _mm256_add_epi16(
+                            _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_loadu_si256((const __m256i *)al)),
+                                             _mm256_maddubs_epi16(hi0, _mm256_loadu_si256((const __m256i *)(al + 32)))),
+                            _mm256_add_epi16(_mm256_maddubs_epi16(lo1, _mm256_loadu_si256((const __m256i *)(al + 64))),
+                                             _mm256_maddubs_epi16(hi1, _mm256_loadu_si256((const __m256i *)(al + 96)))));
+                        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)),
+                                                    _mm256_set1_ps(s[r] * dd[i][l * 16]), acc[r][i]);
+                    }
                 }
             }
-            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) corr[i] += sz * ag[(int64_t)g * M + m0 + i];
+            _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++)
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) corr[r][i] += sz[r] * ag[(int64_t)g * M + m0 + i];
         }
     } else if (G >= 64) {
         const int spg = G / 64;
         for (int g = 0; g < ng; g++) {
-            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) accg[i] = _mm256_setzero_ps();
+            _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++)
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) accg[r][i] = _mm256_setzero_ps();
             for (int sb = g * spg; sb < (g + 1) * spg; sb++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(row + sb * 32));
-                if (!(sb & 1)) prefetch_line(row + sb * 32);
-                __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-                    __m256i p = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64))),
-                        _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64 + 32))));
-                    accg[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)),
-                                              _mm256_loadu_ps(dd[i] + sb * 8), accg[i]);
+                _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) {
+                    const uint8_t *row = w0 + r * rb;
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(row + sb * 32));
+                    if (!(sb & 1)) prefetch_line(row + sb * 32);
+                    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                        __m256i p = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64))),
+                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64 + 32))));
+                        accg[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)),
+                                                     _mm256_loadu_ps(dd[i] + sb * 8), accg[r][i]);
+                    }
                 }
             }
-            float s = _cvtsh_ss(sc[g]), sz = s * (float)(asym ? zp[g] : 8);
-            __m256 ws = _mm256_set1_ps(s);
-            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-                acc[i] = _mm256_fmadd_ps(accg[i], ws, acc[i]);
-                corr[i] += sz * ag[(int64_t)g * M + m0 + i];
+            _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) {
+                const uint8_t *row = w0 + r * rb;
+                float s = _cvtsh_ss(((const uint16_t *)(row + K / 2))[g]);
+                float sz = s * (float)(asym ? (row + K / 2 + 2 * ng)[g] : 8);
+                __m256 ws = _mm256_set1_ps(s);
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                    acc[r][i] = _mm256_fmadd_ps(accg[r][i], ws, acc[r][i]);
+                    corr[r][i] += sz * ag[(int64_t)g * M + m0 + i];
+                }
             }
         }
     } else { /* G == 32: the two halves of a superblock have their own scales */
         const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
         for (int sb = 0; sb < K / 64; sb++) {
-            uint32_t two; memcpy(&two, sc + 2 * sb, 4);
-            __m128 s2 = _mm_cvtph_ps(_mm_cvtsi32_si128((int)two));
-            __m256 ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s2), lanes);
-            __m256i v = _mm256_loadu_si256((const __m256i *)(row + sb * 32));
-            if (!(sb & 1)) prefetch_line(row + sb * 32);
-            __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            float sz0 = _cvtsh_ss(sc[2 * sb]) * (float)(asym ? zp[2 * sb] : 8);
-            float sz1 = _cvtsh_ss(sc[2 * sb + 1]) * (float)(asym ? zp[2 * sb + 1] : 8);
-            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-                __m256i p = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64))),
-                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64 + 32))));
-                __m256 t = _mm256_mul_ps(_mm256_loadu_ps(dd[i] + sb * 8), ws);
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), t, acc[i]);
-                corr[i] += sz0 * ag[(int64_t)(2 * sb) * M + m0 + i] + sz1 * ag[(int64_t)(2 * sb + 1) * M + m0 + i];
+            _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) {
+                const uint8_t *row = w0 + r * rb;
+                const uint16_t *sc = (const uint16_t *)(row + K / 2);
+                const uint8_t *zp = row + K / 2 + 2 * ng;
+                uint32_t two; memcpy(&two, sc + 2 * sb, 4);
+                __m128 s2 = _mm_cvtph_ps(_mm_cvtsi32_si128((int)two));
+                __m256 ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s2), lanes);
+                __m256i v = _mm256_loadu_si256((const __m256i *)(row + sb * 32));
+                if (!(sb & 1)) prefetch_line(row + sb * 32);
+                __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                float sz0 = _cvtsh_ss(sc[2 * sb]) * (float)(asym ? zp[2 * sb] : 8);
+                float sz1 = _cvtsh_ss(sc[2 * sb + 1]) * (float)(asym ? zp[2 * sb + 1] : 8);
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                    __m256i p = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64))),
+                        _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64 + 32))));
+                    __m256 t = _mm256_mul_ps(_mm256_loadu_ps(dd[i] + sb * 8), ws);
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), t, acc[r][i]);
+                    corr[r][i] += sz0 * ag[(int64_t)(2 * sb) * M + m0 + i] + sz1 * ag[(int64_t)(2 * sb + 1) * M + m0 + i];
+                }
             }
         }
     }
-    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) y[(int64_t)(m0 + i) * ldy] = hsum8(acc[i]) - corr[i];
+    _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++)
+        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) y[(int64_t)(m0 + i) * ldy + r] = hsum8(acc[r][i]) - corr[r][i];
 }
 
-/* q8: codes int8 (c - 128); d [M, K/32] per block. Zero correction uses (z - 128). */
-TGT INL void q8_tile(const uint8_t *row, int K, int G, int asym, const int8_t *qa,
-                     const float *d, const float *ag, int M, int m0, const int nt,
-                     float *y, int64_t ldy) {
+/* q8: codes int8 (c - 128); d [M, K/32] per block. Zero correction uses (z - 128).
+ * `nr` weight rows x `nt` activation rows, as q4_kern. */
+TGT INL void q8_tile(const uint8_t *w0, int64_t rb, const int nr, int K, int G, int asym, const int8_t *qa,
+                     const float *d, const float *ag, int M, int m0, const int nt, float *y, int64_t ldy) {
     const int ng = K / G, bpg = G / QK;
-    const uint16_t *sc = (const uint16_t *)(row + K);
-    const uint8_t *zp = row + K + 2 * ng;
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[MT];
-    float corr[MT];
-    for (int i = 0; i < nt; i++) { acc[i] = _mm256_setzero_ps(); corr[i] = 0.f; }
+    __m256 acc[NR2][MT];
+    float corr[NR2][MT];
+    _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++)
+        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) { acc[r][i] = _mm256_setzero_ps(); corr[r][i] = 0.f; }
     for (int g = 0; g < ng; g++) {
-        float s = _cvtsh_ss(sc[g]);
+        float s[NR2];
+        _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) s[r] = _cvtsh_ss(((const uint16_t *)(w0 + r * rb + K))[g]);
         for (int b = g * bpg; b < (g + 1) * bpg; b++) {
-            __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * QK));
-            if (!(b & 1)) prefetch_line(row + b * QK);
-            __m256i aw = _mm256_abs_epi8(w);
-            for (int i = 0; i < nt; i++) {
-                const int8_t *ab = qa + (int64_t)(m0 + i) * K + b * QK;
-                __m256i sa = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)ab), w);
-                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sa), ones);
-                __m256 t = _mm256_set1_ps(s * d[(int64_t)(m0 + i) * (K / QK) + b]);
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), t, acc[i]);
+            _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) {
+                const uint8_t *row = w0 + r * rb;
+                __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * QK));
+                if (!(b & 1)) prefetch_line(row + b * QK);
+                __m256i aw = _mm256_abs_epi8(w);
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                    const int8_t *ab = qa + (int64_t)(m0 + i) * K + b * QK;
+                    __m256i sa = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)ab), w);
+                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sa), ones);
+                    __m256 t = _mm256_set1_ps(s[r] * d[(int64_t)(m0 + i) * (K / QK) + b]);
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), t, acc[r][i]);
+                }
             }
         }
         if (asym) {
-            float sz = s * (float)((int)zp[g] - 128);
-            for (int i = 0; i < nt; i++) corr[i] += sz * ag[(int64_t)g * M + m0 + i];
+            _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) {
+                float sz = s[r] * (float)((int)(w0 + r * rb + K + 2 * ng)[g] - 128);
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) corr[r][i] += sz * ag[(int64_t)g * M + m0 + i];
+            }
         }
     }
-    for (int i = 0; i < nt; i++) y[(int64_t)(m0 + i) * ldy] = hsum8(acc[i]) - corr[i];
+    _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++)
+        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) y[(int64_t)(m0 + i) * ldy + r] = hsum8(acc[r][i]) - corr[r][i];
 }
 
-/* Weight rows n0..n1 (records at w, stride rb) x activation rows m0..m0+mt. */
+/* One weight row x activation rows m0..m0+mt, one at a time (decode, and the edges of a tile). */
+TGT static void row_avx2(const uint8_t *row, int bits, int K, int G, int asym, const int8_t *qa, const float *dvd,
+                         const float *ag, int M, int m0, int mt, float *y, int64_t ldy) {
+    for (int i = 0; i < mt; i++) {
+        if (bits == 8) q8_tile(row, 0, 1, K, G, asym, qa, dvd, ag, M, m0 + i, 1, y, ldy);
+        else q4_kern(row, 0, 1, K, G, asym, qa, dvd, ag, M, m0 + i, 1, y, ldy);
+    }
+}
+
+/* Weight rows n0..n1 (records at w, stride rb) x activation rows m0..m0+mt: NR2 x MT register
+ * tiles where both are full, single rows at the edges. */
 TGT static void rows_avx2(const uint8_t *w, int64_t rb, int n0, int n1, int bits, int K, int G, int asym,
                           const int8_t *qa, const float *dvd, const float *ag, int M, int m0, int mt,
                           float *y, int64_t ldy) {
-    for (int n = n0; n < n1; n++) {
-        const uint8_t *row = w + (int64_t)n * rb;
-        if (bits == 8 && mt == MT) q8_tile(row, K, G, asym, qa, dvd, ag, M, m0, MT, y + n, ldy);
-        else if (bits == 8) for (int i = 0; i < mt; i++) q8_tile(row, K, G, asym, qa, dvd, ag, M, m0 + i, 1, y + n, ldy);
-        else if (mt == MT) q4_kern(row, K, G, asym, qa, dvd, ag, M, m0, MT, y + n, ldy);
-        else for (int i = 0; i < mt; i++) q4_kern(row, K, G, asym, qa, dvd, ag, M, m0 + i, 1, y + n, ldy);
+    int n = n0;
+    if (mt == MT)
+        for (; n + NR2 <= n1; n += NR2) {
+            const uint8_t *row = w + (int64_t)n * rb;
+            if (bits == 8) q8_tile(row, rb, NR2, K, G, asym, qa, dvd, ag, M, m0, MT, y + n, ldy);
+            else q4_kern(row, rb, NR2, K, G, asym, qa, dvd, ag, M, m0, MT, y + n, ldy);
+        }
+    for (; n < n1; n++) row_avx2(w + (int64_t)n * rb, bits, K, G, asym, qa, dvd, ag, M, m0, mt, y + n, ldy);
+}
+
+/* ------------------------------------------------------------------ AVX-512 VNNI path */
+
+/* Skylake-X and later (AVX512F/BW/VL + VNNI: Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4).
+ * The same numbers as the AVX2 path, bit for bit, twice the work per instruction: a 512-bit
+ * register holds TWO weight rows' 32-byte vectors (row A in lanes 0-7, row B in lanes 8-15) and
+ * an activation vector broadcast to both halves, so every 32-bit lane sees exactly the products
+ * it sees on the AVX2 path, and vpdpbusd (u8 x s8, four products summed into each int32 lane)
+ * equals maddubs + add + madd(ones) there: all of them are exact integers (no saturation, see
+ * q4_kern). The float work (convert, s * d, FMA) is then the same operation per lane, and
+ * each half is reduced with the same hsum8. Decode (M = 1) and the edges of a tile run the
+ * AVX2 functions; a tile is NP pairs of weight rows x MT activation rows. */
+#define TGT5 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define NP 2 /* weight-row pairs per tile: 2 x MT accumulators + 8 weight registers of 32 */
+
+TGT5 INL __m512i ld_pair(const uint8_t *a, const uint8_t *b) { /* 32 B at a | 32 B at b */
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                              _mm256_loadu_si256((const __m256i *)b), 1);
+}
+TGT5 INL __m512i bcast32(const int8_t *p) { return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p)); }
+TGT5 INL __m512 bcast8f(const float *p) {
+    return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))));
+}
+TGT5 INL __m512 pair_ps(__m256 a, __m256 b) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(a)), _mm256_castps_pd(b), 1));
+}
+TGT5 INL __m256 lo_half(__m512 v) { return _mm512_castps512_ps256(v); }
+TGT5 INL __m256 hi_half(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
+
+/* q4, 2 * np weight rows (records w0 + j * rb) x nt activation rows; see q4_kern. */
+TGT5 INL void q4_tile512(const uint8_t *w0, int64_t rb, const int np, int K, int G, int asym, const int8_t *qa,
+                         const float *dv, const float *ag, int M, int m0, const int nt, float *y, int64_t ldy) {
+    const int ng = K / G;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), z = _mm512_setzero_si512();
+    __m512 acc[NP][MT], accg[NP][MT];
+    float corr[2 * NP][MT];
+    const int8_t *a[MT];
+    const float *dd[MT];
+    const uint8_t *rw[2 * NP];
+    _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) rw[j] = w0 + j * rb;
+    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+        a[i] = qa + (int64_t)(m0 + i) * K;
+        dd[i] = dv + (int64_t)(m0 + i) * (K / 8);
+        _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) acc[p][i] = _mm512_setzero_ps();
+        _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) corr[j][i] = 0.f;
     }
+    if (G % 128 == 0) {
+        const int lpg = G / 128;
+        for (int g = 0; g < ng; g++) {
+            float s[2 * NP], sz[2 * NP];
+            __m512 sv[NP];
+            _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) {
+                s[j] = _cvtsh_ss(((const uint16_t *)(rw[j] + K / 2))[g]);
+                sz[j] = s[j] * (float)(asym ? (rw[j] + K / 2 + 2 * ng)[g] : 8);
+            }
+            _Pragma("GCC unroll 2") for (int p = 0; p < np; p++)
+                sv[p] = pair_ps(_mm256_set1_ps(s[2 * p]), _mm256_set1_ps(s[2 * p + 1]));
+            for (int l = g * lpg; l < (g + 1) * lpg; l++) {
+                __m512i lo0[NP], hi0[NP], lo1[NP], hi1[NP];
+                _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
+                    const uint8_t *wa = rw[2 * p] + l * 64, *wb = rw[2 * p + 1] + l * 64;
+                    prefetch_line(wa);
+                    prefetch_line(wb);
+                    __m512i v0 = ld_pair(wa, wb), v1 = ld_pair(wa + 32, wb + 32);
+                    lo0[p] = _mm512_and_si512(v0, m4); hi0[p] = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
+                    lo1[p] = _mm512_and_si512(v1, m4); hi1[p] = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
+                }
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                    const int8_t *al = a[i] + l * 128;
+                    __m512i a0 = bcast32(al), a1 = bcast32(al + 32), a2 = bcast32(al + 64), a3 = bcast32(al + 96);
+                    __m512 dvec = _mm512_set1_ps(dd[i][l * 16]);
+                    _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
+                        __m512i q = _mm512_dpbusd_epi32(z, lo0[p], a0);
+                        q = _mm512_dpbusd_epi32(q, hi0[p], a1);
+                        q = _mm512_dpbusd_epi32(q, lo1[p], a2);
+                        q = _mm512_dpbusd_epi32(q, hi1[p], a3);
+                        acc[p][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(sv[p], dvec), acc[p][i]);
+                    }
+                }
+            }
+            _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++)
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) corr[j][i] += sz[j] * ag[(int64_t)g * M + m0 + i];
+        }
+    } else if (G >= 64) {
+        const int spg = G / 64;
+        for (int g = 0; g < ng; g++) {
+            _Pragma("GCC unroll 2") for (int p = 0; p < np; p++)
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) accg[p][i] = _mm512_setzero_ps();
+            for (int sb = g * spg; sb < (g + 1) * spg; sb++) {
+                __m512i lo[NP], hi[NP];
+                _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
+                    const uint8_t *wa = rw[2 * p] + sb * 32, *wb = rw[2 * p + 1] + sb * 32;
+                    if (!(sb & 1)) { prefetch_line(wa); prefetch_line(wb); }
+                    __m512i v = ld_pair(wa, wb);
+                    lo[p] = _mm512_and_si512(v, m4); hi[p] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                }
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                    __m512i a0 = bcast32(a[i] + sb * 64), a1 = bcast32(a[i] + sb * 64 + 32);
+                    __m512 dvec = bcast8f(dd[i] + sb * 8);
+                    _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
+                        __m512i q = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo[p], a0), hi[p], a1);
+                        accg[p][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dvec, accg[p][i]);
+                    }
+                }
+            }
+            float s[2 * NP];
+            _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) {
+                s[j] = _cvtsh_ss(((const uint16_t *)(rw[j] + K / 2))[g]);
+                float sz = s[j] * (float)(asym ? (rw[j] + K / 2 + 2 * ng)[g] : 8);
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) corr[j][i] += sz * ag[(int64_t)g * M + m0 + i];
+            }
+            _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
+                __m512 ws = pair_ps(_mm256_set1_ps(s[2 * p]), _mm256_set1_ps(s[2 * p + 1]));
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) acc[p][i] = _mm512_fmadd_ps(accg[p][i], ws, acc[p][i]);
+            }
+        }
+    } else { /* G == 32 */
+        const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        for (int sb = 0; sb < K / 64; sb++) {
+            __m512i lo[NP], hi[NP];
+            __m512 ws[NP];
+            float sz[2 * NP][2];
+            _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) {
+                const uint16_t *sc = (const uint16_t *)(rw[j] + K / 2);
+                const uint8_t *zp = rw[j] + K / 2 + 2 * ng;
+                sz[j][0] = _cvtsh_ss(sc[2 * sb]) * (float)(asym ? zp[2 * sb] : 8);
+                sz[j][1] = _cvtsh_ss(sc[2 * sb + 1]) * (float)(asym ? zp[2 * sb + 1] : 8);
+            }
+            _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
+                const uint8_t *wa = rw[2 * p], *wb = rw[2 * p + 1];
+                uint32_t ta, tb;
+                memcpy(&ta, (const uint16_t *)(wa + K / 2) + 2 * sb, 4);
+                memcpy(&tb, (const uint16_t *)(wb + K / 2) + 2 * sb, 4);
+                ws[p] = pair_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128((int)ta))), lanes),
+                                _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128((int)tb))), lanes));
+                if (!(sb & 1)) { prefetch_line(wa + sb * 32); prefetch_line(wb + sb * 32); }
+                __m512i v = ld_pair(wa + sb * 32, wb + sb * 32);
+                lo[p] = _mm512_and_si512(v, m4); hi[p] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            }
+            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                __m512i a0 = bcast32(a[i] + sb * 64), a1 = bcast32(a[i] + sb * 64 + 32);
+                __m512 dvec = bcast8f(dd[i] + sb * 8);
+                float ag0 = ag[(int64_t)(2 * sb) * M + m0 + i], ag1 = ag[(int64_t)(2 * sb + 1) * M + m0 + i];
+                _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
+                    __m512i q = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo[p], a0), hi[p], a1);
+                    acc[p][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(dvec, ws[p]), acc[p][i]);
+                }
+                _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) corr[j][i] += sz[j][0] * ag0 + sz[j][1] * ag1;
+            }
+        }
+    }
+    _Pragma("GCC unroll 2") for (int p = 0; p < np; p++)
+        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+            float *yo = y + (int64_t)(m0 + i) * ldy + 2 * p;
+            yo[0] = hsum8(lo_half(acc[p][i])) - corr[2 * p][i];
+            yo[1] = hsum8(hi_half(acc[p][i])) - corr[2 * p + 1][i];
+        }
+}
+
+/* q8, 2 * np weight rows x nt activation rows; see q8_tile. AVX-512 has no vpsignb: the sign
+ * of w moves onto the activations with a masked negation (w < 0), |w| stays unsigned. */
+TGT5 INL void q8_tile512(const uint8_t *w0, int64_t rb, const int np, int K, int G, int asym, const int8_t *qa,
+                         const float *d, const float *ag, int M, int m0, const int nt, float *y, int64_t ldy) {
+    const int ng = K / G, bpg = G / QK;
+    const __m512i z = _mm512_setzero_si512();
+    __m512 acc[NP][MT];
+    float corr[2 * NP][MT];
+    const uint8_t *rw[2 * NP];
+    _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) rw[j] = w0 + j * rb;
+    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+        _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) acc[p][i] = _mm512_setzero_ps();
+        _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) corr[j][i] = 0.f;
+    }
+    for (int g = 0; g < ng; g++) {
+        float s[2 * NP];
+        __m512 sv[NP];
+        _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) s[j] = _cvtsh_ss(((const uint16_t *)(rw[j] + K))[g]);
+        _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) sv[p] = pair_ps(_mm256_set1_ps(s[2 * p]), _mm256_set1_ps(s[2 * p + 1]));
+        for (int b = g * bpg; b < (g + 1) * bpg; b++) {
+            __m512i aw[NP];
+            __mmask64 neg[NP];
+            _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
+                const uint8_t *wa = rw[2 * p] + b * QK, *wb = rw[2 * p + 1] + b * QK;
+                if (!(b & 1)) { prefetch_line(wa); prefetch_line(wb); }
+                __m512i w = ld_pair(wa, wb);
+                aw[p] = _mm512_abs_epi8(w);
+                neg[p] = _mm512_movepi8_mask(w);
+            }
+            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                __m512i av = bcast32(qa + (int64_t)(m0 + i) * K + b * QK);
+                __m512 dvec = _mm512_set1_ps(d[(int64_t)(m0 + i) * (K / QK) + b]);
+                _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
+                    __m512i sa = _mm512_mask_sub_epi8(av, neg[p], z, av);
+                    __m512i q = _mm512_dpbusd_epi32(z, aw[p], sa);
+                    acc[p][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(sv[p], dvec), acc[p][i]);
+                }
+            }
+        }
+        if (asym) {
+            _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) {
+                float sz = s[j] * (float)((int)(rw[j] + K + 2 * ng)[g] - 128);
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) corr[j][i] += sz * ag[(int64_t)g * M + m0 + i];
+            }
+        }
+    }
+    _Pragma("GCC unroll 2") for (int p = 0; p < np; p++)
+        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+            float *yo = y + (int64_t)(m0 + i) * ldy + 2 * p;
+            yo[0] = hsum8(lo_half(acc[p][i])) - corr[2 * p][i];
+            yo[1] = hsum8(hi_half(acc[p][i])) - corr[2 * p + 1][i];
+        }
+}
+
+TGT5 static void rows_avx512(const uint8_t *w, int64_t rb, int n0, int n1, int bits, int K, int G, int asym,
+                             const int8_t *qa, const float *dvd, const float *ag, int M, int m0, int mt,
+                             float *y, int64_t ldy) {
+    int n = n0;
+    if (mt == MT)
+        for (; n + 2 * NP <= n1; n += 2 * NP) {
+            const uint8_t *row = w + (int64_t)n * rb;
+            if (bits == 8) q8_tile512(row, rb, NP, K, G, asym, qa, dvd, ag, M, m0, MT, y + n, ldy);
+            else q4_tile512(row, rb, NP, K, G, asym, qa, dvd, ag, M, m0, MT, y + n, ldy);
+        }
+    for (; n < n1; n++) row_avx2(w + (int64_t)n * rb, bits, K, G, asym, qa, dvd, ag, M, m0, mt, y + n, ldy);
 }
 
 /* ------------------------------------------------------------------ entry points */
@@ -406,8 +669,8 @@ static int acts_alloc(acts_t *a, int M, int K, int bits, int G, int path) {
     a->d = malloc(sizeof(float) * M * nb);
     a->bsum = malloc(sizeof(float) * M * nb);
     a->ag = malloc(sizeof(float) * M * (K / G));
-    if (bits == 4 && path == 1) a->dv = malloc(sizeof(float) * M * (K / 8));
-    if (!a->qa || !a->d || !a->bsum || !a->ag || (bits == 4 && path == 1 && !a->dv)) {
+    if (bits == 4 && path >= 1) a->dv = malloc(sizeof(float) * M * (K / 8));
+    if (!a->qa || !a->d || !a->bsum || !a->ag || (bits == 4 && path >= 1 && !a->dv)) {
         acts_free(a);
         return -1;
     }
@@ -418,7 +681,7 @@ static int acts_alloc(acts_t *a, int M, int K, int bits, int G, int path) {
 static void acts_quant(acts_t *a, const float *x, int m0, int m1) {
     int K = a->K, M = a->M, G = a->G, nb = K / QK;
     int64_t o = (int64_t)m0 * K, ob = (int64_t)m0 * nb;
-    (a->path == 1 ? quant_act_avx2 : quant_act)(x + o, m1 - m0, K, dbrxq_act_span(a->bits, G), a->bits == 4, a->qa + o,
+    (a->path >= 1 ? quant_act_avx2 : quant_act)(x + o, m1 - m0, K, dbrxq_act_span(a->bits, G), a->bits == 4, a->qa + o,
                                                 a->d + ob, a->bsum + ob);
     for (int m = m0; m < m1; m++) {
         for (int g = 0; g < K / G; g++) {
@@ -439,8 +702,9 @@ static void chunk_rows(const acts_t *a, const uint8_t *w, int asym, int n0, int 
     int64_t rb = dbrxq_row_bytes(bits, K, G, asym);
     for (int m0 = 0; m0 < M; m0 += MT) {
         int mt = M - m0 < MT ? M - m0 : MT;
-        if (a->path == 1) {
-            rows_avx2(w, rb, n0, n1, bits, K, G, asym, a->qa, a->dv ? a->dv : a->d, a->ag, M, m0, mt, y, ldy);
+        if (a->path >= 1) {
+            (a->path == 2 ? rows_avx512 : rows_avx2)(w, rb, n0, n1, bits, K, G, asym, a->qa, a->dv ? a->dv : a->d,
+                                                     a->ag, M, m0, mt, y, ldy);
             continue;
         }
         for (int n = n0; n < n1; n++)

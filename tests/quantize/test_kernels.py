@@ -98,7 +98,7 @@ def test_backend_matches_reference(bits, group_size, symmetric, backend):
 @pytest.mark.parametrize("bits", (4, 8))
 def test_cpu_kernel_exact_emulation_and_paths_agree(bits):
     """The C kernel equals (dequantized int8 activations) @ W^T up to float rounding, on the
-    generic scalar path and on the AVX2 path (when this CPU has it), for odd row counts. The
+    generic scalar path and on the SIMD paths this CPU has (avx2, avx512), for odd row counts. The
     activation span is 32 values, or 128 for int4 with groups a multiple of 128 (G = 128 and
     per-channel G = 384 below), which takes the AVX2 path's line-at-a-time loop."""
     if cext.unavailable_reason():
@@ -108,7 +108,7 @@ def test_cpu_kernel_exact_emulation_and_paths_agree(bits):
     for gs, sym, k in ((32, False, 192), (64, True, 192), (-1, False, 192), (128, False, 384), (-1, True, 384)):
         qt = _qt(bits, gs, sym, n=40, k=k)
         w = qt.dequantize(torch.float32)
-        paths = ["generic"] + (["avx2"] if cext.cpu_path() == "avx2" else [])
+        paths = cext.runnable_paths()
         pws = [kernels.prepare(qt, backend, "cpu", cpu_path=p) for p in paths]
         span = pws[0].act_span
         assert span == (128 if bits == 4 and (gs if gs > 0 else k) % 128 == 0 else 32)
@@ -121,8 +121,8 @@ def test_cpu_kernel_exact_emulation_and_paths_agree(bits):
         outs = [pw.matmul(x) for pw in pws]
         for p, y in zip(paths, outs):
             assert ((y.double() - y_emul).abs() <= 4 * k * U * s + 1e-6).all(), (p, gs, sym, k)
-        if len(outs) == 2:
-            assert ((outs[0] - outs[1]).double().abs() <= 4 * k * U * s + 1e-6).all()
+        for y in outs[1:]:
+            assert ((outs[0] - y).double().abs() <= 4 * k * U * s + 1e-6).all()
 
 
 @pytest.mark.parametrize("bits", (4, 8))
@@ -143,7 +143,7 @@ def test_cpu_kernel_rounds_activation_ties_half_to_even(bits):
         assert (xq != torch.trunc(x.double()) + torch.sign(x.double())).any()  # ties do occur
         y_emul = xq @ w.t()
         s = x.abs().double() @ w.abs().t()
-        paths = ["generic"] + (["avx2"] if cext.cpu_path() == "avx2" else [])
+        paths = cext.runnable_paths()
         for p in paths:
             y = kernels.prepare(qt, f"cpu_q{bits}", "cpu", cpu_path=p).matmul(x).double()
             assert ((y - y_emul).abs() <= 4 * k * U * s + 1e-6).all(), (p, gs)
@@ -178,7 +178,7 @@ def test_fused_glu_matches_three_matmuls_and_the_float_expert(bits, group_size, 
     qts = [_qt(bits, group_size, symmetric, n=f, k=d, seed=1), _qt(bits, group_size, symmetric, n=f, k=d, seed=2),
            _qt(bits, group_size, symmetric, n=d, k=f, seed=3)]
     w1, v1, w2 = (q.dequantize(torch.float32) for q in qts)
-    paths = ["generic"] + (["avx2"] if cext.cpu_path() == "avx2" else [])
+    paths = cext.runnable_paths()
     for path in paths:
         pws = [kernels.prepare(q, f"cpu_q{bits}", "cpu", cpu_path=path) for q in qts]
         assert kernels._fusable(*pws)
@@ -237,3 +237,62 @@ def test_cext_disabled_falls_back(monkeypatch):
     finally:
         monkeypatch.delenv("DBRXQ_DISABLE_CEXT")
         cext.load.cache_clear()
+
+
+GEMM_ROWS = (2, 3, 16, 77, 512)  # the batched (M > 1) tiles: partial and full tiles, a prompt chunk
+
+
+def _gemm_cases():
+    for bits in (4, 8):
+        for gs in (32, 64, 128, -1):
+            for sym in (True, False):
+                yield bits, gs, sym
+
+
+@pytest.mark.parametrize("path", ("generic", "avx2", "avx512"))
+def test_gemm_path_matches_reference_and_is_row_independent(path):
+    """Batched rows (M > 1) run register tiles (AVX2: 2 weight rows x 4 activation rows; AVX-512:
+    two pairs of weight rows in 512-bit registers x 4 rows), M = 1 and tile edges the one-row
+    kernel. Each result is within the derived activation-rounding bound of the float64 reference,
+    and row i of a batch equals the same row computed alone, bit for bit, for every M: the float
+    operations per (row, output) are the same sequence whatever the tile."""
+    if cext.unavailable_reason():
+        pytest.skip(cext.unavailable_reason())
+    if path not in cext.runnable_paths():
+        pytest.skip(f"this CPU cannot run the {path} path (flags: {sorted(cext.PATH_FLAGS[path])})")
+    k, n = 256, 45  # N = 45: full tiles (4 rows on AVX-512, 2 on AVX2) and an edge row
+    for bits, gs, sym in _gemm_cases():
+        qt = _qt(bits, gs, sym, n=n, k=k, seed=bits + gs)
+        w = qt.dequantize(torch.float32)
+        pw = kernels.prepare(qt, f"cpu_q{bits}", "cpu", cpu_path=path)
+        for m in GEMM_ROWS:
+            x = _x(m, k=k, seed=m)
+            y = pw.matmul(x)
+            y_ref = x.double() @ w.double().t()
+            s = x.abs().double() @ w.abs().double().t()
+            tol = _act_quant_bound(x, w, pw.act_span) + 4 * k * U * s + 1e-6
+            assert ((y.double() - y_ref).abs() <= tol).all(), (path, bits, gs, sym, m)
+            rows = range(m) if m < 100 else (0, 1, 2, 3, 4, 255, 508, 509, 510, 511)
+            for i in rows:
+                assert torch.equal(pw.matmul(x[i:i + 1])[0], y[i]), (path, bits, gs, sym, m, i)
+
+
+def test_avx512_path_equals_avx2_bit_for_bit():
+    """The AVX-512 VNNI tiles (vpdpbusd on two weight rows per register) compute exactly the
+    AVX2 path's integer lanes and float operations: results are identical, matmul and fused GLU."""
+    if cext.unavailable_reason():
+        pytest.skip(cext.unavailable_reason())
+    if "avx512" not in cext.runnable_paths():
+        pytest.skip("this CPU has no AVX512F/BW/VL + VNNI (e.g. an AVX2-only AMD EPYC); the AVX-512 path cannot run")
+    for bits, gs, sym in _gemm_cases():
+        qt = _qt(bits, gs, sym, n=44, k=384, seed=3)
+        a, b = (kernels.prepare(qt, f"cpu_q{bits}", "cpu", cpu_path=p) for p in ("avx2", "avx512"))
+        for m in GEMM_ROWS:
+            x = _x(m, k=384, seed=m)
+            assert torch.equal(a.matmul(x), b.matmul(x)), (bits, gs, sym, m)
+    d, f = 128, 384
+    for bits, gs, sym in ((4, 128, True), (4, 32, False), (8, -1, True), (8, 64, False)):
+        qts = [_qt(bits, gs, sym, n=f, k=d, seed=1), _qt(bits, gs, sym, n=f, k=d, seed=2), _qt(bits, gs, sym, n=d, k=f, seed=3)]
+        x = _x(37, k=d)
+        ys = [kernels.glu(x, *(kernels.prepare(q, f"cpu_q{bits}", "cpu", cpu_path=p) for q in qts)) for p in ("avx2", "avx512")]
+        assert torch.equal(*ys), (bits, gs, sym)
