@@ -78,7 +78,7 @@ from calibration.source import Source, open_source
 from dbrxq.checkpoint import INDEX_NAME, TOKENIZER_PATTERNS, hub_tensor_shapes
 from dbrxq.errors import QuantizationError
 from dbrxq.loading import parse_device
-from dbrxq.model import _ACTIVATIONS, DbrxNormAttentionNorm, attention_mask_4d, rope_cos_sin
+from dbrxq.model import _ACTIVATIONS, DbrxNormAttentionNorm, rope_cos_sin
 from dbrxq.sysinfo import describe_machine, peak_rss_bytes
 from dbrxq.tokenizer import DbrxTokenizer
 from dbrxq.writer import TensorSpec, save_file_atomic, tensor_nbytes, write_json_atomic
@@ -228,9 +228,7 @@ def _attention_pass(m: DbrxNormAttentionNorm, x: torch.Tensor, run: _Run, keep: 
     N, L, D = x.shape
     pos = torch.arange(L, device=x.device)[None]  # (1, L)
     cos, sin = rope_cos_sin(pos, run.config.head_dim, run.config.attn_config.rope_theta, torch.float32)
-    mask = attention_mask_4d(None, 1, L, 0, x.device)  # (1, 1, L, L) causal, broadcast over the batch
-    if mask is None:  # L == 1
-        mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=x.device)
+    mask = None  # unpadded sequences: causal without a mask (dbrxq.model.causal_attention)
     resid = torch.empty_like(x) if keep else None
     h = torch.empty(N * L, D, device=x.device) if keep else None
     step = max(1, run.opts.chunk_tokens // L)

@@ -83,6 +83,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, gqa: bool) -> torch.Tensor:
+    """Causal attention of T queries at positions past..past+T-1 over S = past + T keys, without a mask.
+
+    past == 0: SDPA's own causal path. past > 0 (a later prefill chunk): SDPA's causal flag aligns
+    the diagonal top-left, which is wrong when S > T, and a (T, S) mask costs memory per chunk. On
+    CPU the keys split in two exact parts: the past (every query sees all of it) and the chunk
+    itself (causal, T == T); torch's CPU flash-attention kernel returns each part's log-sum-exp,
+    and the two softmax-weighted outputs merge exactly (up to float rounding):
+    out = (e^{l1-m} o1 + e^{l2-m} o2) / (e^{l1-m} + e^{l2-m}), m = max(l1, l2). Elsewhere (CUDA,
+    or a torch without that kernel) a boolean mask is built as before.
+    """
+    T, S = q.shape[2], k.shape[2]
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if q.device.type != "cpu" or flash is None:
+        allowed = torch.arange(S, device=q.device)[None, :] <= torch.arange(past, S, device=q.device)[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
+    o1, l1 = flash(q, k[:, :, :past], v[:, :, :past], 0.0, False)
+    o2, l2 = flash(q, k[:, :, past:], v[:, :, past:], 0.0, True)
+    m = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - m)[..., None], torch.exp(l2 - m)[..., None]
+    return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(q.dtype)
+
+
 class DbrxAttention(nn.Module):
     def __init__(self, config: DbrxConfig, layer_idx: int):
         super().__init__()
@@ -107,8 +132,11 @@ class DbrxAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, cache_position)  # (B, kvH, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           enable_gqa=self.kv_heads != self.n_heads)  # (B, H, T, hd)
+        gqa = self.kv_heads != self.n_heads
+        if mask is None and T > 1:  # unpadded prefill: causal, no (T, S) mask built
+            y = causal_attention(q, k, v, k.shape[2] - T, gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.d_model)
         return self.out_proj(y)
 
@@ -269,7 +297,8 @@ class DbrxModel(nn.Module):
 
 def attention_mask_4d(attention_mask: torch.Tensor | None, batch: int, q_len: int, start: int,
                       device: torch.device) -> torch.Tensor | None:
-    """Boolean SDPA mask (B, 1, T, S), True = may attend; None when plain decoding needs none.
+    """Boolean SDPA mask (B, 1, T, S), True = may attend; None without padding (the attention is
+    then causal by construction: :func:`causal_attention`).
 
     Queries sit at positions start..start+T-1 of a key sequence of length S = start + T.
     attention_mask (B, S) or (B, T) marks real tokens with 1 and (left) padding with 0.
@@ -277,7 +306,7 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, batch: int, q_len: in
     everywhere instead: its output is never used, and this keeps SDPA from producing NaN.
     """
     S = start + q_len
-    if attention_mask is None and q_len == 1:
+    if attention_mask is None:  # no padding: plain decoding needs no mask, prefill uses causal_attention
         return None
     q_pos = torch.arange(start, S, device=device)
     allowed = torch.arange(S, device=device)[None, :] <= q_pos[:, None]  # (T, S) causal

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dbrxq.errors import GenerationError
-from dbrxq.model import down_proj, moe_dispatch, route
+from dbrxq.model import causal_attention, down_proj, moe_dispatch, route
 
 def test_route_softmax_topk_and_l1_normalisation():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 1.0]])
@@ -82,3 +82,40 @@ def test_router_logits_and_hidden_state_shapes(tiny_model):
     assert [r.shape for r in out.router_logits] == [(15, 8)] * 2
     assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (3, 5, 32)
     assert out.aux_loss is not None and out.loss is None
+
+
+@pytest.mark.parametrize("past", [0, 1, 7, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_attention_without_a_mask_equals_the_masked_reference(past, dtype):
+    """Unpadded prefill attends causally without building a (T, S) mask: SDPA's causal path for
+    the first chunk, and for a later chunk (past > 0) the past and the chunk as two exact parts
+    merged by their log-sum-exp. Against float64 softmax attention with the explicit causal mask
+    (queries at past..past+T-1), with grouped kv heads."""
+    g = torch.Generator().manual_seed(past)
+    T, H, kvH, hd = 9, 8, 2, 16
+    q = torch.randn(2, H, T, hd, generator=g)
+    k, v = torch.randn(2, kvH, past + T, hd, generator=g), torch.randn(2, kvH, past + T, hd, generator=g)
+    allowed = torch.arange(past + T)[None, :] <= torch.arange(past, past + T)[:, None]
+    kd, vd = (t.double().repeat_interleave(H // kvH, dim=1) for t in (k, v))
+    scores = (q.double() @ kd.transpose(-1, -2)) / hd ** 0.5
+    ref = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ vd
+    got = causal_attention(q.to(dtype), k.to(dtype), v.to(dtype), past, True)
+    assert got.dtype == dtype and got.shape == ref.shape
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert (got.double() - ref).abs().max() <= tol
+
+
+def test_chunked_prefill_equals_one_pass(tiny_model):
+    """A prompt prefilled in chunks (later chunks attend to the cache without a mask) gives the
+    logits of one full forward."""
+    from dbrxq.generate import prefill
+
+    model = tiny_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+    for chunk in (5, 8, 23):
+        cache = model.new_cache(2, 23)
+        with torch.no_grad():
+            got = prefill(model, ids, torch.ones_like(ids), cache, chunk_size=chunk)
+        assert torch.allclose(got, full, atol=1e-5, rtol=1e-5), chunk
