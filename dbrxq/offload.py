@@ -124,7 +124,8 @@ class PreparedExpertFile:
 
 def prepared_file_key(source_dir: Path | None, backend: str | None, device: torch.device, layout: SlotLayout,
                       act_dtype: torch.dtype) -> str | None:
-    """A name that changes with the checkpoint files, the kernel and this torch; None without files."""
+    """A name that changes with the checkpoint files, the kernel (path and byte layout) and this torch;
+    None without files."""
     if source_dir is None:
         return None
     h = hashlib.sha256()
@@ -132,7 +133,10 @@ def prepared_file_key(source_dir: Path | None, backend: str | None, device: torc
         st = p.stat()
         h.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     from quantize import cext
-    h.update(f"{backend}:{device.type}:{act_dtype}:{layout.nbytes}:{torch.__version__}:{cext.cpu_path()}".encode())
+    lib = cext.load()
+    kernel_layout = lib.dbrxq_layout_version() if lib is not None else 0  # the C kernel's byte layout
+    h.update(f"{backend}:{device.type}:{act_dtype}:{layout.nbytes}:{torch.__version__}:{cext.cpu_path()}:"
+             f"{kernel_layout}".encode())
     return h.hexdigest()[:20]
 
 

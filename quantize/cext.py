@@ -101,6 +101,12 @@ def load() -> ctypes.CDLL | None:
         return None
     lib.dbrxq_row_bytes.argtypes = [_c_int, _c_int, _c_int, _c_int]
     lib.dbrxq_row_bytes.restype = _c_i64
+    lib.dbrxq_packed_bytes.argtypes = [_c_int, _c_int, _c_int, _c_int, _c_int]
+    lib.dbrxq_packed_bytes.restype = _c_i64
+    lib.dbrxq_layout_version.argtypes = []
+    lib.dbrxq_layout_version.restype = _c_int
+    lib.dbrxq_peak_macs.argtypes = [_c_int, ctypes.c_long]
+    lib.dbrxq_peak_macs.restype = ctypes.c_double
     lib.dbrxq_repack.argtypes = [_vp, _vp, _vp, _c_int, _c_int, _c_int, _c_int, _vp]
     lib.dbrxq_repack.restype = None
     lib.dbrxq_matmul.argtypes = [_vp, _c_int, _c_int, _vp, _c_int, _c_int, _c_int, _c_int, _vp,

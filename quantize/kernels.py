@@ -288,12 +288,13 @@ class BnbWeight(PreparedWeight):
 
 
 class CpuQWeight(PreparedWeight):
-    """dbrxq's C kernel (cpu_q4 / cpu_q8). Weights become one row record per output row
-    (codes in the kernel's order, fp16 scales, uint8 zeros; see qmatmul.c). Activations are
+    """dbrxq's C kernel (cpu_q4 / cpu_q8). Weights become blocks of 16 output rows interleaved
+    so that one SIMD lane holds one row (codes, fp16 scales, uint8 zeros; see qmatmul.c). Activations are
     quantized per row to int8 with one scale d = amax/127 per span of ``act_span`` values (128
     for 4-bit weights whose group size is a multiple of 128, else 32), so vs the float reference
     |y - y_ref| <= sum_k |W[n,k]| * d_span(k) / 2 (+ float32 rounding); the code products
-    themselves are exact integers. ``cpu_path`` forces "generic" or "avx2" (default: by CPU)."""
+    themselves are exact integers. ``cpu_path`` forces "generic", "avx2" or "avx512" (default: by
+    CPU); all three give bit-identical results, for any number of rows."""
 
     def __init__(self, qt, device, cpu_path: str | None = None):
         super().__init__(qt, device)
@@ -302,11 +303,11 @@ class CpuQWeight(PreparedWeight):
         self.path = cpu_path or cext.cpu_path()
         n, k = self.shape
         asym = qt.qzeros is not None
-        rb = self.lib.dbrxq_row_bytes(qt.bits, k, self.group, int(asym))
+        nbytes = self.lib.dbrxq_packed_bytes(qt.bits, n, k, self.group, int(asym))
         codes = qt.codes().contiguous()
         scales = qt.scales.contiguous()
         zeros = qt.qzeros.contiguous() if asym else None
-        self.w = torch.empty(n, rb, dtype=torch.uint8)  # [N, row_bytes]
+        self.w = torch.empty(nbytes, dtype=torch.uint8)  # blocks of 16 rows (qmatmul.c)
         self.lib.dbrxq_repack(codes.data_ptr(), scales.data_ptr(), zeros.data_ptr() if asym else None,
                               qt.bits, n, k, self.group, self.w.data_ptr())
         self.asym = int(asym)

@@ -44,28 +44,34 @@ def _timed(fn) -> float:
 
 
 def variants(floats, d, f):
-    """(name, bytes read per call, fn(x), activation dtype, slow) for every variant."""
+    """(name, bytes read per call, fn(x), activation dtype, slow, C kernel path or None) for every variant."""
     out = []
     for name, dt in (("fp32 matmul", torch.float32), ("bf16 matmul", torch.bfloat16)):
         ws = [w.to(dt) for w in floats]
         out.append((name, sum(w.numel() * w.element_size() for w in ws),
-                    lambda x, ws=ws: F.linear(F.silu(F.linear(x, ws[0])) * F.linear(x, ws[1]), ws[2]), dt, False))
+                    lambda x, ws=ws: F.linear(F.silu(F.linear(x, ws[0])) * F.linear(x, ws[1]), ws[2]), dt, False, None))
     for bits, gs, label in ((4, 128, "int4 g128"), (8, -1, "int8 per-channel")):
         qts = [quantize_tensor(w, bits, gs, True) for w in floats]
         for backend in kernels.available_backends("cpu", bits, gs, shape=(f, d)):
             if backend == "torch" and bits == 8:
                 continue  # as slow as int4's torch path and says nothing new
+            if backend in ("cpu_q4", "cpu_q8"):  # each SIMD path this CPU runs (all give the same numbers)
+                for path in [p for p in cext.runnable_paths() if p != "generic"]:
+                    pws = [kernels.prepare(q, backend, "cpu", cpu_path=path) for q in qts]
+                    out.append((f"{label} {backend} ({path})", sum(p.nbytes for p in pws),
+                                lambda x, pws=pws: kernels.glu(x, *pws), torch.float32, False, path))
+                continue
             pws = [kernels.prepare(q, backend, "cpu") for q in qts]
             nbytes = sum(p.nbytes for p in pws)
             extra = " (re-quantized: nf4)" if backend == "bnb" and bits == 4 else (
                 " (re-quantized: int8)" if backend == "bnb" else "")
             # torch's int4 CPU kernel has a fast path only for bf16 activations (15x the fp32 one)
-            dts = (torch.float32, torch.bfloat16) if backend in ("torch_int4", "cpu_q4") else (torch.float32,)
+            dts = (torch.float32, torch.bfloat16) if backend == "torch_int4" else (torch.float32,)
             for dt in dts:
                 act = f", {str(dt).removeprefix('torch.')} activations" if len(dts) > 1 else ""
                 slow = backend in ("torch", "bnb", "torch_int8") or (backend == "torch_int4" and dt == torch.float32)
                 out.append((f"{label} {backend}{extra}{act}", nbytes, lambda x, pws=pws: kernels.glu(x, *pws),
-                            dt, slow))
+                            dt, slow, None))
     return out
 
 
@@ -88,7 +94,7 @@ def main() -> None:
     xs = {m: torch.randn(m, d) for m in BATCHES}
     probe = torch.ones(1 << 27)  # 512 MiB float32: far larger than every cache
     probe.sum()
-    for _, _, fn, dt, _ in vs:  # warm up: lazily made tensors, the C kernel build, page faults
+    for _, _, fn, dt, _, _ in vs:  # warm up: lazily made tensors, the C kernel build, page faults
         for x in xs.values():
             fn(x.to(dt))
 
@@ -97,7 +103,7 @@ def main() -> None:
     ratios = {k: [] for k in times}
     bw_all = []
     for turn in range(turns):
-        for name, nbytes, fn, dt, slow in vs:
+        for name, nbytes, fn, dt, slow, _ in vs:
             if slow and turn % 3:
                 continue
             for m, x in xs.items():
@@ -118,14 +124,26 @@ def main() -> None:
     print(f"read-only bandwidth (sum over 512 MiB fp32, around every call): {min(bw_all) / 1e9:.1f} to "
           f"{max(bw_all) / 1e9:.1f} GB/s, median {statistics.median(bw_all) / 1e9:.1f}; each call's bound "
           "uses the probes right before and after it\n")
-    print("| variant | MB read | batch 1 ms | x bound | x faster than bf16 | batch 16 ms | x bound | x faster than bf16 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, nbytes, *_ in vs:
+    # The compute floor of the C kernel's batched calls: M x the GLU's multiply-adds at the peak
+    # rate of the path's inner instruction (qmatmul.c: dbrxq_peak_macs), on every thread.
+    lib, th = cext.load(), torch.get_num_threads()
+    peaks = {p: lib.dbrxq_peak_macs(cext.PATHS[p], 20_000_000) for p in cext.runnable_paths() if p != "generic"} if lib else {}
+    for p, r in peaks.items():
+        print(f"peak int8 multiply-adds, {p} ({'vpmaddubsw + vpaddw' if p == 'avx2' else 'vpdpbusd zmm'}): "
+              f"{r / 1e9:.0f} G/s per thread")
+    macs = 3 * d * f
+    print("\n| variant | MB read | batch 1 ms | x bound | x faster than bf16 | batch 16 ms | x bound | x faster than bf16 "
+          "| batch 16 x compute floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, nbytes, _, _, _, path in vs:
         cells = []
         for m in BATCHES:
             cells += [f"{1e3 * statistics.median(times[(name, m)].values()):.1f}",
                       f"{statistics.median(ratios[(name, m)]):.2f}", f"{faster_than_bf16(name, m):.2f}"]
-        print(f"| {name} | {nbytes / 1e6:.0f} | " + " | ".join(cells) + " |")
+        floor = "-"
+        if path in peaks:
+            floor = f"{statistics.median(times[(name, 16)].values()) / (16 * macs / (peaks[path] * th)):.2f}"
+        print(f"| {name} | {nbytes / 1e6:.0f} | " + " | ".join(cells) + f" | {floor} |")
     print(f"\npeak RSS: {peak_rss_bytes() / 2**30:.2f} GiB")
 
 

@@ -1,125 +1,125 @@
 /* dbrxq's own weight-only quantized matmul for CPUs: y[M, N] = x[M, K] @ W[N, K]^T.
  *
  * Plain C (no torch headers) so it compiles in a second; quantize/cext.py builds it with
- * `gcc -O3 -fopenmp -shared` and loads it with ctypes. The AVX2 functions carry
- * __attribute__((target("avx2,fma,f16c"))) so ONE build holds both paths and the file never
+ * `gcc -O3 -fopenmp -shared` and loads it with ctypes. The SIMD functions carry target
+ * attributes (AVX2; AVX-512 F/BW/VL + VNNI) so ONE build holds every path and the file never
  * needs -march flags; Python picks the path from /proc/cpuinfo at run time.
  *
  * Method (the llama.cpp Q4_0 x Q8_0 idea): activations are quantized per row, per span of 32
  * values (128 for q4 with groups a multiple of 128: dbrxq_act_span), to int8 with a float scale
  * d = amax / 127 over the span (q = round(x / d), |q| <= 127), kept per 32-block. Weights keep
- * their canonical unsigned codes c (format.py), repacked at load into one row record:
+ * their canonical unsigned codes c (format.py), repacked at load into BLOCKS of RB = 16 output
+ * rows, interleaved so that one 32-bit lane of a SIMD register belongs to one output row:
  *
- *   q4: codes  K/2 bytes, per superblock of 64 columns k0..k0+63, byte j < 16 holds
- *              c[k0+j] | c[k0+16+j] << 4 and byte 16+j holds c[k0+32+j] | c[k0+48+j] << 4,
- *              so ONE 32-byte load + two masks yields 64 codes (low nibbles: columns
- *              k0..15, k0+32..47; high nibbles: k0+16..31, k0+48..63). Activations are stored
- *              in the same permuted order (see quant_act).
- *   q8: codes  K bytes, int8 c - 128, natural column order.
- *   then       scales  K/G fp16, then zeros K/G uint8 (asymmetric only); record padded to 64 B.
+ *   q4: codes  per octet of columns k0..k0+7: 16 rows x 4 bytes (64 B), byte j of row r holds
+ *              c[r][k0 + j] | c[r][k0 + 4 + j] << 4: masking the low nibbles of one 64-byte load
+ *              gives every row's 4 codes for k0..k0+3 (a u8 quad per lane), the high nibbles
+ *              those for k0+4..k0+7.
+ *   q8: codes  per quad of columns: 16 rows x 4 bytes, int8 c - 128.
+ *   then       scales fp16 [K/G][16 rows], then zeros uint8 [K/G][16 rows] (asymmetric only);
+ *              the block is padded to 64 B, and N is padded to a multiple of 16 with zero rows.
  *
- * Per row n and activation row m:
- *   y = sum_b d_b * s_g(b) * sum_{k in b} c_k q_k  -  sum_g s_g * z_g * A_g,
- *   A_g = sum_{b in g} d_b * sum_{k in b} q_k            (the zero-point correction)
- * The inner dot products are exact integers (_mm256_maddubs_epi16: unsigned 4-bit codes x
- * signed int8; pair sums <= 2 * 15 * 127, no saturation), so the only error against the float
- * reference is activation quantization, |x - d q| <= d / 2 per element, i.e.
- *   |y - y_ref| <= sum_k |W[n,k]| * d(k) / 2   (+ float32 accumulation rounding).
- * For q8 the codes are shifted to signed (c - 128) and multiplied with the abs/sign trick
- * (|c-128| <= 128 unsigned x sign-adjusted q, pair sums <= 2 * 128 * 127 < 32767).
+ * One activation quad (4 int8, natural column order) broadcast to all lanes then meets every
+ * row's codes in one multiply-add: vpdpbusd on AVX-512 (u8 x s8, 4 products into each int32
+ * lane), vpmaddubsw + vpmaddwd on AVX2. So the dot product over a span is an exact integer per
+ * lane, isum[r] = sum_k w_int[r, k] * q_k (w_int = c for q4, c - 128 for q8), and the float work
+ * happens once per span for 16 rows at a time. Per (output row n, activation row m), in order:
  *
- * Blocking: rows of W are split into chunks of NCHUNK, handed to OpenMP threads 16 chunks
- * (256 rows, 0.8 MB at K = 6144) at a time, dynamically: on a shared 2-core VM one thread is
- * often slowed and static halves left the other idle (dynamic took 10-20% less time in the
- * session-2 A/B runs), while each new work item restarts the prefetch stream (16 chunks per
- * item beat 4 by 2-4% in 5 of 6 paired runs of the fused GLU; static, 16 and 64 could not be
- * told apart). Each row's result is independent of the schedule. Within a chunk,
- * activation rows go in tiles of 4 so a weight row (3 KB at K = 6144) is unpacked once per
- * tile and re-read from L2 (the chunk is 51 KB) by later tiles: batch 16 costs far less than
- * 16x batch 1, but each tile streams its activations (9 KB per row with scales) from L2 too.
+ *   acc  = fma(float(isum_span), s_g(span) * d_span, acc)        over the spans of K
+ *   corr = fma(s_g * zc_g, A_g, corr)                             over the groups of K
+ *   y    = acc - corr,   A_g = sum_{b in g} d_b * sum_{k in b} q_k,
+ *   zc_g = 8 (q4 sym), z_g (q4 asym), 0 (q8 sym), z_g - 128 (q8 asym).
+ *
+ * Every path (generic C, AVX2, AVX-512) performs exactly these float operations, so their
+ * results are bit-identical, and a row's result never depends on how many rows are batched
+ * with it (M). The only error against the float reference is activation quantization,
+ * |x - d q| <= d / 2 per element:  |y - y_ref| <= sum_k |W[n,k]| * d(k) / 2 (+ float rounding).
+ *
+ * Blocking: a work item is BPI blocks (256 rows) handed to OpenMP threads dynamically (on a
+ * shared 2-core VM one thread is often slowed, and static halves left the other idle). Within an
+ * item, each block (RB rows x K: 49 KB at K = 6144, int4) is streamed once from memory and then
+ * stays in L2 while every tile of MT activation rows passes over it; the activation tile is read
+ * from L1/L2. Decode (M = 1) is the same loop with one activation row: a stream of weights.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <time.h>
 
-#define QK 32     /* activation block */
-#define NCHUNK 16 /* weight rows per work item */
-#define MT 4      /* activation rows per tile */
-#define NR2 2     /* weight rows per tile on the AVX2 path (16 ymm registers) */
+#define QK 32   /* activation block */
+#define RB 16   /* output rows per weight block (one 32-bit lane each on AVX-512) */
+#define BPI 16  /* blocks per work item */
+#define MT 8    /* activation rows per tile */
 #ifndef PF
 /* Software prefetch distance in bytes (prefetch_line: L1 at PF, L2 at 4 * PF), about bandwidth x
- * memory latency of one core's share, with room. 2-core AMD EPYC (Zen 3) VM, M = 1, one
- * 10752 x 6144 int4 g128 matrix, median kernel time over the median time of an AVX2 read of
- * a same-sized buffer in between: no prefetch 1.76-2.20x, PF = 1 KB 1.17-1.36x, 8 KB
- * 1.15-1.22x. Row records are walked in memory order, so the prefetch runs on across row
- * boundaries, which the hardware prefetchers (trained per 4 KB page) do not. */
+ * memory latency of one core's share, with room. Blocks are walked in memory order, so the
+ * prefetch runs on across block boundaries, which the hardware prefetchers (trained per 4 KB
+ * page) do not. */
 #define PF 8192
 #endif
 
-/* ------------------------------------------------------------------ helpers (portable) */
+/* ------------------------------------------------------------------ layout */
 
-static float h2f(uint16_t h) { /* IEEE half -> float, no F16C needed */
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF, bits;
-    if (e == 0) {
-        if (m == 0) { bits = sign; }
-        else { /* subnormal: normalise */
-            e = 127 - 15 + 1;
-            while (!(m & 0x400)) { m <<= 1; e--; }
-            bits = sign | (e << 23) | ((m & 0x3FF) << 13);
-        }
-    } else if (e == 31) { bits = sign | 0x7F800000u | (m << 13); }
-    else { bits = sign | ((e + 127 - 15) << 23) | (m << 13); }
-    float f; memcpy(&f, &bits, 4); return f;
-}
+/* The layout generation: part of the prepared-expert file key (dbrxq/offload.py). */
+int dbrxq_layout_version(void) { return 2; }
 
-/* Position of natural column o (0..63 in a superblock) in the q4 permuted order. */
-static inline int perm64(int o) { return o < 16 ? o : o < 32 ? o + 16 : o < 48 ? o - 16 : o; }
+static int64_t codes_bytes(int bits, int K) { return (int64_t)RB * (bits == 4 ? K / 2 : K); }
 
-/* Row record size in bytes for a weight with K columns, group G. */
-int64_t dbrxq_row_bytes(int bits, int K, int G, int asym) {
-    int64_t b = (bits == 4 ? K / 2 : K) + 2 * (K / G) + (asym ? K / G : 0);
+/* Bytes of one block of RB rows (codes, scales, zeros), a multiple of 64. */
+static int64_t block_bytes(int bits, int K, int G, int asym) {
+    int64_t b = codes_bytes(bits, K) + (int64_t)RB * (K / G) * (asym ? 3 : 2);
     return (b + 63) / 64 * 64;
 }
 
+/* Bytes of a whole repacked weight [N, K]: ceil(N / RB) blocks. */
+int64_t dbrxq_packed_bytes(int bits, int N, int K, int G, int asym) {
+    return (int64_t)((N + RB - 1) / RB) * block_bytes(bits, K, G, asym);
+}
+
+/* Bytes per row (a block's bytes / RB), for callers that size one row's share. */
+int64_t dbrxq_row_bytes(int bits, int K, int G, int asym) { return block_bytes(bits, K, G, asym) / RB; }
+
 /* Repack one canonical weight (codes uint8 [N, K] unpacked, scales fp16 [N, K/G],
- * zeros uint8 [N, K/G] or NULL) into row records (dst: N * row_bytes). */
+ * zeros uint8 [N, K/G] or NULL) into blocks (dst: dbrxq_packed_bytes). Padding rows are zero. */
 void dbrxq_repack(const uint8_t *codes, const uint16_t *scales, const uint8_t *zeros,
                   int bits, int N, int K, int G, uint8_t *dst) {
-    int64_t rb = dbrxq_row_bytes(bits, K, G, zeros != NULL), nc = bits == 4 ? K / 2 : K;
+    int ng = K / G, nb = (N + RB - 1) / RB;
+    int64_t bb = block_bytes(bits, K, G, zeros != NULL), cb = codes_bytes(bits, K);
+    memset(dst, 0, (size_t)(nb * bb));
     for (int n = 0; n < N; n++) {
         const uint8_t *c = codes + (int64_t)n * K;
-        uint8_t *r = dst + n * rb;
-        memset(r, 0, rb);
+        uint8_t *blk = dst + (n / RB) * bb;
+        int r = n % RB;
         if (bits == 4) {
-            for (int k0 = 0; k0 < K; k0 += 64)
-                for (int j = 0; j < 16; j++) {
-                    r[k0 / 2 + j] = (uint8_t)(c[k0 + j] | c[k0 + 16 + j] << 4);
-                    r[k0 / 2 + 16 + j] = (uint8_t)(c[k0 + 32 + j] | c[k0 + 48 + j] << 4);
-                }
+            for (int k0 = 0; k0 < K; k0 += 8)
+                for (int j = 0; j < 4; j++)
+                    blk[(k0 / 8) * (RB * 4) + r * 4 + j] = (uint8_t)(c[k0 + j] | c[k0 + 4 + j] << 4);
         } else {
-            for (int k = 0; k < K; k++) r[k] = (uint8_t)(c[k] ^ 0x80); /* = (int8)(c - 128) */
+            for (int k0 = 0; k0 < K; k0 += 4)
+                for (int j = 0; j < 4; j++) blk[(k0 / 4) * (RB * 4) + r * 4 + j] = (uint8_t)(c[k0 + j] ^ 0x80);
         }
-        memcpy(r + nc, scales + (int64_t)n * (K / G), 2 * (K / G));
-        if (zeros) memcpy(r + nc + 2 * (K / G), zeros + (int64_t)n * (K / G), K / G);
+        uint16_t *sc = (uint16_t *)(blk + cb);
+        for (int g = 0; g < ng; g++) sc[g * RB + r] = scales[(int64_t)n * ng + g];
+        if (zeros) {
+            uint8_t *zp = blk + cb + 2 * RB * ng;
+            for (int g = 0; g < ng; g++) zp[g * RB + r] = zeros[(int64_t)n * ng + g];
+        }
     }
 }
 
-/* Activation values that share one scale: 128 (one 64-byte line of q4 codes) for q4 weights
- * whose groups are multiples of 128, else QK. With one scale per 128 values the q4 kernel sums
- * the integer dot products of a whole line before converting them (q4_kern): about a quarter
- * fewer instructions per line. The cost is a coarser activation grid, d = amax / 127 over 128
- * values instead of 32 (llama.cpp's Q8_K uses 256). */
+/* Activation values that share one scale: 128 for q4 weights whose group size is a multiple
+ * of 128, else QK. A coarser grid than 32 (llama.cpp's Q8_K uses 256) for fewer float steps
+ * per integer product. */
 int dbrxq_act_span(int bits, int G) { return bits == 4 && G % 128 == 0 ? 128 : QK; }
 
-/* Quantize activations x [M, K] float32 -> qa int8 [M, K] (q4: permuted per 64), d [M, K/32],
- * bsum [M, K/32] = d_b * sum(q_b); d = amax / 127 over each span (32 or 128 values, K % span
- * == 0), stored once per 32-block. */
-static void quant_act(const float *x, int M, int K, int span, int permute, int8_t *qa, float *d, float *bsum) {
+/* ------------------------------------------------------------------ activations */
+
+/* Quantize activations x [M, K] float32 -> qa int8 [M, K], d [M, K/32] (scale of each
+ * 32-block: d = amax / 127 over its span, 32 or 128 values, K % span == 0), qs [M, K/32]
+ * int32 sum of its codes, bsum [M, K/32] = d * qs. */
+static void quant_act(const float *x, int M, int K, int span, int8_t *qa, float *d, int32_t *qs, float *bsum) {
     float amax = 0.f;
     for (int m = 0; m < M; m++)
         for (int b = 0; b < K / QK; b++) {
@@ -134,74 +134,22 @@ static void quant_act(const float *x, int M, int K, int span, int permute, int8_
                 float r = xb[i] * id; /* |r| <= 127; the magic number rounds half to even */
                 int q = (int)((r + 12582912.f) - 12582912.f);
                 q = q > 127 ? 127 : q < -127 ? -127 : q;
-                int k = b * QK + i;
-                int pos = permute ? (k & ~63) + perm64(k & 63) : k;
-                qa[(int64_t)m * K + pos] = (int8_t)q;
+                qa[(int64_t)m * K + b * QK + i] = (int8_t)q;
                 s += q;
             }
             d[m * (K / QK) + b] = db;
+            qs[m * (K / QK) + b] = s;
             bsum[m * (K / QK) + b] = db * (float)s;
         }
 }
 
-/* ------------------------------------------------------------------ generic scalar path */
-
-static void rows_generic(const uint8_t *row, int bits, int K, int G, int asym,
-                         const int8_t *qa, const float *d, const float *bsum, int m0, int mt,
-                         float *y, int64_t ldy) {
-    int ng = K / G, nc = bits == 4 ? K / 2 : K;
-    const uint16_t *sc = (const uint16_t *)(row + nc);
-    const uint8_t *zp = row + nc + 2 * ng;
-    for (int m = m0; m < m0 + mt; m++) {
-        const int8_t *a = qa + (int64_t)m * K;
-        double acc = 0.0;
-        for (int g = 0; g < ng; g++) {
-            float s = h2f(sc[g]), ag = 0.f, part = 0.f;
-            int zc = bits == 4 ? (asym ? zp[g] : 8) : (asym ? zp[g] - 128 : 0);
-            for (int b = g * G / QK; b < (g + 1) * G / QK; b++) {
-                int32_t dot = 0;
-                if (bits == 4) {
-                    /* block b is half of superblock b/2: lanes 0..15 of each half */
-                    const uint8_t *w = row + (b / 2) * 32 + (b & 1) * 16;
-                    const int8_t *ab = a + (b / 2) * 64 + (b & 1) * 16;
-                    for (int j = 0; j < 16; j++)
-                        dot += (w[j] & 15) * ab[j] + (w[j] >> 4) * ab[32 + j];
-                } else {
-                    const int8_t *w = (const int8_t *)row + b * QK, *ab = a + b * QK;
-                    for (int j = 0; j < QK; j++) dot += w[j] * ab[j];
-                }
-                part += d[m * (K / QK) + b] * (float)dot;
-                ag += bsum[m * (K / QK) + b];
-            }
-            acc += (double)(s * (part - (float)zc * ag));
-        }
-        y[m * ldy] = (float)acc;
-    }
-}
-
-/* ------------------------------------------------------------------ AVX2 path */
-
 #define TGT __attribute__((target("avx2,fma,f16c")))
+#define TGT5 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 #define INL static inline __attribute__((always_inline))
 
-/* Once per 64-byte line (records are 64-byte aligned): into L1 PF bytes ahead and into L2
- * 4 * PF ahead (adding the L2 prefetch: mean 1.27x -> 1.20x over 7 runs each, in the noise
- * of this VM but never worse on average). */
-INL void prefetch_line(const uint8_t *p) {
-    _mm_prefetch((const char *)(p + PF), _MM_HINT_T0);
-    _mm_prefetch((const char *)(p + 4 * PF), _MM_HINT_T1);
-}
-
-TGT INL float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* quant_act for AVX2, bit-identical to the generic one (the same float operations;
- * cvtps rounds half to even like the magic number). */
-TGT static void quant_act_avx2(const float *x, int M, int K, int span, int permute, int8_t *qa, float *d,
+/* quant_act for AVX2, bit-identical to the generic one (the same float operations; cvtps
+ * rounds half to even like the magic number). */
+TGT static void quant_act_avx2(const float *x, int M, int K, int span, int8_t *qa, float *d, int32_t *qs,
                                float *bsum) {
     const __m256 sign = _mm256_set1_ps(-0.f);
     const __m256i fix = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undo packs' lane interleave */
@@ -229,438 +177,24 @@ TGT static void quant_act_avx2(const float *x, int M, int K, int span, int permu
             s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
             __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
             p = _mm256_permutevar8x32_epi32(p, fix); /* 32 int8 in column order */
-            int8_t *dst = qa + (int64_t)m * K;
-            if (permute) { /* block b is half (b & 1) of superblock b / 2; see perm64 */
-                int8_t *base = dst + (b / 2) * 64 + (b & 1) * 16;
-                _mm_storeu_si128((__m128i *)base, _mm256_castsi256_si128(p));
-                _mm_storeu_si128((__m128i *)(base + 32), _mm256_extracti128_si256(p, 1));
-            } else {
-                _mm256_storeu_si256((__m256i *)(dst + b * QK), p);
-            }
+            _mm256_storeu_si256((__m256i *)(qa + (int64_t)m * K + b * QK), p);
+            int si = _mm_cvtsi128_si32(s);
             d[m * (K / QK) + b] = db;
-            bsum[m * (K / QK) + b] = db * (float)_mm_cvtsi128_si32(s);
+            qs[m * (K / QK) + b] = si;
+            bsum[m * (K / QK) + b] = db * (float)si;
         }
 }
-
-/* q4 kernel for `nr` weight rows (records w0, w0 + rb, ...) x `nt` activation rows (nr, nt
- * compile-time constants after inlining: 1 x 1 for decode, NR2 x MT for batches).
- * dv [M, K/8]: per superblock 8 floats [d_A x4, d_B x4] matching the madd lanes.
- * ag [K/G, M]: A_g per group (transposed so a tile's values are adjacent).
- * Three loops: G % 128 == 0 (the activation scale is constant over each 128-column line,
- * dbrxq_act_span): integer sums per line, one convert and FMA per line; other G >= 64: the
- * weight scale is constant over a group, so accumulate d_a * dot in accg and apply the scale
- * once per group; G == 32: both scales per superblock half. Each 64-byte line prefetches
- * ahead once; see PF.
- * For every (weight row, activation row) the float operations are the same sequence whatever
- * nr and nt are (and on the AVX-512 path below), so a row's result never depends on M. */
-TGT INL void q4_kern(const uint8_t *w0, int64_t rb, const int nr, int K, int G, int asym, const int8_t *qa,
-                     const float *dv, const float *ag, int M, int m0, const int nt, float *y, int64_t ldy) {
-    const int ng = K / G;
-    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256 acc[NR2][MT], accg[NR2][MT];
-    float corr[NR2][MT];
-    const int8_t *a[MT];
-    const float *dd[MT];
-    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-        a[i] = qa + (int64_t)(m0 + i) * K;
-        dd[i] = dv + (int64_t)(m0 + i) * (K / 8);
-        _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) { acc[r][i] = _mm256_setzero_ps(); corr[r][i] = 0.f; }
-    }
-    if (G % 128 == 0) { /* one activation scale per line (dbrxq_act_span): sum its 128 products first */
-        const int lpg = G / 128;
-        for (int g = 0; g < ng; g++) {
-            float s[NR2], sz[NR2];
-            _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) {
-                const uint8_t *row = w0 + r * rb;
-                s[r] = _cvtsh_ss(((const uint16_t *)(row + K / 2))[g]);
-                sz[r] = s[r] * (float)(asym ? (row + K / 2 + 2 * ng)[g] : 8);
-            }
-            for (int l = g * lpg; l < (g + 1) * lpg; l++) {
-                _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) {
-                    const uint8_t *wl = w0 + r * rb + l * 64;
-                    prefetch_line(wl);
-                    __m256i v0 = _mm256_loadu_si256((const __m256i *)wl), v1 = _mm256_loadu_si256((const __m256i *)(wl + 32));
-                    __m256i lo0 = _mm256_and_si256(v0, m4), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4);
-                    __m256i lo1 = _mm256_and_si256(v1, m4), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);
-                    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-                        const int8_t *al = a[i] + l * 128;
-                        /* int16 lanes: 8 products of <= 15 * 127 each, |sum| <= 15240: no overflow */
-                        __m256i p = _mm256_add_epi16(
-                            _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_loadu_si256((const __m256i *)al)),
-                                             _mm256_maddubs_epi16(hi0, _mm256_loadu_si256((const __m256i *)(al + 32)))),
-                            _mm256_add_epi16(_mm256_maddubs_epi16(lo1, _mm256_loadu_si256((const __m256i *)(al + 64))),
-                                             _mm256_maddubs_epi16(hi1, _mm256_loadu_si256((const __m256i *)(al + 96)))));
-                        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)),
-                                                    _mm256_set1_ps(s[r] * dd[i][l * 16]), acc[r][i]);
-                    }
-                }
-            }
-            _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++)
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) corr[r][i] += sz[r] * ag[(int64_t)g * M + m0 + i];
-        }
-    } else if (G >= 64) {
-        const int spg = G / 64;
-        for (int g = 0; g < ng; g++) {
-            _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++)
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) accg[r][i] = _mm256_setzero_ps();
-            for (int sb = g * spg; sb < (g + 1) * spg; sb++) {
-                _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) {
-                    const uint8_t *row = w0 + r * rb;
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(row + sb * 32));
-                    if (!(sb & 1)) prefetch_line(row + sb * 32);
-                    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-                        __m256i p = _mm256_add_epi16(
-                            _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64))),
-                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64 + 32))));
-                        accg[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)),
-                                                     _mm256_loadu_ps(dd[i] + sb * 8), accg[r][i]);
-                    }
-                }
-            }
-            _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) {
-                const uint8_t *row = w0 + r * rb;
-                float s = _cvtsh_ss(((const uint16_t *)(row + K / 2))[g]);
-                float sz = s * (float)(asym ? (row + K / 2 + 2 * ng)[g] : 8);
-                __m256 ws = _mm256_set1_ps(s);
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-                    acc[r][i] = _mm256_fmadd_ps(accg[r][i], ws, acc[r][i]);
-                    corr[r][i] += sz * ag[(int64_t)g * M + m0 + i];
-                }
-            }
-        }
-    } else { /* G == 32: the two halves of a superblock have their own scales */
-        const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-        for (int sb = 0; sb < K / 64; sb++) {
-            _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) {
-                const uint8_t *row = w0 + r * rb;
-                const uint16_t *sc = (const uint16_t *)(row + K / 2);
-                const uint8_t *zp = row + K / 2 + 2 * ng;
-                uint32_t two; memcpy(&two, sc + 2 * sb, 4);
-                __m128 s2 = _mm_cvtph_ps(_mm_cvtsi32_si128((int)two));
-                __m256 ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s2), lanes);
-                __m256i v = _mm256_loadu_si256((const __m256i *)(row + sb * 32));
-                if (!(sb & 1)) prefetch_line(row + sb * 32);
-                __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                float sz0 = _cvtsh_ss(sc[2 * sb]) * (float)(asym ? zp[2 * sb] : 8);
-                float sz1 = _cvtsh_ss(sc[2 * sb + 1]) * (float)(asym ? zp[2 * sb + 1] : 8);
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-                    __m256i p = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64))),
-                        _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a[i] + sb * 64 + 32))));
-                    __m256 t = _mm256_mul_ps(_mm256_loadu_ps(dd[i] + sb * 8), ws);
-                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), t, acc[r][i]);
-                    corr[r][i] += sz0 * ag[(int64_t)(2 * sb) * M + m0 + i] + sz1 * ag[(int64_t)(2 * sb + 1) * M + m0 + i];
-                }
-            }
-        }
-    }
-    _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++)
-        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) y[(int64_t)(m0 + i) * ldy + r] = hsum8(acc[r][i]) - corr[r][i];
-}
-
-/* q8: codes int8 (c - 128); d [M, K/32] per block. Zero correction uses (z - 128).
- * `nr` weight rows x `nt` activation rows, as q4_kern. */
-TGT INL void q8_tile(const uint8_t *w0, int64_t rb, const int nr, int K, int G, int asym, const int8_t *qa,
-                     const float *d, const float *ag, int M, int m0, const int nt, float *y, int64_t ldy) {
-    const int ng = K / G, bpg = G / QK;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[NR2][MT];
-    float corr[NR2][MT];
-    _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++)
-        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) { acc[r][i] = _mm256_setzero_ps(); corr[r][i] = 0.f; }
-    for (int g = 0; g < ng; g++) {
-        float s[NR2];
-        _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) s[r] = _cvtsh_ss(((const uint16_t *)(w0 + r * rb + K))[g]);
-        for (int b = g * bpg; b < (g + 1) * bpg; b++) {
-            _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) {
-                const uint8_t *row = w0 + r * rb;
-                __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * QK));
-                if (!(b & 1)) prefetch_line(row + b * QK);
-                __m256i aw = _mm256_abs_epi8(w);
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-                    const int8_t *ab = qa + (int64_t)(m0 + i) * K + b * QK;
-                    __m256i sa = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)ab), w);
-                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sa), ones);
-                    __m256 t = _mm256_set1_ps(s[r] * d[(int64_t)(m0 + i) * (K / QK) + b]);
-                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), t, acc[r][i]);
-                }
-            }
-        }
-        if (asym) {
-            _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++) {
-                float sz = s[r] * (float)((int)(w0 + r * rb + K + 2 * ng)[g] - 128);
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) corr[r][i] += sz * ag[(int64_t)g * M + m0 + i];
-            }
-        }
-    }
-    _Pragma("GCC unroll 2") for (int r = 0; r < nr; r++)
-        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) y[(int64_t)(m0 + i) * ldy + r] = hsum8(acc[r][i]) - corr[r][i];
-}
-
-/* One weight row x activation rows m0..m0+mt, one at a time (decode, and the edges of a tile). */
-TGT static void row_avx2(const uint8_t *row, int bits, int K, int G, int asym, const int8_t *qa, const float *dvd,
-                         const float *ag, int M, int m0, int mt, float *y, int64_t ldy) {
-    for (int i = 0; i < mt; i++) {
-        if (bits == 8) q8_tile(row, 0, 1, K, G, asym, qa, dvd, ag, M, m0 + i, 1, y, ldy);
-        else q4_kern(row, 0, 1, K, G, asym, qa, dvd, ag, M, m0 + i, 1, y, ldy);
-    }
-}
-
-/* Weight rows n0..n1 (records at w, stride rb) x activation rows m0..m0+mt: NR2 x MT register
- * tiles where both are full, single rows at the edges. */
-TGT static void rows_avx2(const uint8_t *w, int64_t rb, int n0, int n1, int bits, int K, int G, int asym,
-                          const int8_t *qa, const float *dvd, const float *ag, int M, int m0, int mt,
-                          float *y, int64_t ldy) {
-    int n = n0;
-    if (mt == MT)
-        for (; n + NR2 <= n1; n += NR2) {
-            const uint8_t *row = w + (int64_t)n * rb;
-            if (bits == 8) q8_tile(row, rb, NR2, K, G, asym, qa, dvd, ag, M, m0, MT, y + n, ldy);
-            else q4_kern(row, rb, NR2, K, G, asym, qa, dvd, ag, M, m0, MT, y + n, ldy);
-        }
-    for (; n < n1; n++) row_avx2(w + (int64_t)n * rb, bits, K, G, asym, qa, dvd, ag, M, m0, mt, y + n, ldy);
-}
-
-/* ------------------------------------------------------------------ AVX-512 VNNI path */
-
-/* Skylake-X and later (AVX512F/BW/VL + VNNI: Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4).
- * The same numbers as the AVX2 path, bit for bit, twice the work per instruction: a 512-bit
- * register holds TWO weight rows' 32-byte vectors (row A in lanes 0-7, row B in lanes 8-15) and
- * an activation vector broadcast to both halves, so every 32-bit lane sees exactly the products
- * it sees on the AVX2 path, and vpdpbusd (u8 x s8, four products summed into each int32 lane)
- * equals maddubs + add + madd(ones) there: all of them are exact integers (no saturation, see
- * q4_kern). The float work (convert, s * d, FMA) is then the same operation per lane, and
- * each half is reduced with the same hsum8. Decode (M = 1) and the edges of a tile run the
- * AVX2 functions; a tile is NP pairs of weight rows x MT activation rows. */
-#define TGT5 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
-#define NP 2 /* weight-row pairs per tile: 2 x MT accumulators + 8 weight registers of 32 */
-
-TGT5 INL __m512i ld_pair(const uint8_t *a, const uint8_t *b) { /* 32 B at a | 32 B at b */
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
-                              _mm256_loadu_si256((const __m256i *)b), 1);
-}
-TGT5 INL __m512i bcast32(const int8_t *p) { return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p)); }
-TGT5 INL __m512 bcast8f(const float *p) {
-    return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))));
-}
-TGT5 INL __m512 pair_ps(__m256 a, __m256 b) {
-    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(a)), _mm256_castps_pd(b), 1));
-}
-TGT5 INL __m256 lo_half(__m512 v) { return _mm512_castps512_ps256(v); }
-TGT5 INL __m256 hi_half(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
-
-/* q4, 2 * np weight rows (records w0 + j * rb) x nt activation rows; see q4_kern. */
-TGT5 INL void q4_tile512(const uint8_t *w0, int64_t rb, const int np, int K, int G, int asym, const int8_t *qa,
-                         const float *dv, const float *ag, int M, int m0, const int nt, float *y, int64_t ldy) {
-    const int ng = K / G;
-    const __m512i m4 = _mm512_set1_epi8(0x0F), z = _mm512_setzero_si512();
-    __m512 acc[NP][MT], accg[NP][MT];
-    float corr[2 * NP][MT];
-    const int8_t *a[MT];
-    const float *dd[MT];
-    const uint8_t *rw[2 * NP];
-    _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) rw[j] = w0 + j * rb;
-    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-        a[i] = qa + (int64_t)(m0 + i) * K;
-        dd[i] = dv + (int64_t)(m0 + i) * (K / 8);
-        _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) acc[p][i] = _mm512_setzero_ps();
-        _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) corr[j][i] = 0.f;
-    }
-    if (G % 128 == 0) {
-        const int lpg = G / 128;
-        for (int g = 0; g < ng; g++) {
-            float s[2 * NP], sz[2 * NP];
-            __m512 sv[NP];
-            _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) {
-                s[j] = _cvtsh_ss(((const uint16_t *)(rw[j] + K / 2))[g]);
-                sz[j] = s[j] * (float)(asym ? (rw[j] + K / 2 + 2 * ng)[g] : 8);
-            }
-            _Pragma("GCC unroll 2") for (int p = 0; p < np; p++)
-                sv[p] = pair_ps(_mm256_set1_ps(s[2 * p]), _mm256_set1_ps(s[2 * p + 1]));
-            for (int l = g * lpg; l < (g + 1) * lpg; l++) {
-                __m512i lo0[NP], hi0[NP], lo1[NP], hi1[NP];
-                _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
-                    const uint8_t *wa = rw[2 * p] + l * 64, *wb = rw[2 * p + 1] + l * 64;
-                    prefetch_line(wa);
-                    prefetch_line(wb);
-                    __m512i v0 = ld_pair(wa, wb), v1 = ld_pair(wa + 32, wb + 32);
-                    lo0[p] = _mm512_and_si512(v0, m4); hi0[p] = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
-                    lo1[p] = _mm512_and_si512(v1, m4); hi1[p] = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
-                }
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-                    const int8_t *al = a[i] + l * 128;
-                    __m512i a0 = bcast32(al), a1 = bcast32(al + 32), a2 = bcast32(al + 64), a3 = bcast32(al + 96);
-                    __m512 dvec = _mm512_set1_ps(dd[i][l * 16]);
-                    _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
-                        __m512i q = _mm512_dpbusd_epi32(z, lo0[p], a0);
-                        q = _mm512_dpbusd_epi32(q, hi0[p], a1);
-                        q = _mm512_dpbusd_epi32(q, lo1[p], a2);
-                        q = _mm512_dpbusd_epi32(q, hi1[p], a3);
-                        acc[p][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(sv[p], dvec), acc[p][i]);
-                    }
-                }
-            }
-            _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++)
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) corr[j][i] += sz[j] * ag[(int64_t)g * M + m0 + i];
-        }
-    } else if (G >= 64) {
-        const int spg = G / 64;
-        for (int g = 0; g < ng; g++) {
-            _Pragma("GCC unroll 2") for (int p = 0; p < np; p++)
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) accg[p][i] = _mm512_setzero_ps();
-            for (int sb = g * spg; sb < (g + 1) * spg; sb++) {
-                __m512i lo[NP], hi[NP];
-                _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
-                    const uint8_t *wa = rw[2 * p] + sb * 32, *wb = rw[2 * p + 1] + sb * 32;
-                    if (!(sb & 1)) { prefetch_line(wa); prefetch_line(wb); }
-                    __m512i v = ld_pair(wa, wb);
-                    lo[p] = _mm512_and_si512(v, m4); hi[p] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-                }
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-                    __m512i a0 = bcast32(a[i] + sb * 64), a1 = bcast32(a[i] + sb * 64 + 32);
-                    __m512 dvec = bcast8f(dd[i] + sb * 8);
-                    _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
-                        __m512i q = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo[p], a0), hi[p], a1);
-                        accg[p][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), dvec, accg[p][i]);
-                    }
-                }
-            }
-            float s[2 * NP];
-            _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) {
-                s[j] = _cvtsh_ss(((const uint16_t *)(rw[j] + K / 2))[g]);
-                float sz = s[j] * (float)(asym ? (rw[j] + K / 2 + 2 * ng)[g] : 8);
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) corr[j][i] += sz * ag[(int64_t)g * M + m0 + i];
-            }
-            _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
-                __m512 ws = pair_ps(_mm256_set1_ps(s[2 * p]), _mm256_set1_ps(s[2 * p + 1]));
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) acc[p][i] = _mm512_fmadd_ps(accg[p][i], ws, acc[p][i]);
-            }
-        }
-    } else { /* G == 32 */
-        const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-        for (int sb = 0; sb < K / 64; sb++) {
-            __m512i lo[NP], hi[NP];
-            __m512 ws[NP];
-            float sz[2 * NP][2];
-            _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) {
-                const uint16_t *sc = (const uint16_t *)(rw[j] + K / 2);
-                const uint8_t *zp = rw[j] + K / 2 + 2 * ng;
-                sz[j][0] = _cvtsh_ss(sc[2 * sb]) * (float)(asym ? zp[2 * sb] : 8);
-                sz[j][1] = _cvtsh_ss(sc[2 * sb + 1]) * (float)(asym ? zp[2 * sb + 1] : 8);
-            }
-            _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
-                const uint8_t *wa = rw[2 * p], *wb = rw[2 * p + 1];
-                uint32_t ta, tb;
-                memcpy(&ta, (const uint16_t *)(wa + K / 2) + 2 * sb, 4);
-                memcpy(&tb, (const uint16_t *)(wb + K / 2) + 2 * sb, 4);
-                ws[p] = pair_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128((int)ta))), lanes),
-                                _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128((int)tb))), lanes));
-                if (!(sb & 1)) { prefetch_line(wa + sb * 32); prefetch_line(wb + sb * 32); }
-                __m512i v = ld_pair(wa + sb * 32, wb + sb * 32);
-                lo[p] = _mm512_and_si512(v, m4); hi[p] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-            }
-            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-                __m512i a0 = bcast32(a[i] + sb * 64), a1 = bcast32(a[i] + sb * 64 + 32);
-                __m512 dvec = bcast8f(dd[i] + sb * 8);
-                float ag0 = ag[(int64_t)(2 * sb) * M + m0 + i], ag1 = ag[(int64_t)(2 * sb + 1) * M + m0 + i];
-                _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
-                    __m512i q = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo[p], a0), hi[p], a1);
-                    acc[p][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(dvec, ws[p]), acc[p][i]);
-                }
-                _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) corr[j][i] += sz[j][0] * ag0 + sz[j][1] * ag1;
-            }
-        }
-    }
-    _Pragma("GCC unroll 2") for (int p = 0; p < np; p++)
-        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-            float *yo = y + (int64_t)(m0 + i) * ldy + 2 * p;
-            yo[0] = hsum8(lo_half(acc[p][i])) - corr[2 * p][i];
-            yo[1] = hsum8(hi_half(acc[p][i])) - corr[2 * p + 1][i];
-        }
-}
-
-/* q8, 2 * np weight rows x nt activation rows; see q8_tile. AVX-512 has no vpsignb: the sign
- * of w moves onto the activations with a masked negation (w < 0), |w| stays unsigned. */
-TGT5 INL void q8_tile512(const uint8_t *w0, int64_t rb, const int np, int K, int G, int asym, const int8_t *qa,
-                         const float *d, const float *ag, int M, int m0, const int nt, float *y, int64_t ldy) {
-    const int ng = K / G, bpg = G / QK;
-    const __m512i z = _mm512_setzero_si512();
-    __m512 acc[NP][MT];
-    float corr[2 * NP][MT];
-    const uint8_t *rw[2 * NP];
-    _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) rw[j] = w0 + j * rb;
-    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-        _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) acc[p][i] = _mm512_setzero_ps();
-        _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) corr[j][i] = 0.f;
-    }
-    for (int g = 0; g < ng; g++) {
-        float s[2 * NP];
-        __m512 sv[NP];
-        _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) s[j] = _cvtsh_ss(((const uint16_t *)(rw[j] + K))[g]);
-        _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) sv[p] = pair_ps(_mm256_set1_ps(s[2 * p]), _mm256_set1_ps(s[2 * p + 1]));
-        for (int b = g * bpg; b < (g + 1) * bpg; b++) {
-            __m512i aw[NP];
-            __mmask64 neg[NP];
-            _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
-                const uint8_t *wa = rw[2 * p] + b * QK, *wb = rw[2 * p + 1] + b * QK;
-                if (!(b & 1)) { prefetch_line(wa); prefetch_line(wb); }
-                __m512i w = ld_pair(wa, wb);
-                aw[p] = _mm512_abs_epi8(w);
-                neg[p] = _mm512_movepi8_mask(w);
-            }
-            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-                __m512i av = bcast32(qa + (int64_t)(m0 + i) * K + b * QK);
-                __m512 dvec = _mm512_set1_ps(d[(int64_t)(m0 + i) * (K / QK) + b]);
-                _Pragma("GCC unroll 2") for (int p = 0; p < np; p++) {
-                    __m512i sa = _mm512_mask_sub_epi8(av, neg[p], z, av);
-                    __m512i q = _mm512_dpbusd_epi32(z, aw[p], sa);
-                    acc[p][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(sv[p], dvec), acc[p][i]);
-                }
-            }
-        }
-        if (asym) {
-            _Pragma("GCC unroll 4") for (int j = 0; j < 2 * np; j++) {
-                float sz = s[j] * (float)((int)(rw[j] + K + 2 * ng)[g] - 128);
-                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) corr[j][i] += sz * ag[(int64_t)g * M + m0 + i];
-            }
-        }
-    }
-    _Pragma("GCC unroll 2") for (int p = 0; p < np; p++)
-        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
-            float *yo = y + (int64_t)(m0 + i) * ldy + 2 * p;
-            yo[0] = hsum8(lo_half(acc[p][i])) - corr[2 * p][i];
-            yo[1] = hsum8(hi_half(acc[p][i])) - corr[2 * p + 1][i];
-        }
-}
-
-TGT5 static void rows_avx512(const uint8_t *w, int64_t rb, int n0, int n1, int bits, int K, int G, int asym,
-                             const int8_t *qa, const float *dvd, const float *ag, int M, int m0, int mt,
-                             float *y, int64_t ldy) {
-    int n = n0;
-    if (mt == MT)
-        for (; n + 2 * NP <= n1; n += 2 * NP) {
-            const uint8_t *row = w + (int64_t)n * rb;
-            if (bits == 8) q8_tile512(row, rb, NP, K, G, asym, qa, dvd, ag, M, m0, MT, y + n, ldy);
-            else q4_tile512(row, rb, NP, K, G, asym, qa, dvd, ag, M, m0, MT, y + n, ldy);
-        }
-    for (; n < n1; n++) row_avx2(w + (int64_t)n * rb, bits, K, G, asym, qa, dvd, ag, M, m0, mt, y + n, ldy);
-}
-
-/* ------------------------------------------------------------------ entry points */
 
 /* One activation matrix [M, K], quantized for a weight with (bits, G) on `path`. */
 typedef struct {
     int M, K, G, bits, path;
-    int8_t *qa;          /* [M, K] int8 codes (q4: permuted per superblock) */
-    float *d, *bsum;     /* [M, K/32]: block scales and d_b * sum(q_b) */
-    float *ag;           /* [K/G, M]: A_g for the zero-point correction */
-    float *dv;           /* [M, K/8]: the AVX2 q4 kernel's per-lane scales (else NULL) */
+    int8_t *qa;      /* [M, K] int8 codes */
+    float *d, *bsum; /* [M, K/32]: block scales and d_b * sum(q_b) */
+    int32_t *qs;     /* [M, K/32]: sum(q_b) */
+    float *ag;       /* [M, K/G]: A_g for the zero-point correction */
 } acts_t;
 
-static void acts_free(acts_t *a) {
-    free(a->qa); free(a->d); free(a->bsum); free(a->ag); free(a->dv);
-}
+static void acts_free(acts_t *a) { free(a->qa); free(a->d); free(a->bsum); free(a->qs); free(a->ag); }
 
 static int acts_alloc(acts_t *a, int M, int K, int bits, int G, int path) {
     int nb = K / QK;
@@ -668,9 +202,9 @@ static int acts_alloc(acts_t *a, int M, int K, int bits, int G, int path) {
     a->qa = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
     a->d = malloc(sizeof(float) * M * nb);
     a->bsum = malloc(sizeof(float) * M * nb);
+    a->qs = malloc(sizeof(int32_t) * M * nb);
     a->ag = malloc(sizeof(float) * M * (K / G));
-    if (bits == 4 && path >= 1) a->dv = malloc(sizeof(float) * M * (K / 8));
-    if (!a->qa || !a->d || !a->bsum || !a->ag || (bits == 4 && path >= 1 && !a->dv)) {
+    if (!a->qa || !a->d || !a->bsum || !a->qs || !a->ag) {
         acts_free(a);
         return -1;
     }
@@ -679,60 +213,353 @@ static int acts_alloc(acts_t *a, int M, int K, int bits, int G, int path) {
 
 /* Quantize rows m0..m1 of x [M, K] into a (rows are independent: callers may split them). */
 static void acts_quant(acts_t *a, const float *x, int m0, int m1) {
-    int K = a->K, M = a->M, G = a->G, nb = K / QK;
+    int K = a->K, G = a->G, nb = K / QK;
     int64_t o = (int64_t)m0 * K, ob = (int64_t)m0 * nb;
-    (a->path >= 1 ? quant_act_avx2 : quant_act)(x + o, m1 - m0, K, dbrxq_act_span(a->bits, G), a->bits == 4, a->qa + o,
-                                                a->d + ob, a->bsum + ob);
-    for (int m = m0; m < m1; m++) {
+    (a->path >= 1 ? quant_act_avx2 : quant_act)(x + o, m1 - m0, K, dbrxq_act_span(a->bits, G), a->qa + o,
+                                                a->d + ob, a->qs + ob, a->bsum + ob);
+    for (int m = m0; m < m1; m++)
         for (int g = 0; g < K / G; g++) {
             float s = 0.f;
             for (int b = g * (G / QK); b < (g + 1) * (G / QK); b++) s += a->bsum[(int64_t)m * nb + b];
-            a->ag[(int64_t)g * M + m] = s;
+            a->ag[(int64_t)m * (K / G) + g] = s;
         }
-        if (a->dv)
-            for (int sb = 0; sb < K / 64; sb++)
-                for (int l = 0; l < 8; l++)
-                    a->dv[(int64_t)m * (K / 8) + sb * 8 + l] = a->d[(int64_t)m * nb + 2 * sb + (l >> 2)];
+}
+
+/* ------------------------------------------------------------------ block geometry */
+
+/* What the kernels need of one weight block and the activation tile. */
+typedef struct {
+    const uint8_t *codes;   /* the block's codes */
+    const uint16_t *scales; /* [K/G][RB] */
+    const uint8_t *zeros;   /* [K/G][RB] or NULL */
+    int K, G, bits, span;
+} blk_t;
+
+static blk_t block_at(const uint8_t *w, int b, int bits, int K, int G, int asym) {
+    const uint8_t *p = w + (int64_t)b * block_bytes(bits, K, G, asym);
+    int64_t cb = codes_bytes(bits, K);
+    return (blk_t){p, (const uint16_t *)(p + cb), asym ? p + cb + 2 * RB * (K / G) : NULL, K, G, bits,
+                   dbrxq_act_span(bits, G)};
+}
+
+/* zc_g of row r: what the integer dot products leave to the correction term. */
+static inline float zero_code(const blk_t *w, int g, int r) {
+    if (w->bits == 4) return (float)(w->zeros ? w->zeros[g * RB + r] : 8);
+    return w->zeros ? (float)((int)w->zeros[g * RB + r] - 128) : 0.f;
+}
+
+/* Store rows r < nrows of the block's 16 results for activation row m. */
+static inline void store_rows(float *y, int64_t ldy, int m, int n0, int nrows, const float *v) {
+    float *o = y + (int64_t)m * ldy + n0;
+    for (int r = 0; r < nrows; r++) o[r] = v[r];
+}
+
+/* ------------------------------------------------------------------ generic scalar path */
+
+static float h2f(uint16_t h) { /* IEEE half -> float, no F16C needed (exact: every half is a float) */
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF, bits;
+    if (e == 0) {
+        if (m == 0) { bits = sign; }
+        else { /* subnormal: normalise */
+            e = 127 - 15 + 1;
+            while (!(m & 0x400)) { m <<= 1; e--; }
+            bits = sign | (e << 23) | ((m & 0x3FF) << 13);
+        }
+    } else if (e == 31) { bits = sign | 0x7F800000u | (m << 13); }
+    else { bits = sign | ((e + 127 - 15) << 23) | (m << 13); }
+    float f; memcpy(&f, &bits, 4); return f;
+}
+
+static void block_generic(const blk_t *w, const acts_t *a, int m0, int mt, float *y, int64_t ldy, int n0, int nrows) {
+    int K = w->K, G = w->G, span = w->span, nb = K / QK, ng = K / G;
+    for (int m = m0; m < m0 + mt; m++) {
+        const int8_t *q = a->qa + (int64_t)m * K;
+        float out[RB];
+        for (int r = 0; r < RB; r++) {
+            float acc = 0.f, corr = 0.f;
+            for (int k0 = 0; k0 < K; k0 += span) {
+                int32_t isum = 0;
+                for (int k = k0; k < k0 + span; k++) {
+                    int c;
+                    if (w->bits == 4) {
+                        uint8_t byte = w->codes[(k / 8) * (RB * 4) + r * 4 + (k & 3)];
+                        c = (k & 4) ? byte >> 4 : byte & 15;
+                    } else {
+                        c = (int8_t)w->codes[(k / 4) * (RB * 4) + r * 4 + (k & 3)];
+                    }
+                    isum += c * q[k];
+                }
+                float s = h2f(w->scales[(k0 / G) * RB + r]);
+                acc = fmaf((float)isum, s * a->d[(int64_t)m * nb + k0 / QK], acc);
+            }
+            for (int g = 0; g < ng; g++) {
+                float s = h2f(w->scales[g * RB + r]);
+                corr = fmaf(s * zero_code(w, g, r), a->ag[(int64_t)m * ng + g], corr);
+            }
+            out[r] = acc - corr;
+        }
+        store_rows(y, ldy, m, n0, nrows, out);
     }
 }
 
-/* y[:, n0:n1] (row stride ldy) for one chunk of weight rows, all activation rows. */
-static void chunk_rows(const acts_t *a, const uint8_t *w, int asym, int n0, int n1, float *y, int64_t ldy) {
-    int M = a->M, K = a->K, G = a->G, bits = a->bits;
-    int64_t rb = dbrxq_row_bytes(bits, K, G, asym);
-    for (int m0 = 0; m0 < M; m0 += MT) {
-        int mt = M - m0 < MT ? M - m0 : MT;
-        if (a->path >= 1) {
-            (a->path == 2 ? rows_avx512 : rows_avx2)(w, rb, n0, n1, bits, K, G, asym, a->qa, a->dv ? a->dv : a->d,
-                                                     a->ag, M, m0, mt, y, ldy);
+/* ------------------------------------------------------------------ AVX-512 VNNI path */
+
+/* Once per 64-byte line: into L1 PF bytes ahead and into L2 4 * PF ahead. */
+INL void prefetch_line(const uint8_t *p) {
+    _mm_prefetch((const char *)(p + PF), _MM_HINT_T0);
+    _mm_prefetch((const char *)(p + 4 * PF), _MM_HINT_T1);
+}
+
+/* Four activation codes as one int32 (unaligned, may alias): read straight from memory, so the
+ * compiler can fold the broadcast into vpdpbusd's {1to16} operand instead of a register shuffle. */
+typedef int32_t __attribute__((may_alias, aligned(1))) i32u_t;
+INL int32_t quad(const int8_t *p) { return *(const i32u_t *)p; }
+
+/* acc += vpdpbusd(w, the int32 at p broadcast to 16 lanes). Inline assembly so the accumulator
+ * stays in its register and the broadcast is the instruction's {1to16} memory operand: with the
+ * intrinsic, GCC 12 copied every accumulator twice per use and broadcast through a register
+ * (88 instructions per octet of an 8-row tile instead of 22; measured 2x slower). */
+#define DPBUSD_BCAST(acc, w, p) __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const i32u_t *)(p)))
+
+/* One block (16 rows, one per 32-bit lane) x nt activation rows (a compile-time constant after
+ * inlining). Two integer chains per activation row (low and high nibbles) keep vpdpbusd's
+ * latency covered; the integer sum of a span is exact, then one convert and FMA per span. */
+TGT5 INL void blk512(const blk_t *w, const acts_t *a, int m0, const int nt, float *y, int64_t ldy, int n0,
+                     int nrows) {
+    const int K = w->K, G = w->G, span = w->span, nb = K / QK, ng = K / G;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[MT], corr[MT];
+    const int8_t *q[MT];
+    _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) {
+        acc[i] = corr[i] = _mm512_setzero_ps();
+        q[i] = a->qa + (int64_t)(m0 + i) * K;
+    }
+    for (int k0 = 0; k0 < K; k0 += span) {
+        __m512i s0[MT], s1[MT];
+        _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) s0[i] = s1[i] = _mm512_setzero_si512();
+        if (w->bits == 4) {
+            const uint8_t *cp = w->codes + (int64_t)(k0 / 8) * 64;
+            for (int k = k0; k < k0 + span; k += 8, cp += 64) {
+                prefetch_line(cp);
+                __m512i v = _mm512_loadu_si512((const void *)cp);
+                __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) {
+                    DPBUSD_BCAST(s0[i], lo, q[i] + k);
+                    DPBUSD_BCAST(s1[i], hi, q[i] + k + 4);
+                }
+            }
+        } else { /* codes stored c - 128 (int8); vpdpbusd wants u8: c, and 128 * sum(q) comes off below */
+            const uint8_t *cp = w->codes + (int64_t)(k0 / 4) * 64;
+            for (int k = k0; k < k0 + span; k += 8, cp += 128) {
+                prefetch_line(cp);
+                prefetch_line(cp + 64);
+                __m512i v0 = _mm512_xor_si512(_mm512_loadu_si512((const void *)cp), flip);
+                __m512i v1 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(cp + 64)), flip);
+                _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) {
+                    DPBUSD_BCAST(s0[i], v0, q[i] + k);
+                    DPBUSD_BCAST(s1[i], v1, q[i] + k + 4);
+                }
+            }
+        }
+        __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scales + (k0 / G) * RB)));
+        _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) {
+            __m512i is = _mm512_add_epi32(s0[i], s1[i]);
+            if (w->bits == 8) is = _mm512_sub_epi32(is, _mm512_set1_epi32(128 * a->qs[(int64_t)(m0 + i) * nb + k0 / QK]));
+            __m512 sd = _mm512_mul_ps(sv, _mm512_set1_ps(a->d[(int64_t)(m0 + i) * nb + k0 / QK]));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), sd, acc[i]);
+        }
+    }
+    for (int g = 0; g < ng; g++) {
+        __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scales + g * RB)));
+        __m512 zc;
+        if (w->zeros) {
+            zc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->zeros + g * RB))));
+            if (w->bits == 8) zc = _mm512_sub_ps(zc, _mm512_set1_ps(128.f)); /* exact: small integers */
+        } else {
+            zc = _mm512_set1_ps(w->bits == 4 ? 8.f : 0.f);
+        }
+        __m512 sz = _mm512_mul_ps(sv, zc);
+        _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++)
+            corr[i] = _mm512_fmadd_ps(sz, _mm512_set1_ps(a->ag[(int64_t)(m0 + i) * ng + g]), corr[i]);
+    }
+    _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) {
+        float out[RB];
+        _mm512_storeu_ps(out, _mm512_sub_ps(acc[i], corr[i]));
+        store_rows(y, ldy, m0 + i, n0, nrows, out);
+    }
+}
+
+TGT5 static void block_avx512(const blk_t *w, const acts_t *a, int m0, int mt, float *y, int64_t ldy, int n0,
+                              int nrows) {
+    switch (mt) {
+        case 8: blk512(w, a, m0, 8, y, ldy, n0, nrows); break;
+        case 7: blk512(w, a, m0, 7, y, ldy, n0, nrows); break;
+        case 6: blk512(w, a, m0, 6, y, ldy, n0, nrows); break;
+        case 5: blk512(w, a, m0, 5, y, ldy, n0, nrows); break;
+        case 4: blk512(w, a, m0, 4, y, ldy, n0, nrows); break;
+        case 3: blk512(w, a, m0, 3, y, ldy, n0, nrows); break;
+        case 2: blk512(w, a, m0, 2, y, ldy, n0, nrows); break;
+        default: blk512(w, a, m0, 1, y, ldy, n0, nrows); break;
+    }
+}
+
+/* ------------------------------------------------------------------ AVX2 path */
+
+#define MT2 4 /* activation rows per AVX2 tile (16 ymm registers) */
+
+/* Halves h0..h0+nh-1 (rows 8h..8h+7, one per lane) of one block x nt activation rows (nh, nt
+ * compile-time constants after inlining). Decode and small tiles take both halves in one pass
+ * over the block, so the prefetch stream runs on while it computes; larger tiles take one half
+ * at a time (16 ymm registers). q4: two maddubs per octet summed in int16 (a lane pair holds
+ * <= 2 * 15 * 127 per maddubs, 7620 per octet), four octets at most before madd(ones) widens to
+ * int32 (30480 < 32767). q8: |w| x sign-moved q (pairs <= 2 * 128 * 127 = 32512), widened per
+ * quad. Exact integers, as vpdpbusd. */
+TGT INL void blk2(const blk_t *w, const acts_t *a, int m0, const int nt, const int h0, const int nh, float *y,
+                  int64_t ldy, int n0, int nrows) {
+    const int K = w->K, G = w->G, span = w->span, nb = K / QK, ng = K / G;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[2][MT2], corr[2][MT2];
+    const int8_t *q[MT2];
+    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+        q[i] = a->qa + (int64_t)(m0 + i) * K;
+        _Pragma("GCC unroll 2") for (int j = 0; j < nh; j++) acc[j][i] = corr[j][i] = _mm256_setzero_ps();
+    }
+    for (int k0 = 0; k0 < K; k0 += span) {
+        __m256i s32[2][MT2];
+        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++)
+            _Pragma("GCC unroll 2") for (int j = 0; j < nh; j++) s32[j][i] = _mm256_setzero_si256();
+        if (w->bits == 4) {
+            const uint8_t *cp = w->codes + (int64_t)(k0 / 8) * 64 + 32 * h0;
+            for (int k4 = k0; k4 < k0 + span; k4 += 32) {
+                __m256i s16[2][MT2];
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++)
+                    _Pragma("GCC unroll 2") for (int j = 0; j < nh; j++) s16[j][i] = _mm256_setzero_si256();
+                for (int k = k4; k < k4 + 32; k += 8, cp += 64) {
+                    if (h0 == 0) prefetch_line(cp);
+                    _Pragma("GCC unroll 2") for (int j = 0; j < nh; j++) {
+                        __m256i v = _mm256_loadu_si256((const __m256i *)(cp + 32 * j));
+                        __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++)
+                            s16[j][i] = _mm256_add_epi16(s16[j][i], _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(q[i] + k))),
+                                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad(q[i] + k + 4)))));
+                    }
+                }
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++)
+                    _Pragma("GCC unroll 2") for (int j = 0; j < nh; j++)
+                        s32[j][i] = _mm256_add_epi32(s32[j][i], _mm256_madd_epi16(s16[j][i], ones));
+            }
+        } else {
+            const uint8_t *cp = w->codes + (int64_t)(k0 / 4) * 64 + 32 * h0;
+            for (int k = k0; k < k0 + span; k += 4, cp += 64) {
+                if (h0 == 0) prefetch_line(cp);
+                _Pragma("GCC unroll 2") for (int j = 0; j < nh; j++) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(cp + 32 * j)), av = _mm256_abs_epi8(v);
+                    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                        __m256i sa = _mm256_sign_epi8(_mm256_set1_epi32(quad(q[i] + k)), v);
+                        s32[j][i] = _mm256_add_epi32(s32[j][i], _mm256_madd_epi16(_mm256_maddubs_epi16(av, sa), ones));
+                    }
+                }
+            }
+        }
+        _Pragma("GCC unroll 2") for (int j = 0; j < nh; j++) {
+            __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->scales + (k0 / G) * RB + 8 * (h0 + j))));
+            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                __m256 sd = _mm256_mul_ps(sv, _mm256_set1_ps(a->d[(int64_t)(m0 + i) * nb + k0 / QK]));
+                acc[j][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[j][i]), sd, acc[j][i]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 2") for (int j = 0; j < nh; j++) {
+        const int h = h0 + j;
+        for (int g = 0; g < ng; g++) {
+            __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->scales + g * RB + 8 * h)));
+            __m256 zc;
+            if (w->zeros) {
+                zc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w->zeros + g * RB + 8 * h))));
+                if (w->bits == 8) zc = _mm256_sub_ps(zc, _mm256_set1_ps(128.f));
+            } else {
+                zc = _mm256_set1_ps(w->bits == 4 ? 8.f : 0.f);
+            }
+            __m256 sz = _mm256_mul_ps(sv, zc);
+            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++)
+                corr[j][i] = _mm256_fmadd_ps(sz, _mm256_set1_ps(a->ag[(int64_t)(m0 + i) * ng + g]), corr[j][i]);
+        }
+        int rows = nrows - 8 * h;
+        if (rows <= 0) continue;
+        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+            float out[8];
+            _mm256_storeu_ps(out, _mm256_sub_ps(acc[j][i], corr[j][i]));
+            store_rows(y, ldy, m0 + i, n0 + 8 * h, rows < 8 ? rows : 8, out);
+        }
+    }
+}
+
+TGT static void block_avx2(const blk_t *w, const acts_t *a, int m0, int mt, float *y, int64_t ldy, int n0,
+                           int nrows) {
+    for (int i = m0; i < m0 + mt;) {
+        int t = m0 + mt - i;
+        if (t <= 2) { /* both halves in one pass (decode, tile edges) */
+            if (t == 2) blk2(w, a, i, 2, 0, 2, y, ldy, n0, nrows);
+            else blk2(w, a, i, 1, 0, 2, y, ldy, n0, nrows);
+            i += t;
             continue;
         }
-        for (int n = n0; n < n1; n++)
-            rows_generic(w + (int64_t)n * rb, bits, K, G, asym, a->qa, a->d, a->bsum, m0, mt, y + n, ldy);
+        t = t < MT2 ? t : MT2;
+        for (int h = 0; h < 2 && 8 * h < nrows; h++) {
+            if (t == 4) blk2(w, a, i, 4, h, 1, y, ldy, n0, nrows);
+            else blk2(w, a, i, 3, h, 1, y, ldy, n0, nrows);
+        }
+        i += t;
     }
 }
 
-static int nchunks_of(int N) { return (N + NCHUNK - 1) / NCHUNK; }
-static int chunk_end(int c, int N) { return c * NCHUNK + NCHUNK < N ? c * NCHUNK + NCHUNK : N; }
+/* ------------------------------------------------------------------ entry points */
 
-/* y [M, N] float32 = x [M, K] float32 @ W^T; W as repacked row records (w, row_bytes).
- * path: 0 generic scalar, 1 AVX2. Returns 0, or -1 on allocation failure. */
+/* y[:, rows of blocks b0..b1) (row stride ldy), all activation rows: each block once from
+ * memory, then every activation tile over it while it sits in cache. */
+static void run_blocks(const acts_t *a, const uint8_t *w, int asym, int N, int b0, int b1, float *y, int64_t ldy) {
+    for (int b = b0; b < b1; b++) {
+        blk_t blk = block_at(w, b, a->bits, a->K, a->G, asym);
+        int n0 = b * RB, nrows = N - n0 < RB ? N - n0 : RB;
+        for (int m0 = 0; m0 < a->M; m0 += MT) {
+            int mt = a->M - m0 < MT ? a->M - m0 : MT;
+            if (a->path == 2) block_avx512(&blk, a, m0, mt, y, ldy, n0, nrows);
+            else if (a->path == 1) block_avx2(&blk, a, m0, mt, y, ldy, n0, nrows);
+            else block_generic(&blk, a, m0, mt, y, ldy, n0, nrows);
+        }
+    }
+}
+
+static int nitems_of(int N) { return ((N + RB - 1) / RB + BPI - 1) / BPI; }
+static void item_blocks(int c, int N, int *b0, int *b1) {
+    int nb = (N + RB - 1) / RB;
+    *b0 = c * BPI;
+    *b1 = *b0 + BPI < nb ? *b0 + BPI : nb;
+}
+
+/* y [M, N] float32 = x [M, K] float32 @ W^T; W as repacked blocks (dbrxq_repack).
+ * path: 0 generic scalar, 1 AVX2, 2 AVX-512 VNNI. Returns 0, or -1 on allocation failure. */
 int dbrxq_matmul(const float *x, int M, int K, const uint8_t *w, int N, int bits, int G,
                  int asym, float *y, int path, int nthreads) {
     acts_t a;
     if (acts_alloc(&a, M, K, bits, G, path)) return -1;
     acts_quant(&a, x, 0, M);
-    int nc = nchunks_of(N);
+    int ni = nitems_of(N);
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
-    for (int c = 0; c < nc; c++) chunk_rows(&a, w, asym, c * NCHUNK, chunk_end(c, N), y, N);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int c = 0; c < ni; c++) {
+        int b0, b1;
+        item_blocks(c, N, &b0, &b1);
+        run_blocks(&a, w, asym, N, b0, b1, y, N);
+    }
     acts_free(&a);
     return 0;
 }
 
 /* One DBRX expert, y [M, D] = (silu(x @ W1^T) * (x @ V1^T)) @ W2^T, in ONE call and one
  * parallel region: x [M, D] is quantized once for W1 and V1 [F, D] (same bits, G, asym as
- * W2 [D, F]), whose rows are shared out together; silu * product and the quantization of the
+ * W2 [D, F]), whose blocks are shared out together; silu * product and the quantization of the
  * hidden state are split over the threads; then W2. Against three dbrxq_matmul calls this saves
  * two thread wake-ups and barriers, one activation quantization and the Python in between.
  * silu(t) = t / (1 + exp(-t)) in float32. Returns 0, or -1 on allocation failure. */
@@ -743,24 +570,70 @@ int dbrxq_glu(const float *x, int M, int D, int F, const uint8_t *w1, const uint
     if (!h || acts_alloc(&ax, M, D, bits, G1, path)) { free(h); return -1; }
     if (acts_alloc(&ah, M, F, bits, G2, path)) { free(h); acts_free(&ax); return -1; }
     float *up = h + (size_t)M * F;
-    int nc1 = nchunks_of(F), nc2 = nchunks_of(D);
+    int n1 = nitems_of(F), n2 = nitems_of(D);
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
         for (int m = 0; m < M; m++) acts_quant(&ax, x, m, m + 1);
-#pragma omp for schedule(dynamic, 16)
-        for (int c = 0; c < 2 * nc1; c++) {
-            int cc = c < nc1 ? c : c - nc1;
-            chunk_rows(&ax, c < nc1 ? w1 : v1, asym, cc * NCHUNK, chunk_end(cc, F), c < nc1 ? h : up, F);
+#pragma omp for schedule(dynamic, 1)
+        for (int c = 0; c < 2 * n1; c++) {
+            int b0, b1;
+            item_blocks(c < n1 ? c : c - n1, F, &b0, &b1);
+            run_blocks(&ax, c < n1 ? w1 : v1, asym, F, b0, b1, c < n1 ? h : up, F);
         }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < (int64_t)M * F; i++) h[i] = h[i] / (1.f + expf(-h[i])) * up[i];
 #pragma omp for schedule(static)
         for (int m = 0; m < M; m++) acts_quant(&ah, h, m, m + 1);
-#pragma omp for schedule(dynamic, 16)
-        for (int c = 0; c < nc2; c++) chunk_rows(&ah, w2, asym, c * NCHUNK, chunk_end(c, D), y, D);
+#pragma omp for schedule(dynamic, 1)
+        for (int c = 0; c < n2; c++) {
+            int b0, b1;
+            item_blocks(c, D, &b0, &b1);
+            run_blocks(&ah, w2, asym, D, b0, b1, y, D);
+        }
     }
     free(h); acts_free(&ax); acts_free(&ah);
     return 0;
+}
+
+/* ------------------------------------------------------------------ compute peak probe */
+
+/* The int8 multiply-add rate of one thread's inner instruction on `path`, for benchmarks: the
+ * compute floor of a batched call next to its read bound. `iters` rounds of 12 independent
+ * accumulators (more than latency x throughput on current cores): AVX2 vpmaddubsw + vpaddw (32
+ * products each), AVX-512 vpdpbusd on 512-bit registers (64 each). Returns multiply-adds per
+ * second, or 0 for the generic path. */
+#define PEAK_ACC 12
+static double wall_s(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
+TGT static double peak_avx2(long iters) {
+    __m256i a[PEAK_ACC], x[PEAK_ACC], y = _mm256_set1_epi8(1);
+    for (int i = 0; i < PEAK_ACC; i++) { a[i] = _mm256_setzero_si256(); x[i] = _mm256_set1_epi8((char)i); }
+    double t0 = wall_s();
+    for (long k = 0; k < iters; k++) {
+        _Pragma("GCC unroll 12") for (int i = 0; i < PEAK_ACC; i++) a[i] = _mm256_add_epi16(a[i], _mm256_maddubs_epi16(x[i], y));
+        __asm__ volatile("" : "+x"(y));
+    }
+    double t = wall_s() - t0;
+    int s = 0;
+    for (int i = 0; i < PEAK_ACC; i++) s += _mm256_extract_epi32(a[i], 0);
+    __asm__ volatile("" : : "r"(s));
+    return 32.0 * PEAK_ACC * iters / t;
+}
+TGT5 static double peak_avx512(long iters) {
+    __m512i a[PEAK_ACC], x[PEAK_ACC], y = _mm512_set1_epi8(1);
+    for (int i = 0; i < PEAK_ACC; i++) { a[i] = _mm512_setzero_si512(); x[i] = _mm512_set1_epi8((char)i); }
+    double t0 = wall_s();
+    for (long k = 0; k < iters; k++) {
+        _Pragma("GCC unroll 12") for (int i = 0; i < PEAK_ACC; i++) a[i] = _mm512_dpbusd_epi32(a[i], x[i], y);
+        __asm__ volatile("" : "+v"(y));
+    }
+    double t = wall_s() - t0;
+    int s = 0;
+    for (int i = 0; i < PEAK_ACC; i++) s += _mm512_reduce_add_epi32(a[i]);
+    __asm__ volatile("" : : "r"(s));
+    return 64.0 * PEAK_ACC * iters / t;
+}
+double dbrxq_peak_macs(int path, long iters) {
+    return path == 1 ? peak_avx2(iters) : path == 2 ? peak_avx512(iters) : 0.0;
 }
