@@ -88,14 +88,19 @@ int main(int argc, char **argv) {
         }
         bytes = pb ? 2 * pb(4, F, D, 128, 0) + pb(4, D, F, 128, 0) : 2 * F * rb(4, D, 128, 0) + D * rb(4, F, 128, 0);
     }
-    uint8_t *rd = malloc(bytes);
+    /* FLUSH_MB (environment): also read that many MB between calls, untimed, to push the weights
+     * out of a large last-level cache (one VM here reports a 480 MB L3) */
+    int64_t flush = (getenv("FLUSH_MB") ? atoll(getenv("FLUSH_MB")) : 0) << 20;
+    uint8_t *rd = malloc(bytes), *fl = flush ? malloc(flush) : NULL;
     for (int64_t i = 0; i < bytes; i++) rd[i] = (uint8_t)rand();
+    for (int64_t i = 0; i < flush; i++) fl[i] = (uint8_t)i;
     float *x = malloc(sizeof(float) * D), *y = malloc(sizeof(float) * D);
     for (int i = 0; i < D; i++) x[i] = rand() / (float)RAND_MAX - 0.5f;
     static double tk[MAXV][MAXR], ra[MAXV][MAXR];
     uint64_t sink = 0;
     for (int r = 0; r < reps; r++)
         for (int v = 0; v < nv; v++) {
+            if (fl) sink += read_all(fl, flush, th);
             double t = now();
             sink += read_all(rd, bytes, th);
             double t1 = now() - t;

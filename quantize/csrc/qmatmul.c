@@ -51,7 +51,9 @@
 #define QK 32   /* activation block */
 #define RB 16   /* output rows per weight block (one 32-bit lane each on AVX-512) */
 #define BPI 16  /* blocks per work item */
+#ifndef MT
 #define MT 8    /* activation rows per tile */
+#endif
 #ifndef PF
 /* Software prefetch distance in bytes (prefetch_line: L1 at PF, L2 at 4 * PF), about bandwidth x
  * memory latency of one core's share, with room. Blocks are walked in memory order, so the
@@ -315,92 +317,120 @@ INL void prefetch_line(const uint8_t *p) {
 typedef int32_t __attribute__((may_alias, aligned(1))) i32u_t;
 INL int32_t quad(const int8_t *p) { return *(const i32u_t *)p; }
 
-/* acc += vpdpbusd(w, the int32 at p broadcast to 16 lanes). Inline assembly so the accumulator
- * stays in its register and the broadcast is the instruction's {1to16} memory operand: with the
- * intrinsic, GCC 12 copied every accumulator twice per use and broadcast through a register
- * (88 instructions per octet of an 8-row tile instead of 22; measured 2x slower). */
-#define DPBUSD_BCAST(acc, w, p) __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const i32u_t *)(p)))
+/* acc += vpdpbusd(w, a). Inline assembly keeps each accumulator in its register: with the
+ * intrinsic, GCC 12 copied every accumulator twice per use and broadcast the activations through
+ * general registers (88 instructions per octet of an 8-row tile instead of ~30). */
+#define DPBUSD(acc, w, a) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(a))
+TGT5 INL __m512i bcast_quad(const int8_t *p) { /* vpbroadcastd from memory: a load, no shuffle */
+    __m512i r;
+    __asm__("vpbroadcastd %1, %0" : "=v"(r) : "m"(*(const i32u_t *)p));
+    return r;
+}
 
-/* One block (16 rows, one per 32-bit lane) x nt activation rows (a compile-time constant after
- * inlining). Two integer chains per activation row (low and high nibbles) keep vpdpbusd's
- * latency covered; the integer sum of a span is exact, then one convert and FMA per span. */
-TGT5 INL void blk512(const blk_t *w, const acts_t *a, int m0, const int nt, float *y, int64_t ldy, int n0,
-                     int nrows) {
-    const int K = w->K, G = w->G, span = w->span, nb = K / QK, ng = K / G;
+/* nb blocks (16 rows each, one per 32-bit lane; nb = 1 or 2) x nt activation rows (compile-time
+ * constants after inlining). Each broadcast activation quad feeds nb blocks; with one block the
+ * low and high nibbles go to two integer chains per row (vpdpbusd's latency stays covered), with
+ * two blocks one chain per (block, row) leaves registers for 2 x 8 of them. The integer sum of a
+ * span is exact, then one convert and FMA per span and block, as the other paths. */
+TGT5 INL void blk512(const blk_t *w, const acts_t *a, int m0, const int nt, const int nb, float *y, int64_t ldy,
+                     int n0, int nrows, const uint8_t *next) {
+    const int K = w->K, G = w->G, span = w->span, nbk = K / QK, ng = K / G;
     const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc[MT], corr[MT];
+    __m512 acc[2][MT], corr[2][MT];
     const int8_t *q[MT];
     _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) {
-        acc[i] = corr[i] = _mm512_setzero_ps();
         q[i] = a->qa + (int64_t)(m0 + i) * K;
+        _Pragma("GCC unroll 2") for (int b = 0; b < nb; b++) acc[b][i] = corr[b][i] = _mm512_setzero_ps();
     }
     for (int k0 = 0; k0 < K; k0 += span) {
-        __m512i s0[MT], s1[MT];
-        _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) s0[i] = s1[i] = _mm512_setzero_si512();
-        if (w->bits == 4) {
-            const uint8_t *cp = w->codes + (int64_t)(k0 / 8) * 64;
-            for (int k = k0; k < k0 + span; k += 8, cp += 64) {
-                prefetch_line(cp);
-                __m512i v = _mm512_loadu_si512((const void *)cp);
-                __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-                _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) {
-                    DPBUSD_BCAST(s0[i], lo, q[i] + k);
-                    DPBUSD_BCAST(s1[i], hi, q[i] + k + 4);
-                }
-            }
-        } else { /* codes stored c - 128 (int8); vpdpbusd wants u8: c, and 128 * sum(q) comes off below */
-            const uint8_t *cp = w->codes + (int64_t)(k0 / 4) * 64;
-            for (int k = k0; k < k0 + span; k += 8, cp += 128) {
-                prefetch_line(cp);
-                prefetch_line(cp + 64);
-                __m512i v0 = _mm512_xor_si512(_mm512_loadu_si512((const void *)cp), flip);
-                __m512i v1 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(cp + 64)), flip);
-                _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) {
-                    DPBUSD_BCAST(s0[i], v0, q[i] + k);
-                    DPBUSD_BCAST(s1[i], v1, q[i] + k + 4);
-                }
-            }
-        }
-        __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scales + (k0 / G) * RB)));
+        __m512i s[2][MT], s1[MT]; /* s1: the second chain, one block only */
         _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) {
-            __m512i is = _mm512_add_epi32(s0[i], s1[i]);
-            if (w->bits == 8) is = _mm512_sub_epi32(is, _mm512_set1_epi32(128 * a->qs[(int64_t)(m0 + i) * nb + k0 / QK]));
-            __m512 sd = _mm512_mul_ps(sv, _mm512_set1_ps(a->d[(int64_t)(m0 + i) * nb + k0 / QK]));
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), sd, acc[i]);
+            s1[i] = _mm512_setzero_si512();
+            _Pragma("GCC unroll 2") for (int b = 0; b < nb; b++) s[b][i] = _mm512_setzero_si512();
+        }
+        const int step = w->bits == 4 ? 64 : 128; /* code bytes per 8 columns of a block */
+        const uint8_t *cp[2];
+        _Pragma("GCC unroll 2") for (int b = 0; b < nb; b++) cp[b] = w[b].codes + (int64_t)(k0 / 8) * step;
+        const uint8_t *np = next ? next + (int64_t)(k0 / 8) * step : NULL;
+        for (int k = k0; k < k0 + span; k += 8) {
+            __m512i lo[2], hi[2];
+            if (np) { /* the next blocks into L2 at this tile's pace: their first tile then reads L2, not DRAM */
+                _Pragma("GCC unroll 2") for (int b = 0; b < nb; b++)
+                    for (int o = 0; o < step; o += 64) _mm_prefetch((const char *)(np + (w[b].codes - w[0].codes) + o), _MM_HINT_T1);
+                np += step;
+            }
+            _Pragma("GCC unroll 2") for (int b = 0; b < nb; b++) {
+                prefetch_line(cp[b]);
+                if (w->bits == 4) {
+                    __m512i v = _mm512_loadu_si512((const void *)cp[b]);
+                    lo[b] = _mm512_and_si512(v, m4);
+                    hi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                } else { /* codes stored c - 128 (int8); vpdpbusd wants u8: c, and 128 * sum(q) comes off below */
+                    prefetch_line(cp[b] + 64);
+                    lo[b] = _mm512_xor_si512(_mm512_loadu_si512((const void *)cp[b]), flip);
+                    hi[b] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(cp[b] + 64)), flip);
+                }
+                cp[b] += step;
+            }
+            _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) {
+                __m512i a0 = bcast_quad(q[i] + k), a1 = bcast_quad(q[i] + k + 4);
+                if (nb == 1) {
+                    DPBUSD(s[0][i], lo[0], a0);
+                    DPBUSD(s1[i], hi[0], a1);
+                } else {
+                    _Pragma("GCC unroll 2") for (int b = 0; b < nb; b++) {
+                        DPBUSD(s[b][i], lo[b], a0);
+                        DPBUSD(s[b][i], hi[b], a1);
+                    }
+                }
+            }
+        }
+        _Pragma("GCC unroll 2") for (int b = 0; b < nb; b++) {
+            __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w[b].scales + (k0 / G) * RB)));
+            _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) {
+                __m512i is = nb == 1 ? _mm512_add_epi32(s[0][i], s1[i]) : s[b][i];
+                if (w->bits == 8) is = _mm512_sub_epi32(is, _mm512_set1_epi32(128 * a->qs[(int64_t)(m0 + i) * nbk + k0 / QK]));
+                __m512 sd = _mm512_mul_ps(sv, _mm512_set1_ps(a->d[(int64_t)(m0 + i) * nbk + k0 / QK]));
+                acc[b][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), sd, acc[b][i]);
+            }
         }
     }
-    for (int g = 0; g < ng; g++) {
-        __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scales + g * RB)));
-        __m512 zc;
-        if (w->zeros) {
-            zc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->zeros + g * RB))));
-            if (w->bits == 8) zc = _mm512_sub_ps(zc, _mm512_set1_ps(128.f)); /* exact: small integers */
-        } else {
-            zc = _mm512_set1_ps(w->bits == 4 ? 8.f : 0.f);
+    _Pragma("GCC unroll 2") for (int b = 0; b < nb; b++) {
+        for (int g = 0; g < ng; g++) {
+            __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w[b].scales + g * RB)));
+            __m512 zc;
+            if (w[b].zeros) {
+                zc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w[b].zeros + g * RB))));
+                if (w->bits == 8) zc = _mm512_sub_ps(zc, _mm512_set1_ps(128.f)); /* exact: small integers */
+            } else {
+                zc = _mm512_set1_ps(w->bits == 4 ? 8.f : 0.f);
+            }
+            __m512 sz = _mm512_mul_ps(sv, zc);
+            _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++)
+                corr[b][i] = _mm512_fmadd_ps(sz, _mm512_set1_ps(a->ag[(int64_t)(m0 + i) * ng + g]), corr[b][i]);
         }
-        __m512 sz = _mm512_mul_ps(sv, zc);
-        _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++)
-            corr[i] = _mm512_fmadd_ps(sz, _mm512_set1_ps(a->ag[(int64_t)(m0 + i) * ng + g]), corr[i]);
-    }
-    _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) {
-        float out[RB];
-        _mm512_storeu_ps(out, _mm512_sub_ps(acc[i], corr[i]));
-        store_rows(y, ldy, m0 + i, n0, nrows, out);
+        int rows = nrows - RB * b;
+        _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) {
+            float out[RB];
+            _mm512_storeu_ps(out, _mm512_sub_ps(acc[b][i], corr[b][i]));
+            store_rows(y, ldy, m0 + i, n0 + RB * b, rows < RB ? rows : RB, out);
+        }
     }
 }
 
-TGT5 static void block_avx512(const blk_t *w, const acts_t *a, int m0, int mt, float *y, int64_t ldy, int n0,
-                              int nrows) {
-    switch (mt) {
-        case 8: blk512(w, a, m0, 8, y, ldy, n0, nrows); break;
-        case 7: blk512(w, a, m0, 7, y, ldy, n0, nrows); break;
-        case 6: blk512(w, a, m0, 6, y, ldy, n0, nrows); break;
-        case 5: blk512(w, a, m0, 5, y, ldy, n0, nrows); break;
-        case 4: blk512(w, a, m0, 4, y, ldy, n0, nrows); break;
-        case 3: blk512(w, a, m0, 3, y, ldy, n0, nrows); break;
-        case 2: blk512(w, a, m0, 2, y, ldy, n0, nrows); break;
-        default: blk512(w, a, m0, 1, y, ldy, n0, nrows); break;
+/* nb (1 or 2) consecutive blocks x activation rows m0..m0+mt; nrows: valid rows from n0 on. */
+TGT5 static void block_avx512(const blk_t *w, int nb, const acts_t *a, int m0, int mt, float *y, int64_t ldy,
+                              int n0, int nrows, const uint8_t *next) {
+#define CASE(t)                                                   \
+    case t: {                                                     \
+        if (nb == 2) blk512(w, a, m0, t, 2, y, ldy, n0, nrows, next); \
+        else blk512(w, a, m0, t, 1, y, ldy, n0, nrows, next);         \
+        break;                                                    \
     }
+    switch (mt) {
+        CASE(8) CASE(7) CASE(6) CASE(5) CASE(4) CASE(3) CASE(2) CASE(1)
+    }
+#undef CASE
 }
 
 /* ------------------------------------------------------------------ AVX2 path */
@@ -519,15 +549,20 @@ TGT static void block_avx2(const blk_t *w, const acts_t *a, int m0, int mt, floa
 /* y[:, rows of blocks b0..b1) (row stride ldy), all activation rows: each block once from
  * memory, then every activation tile over it while it sits in cache. */
 static void run_blocks(const acts_t *a, const uint8_t *w, int asym, int N, int b0, int b1, float *y, int64_t ldy) {
-    for (int b = b0; b < b1; b++) {
-        blk_t blk = block_at(w, b, a->bits, a->K, a->G, asym);
-        int n0 = b * RB, nrows = N - n0 < RB ? N - n0 : RB;
+    for (int b = b0; b < b1;) {
+        /* AVX-512 batches take two blocks at a time (each activation load feeds 32 rows) */
+        int nb = a->path == 2 && a->M > 1 && b + 1 < b1 ? 2 : 1;
+        blk_t blk[2] = {block_at(w, b, a->bits, a->K, a->G, asym), block_at(w, b + nb - 1, a->bits, a->K, a->G, asym)};
+        int n0 = b * RB, nrows = N - n0;
         for (int m0 = 0; m0 < a->M; m0 += MT) {
             int mt = a->M - m0 < MT ? a->M - m0 : MT;
-            if (a->path == 2) block_avx512(&blk, a, m0, mt, y, ldy, n0, nrows);
-            else if (a->path == 1) block_avx2(&blk, a, m0, mt, y, ldy, n0, nrows);
-            else block_generic(&blk, a, m0, mt, y, ldy, n0, nrows);
+            /* a batch's tiles prefetch the next blocks of this work item (same shape: nb blocks on) */
+            const uint8_t *next = a->M > 1 && b + 2 * nb <= b1 ? blk[0].codes + nb * block_bytes(a->bits, a->K, a->G, asym) : NULL;
+            if (a->path == 2) block_avx512(blk, nb, a, m0, mt, y, ldy, n0, nrows, next);
+            else if (a->path == 1) block_avx2(blk, a, m0, mt, y, ldy, n0, nrows < RB ? nrows : RB);
+            else block_generic(blk, a, m0, mt, y, ldy, n0, nrows < RB ? nrows : RB);
         }
+        b += nb;
     }
 }
 
