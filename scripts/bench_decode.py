@@ -39,22 +39,28 @@ REAL = dict(d_model=6144, n_heads=48, n_layers=1, max_seq_len=32768, vocab_size=
             ffn_config=dict(ffn_hidden_size=10752, moe_num_experts=16, moe_top_k=4))
 
 
-def make_block(config: DbrxConfig, dtype: torch.dtype, quant: bool) -> DbrxBlock:
-    """One real-width block with random weights; with ``quant``, int4 g128 experts and int8
-    per-channel attention (the product's default recipe) swapped in by RTN."""
-    one_layer = DbrxConfig.from_dict(dict(config.to_dict(), n_layers=1, vocab_size=256))
-    with torch.device("meta"):
-        model = DbrxForCausalLM(one_layer)
-    model = model.to_empty(device="cpu").to(torch.bfloat16 if quant else dtype)
-    g = torch.Generator().manual_seed(0)
+def fill_random(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Seeded random weights (std 0.02; LayerNorm weights 1), in place, with bounded float32
+    temporaries (4096 rows at a time), whatever the model's dtype."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
             for p in module.parameters(recurse=False):
                 if isinstance(module, torch.nn.LayerNorm):
                     p.fill_(1.0)
                     continue
-                for rows in torch.split(p.view(p.shape[0], -1), 4096):  # bounded float32 temporaries
+                for rows in torch.split(p.view(p.shape[0], -1), 4096):
                     rows.copy_(torch.randn(rows.shape, generator=g) * 0.02)
+    return model
+
+
+def make_block(config: DbrxConfig, dtype: torch.dtype, quant: bool) -> DbrxBlock:
+    """One real-width block with random weights; with ``quant``, int4 g128 experts and int8
+    per-channel attention (the product's default recipe) swapped in by RTN."""
+    one_layer = DbrxConfig.from_dict(dict(config.to_dict(), n_layers=1, vocab_size=256))
+    with torch.device("meta"):
+        model = DbrxForCausalLM(one_layer)
+    model = fill_random(model.to_empty(device="cpu").to(torch.bfloat16 if quant else dtype))
     if quant:
         from quantize.config import QuantConfig
         from quantize.modules import quantize_model_rtn
