@@ -126,7 +126,8 @@ def main() -> None:
     print(describe_machine())
     bw = read_bandwidth()
     print(f"read-only bandwidth (sum over 1 GiB float32, best of 5): {bw / 1e9:.1f} GB/s")
-    dtypes = {"both": [torch.bfloat16, torch.float32], "none": []}.get(args.dtype) or [getattr(torch, args.dtype)]
+    named = {"both": [torch.bfloat16, torch.float32], "none": []}
+    dtypes = named[args.dtype] if args.dtype in named else [getattr(torch, args.dtype)]  # "none": [] (was a crash)
     runs = [(dt, False) for dt in dtypes] + ([(torch.float32, True)] if args.quant else [])
     rows = [bench(config, dt, quant, args.context, args.steps, bw) for dt, quant in runs]
     width = "quarter width" if args.quick else "real width"
