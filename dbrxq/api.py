@@ -20,6 +20,7 @@ import torch
 from .generate import GenerationOutput, generate
 from .loading import load_model
 from .model import DbrxForCausalLM
+from .errors import TokenizerError
 from .tokenizer import DbrxTokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "tiny"
@@ -124,4 +125,15 @@ def load(path_or_repo_id: str | Path | None = None, *, device: str | torch.devic
                        gpu_memory=gpu_memory, cpu_memory=cpu_memory, context=context,
                        kv_cache=check_flavour(kv_cache), offload_options=offload_options)
     tokenizer = DbrxTokenizer.from_pretrained(model.source_dir)
+    check_tokenizer_fits(tokenizer, model.config.vocab_size)
     return DbrxRunner(model=model, tokenizer=tokenizer, kv_cache=kv_cache)
+
+
+def check_tokenizer_fits(tokenizer: DbrxTokenizer, vocab_size: int) -> None:
+    """Refuse a tokenizer whose ids run past the model's embedding (they would index out of its
+    rows deep inside torch, on the first prompt that uses one), once, at load."""
+    if tokenizer.vocab_size > vocab_size:
+        raise TokenizerError(
+            f"{tokenizer.source}: token ids run to {tokenizer.vocab_size - 1}, but the model's vocab_size is "
+            f"{vocab_size}: this tokenizer does not belong to this checkpoint"
+        )

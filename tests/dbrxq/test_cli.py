@@ -73,3 +73,28 @@ def test_help_reads_well():
     for opt in ("--prompt", "--chat", "--system", "--max-new-tokens", "--temperature", "--top-k", "--top-p",
                 "--seed", "--device", "--dtype", "--stats"):
         assert opt in out
+
+
+def test_tokenizer_larger_than_the_model_is_one_line_at_load(tmp_path):
+    """A checkpoint whose tokenizer has ids past the model's vocab_size (the demo vocabulary,
+    ids to 1535, on a 512-row embedding) is refused when it is loaded, by the API and by every
+    command, in one line naming the file, the largest id and vocab_size: no IndexError from
+    inside the embedding on the first prompt that reaches an id above 511."""
+    from dbrxq.api import default_model_dir
+    from dbrxq.errors import TokenizerError
+    from dbrxq.make_checkpoint import make_random_checkpoint, preset_config
+
+    ckpt = make_random_checkpoint(tmp_path / "ckpt", preset_config("tiny"), tokenizer_dir=default_model_dir(),
+                                  progress=False)
+    with pytest.raises(TokenizerError, match=r"tokenizer\.tiktoken: token ids run to 1535, but the model's vocab_size is 512"):
+        dbrxq.load(ckpt)
+    text = tmp_path / "text.txt"
+    text.write_text("The function returns a dictionary of exceptions and descriptors. " * 20)
+    data = ("--data", str(text), "--window", "64", "--stride", "32")
+    for args in (("run", str(ckpt), "-p", "The function returns a dictionary of exceptions and descriptors"),
+                 ("eval", str(ckpt), *data), ("compare", str(ckpt), str(ckpt), *data)):
+        r = dbrxq_cmd(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "token ids run to 1535" in lines[0] and "vocab_size is 512" in lines[0], r.stderr
+        assert "Traceback" not in r.stderr and r.stdout == ""
