@@ -18,6 +18,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 @click.group(context_settings=CONTEXT)
+@click.version_option(package_name="dbrxq", prog_name="dbrxq", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def cli(verbose: int) -> None:
     """Run and quantize Databricks' DBRX on a CPU box or one GPU."""

@@ -98,3 +98,8 @@ def test_tokenizer_larger_than_the_model_is_one_line_at_load(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "token ids run to 1535" in lines[0] and "vocab_size is 512" in lines[0], r.stderr
         assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_version():
+    r = dbrxq_cmd("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"dbrxq {dbrxq.__version__}", (r.stdout, r.stderr)
