@@ -1,6 +1,6 @@
 """User-facing errors.
 
-Two kinds of failure exist in dbrxq (STYLE.md point 7):
+Two kinds of failure exist in dbrxq:
 - internal invariants are checked with ``assert`` and carry the offending values;
 - anything a user can cause (a bad config, a broken checkpoint, a wrong option) raises a
   subclass of :class:`DbrxqError` whose message is one line naming the file, tensor or option

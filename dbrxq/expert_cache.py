@@ -1,5 +1,5 @@
 """A model-agnostic expert cache: per-layer LRU over fixed-size byte slots (mixtral-offloading's
-design, STYLE.md).
+design).
 
 The cache knows (layer, expert) ids, slots and counters, nothing about DBRX. Each slot is ONE
 uint8 storage holding every tensor of one expert's kernel weights (w1, v1, w2 as prepared by

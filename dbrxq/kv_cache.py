@@ -8,7 +8,7 @@ feeding tokens past the capacity gets the buffers grown by doubling (amortised, 
 never beyond ``max_capacity`` (the model's max_seq_len).
 
 Memory: 2 * n_layers * B * kv_heads * capacity * head_dim * itemsize bytes; for DBRX in bf16
-that is 160 KiB per token of capacity (DESIGN.md section 2).
+that is 160 KiB per token of capacity (docs/architecture.md, "Generation").
 
 Flavours (``KV_FLAVOURS``, chosen by ``make_kv_cache`` / ``generate(kv_cache=...)``, never by the
 model): ``"bf16"`` is :class:`StaticKVCache` in the model's activation dtype (bf16 for real DBRX

@@ -1,6 +1,6 @@
 """Memory budgets and the placement plan: which bytes live in which tier.
 
-Tiers (DESIGN.md section 2):
+Tiers (docs/architecture.md, "Offloading"):
 
 - ``device``: the compute device (the GPU, or the CPU's RAM on a CPU-only run). Holds the
   non-expert weights, the KV cache for the requested context, a workspace, and an LRU cache of

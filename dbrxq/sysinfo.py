@@ -1,7 +1,7 @@
 """What machine is this, and how fast can it read memory? Shared by every benchmark.
 
 Benchmarks report speed as a ratio to the memory-bandwidth bound measured in the same run
-(DESIGN.md section 5): ``read_bandwidth`` streams a large float32 tensor through a sum, with the
+(docs/benchmarks.md): ``read_bandwidth`` streams a large float32 tensor through a sum, with the
 thread count torch uses, and keeps the best of several runs (a read-only stream; a copy would
 understate it by counting the writes).
 """

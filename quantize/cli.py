@@ -65,7 +65,7 @@ def quantize_command(src, out, method, expert_bits, group_size, attn_bits, attn_
                      min_expert_tokens, device, resume, revision, overwrite) -> None:
     """Quantize the float DBRX checkpoint SRC (a folder or hub repo id) into the folder OUT.
 
-    OUT loads with `dbrxq run OUT` and dbrxq.load(OUT); its format is in quantize/FORMAT.md.
+    OUT loads with `dbrxq run OUT` and dbrxq.load(OUT); its format is in docs/format.md.
     """
     _choice("--method", method, METHODS)
     _choice("--expert-bits", expert_bits, EXPERT_BITS)

@@ -81,7 +81,7 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """The whole quantization recipe of a checkpoint. Defaults: DESIGN.md section 2.
+    """The whole quantization recipe of a checkpoint. Defaults: docs/architecture.md ("Quantized weights and kernels").
 
     Experts are ~96% of the bytes and are read per token, so int4 g128 there; attention is
     small and sensitive, so int8 per-channel; embeddings and lm_head stay bf16.

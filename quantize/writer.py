@@ -1,6 +1,6 @@
 """Writing a quantized checkpoint: ``quantize_checkpoint(SRC, OUT, qconfig)`` (RTN), streamed.
 
-The output is the layout of :mod:`quantize.format` (and quantize/FORMAT.md): the hub's tensors in
+The output is the layout of :mod:`quantize.format` (and docs/format.md): the hub's tensors in
 the hub's order, each quantized weight replaced by ``<name>.qweight``, ``.scales`` (``.qzeros``),
 unquantized tensors copied byte for byte in their stored dtype, then tokenizer files, then
 ``config.json`` (SRC's config plus ``quantization_config``) LAST, atomically. A folder with a

@@ -13,8 +13,8 @@ the float path is.
     python scripts/bench_decode.py --quick               # quarter width, for a smoke run
 
 With --quant (default on) a third row runs the layer with int4 g128 experts and int8 per-channel
-attention (RTN, dbrxq's CPU kernels), whose bound counts codes + scales. DESIGN.md section 5: llama.cpp
-decodes such a layer (Q4_0 experts) in 33 ms on the AVX2 box, 1.5x its read bound.
+attention (RTN, dbrxq's CPU kernels), whose bound counts codes + scales. llama.cpp on the same layer
+(Q4_0 experts): scripts/bench_prefill.py times its prompt processing in turns with dbrxq.
 
 Memory: the float32 block holds 13.0 GB of weights, the bf16 one 6.5 GB (one at a time; the
 quantized row builds a bf16 block first, then 1.7 GB of codes).

@@ -11,7 +11,7 @@ Each configuration runs in its own process so peak RSS is its own. The offloaded
 RAM budget of (non-expert weights + KV + workspace) + --expert-memory. Reported: decode tokens/s,
 cache hit rate, bytes moved per token, peak RSS, and the ratio of the measured decode time per
 token to the bound ``missed expert bytes / read bandwidth + resident bytes read / read bandwidth``
-(DESIGN.md section 2; the read bandwidth is measured here by dbrxq.sysinfo).
+(docs/architecture.md; the read bandwidth is measured here by dbrxq.sysinfo).
 """
 
 from __future__ import annotations

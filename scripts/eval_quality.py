@@ -11,7 +11,7 @@ disk. Rows:
 - bf16: the reference itself (KL 0 by construction: a check of the harness).
 - int8 RTN: experts and attention int8 per-channel.
 - int4 RTN / GPTQ, g128 and g32: experts int4 (symmetric), attention int8 per-channel.
-- int4 RTN / GPTQ g128 with int4 attention as well: the harder setting DESIGN.md section 6 asks for,
+- int4 RTN / GPTQ g128 with int4 attention as well: the harder setting,
   where methods separate more. (Per-channel experts would repeat the g128 rows: every input
   dimension of the demo model is 128, so there g128 *is* per-channel.)
 - bnb NF4: experts quantized by bitsandbytes' own NF4 (blocksize 64, from the float weights,

@@ -312,7 +312,7 @@ def test_hub_tensor_shapes_order_and_dbrx_sizes():
     assert names[0] == "transformer.wte.weight" and names[-2:] == ["transformer.norm_f.weight", "lm_head.weight"]
     assert shapes["transformer.blocks.0.norm_attn_norm.attn.Wqkv.weight"] == (8192, 6144)
     assert shapes["transformer.blocks.39.ffn.experts.mlp.w1"] == (16 * 10752, 6144)
-    # The real checkpoint: 263,193,047,040 bytes of bf16 (DESIGN.md section 1).
+    # The real checkpoint: 263,193,047,040 bytes of bf16 (docs/architecture.md).
     assert sum(2 * torch.Size(s).numel() for s in shapes.values()) == 263_193_047_040
 
 

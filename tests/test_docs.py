@@ -1,0 +1,38 @@
+"""What the repository points a user or contributor at is in the repository."""
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tracked_text_files() -> list[Path]:
+    try:
+        out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        files = [ROOT / f for f in out.split()]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout (an sdist): walk the tree
+        files = [p for p in ROOT.rglob("*") if ".venv" not in p.parts and ".git" not in p.parts]
+    return [p for p in files if p.suffix in (".py", ".md", ".c", ".h", ".toml", ".cfg") and p.is_file()]
+
+
+def test_every_markdown_file_named_exists():
+    """Any `something.md` a source file, docstring or document names (README, docs/, code
+    comments) exists: relative to the repository root, or to the naming document's folder."""
+    missing = []
+    for f in _tracked_text_files():
+        text = f.read_text(encoding="utf-8", errors="replace")
+        for m in re.finditer(r"(?<![\w/.-])((?:[\w.-]+/)*[\w.-]+\.md)\b", text):
+            name = m.group(1)
+            if not ((ROOT / name).exists() or (f.parent / name).exists() or (ROOT / "docs" / name).exists()):
+                missing.append(f"{f.relative_to(ROOT)}: {name}")
+    assert not missing, missing
+
+
+def test_readme_links_resolve():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(((?!https?:)[^)#]+)", text)
+    assert links, "the README links its docs"
+    assert [link for link in links if not (ROOT / link).exists()] == []
+    for doc in ("architecture.md", "format.md", "kernels.md", "benchmarks.md"):
+        assert (ROOT / "docs" / doc).is_file(), doc
