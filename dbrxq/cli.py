@@ -131,6 +131,10 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
                 click.echo(_offload_report(runner.offload), err=True)
 
     if not chat:
+        from .generate import check_request
+        # refuse a prompt beyond the context before echoing it (generate would, after the echo)
+        check_request(runner.model, [runner.tokenizer.encode(prompt)], max_new_tokens=max_new_tokens,
+                      temperature=temperature, top_k=top_k, top_p=top_p)
         emit(prompt)
         runner.generate(prompt, on_text=emit, **kw)
         emit("\n")

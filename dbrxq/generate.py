@@ -102,6 +102,26 @@ def decode_one_token(model, token: torch.Tensor, pos: torch.Tensor, mask: torch.
 
 
 @torch.no_grad()
+def check_request(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None) -> None:
+    """What :func:`generate` refuses before any work (GenerationError, one line): an empty prompt, bad
+    sampling settings, or prompt + max_new_tokens beyond the model's context. Callers that print
+    before generating (the CLI echoes the prompt) check first."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GenerationError("empty prompt: at least one token is needed (DBRX adds no BOS token)")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for name, v, ok in (("temperature", temperature, temperature >= 0), ("top_k", top_k, top_k is None or top_k >= 1),
+                        ("top_p", top_p, top_p is None or 0 < top_p <= 1)):
+        if not ok:
+            raise GenerationError(f"invalid {name}={v!r} (temperature >= 0, top_k >= 1, 0 < top_p <= 1)")
+    ctx = model.config.max_seq_len
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > ctx:
+        raise GenerationError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "
+                              f"{longest + max_new_tokens} exceeds the model's context of {ctx} tokens")
+
+
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_tokens: Sequence[int] = (), pad_token_id: int = 0,
@@ -117,19 +137,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 6
     Raises:
         GenerationError: an empty prompt, or prompt + max_new_tokens beyond the model's context.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise GenerationError("empty prompt: at least one token is needed (DBRX adds no BOS token)")
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    for name, v, ok in (("temperature", temperature, temperature >= 0), ("top_k", top_k, top_k is None or top_k >= 1),
-                        ("top_p", top_p, top_p is None or 0 < top_p <= 1)):
-        if not ok:
-            raise GenerationError(f"invalid {name}={v!r} (temperature >= 0, top_k >= 1, 0 < top_p <= 1)")
-    ctx = model.config.max_seq_len
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > ctx:
-        raise GenerationError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "
-                              f"{longest + max_new_tokens} exceeds the model's context of {ctx} tokens")
+    check_request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     device = model.device
     ids, mask = left_pad(prompts, pad_token_id)
     ids, mask = ids.to(device), mask.to(device)

@@ -103,3 +103,10 @@ def test_tokenizer_larger_than_the_model_is_one_line_at_load(tmp_path):
 def test_version():
     r = dbrxq_cmd("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"dbrxq {dbrxq.__version__}", (r.stdout, r.stderr)
+
+
+def test_prompt_beyond_context_is_refused_before_it_is_echoed():
+    ctx = dbrxq.load().model.config.max_seq_len
+    r = dbrxq_cmd("run", "-p", "The value of the function " * ctx, "-n", "4")
+    assert r.returncode == 2 and r.stdout == "", r.stdout[:200]
+    assert len(r.stderr.strip().splitlines()) == 1 and f"context of {ctx} tokens" in r.stderr
