@@ -42,22 +42,34 @@ def tokenize(path: Path, text: str, tokenizer, max_tokens: int | None) -> torch.
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _check_window(window: int, stride: int, *models) -> None:
+DEFAULT_WINDOW = 512
+
+
+def _window_and_stride(window: int | None, stride: int | None, *models) -> tuple[int, int]:
+    """The window (default: 512, or the smallest model context below that) and stride (default:
+    half the window); an explicit window beyond a model's context is a DataError."""
+    ctx = min(m.config.max_seq_len for m in models)
+    if window is None:
+        window = min(DEFAULT_WINDOW, ctx)
     for m in models:
         if window > m.config.max_seq_len:
             raise DataError(f"--window {window} exceeds the model's context of {m.config.max_seq_len} tokens")
+    if stride is None:
+        stride = max(1, window // 2)
     if stride > window:
         raise DataError(f"--stride {stride} must not exceed --window {window}")
+    return window, stride
 
 
 def _options(f):
     """The options eval and compare share (defaults written once, here)."""
     for opt in reversed([
         click.option("--data", required=True, type=click.Path(path_type=Path), help="UTF-8 text file."),
-        click.option("--window", default=512, show_default=True, type=click.IntRange(min=2),
-                     help="Tokens per forward pass."),
-        click.option("--stride", default=256, show_default=True, type=click.IntRange(min=1),
-                     help="Step between windows; each token is scored once, with >= window-stride context."),
+        click.option("--window", type=click.IntRange(min=2),
+                     help=f"Tokens per forward pass [default: {DEFAULT_WINDOW}, or the model's context if smaller]."),
+        click.option("--stride", type=click.IntRange(min=1),
+                     help="Step between windows; each token is scored once, with >= window-stride context "
+                          "[default: half the window]."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
         click.option("--dtype", default="auto", show_default=True,
                      help="auto (the checkpoint's), float32, bfloat16 or float16."),
@@ -76,7 +88,7 @@ def eval_command(model, data, window, stride, device, dtype, max_tokens) -> None
 
     text = read_text(data)  # before loading: a typo in --data should not cost a model load
     runner = load(model, device=device, dtype=dtype)
-    _check_window(window, stride, runner.model)
+    window, stride = _window_and_stride(window, stride, runner.model)
     ids = tokenize(data, text, runner.tokenizer, max_tokens)
     t0 = time.perf_counter()
     r = perplexity(runner.model, ids, window=window, stride=stride, progress=True)
@@ -98,7 +110,7 @@ def compare_command(model_a, model_b, data, window, stride, device, dtype, max_t
     text = read_text(data)
     a = load(model_a, device=device, dtype=dtype)
     b = load(model_b, device=device, dtype=dtype)
-    _check_window(window, stride, a.model, b.model)
+    window, stride = _window_and_stride(window, stride, a.model, b.model)
     if a.model.config.vocab_size != b.model.config.vocab_size:
         raise DataError(f"{model_b}: vocab_size {b.model.config.vocab_size} differs from {model_a}'s "
                         f"{a.model.config.vocab_size}")

@@ -145,6 +145,17 @@ def test_cli_bad_data_is_one_line_error(tiny_checkpoint, tmp_path, content, mess
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_cli_default_window_adapts_to_a_short_context(tiny_checkpoint, text_file):
+    """The tiny preset's context (256) is below the default window (512): with no --window, eval and
+    compare use the context and half of it as stride, and say so."""
+    ctx = preset_config("tiny").max_seq_len
+    assert ctx < 512
+    for args in (["eval", str(tiny_checkpoint)], ["compare", str(tiny_checkpoint), str(tiny_checkpoint)]):
+        r = CliRunner().invoke(cli, [*args, "--data", str(text_file), "--max-tokens", "300"])
+        assert r.exit_code == 0, (args, r.output, r.exception)
+        assert f"window {ctx}, stride {ctx // 2}," in r.output
+
+
 def test_cli_window_beyond_context_is_refused(tiny_checkpoint, text_file):
     r = CliRunner().invoke(cli, ["eval", str(tiny_checkpoint), "--data", str(text_file), "--window", "4096"])
     assert isinstance(r.exception, DataError) and "--window 4096" in str(r.exception)
