@@ -104,7 +104,8 @@ class DbrxRunner:
 def load(path_or_repo_id: str | Path | None = None, *, device: str | torch.device | None = "cpu",
          dtype: str | torch.dtype | None = None, revision: str | None = None,
          backend: str | None = None, gpu_memory: str | int | None = None, cpu_memory: str | int | None = None,
-         context: int | None = None, kv_cache: str = "bf16", offload_options: dict | None = None) -> DbrxRunner:
+         context: int | None = None, batch_size: int = 1, kv_cache: str = "bf16", offload_options: dict | None = None,
+         threads: int | None = None) -> DbrxRunner:
     """Load a float or quantized DBRX checkpoint with its tokenizer.
 
     Args:
@@ -116,13 +117,18 @@ def load(path_or_repo_id: str | Path | None = None, *, device: str | torch.devic
             offloads the experts of a quantized checkpoint (dbrxq.offload). Float checkpoints refuse.
         context: the tokens (prompt + new) the KV cache is planned for when offloading
             (default min(max_seq_len, 4096)).
+        batch_size: the prompts generated together that the offloading memory plan reserves KV
+            cache for (like context; without offloading the cache is sized per request).
         kv_cache: "bf16" (the model's dtype) or "int8" (about half the bytes; dbrxq.kv_cache).
         offload_options: prefetch, cache_dir, drop_page_cache, timing (see enable_offloading).
+        threads: CPU threads (default: torch's, the physical cores); set for the whole process.
     """
     from .kv_cache import check_flavour
+    from .sysinfo import set_threads
+    set_threads(threads)
     src = default_model_dir() if path_or_repo_id is None else path_or_repo_id
     model = load_model(src, device=device, dtype=dtype, revision=revision, backend=backend,
-                       gpu_memory=gpu_memory, cpu_memory=cpu_memory, context=context,
+                       gpu_memory=gpu_memory, cpu_memory=cpu_memory, context=context, batch_size=batch_size,
                        kv_cache=check_flavour(kv_cache), offload_options=offload_options)
     tokenizer = DbrxTokenizer.from_pretrained(model.source_dir)
     check_tokenizer_fits(tokenizer, model.config.vocab_size)

@@ -35,6 +35,13 @@ def _peak_memory(device) -> str:
     return text
 
 
+def threads_option(f):
+    """--threads, shared by run, eval, compare and quantize."""
+    return click.option("--threads", type=click.IntRange(min=1),
+                        help="CPU threads for matmuls and dbrxq's kernel [default: the physical cores]; "
+                             "on a shared machine use fewer (1 when another process is busy).")(f)
+
+
 class SizeType(click.ParamType):
     """A memory size like 20GiB, 512MiB, 1.5GB (dbrxq.placement.parse_size), as bytes."""
 
@@ -96,8 +103,9 @@ def _offload_report(rt) -> str:
 @click.option("--context", type=click.IntRange(min=1),
               help="Tokens (prompt + new) the memory plan reserves KV cache for [default: min(max_seq_len, 4096)].")
 @click.option("--plan", "show_plan", is_flag=True, help="Print the memory placement plan and exit.")
+@threads_option
 def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
-        revision, stats, gpu_memory, cpu_memory, kv_cache, context, show_plan) -> None:
+        revision, stats, gpu_memory, cpu_memory, kv_cache, context, show_plan, threads) -> None:
     """Generate text with MODEL (a folder or hub repo id; default: the small model shipped with dbrxq).
 
     Tokens stream to stdout as they are made.
@@ -113,7 +121,7 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
     if prompt is None and not chat:
         raise click.UsageError("give --prompt TEXT, or --chat for an interactive session")
     runner = load(model, device=device, dtype=dtype, revision=revision, gpu_memory=gpu_memory,
-                  cpu_memory=cpu_memory, context=context, kv_cache=kv_cache,
+                  cpu_memory=cpu_memory, context=context, kv_cache=kv_cache, threads=threads,
                   offload_options={"timing": True} if stats else None)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 

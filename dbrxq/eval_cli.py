@@ -74,6 +74,8 @@ def _options(f):
         click.option("--dtype", default="auto", show_default=True,
                      help="auto (the checkpoint's), float32, bfloat16 or float16."),
         click.option("--max-tokens", type=click.IntRange(min=2), help="Score only the first N tokens."),
+        click.option("--threads", type=click.IntRange(min=1),
+                     help="CPU threads [default: the physical cores]; fewer on a shared machine."),
     ]):
         f = opt(f)
     return f
@@ -82,12 +84,12 @@ def _options(f):
 @click.command(context_settings=CONTEXT)
 @click.argument("model")
 @_options
-def eval_command(model, data, window, stride, device, dtype, max_tokens) -> None:
+def eval_command(model, data, window, stride, device, dtype, max_tokens, threads) -> None:
     """Perplexity of MODEL (a folder or hub repo id, float or quantized) on the text in --data."""
     from .api import load
 
     text = read_text(data)  # before loading: a typo in --data should not cost a model load
-    runner = load(model, device=device, dtype=dtype)
+    runner = load(model, device=device, dtype=dtype, threads=threads)
     window, stride = _window_and_stride(window, stride, runner.model)
     ids = tokenize(data, text, runner.tokenizer, max_tokens)
     t0 = time.perf_counter()
@@ -102,13 +104,13 @@ def eval_command(model, data, window, stride, device, dtype, max_tokens) -> None
 @click.argument("model_a")
 @click.argument("model_b")
 @_options
-def compare_command(model_a, model_b, data, window, stride, device, dtype, max_tokens) -> None:
+def compare_command(model_a, model_b, data, window, stride, device, dtype, max_tokens, threads) -> None:
     """Compare MODEL_B (e.g. quantized) with the reference MODEL_A on --data: perplexities, mean
     KL(A||B) per token (nats) and top-1 agreement, on exactly the same windows."""
     from .api import load
 
     text = read_text(data)
-    a = load(model_a, device=device, dtype=dtype)
+    a = load(model_a, device=device, dtype=dtype, threads=threads)
     b = load(model_b, device=device, dtype=dtype)
     window, stride = _window_and_stride(window, stride, a.model, b.model)
     if a.model.config.vocab_size != b.model.config.vocab_size:

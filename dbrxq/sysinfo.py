@@ -65,3 +65,17 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def set_threads(threads: int | None) -> int:
+    """Use ``threads`` CPU threads for torch's matmuls and dbrxq's C kernel (None: keep torch's
+    default, the number of physical cores). Returns the count in force. On a machine where another
+    process is busy, fewer threads than cores avoid OpenMP barriers waiting on a descheduled
+    thread (on a 2-core VM with one busy process, 2 threads ran the demo model 50-100x slower
+    than 1)."""
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            from .errors import ConfigError
+            raise ConfigError(f"threads={threads!r}: expected a positive integer")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

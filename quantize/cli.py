@@ -60,13 +60,17 @@ def _choice(option: str, value, allowed: tuple) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted gptq run in OUT (same options).")
 @click.option("--revision", help="Hub revision when SRC is a repo id.")
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in OUT.")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads [default: the physical cores]; fewer on a shared machine.")
 def quantize_command(src, out, method, expert_bits, group_size, attn_bits, attn_group_size, lm_head_bits,
                      asym, calib_data, calib_field, calib_samples, calib_seq_len, seed, rare_experts,
-                     min_expert_tokens, device, resume, revision, overwrite) -> None:
+                     min_expert_tokens, device, resume, revision, overwrite, threads) -> None:
     """Quantize the float DBRX checkpoint SRC (a folder or hub repo id) into the folder OUT.
 
     OUT loads with `dbrxq run OUT` and dbrxq.load(OUT); its format is in docs/format.md.
     """
+    from dbrxq.sysinfo import set_threads
+    set_threads(threads)
     _choice("--method", method, METHODS)
     _choice("--expert-bits", expert_bits, EXPERT_BITS)
     _choice("--group-size", group_size, GROUP_SIZES)

@@ -17,7 +17,7 @@ def _tracked_text_files() -> list[Path]:
 
 
 def test_every_markdown_file_named_exists():
-    """Any `something.md` a source file, docstring or document names (README, docs/, code
+    """Any Markdown file a source file, docstring or document names (README, docs/, code
     comments) exists: relative to the repository root, or to the naming document's folder."""
     missing = []
     for f in _tracked_text_files():

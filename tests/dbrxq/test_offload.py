@@ -168,7 +168,9 @@ def test_float_checkpoint_refuses_offloading():
 
 @pytest.fixture(scope="module")
 def qdir(tmp_path_factory):
-    src = make_random_checkpoint(tmp_path_factory.mktemp("src"), CFG, seed=1, progress=False)
+    # the embedded tokenizer's ids run to 1535: the checkpoint's vocabulary must hold them
+    src = make_random_checkpoint(tmp_path_factory.mktemp("src"), preset_config("tiny", d_model=128, ffn_hidden_size=128,
+                                 vocab_size=1536), seed=1, progress=False)
     out = quantize_checkpoint(src, tmp_path_factory.mktemp("q") / "q", QuantConfig(), progress=False)
     for f in dbrxq.default_model_dir().glob("tokenizer*"):  # dbrxq.load wants a tokenizer
         shutil.copy(f, out / f.name)
@@ -199,3 +201,31 @@ def test_cli_plan_and_bad_size(qdir):
     assert "KV cache for 64 tokens: bf16" in r.output and "int8" in r.output and "per layer" in r.output
     r = CliRunner().invoke(cli, ["run", str(qdir), "--plan", "--cpu-memory", "lots"])
     assert r.exit_code == 2 and "--cpu-memory" in r.output and "20GiB" in r.output
+
+
+def test_load_takes_batch_size_for_batched_offloaded_generation(qdir, tmp_path):
+    """The memory plan reserves KV cache for batch_size prompts: dbrxq.load(batch_size=2) then
+    generates two prompts at once with offloading (before, load took no batch_size, and a batch
+    of two was refused by the plan, whose error asked for a larger batch at load)."""
+    runner = dbrxq.load(qdir, cpu_memory="1GiB", context=32, batch_size=2, offload_options={"cache_dir": tmp_path})
+    assert runner.offload.plan.batch_size == 2
+    out = runner.generate_ids([PROMPT[0], PROMPT[0][:3]], max_new_tokens=3)
+    assert [len(s) for s in out.sequences] == [3, 3]
+    alone = runner.generate_ids([PROMPT[0]], max_new_tokens=3)
+    assert out.sequences[0] == alone.sequences[0]
+
+
+def test_threads_keyword_and_option():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        dbrxq.load(threads=1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ConfigError, match="threads=0"):
+            dbrxq.load(threads=0)
+    finally:
+        torch.set_num_threads(before)
+    for args in (["run", "--threads", "1", "-p", "Hi", "-n", "2"], ["quantize", "--help"], ["eval", "--help"]):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 0 and ("--threads" in r.output or args[0] == "run"), r.output
