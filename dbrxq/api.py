@@ -26,6 +26,17 @@ from .tokenizer import DbrxTokenizer
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "tiny"
 
 
+DEMO_NAME = "demo"
+
+
+def resolve_model_name(path_or_repo_id: str | Path | None) -> str | Path:
+    """The embedded demo model's folder for None or the name "demo" (unless a local folder of that
+    name exists, which wins); anything else unchanged (a folder or a hub repo id)."""
+    if path_or_repo_id is None or (str(path_or_repo_id) == DEMO_NAME and not Path(DEMO_NAME).exists()):
+        return default_model_dir()
+    return path_or_repo_id
+
+
 def default_model_dir() -> Path:
     """The small DBRX-architecture checkpoint shipped inside the package."""
     return DEFAULT_MODEL_DIR
@@ -109,7 +120,8 @@ def load(path_or_repo_id: str | Path | None = None, *, device: str | torch.devic
     """Load a float or quantized DBRX checkpoint with its tokenizer.
 
     Args:
-        path_or_repo_id: a local folder or a hub repo id; None for the small model shipped with dbrxq.
+        path_or_repo_id: a local folder or a hub repo id; None or "demo" for the small model shipped
+            with dbrxq (a local folder named "demo" wins).
         device: cpu, cuda, cuda:N or auto.
         dtype: float32, bfloat16, float16 or auto/None (the checkpoint's).
         backend: force a quantized-kernel backend (default: the fastest for the device).
@@ -126,7 +138,7 @@ def load(path_or_repo_id: str | Path | None = None, *, device: str | torch.devic
     from .kv_cache import check_flavour
     from .sysinfo import set_threads
     set_threads(threads)
-    src = default_model_dir() if path_or_repo_id is None else path_or_repo_id
+    src = resolve_model_name(path_or_repo_id)
     model = load_model(src, device=device, dtype=dtype, revision=revision, backend=backend,
                        gpu_memory=gpu_memory, cpu_memory=cpu_memory, context=context, batch_size=batch_size,
                        kv_cache=check_flavour(kv_cache), offload_options=offload_options)

@@ -106,15 +106,17 @@ def _offload_report(rt) -> str:
 @threads_option
 def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
         revision, stats, gpu_memory, cpu_memory, kv_cache, context, show_plan, threads) -> None:
-    """Generate text with MODEL (a folder or hub repo id; default: the small model shipped with dbrxq).
+    """Generate text with MODEL (a folder or hub repo id; default, or "demo": the small model shipped
+    with dbrxq; a local folder named demo wins).
 
     Tokens stream to stdout as they are made.
     """
-    from .api import default_model_dir, load
+    from .api import load
 
     if show_plan:
         from .loading import describe_plan
-        click.echo(describe_plan(model or default_model_dir(), device=device, dtype=dtype, revision=revision,
+        from .api import resolve_model_name
+        click.echo(describe_plan(resolve_model_name(model), device=device, dtype=dtype, revision=revision,
                                  gpu_memory=gpu_memory, cpu_memory=cpu_memory, context=context,
                                  kv_cache=kv_cache))
         return

@@ -85,7 +85,8 @@ def _options(f):
 @click.argument("model")
 @_options
 def eval_command(model, data, window, stride, device, dtype, max_tokens, threads) -> None:
-    """Perplexity of MODEL (a folder or hub repo id, float or quantized) on the text in --data."""
+    """Perplexity of MODEL (a folder, a hub repo id, or "demo": the shipped model; float or quantized)
+    on the text in --data."""
     from .api import load
 
     text = read_text(data)  # before loading: a typo in --data should not cost a model load
@@ -105,7 +106,8 @@ def eval_command(model, data, window, stride, device, dtype, max_tokens, threads
 @click.argument("model_b")
 @_options
 def compare_command(model_a, model_b, data, window, stride, device, dtype, max_tokens, threads) -> None:
-    """Compare MODEL_B (e.g. quantized) with the reference MODEL_A on --data: perplexities, mean
+    """Compare MODEL_B (e.g. quantized) with the reference MODEL_A (folders, hub repo ids, or "demo":
+    the shipped model) on --data: perplexities, mean
     KL(A||B) per token (nats) and top-1 agreement, on exactly the same windows."""
     from .api import load
 

@@ -65,12 +65,15 @@ def _choice(option: str, value, allowed: tuple) -> None:
 def quantize_command(src, out, method, expert_bits, group_size, attn_bits, attn_group_size, lm_head_bits,
                      asym, calib_data, calib_field, calib_samples, calib_seq_len, seed, rare_experts,
                      min_expert_tokens, device, resume, revision, overwrite, threads) -> None:
-    """Quantize the float DBRX checkpoint SRC (a folder or hub repo id) into the folder OUT.
+    """Quantize the float DBRX checkpoint SRC (a folder, a hub repo id, or "demo": the small model
+    shipped with dbrxq, unless a local folder named demo exists) into the folder OUT.
 
     OUT loads with `dbrxq run OUT` and dbrxq.load(OUT); its format is in docs/format.md.
     """
+    from dbrxq.api import resolve_model_name
     from dbrxq.sysinfo import set_threads
     set_threads(threads)
+    src = str(resolve_model_name(src))
     _choice("--method", method, METHODS)
     _choice("--expert-bits", expert_bits, EXPERT_BITS)
     _choice("--group-size", group_size, GROUP_SIZES)

@@ -110,3 +110,27 @@ def test_prompt_beyond_context_is_refused_before_it_is_echoed():
     r = dbrxq_cmd("run", "-p", "The value of the function " * ctx, "-n", "4")
     assert r.returncode == 2 and r.stdout == "", r.stdout[:200]
     assert len(r.stderr.strip().splitlines()) == 1 and f"context of {ctx} tokens" in r.stderr
+
+
+def test_demo_names_the_embedded_model(tmp_path, monkeypatch):
+    """"demo" is the shipped model for run, eval, compare and quantize; a local folder named demo
+    wins over the name."""
+    from click.testing import CliRunner
+
+    from dbrxq.api import default_model_dir, resolve_model_name
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_name("demo") == default_model_dir() and resolve_model_name(None) == default_model_dir()
+    text = tmp_path / "t.txt"
+    text.write_text("The function returns a dictionary of exceptions. " * 30)
+    r = CliRunner().invoke(cli, ["quantize", "demo", str(tmp_path / "q"), "--method", "rtn"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "q" / "config.json").is_file()
+    r = CliRunner().invoke(cli, ["compare", "demo", str(tmp_path / "q"), "--data", str(text), "--max-tokens", "100"])
+    assert r.exit_code == 0 and "top-1 agreement" in r.output, r.output
+    r = CliRunner().invoke(cli, ["run", "demo", "-p", "The value", "-n", "3"])
+    assert r.exit_code == 0 and r.output.startswith("The value"), r.output
+    (tmp_path / "demo").mkdir()  # a local folder of that name wins (and, empty, is refused as one)
+    assert resolve_model_name("demo") == "demo"
+    r = CliRunner().invoke(cli, ["eval", "demo", "--data", str(text)])
+    assert r.exit_code != 0 and "demo" in str(r.exception or r.output)
