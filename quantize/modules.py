@@ -18,6 +18,8 @@ the single place that picks a kernel. Moving a module after ``finalize_load`` ne
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, Callable
 
 import torch
@@ -32,18 +34,40 @@ from quantize.format import QWEIGHT, QZEROS, SCALES
 from quantize.primitives import QuantizedTensor, resolve_group_size
 from quantize.rtn import EXPERT_KINDS, quantize_experts_rtn, quantize_rtn
 
+log = logging.getLogger(__name__)
+
 __all__ = ["QLinear", "QExperts", "QWeight", "prepare_weight", "quantize_model_modules",
            "quantize_model_rtn"]
+
+
+_WARNED: set[tuple[str, str]] = set()
 
 
 def prepare_weight(qt: QuantizedTensor, backend: str | None, device: torch.device) -> Any:
     """The kernel weight for ``qt`` (``.matmul(x [..., K]) -> [..., N]``): the ONE dispatch point.
 
     ``backend`` None (or "auto") lets :func:`quantize.kernels.choose_backend` pick by device, bits
-    and shape ($DBRXQ_BACKEND overrides); a named backend that cannot run the weight raises
-    QuantizationError.
+    and shape. A forced backend (``backend``, else $DBRXQ_BACKEND) runs every weight it can; the
+    others (e.g. cpu_q4 forced on a recipe whose attention is int8) get the automatic choice, and
+    a warning says so once per backend and reason. An unknown name is a QuantizationError.
     """
-    return kernels.prepare(qt, backend or "auto", device)
+    forced = backend if backend not in (None, "auto") else (os.environ.get("DBRXQ_BACKEND") or None)
+    if forced in (None, "auto"):
+        return kernels.prepare(qt, "auto", device)
+    if forced not in kernels.BACKENDS:
+        raise QuantizationError(f"backend {forced!r} (from {'backend=' if backend else 'DBRXQ_BACKEND'}) is not one of "
+                                f"{', '.join(kernels.BACKENDS)}")
+    shape = tuple(qt.shape[-2:])
+    why = kernels.backend_support(forced, device, qt.bits, qt.group_size, shape=shape, symmetric=qt.symmetric)
+    if why is None:
+        return kernels.prepare(qt, forced, device)
+    chosen = kernels.choose_backend(device, qt.bits, qt.group_size, shape=shape, symmetric=qt.symmetric,
+                                    override="auto")
+    if (forced, why) not in _WARNED:
+        _WARNED.add((forced, why))
+        log.warning("backend %s cannot run %d-bit weights with group size %d (%s): those use %s",
+                    forced, qt.bits, qt.group_size, why, chosen)
+    return kernels.prepare(qt, chosen, device)
 
 
 # --------------------------------------------------------------------------------------------

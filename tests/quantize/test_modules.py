@@ -221,3 +221,29 @@ def test_int8_per_channel_keeps_logits_close_and_int4_is_worse():
     assert err8 < 0.05
     assert err4 <= 2 * math.sqrt(n4) * eps4, (err4, eps4, n4)
     assert err4 > 3 * err8  # int4 g32 steps are 16x coarser than int8's (8x per-channel ranges)
+
+
+def test_forced_backend_applies_where_it_can_and_warns_once(monkeypatch, caplog):
+    """DBRXQ_BACKEND=cpu_q4 on the default recipe (int4 experts, int8 attention): the experts run
+    cpu_q4, the int8 attention the automatic choice, with one warning; an unknown name is one
+    line listing the backends."""
+    import logging
+
+    from dbrxq.errors import QuantizationError
+    from quantize import cext, modules
+    from quantize.primitives import quantize_tensor
+
+    if cext.unavailable_reason():
+        pytest.skip(cext.unavailable_reason())
+    modules._WARNED.clear()
+    w4, w8 = quantize_tensor(torch.randn(64, 128), 4, 128, True), quantize_tensor(torch.randn(64, 128), 8, -1, True)
+    monkeypatch.setenv("DBRXQ_BACKEND", "cpu_q4")
+    with caplog.at_level(logging.WARNING, logger="quantize.modules"):
+        assert modules.prepare_weight(w4, None, torch.device("cpu")).backend == "cpu_q4"
+        assert modules.prepare_weight(w8, None, torch.device("cpu")).backend == "cpu_q8"
+        assert modules.prepare_weight(w8, None, torch.device("cpu")).backend == "cpu_q8"
+    warnings = [r.getMessage() for r in caplog.records if "cannot run" in r.getMessage()]
+    assert len(warnings) == 1 and "cpu_q4" in warnings[0] and "cpu_q8" in warnings[0]
+    monkeypatch.setenv("DBRXQ_BACKEND", "foo")
+    with pytest.raises(QuantizationError, match=r"backend 'foo' \(from DBRXQ_BACKEND\) is not one of torch, "):
+        modules.prepare_weight(w4, None, torch.device("cpu"))
