@@ -16,11 +16,12 @@ both engines multiply by identical weights and differ only in how they round act
 llama.cpp is run with logits_all=True, and this matters: with logits for the last token only,
 llama.cpp's graph drops every other token right before the LAST layer's feed-forward network
 (it keeps only the rows whose outputs are needed), so a one-layer model then skips the experts for
-all but one prompt token and looks 10x faster than any full layer could be (measured at quarter
-width, one thread, 512 tokens: 0.15 s with one layer and last-token logits; 1.18 s with
-logits_all; 2 layers with last-token logits minus 1 layer: 1.25 s, i.e. the same full layer). With
+all but one prompt token and looks ~7x faster than any full layer could be (measured at quarter
+width, one thread, 512 tokens: 0.17 s with one layer and last-token logits; 1.22 s with
+logits_all; 2 layers with last-token logits minus 1 layer: 1.21 s, i.e. the same full layer). With
 logits_all both engines compute every token through the whole layer; llama.cpp's extra work is the
-output head on every token (512 x 6144 multiply-adds per token, 0.4% of the layer).
+output head on every token (512 x 6144 multiply-adds per token, 0.4% of the layer). Reproduce the
+check: `python scripts/bench_prefill.py --quick --last-layer-check`.
 
 For each prompt length and thread count the two engines take turns (--turns, median reported),
 each processing a fresh random prompt from an empty cache; tokens/s = prompt tokens / time.
@@ -220,6 +221,38 @@ def time_llama(llm, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
     return dt, torch.tensor(np.ctypeslib.as_array(ptr, shape=(VOCAB,)).copy())
 
 
+def last_layer_check(d: dict, tokens: int = 512, tmp: str | None = None) -> None:
+    """Why llama.cpp must run with logits_all here: time it on 1 and 2 layers, with last-token logits
+    and with logits_all, one thread, one turn each after a warm-up. If the last layer's experts were
+    computed for every token, 1 layer with last-token logits would cost about half of 2 layers."""
+    import llama_cpp
+
+    torch.set_num_threads(1)
+    times = {}
+    with tempfile.TemporaryDirectory(dir=tmp) as folder:
+        for n_layers in (1, 2):
+            cfg = DbrxConfig.from_dict(dict(d, n_layers=n_layers, max_seq_len=max(4096, tokens + 16)))
+            model = make_model(cfg, "int4")
+            path = Path(folder) / f"check-{n_layers}.gguf"
+            write_gguf(model, path)
+            del model
+            gc.collect()
+            for logits_all in (False, True):
+                llm = llama_cpp.Llama(str(path), n_ctx=tokens + 16, n_batch=512, n_ubatch=512, n_threads=1,
+                                      n_threads_batch=1, logits_all=logits_all, verbose=False)
+                ids = list(range(min(tokens, 256))) * (tokens // 256 + 1)
+                for turn in range(2):
+                    llm.reset()
+                    t0 = time.perf_counter()
+                    llm.eval(ids[:tokens])
+                    times[(n_layers, logits_all)] = time.perf_counter() - t0
+                del llm
+    for (n, la), t in sorted(times.items()):
+        print(f"llama.cpp, {n} layer(s), {'logits_all' if la else 'last-token logits'}: {t:.2f} s for {tokens} tokens")
+    print(f"2 layers - 1 layer, last-token logits: {times[(2, False)] - times[(1, False)]:.2f} s "
+          f"(one full layer); 1 layer with logits_all: {times[(1, True)]:.2f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["int4", "int8"])
@@ -229,6 +262,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="quarter-width layer (d_model 1536, ffn 2688)")
     ap.add_argument("--no-llama", action="store_true", help="dbrxq only")
     ap.add_argument("--tmp", default=None, help="folder for the GGUF file (default: a temp folder)")
+    ap.add_argument("--last-layer-check", action="store_true",
+                    help="only time llama.cpp on 1 and 2 layers with and without logits_all (see above)")
     ap.add_argument("--paths", nargs="+", default=None,
                     help="dbrxq kernel paths to time, each in every turn (default: the one this CPU picks)")
     args = ap.parse_args()
@@ -236,6 +271,10 @@ def main() -> None:
     if args.quick:
         d.update(d_model=1536, n_heads=12, attn_config=dict(REAL["attn_config"], kv_n_heads=4),
                  ffn_config=dict(REAL["ffn_config"], ffn_hidden_size=2688))
+    if args.last_layer_check:
+        print(describe_machine())
+        last_layer_check(d, tmp=args.tmp)
+        return
     config = DbrxConfig.from_dict(dict(d, max_seq_len=max(4096, max(args.tokens) + 16)))
     llama_cpp = None
     if not args.no_llama:
