@@ -15,7 +15,11 @@ every variant once, each call between two bandwidth probes, and a call's ratio i
 bytes / the mean bandwidth of its two probes. Per variant: the median time, the median of its
 calls' ratios, and the median over turns of bf16's time in that turn over its own ("x faster
 than bf16"). Slow variants (seconds per call) take a third of the turns. Weights are fresh
-random tensors (100+ MB, larger than the caches). Prints a markdown table and peak RSS.
+random tensors (100+ MB; the probes, 512 MiB, push them out of even a 480 MB L3). dbrxq's C
+kernel runs once per SIMD path this CPU has (all give the same numbers); batch 16 is also given
+against its compute floor: 16 x the GLU's multiply-adds at the peak rate of the path's inner
+instruction on every thread, measured in the same run (dbrxq_peak_macs). Prints a markdown table
+and peak RSS.
 """
 
 from __future__ import annotations
