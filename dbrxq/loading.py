@@ -16,6 +16,7 @@ views (never touched, never resident), and dbrxq.offload wraps each layer's expe
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -169,7 +170,8 @@ def plan_offload(reader: CheckpointReader, config: DbrxConfig, *, device: torch.
     from .placement import make_plan, parse_size
 
     if config.quantization_config is None:
-        raise ConfigError(f"{reader.folder}: offloading needs a dbrxq-quantized checkpoint (this one is float)")
+        raise ConfigError(f"{reader.folder}: offloading needs a dbrxq-quantized checkpoint (this one is float): "
+                          f"quantize it first, e.g. `dbrxq quantize {reader.folder} OUT`")
     gpu = None if gpu_memory is None else parse_size(gpu_memory, "--gpu-memory")
     cpu = None if cpu_memory is None else parse_size(cpu_memory, "--cpu-memory")
     context = context or min(config.max_seq_len, 4096)
@@ -190,7 +192,38 @@ def describe_plan(path_or_repo_id: str | Path, *, device="cpu", dtype=None, revi
     config = DbrxConfig.from_json(Path(folder) / "config.json")
     with CheckpointReader(folder) as reader:
         target = parse_dtype(dtype) or _checkpoint_float_dtype(reader)
+        if config.quantization_config is None:
+            return _describe_float(reader, config, folder, device=parse_device(device), dtype=target,
+                                   gpu_memory=gpu_memory, cpu_memory=cpu_memory, context=context,
+                                   batch_size=batch_size, kv_cache=kv_cache)
         plan, _ = plan_offload(reader, config, device=parse_device(device), dtype=target, backend=backend,
                                gpu_memory=gpu_memory, cpu_memory=cpu_memory, context=context,
                                batch_size=batch_size, kv_cache=kv_cache)
     return plan.describe()
+
+
+def _describe_float(reader: CheckpointReader, config: DbrxConfig, folder, *, device: torch.device,
+                    dtype: torch.dtype, gpu_memory, cpu_memory, context: int | None, batch_size: int,
+                    kv_cache: str) -> str:
+    """``--plan`` for a float checkpoint: everything resident on the device (a float checkpoint
+    cannot offload experts; a budget for one is refused, saying how to quantize it)."""
+    from .kv_cache import check_flavour, kv_cache_bytes
+    from .placement import format_size
+
+    if gpu_memory is not None or cpu_memory is not None:
+        raise ConfigError(f"{folder}: a memory budget offloads experts, which needs a dbrxq-quantized checkpoint "
+                          f"(this one is float): quantize it first, e.g. `dbrxq quantize {folder} OUT`, then "
+                          "`dbrxq run OUT --cpu-memory ...`")
+    context = context or min(config.max_seq_len, 4096)
+    if not 1 <= context <= config.max_seq_len:
+        raise ConfigError(f"--context {context}: must be between 1 and the model's max_seq_len {config.max_seq_len}")
+    item = torch.empty(0, dtype=dtype).element_size()
+    weights = sum(math.prod(reader.shape(n)) for n in reader.keys()) * item
+    kv = kv_cache_bytes(config, batch_size, context, check_flavour(kv_cache), dtype)
+    return "\n".join([
+        f"float checkpoint {folder}: every weight resident on {device.type}, no offloading",
+        f"  weights: {format_size(weights)} ({str(dtype).removeprefix('torch.')})",
+        f"  KV cache for {context} tokens x batch {batch_size}: {format_size(kv)} ({kv_cache})",
+        f"  total: {format_size(weights + kv)} (+ activations and the runtime)",
+        "  budgets (--gpu-memory / --cpu-memory) need a quantized checkpoint: dbrxq quantize MODEL OUT",
+    ])

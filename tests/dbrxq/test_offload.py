@@ -229,3 +229,11 @@ def test_threads_keyword_and_option():
     for args in (["run", "--threads", "1", "-p", "Hi", "-n", "2"], ["quantize", "--help"], ["eval", "--help"]):
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 0 and ("--threads" in r.output or args[0] == "run"), r.output
+
+
+def test_plan_on_a_float_checkpoint_describes_it_and_a_budget_says_how_to_quantize():
+    r = CliRunner().invoke(cli, ["run", "--plan"])  # the embedded default is float
+    assert r.exit_code == 0, r.output
+    assert "every weight resident" in r.output and "KV cache for" in r.output and "MiB" in r.output
+    r = CliRunner().invoke(cli, ["run", "demo", "--plan", "--cpu-memory", "1GiB"])
+    assert r.exit_code != 0 and "dbrxq quantize" in str(r.exception)
