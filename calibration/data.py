@@ -160,7 +160,9 @@ def sample_windows(stream: list[int] | torch.Tensor, samples: int, seq_len: int,
     g = torch.Generator().manual_seed(seed)
     overlap = T < need
     if overlap:
-        log.warning("%s has %d tokens < %d x %d: the %d windows overlap", source, T, samples, seq_len, samples)
+        log.warning("%s has %d tokens < %d x %d: the %d windows overlap; for distinct windows pass more text "
+                    "(--calib-data) or at most --calib-samples %d at --calib-seq-len %d", source, T, samples, seq_len,
+                    samples, T // seq_len, seq_len)
         starts = torch.randint(0, T - seq_len + 1, (samples,), generator=g).sort().values
     else:
         slots = T // seq_len

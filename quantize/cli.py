@@ -50,7 +50,8 @@ def _choice(option: str, value, allowed: tuple) -> None:
 @click.option("--calib-data", metavar="PATH", help="Calibration text: .txt, .jsonl, or "
               "hf://datasets/ORG/NAME/FILE [default: the packaged calibration/data/calib.txt].")
 @click.option("--calib-field", default="text", show_default=True, help="Text field of a .jsonl file.")
-@click.option("--calib-samples", default=128, show_default=True, type=int, help="Calibration sequences N.")
+@click.option("--calib-samples", default=64, show_default=True, type=int,
+              help="Calibration sequences N (64 x 512 tokens fit the packaged text).")
 @click.option("--calib-seq-len", default=512, show_default=True, type=int, help="Tokens per sequence L.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration windows.")
 @click.option("--rare-experts", default="route-all", show_default=True, metavar="[route-all|rtn]",

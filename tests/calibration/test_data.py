@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,33 @@ def test_hub_dataset_file_offline(offline_dataset, tok):
         load_text("hf://datasets/org/data/sub/missing.jsonl")
     with pytest.raises(CalibrationDataError, match="expected hf://datasets/ORG/NAME"):
         load_text("hf://datasets/justone")
+
+
+def test_default_calibration_request_fits_the_shipped_text(tok, tmp_path, caplog):
+    """quantize --method gptq's defaults (CalibrationOptions: 64 x 512) take distinct windows of the
+    packaged text with the demo tokenizer and with DBRX's (cl100k_base, when available offline:
+    32.8K tokens); a larger request warns and says what to pass."""
+    import hashlib
+    import importlib.util
+    import shutil
+
+    from calibration.pipeline import CalibrationOptions
+    from dbrxq.tokenizer import CL100K_SHA256
+
+    opts = CalibrationOptions()
+    toks = [tok]
+    spec = importlib.util.find_spec("tiktoken_ext")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        f = Path(root) / "data" / "cl100k_base.tiktoken"
+        if f.is_file() and hashlib.sha256(f.read_bytes()).hexdigest() == CL100K_SHA256:
+            shutil.copy(f, tmp_path / "cl100k_base.tiktoken")
+            toks.append(DbrxTokenizer.from_pretrained(tmp_path))
+            break
+    for t in toks:
+        caplog.clear()
+        tokens, info = calibration_tokens(None, t, samples=opts.samples, seq_len=opts.seq_len, seed=0)
+        assert tokens.shape == (opts.samples, opts.seq_len) and not info["overlap"], info
+        assert "overlap" not in caplog.text
+    caplog.clear()
+    _, info = calibration_tokens(None, tok, samples=128, seq_len=512, seed=0)
+    assert info["overlap"] and f"--calib-samples {info['tokens_available'] // 512} at --calib-seq-len 512" in caplog.text
