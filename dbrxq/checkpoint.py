@@ -82,6 +82,9 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, *, revision: str | Non
         raise CheckpointError(f"{name} is not a folder and not a hub repo id (expected 'org/name')")
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
+    # A relative path with a typo looks like "org/name" too: every hub failure below says that no
+    # such local folder exists either.
+    nolocal = f"no local folder {name} (from {Path.cwd()}) and "
     try:
         folder = snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
                                    allow_patterns=allow_patterns or DEFAULT_ALLOW_PATTERNS)
@@ -90,18 +93,20 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, *, revision: str | Non
         raise CheckpointError(f"hub repo {name} is gated: accept its license on huggingface.co and log in "
                               f"(`hf auth login`) or pass a token") from None
     except hf_errors.RepositoryNotFoundError:
-        raise CheckpointError(f"hub repo {name} not found (or private: log in or pass a token); "
-                              f"check the id, or pass a local folder") from None
+        raise CheckpointError(f"{nolocal}hub repo {name} not found (or private: log in or pass a token); "
+                              f"check the path or the id") from None
     except hf_errors.RevisionNotFoundError:
         raise CheckpointError(f"hub repo {name} has no revision {revision!r}") from None
     except hf_errors.LocalEntryNotFoundError:
-        raise CheckpointError(f"hub repo {name} is not (completely) in the local cache and the hub cannot be "
-                              f"reached (offline?): connect and unset HF_HUB_OFFLINE to download it, "
-                              f"or pass a local folder") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
+        how = ("HF_HUB_OFFLINE is set (offline mode): unset it and connect to download it" if offline
+               else "the hub cannot be reached: connect to download it")
+        raise CheckpointError(f"{nolocal}hub repo {name} is not (completely) in the local cache; {how}, "
+                              f"or check the path") from None
     except (hf_errors.HFValidationError, ValueError) as e:
         raise CheckpointError(f"{name} is not a valid hub repo id: {str(e).splitlines()[0]}") from None
     except (hf_errors.HfHubHTTPError, OSError) as e:
-        raise CheckpointError(f"hub repo {name}: download failed ({type(e).__name__}: "
+        raise CheckpointError(f"{nolocal}hub repo {name}: download failed ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return Path(folder)
 

@@ -379,3 +379,26 @@ def test_load_whole_model_from_cached_hub_repo(offline_hub):
     from_hub = dbrxq.load("org/name")
     local = dbrxq.load()
     assert from_hub.generate("x = ", max_new_tokens=8) == local.generate("x = ", max_new_tokens=8)
+
+
+def test_typo_path_shaped_like_a_repo_id_says_no_local_folder(offline_hub, tmp_path, monkeypatch):
+    """A mistyped relative path like "modls/dbrx" is tried as a hub repo id; the error says that no
+    such local folder exists as well, and names HF_HUB_OFFLINE only when it is set."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        resolve_model_dir("modls/dbrx")
+    msg = str(e.value)
+    assert "no local folder modls/dbrx" in msg and "HF_HUB_OFFLINE is set" in msg and "\n" not in msg
+
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    def unreachable(*a, **k):
+        raise hf_errors.LocalEntryNotFoundError("cannot reach the hub")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(CheckpointError) as e:
+        resolve_model_dir("modls/dbrx")
+    msg = str(e.value)
+    assert "no local folder modls/dbrx" in msg and "cannot be reached" in msg and "HF_HUB_OFFLINE" not in msg
