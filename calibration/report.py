@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dbrxq.placement import format_rate, format_size
 from dbrxq.writer import write_json_atomic
 
 __all__ = ["error_table", "build_report", "write_report", "format_summary"]
@@ -71,10 +72,6 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
     return write_json_atomic(report, path)
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.3f} GB" if n < 1e11 else f"{n / 1e9:.0f} GB"
-
-
 def format_summary(report: dict[str, Any]) -> str:
     """The one-screen summary the CLI prints."""
     t, cal = report["totals"], report["calibration"]
@@ -92,11 +89,10 @@ def format_summary(report: dict[str, Any]) -> str:
     for kind, e in report["errors"].items():
         lines.append(f"    {kind:<15} {e['mean']:.5f}  {e['max']:.5f}")
     secs = t["seconds"]
-    rate = t["bytes_in"] / 1e9 / max(secs / 60, 1e-9)
-    lines.append(f"  time         {secs:.1f} s ({rate:.2f} GB of source per minute)")
-    lines.append(f"  peak RSS     {t['peak_rss_bytes'] / 2**30:.2f} GiB")
+    lines.append(f"  time         {secs:.1f} s ({format_rate(t['bytes_in'], secs)} of source)")
+    lines.append(f"  peak RSS     {format_size(t['peak_rss_bytes'])}")
     ratio = t["bytes_in"] / max(t["bytes_out"], 1)
-    lines.append(f"  bytes        {_gb(t['bytes_in'])} in, {_gb(t['bytes_out'])} out ({ratio:.2f}x smaller)")
+    lines.append(f"  bytes        {format_size(t['bytes_in'])} in, {format_size(t['bytes_out'])} out ({ratio:.2f}x smaller)")
     if not math.isfinite(ratio):
         lines.pop()
     return "\n".join(lines)

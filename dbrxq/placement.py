@@ -52,10 +52,17 @@ def parse_size(text: str | int, option: str = "size") -> int:
 
 
 def format_size(n: int | float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    """Bytes for people, in binary units: "512 B", "7.14 MiB", "65.31 GiB" (the one formatter of
+    sizes in dbrxq's output: plans, quantize summaries, offload stats)."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"
+
+
+def format_rate(nbytes: int | float, seconds: float) -> str:
+    """A throughput in the same units: "16.40 GiB/s"."""
+    return f"{format_size(nbytes / max(seconds, 1e-9))}/s"
 
 
 def workspace_bytes(config, *, batch_size: int, chunk: int, context: int, dtype: torch.dtype) -> int:

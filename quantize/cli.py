@@ -17,6 +17,7 @@ import time
 import click
 
 from dbrxq.errors import QuantizationError
+from dbrxq.placement import format_rate, format_size
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 METHODS = ("rtn", "gptq")
@@ -123,20 +124,12 @@ def quantize_command(src, out, method, expert_bits, group_size, attn_bits, attn_
     click.echo(f"quantized {src} -> {folder} ({method})")
     click.echo(recipe)
     click.echo(f"  tensors  {n_in} in, {n_out} out")
-    click.echo(f"  bytes    {_size(bytes_in)} in, {_size(bytes_out)} out "
+    click.echo(f"  bytes    {format_size(bytes_in)} in, {format_size(bytes_out)} out "
                f"({bytes_in / max(bytes_out, 1):.2f}x smaller)")
-    click.echo(f"  time     {seconds:.1f} s ({bytes_in / 1e6 / max(seconds, 1e-9):.0f} MB/s of source)")
+    click.echo(f"  time     {seconds:.1f} s ({format_rate(bytes_in, seconds)} of source)")
 
 
 def _source_dir(src: str, revision: str | None):
     from dbrxq.checkpoint import resolve_model_dir  # cached by now for a hub repo
 
     return resolve_model_dir(src, revision=revision)
-
-
-def _size(n: float) -> str:
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    i = 0
-    while n >= 1024 and i < len(units) - 1:
-        n, i = n / 1024, i + 1
-    return f"{n:.0f} B" if i == 0 else f"{n:.2f} {units[i]}"

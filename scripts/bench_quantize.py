@@ -14,7 +14,7 @@ method's peak RSS alone:
 - gptq: ``calibration.pipeline.quantize_with_calibration`` (the CLI's default), with a small
   calibration set (16 x 128 tokens by default) to bound the time on a 2-core box.
 
-Printed: the machine, source GB per minute, seconds per layer, peak RSS against the one-layer
+Printed: the machine, source GB per minute (its own figure), seconds per layer, peak RSS against the one-layer
 budget (it must stay near ONE source layer, not two), and the projection to DBRX's 40 layers on
 this machine, plus a stated estimate for one GPU.
 """

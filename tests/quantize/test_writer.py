@@ -189,3 +189,24 @@ def test_failure_midway_leaves_no_config_json(src, tmp_path, monkeypatch):
     assert not list(out.glob("*.safetensors")) and not list(out.glob("*.tmp.*"))
     with pytest.raises(DbrxqError):  # and the folder does not load
         load_model(out)
+
+
+def test_rtn_and_gptq_summaries_use_one_size_formatter(tmp_path):
+    """Both quantize methods print sizes and rates with dbrxq.placement.format_size (binary
+    units): RTN printed MiB and MB/s, GPTQ "0.007 GB in" and GB per minute."""
+    import re
+
+    from click.testing import CliRunner
+
+    from dbrxq.cli import cli
+
+    outs = {}
+    for method, extra in (("rtn", []), ("gptq", ["--calib-samples", "4", "--calib-seq-len", "32"])):
+        r = CliRunner().invoke(cli, ["quantize", "demo", str(tmp_path / method), "--method", method, *extra])
+        assert r.exit_code == 0, r.output
+        outs[method] = r.output
+    for method, out in outs.items():
+        assert re.search(r"bytes +\d+\.\d\d MiB in, \d+\.\d\d MiB out", out), (method, out)
+        assert re.search(r"\(\d+\.\d\d (KiB|MiB|GiB)/s of source\)", out), (method, out)
+        summary = [line for line in out.splitlines() if line.startswith(("  bytes", "  time"))]
+        assert len(summary) == 2 and not any(" GB" in line or "MB/s" in line for line in summary), (method, summary)
