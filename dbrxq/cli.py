@@ -156,18 +156,53 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
         if interactive:
             try:
                 prompt = click.prompt(">>>", prompt_suffix=" ", default="", show_default=False)
-            except (EOFError, click.Abort):
+            except (EOFError, click.Abort):  # Ctrl-D, or Ctrl-C at the prompt: the session ends
                 emit("\n")
                 return
             if not prompt.strip():
                 continue
         messages.append({"role": "user", "content": prompt})
-        reply = runner.chat(messages, system_prompt=system, on_text=emit, **kw)
+        try:
+            fit_conversation(runner, messages, system, max_new_tokens)
+        except DbrxqError as e:  # the new message alone does not fit
+            messages.pop()
+            if not interactive:
+                raise
+            click.echo(f"error: {e}", err=True)
+            continue
+        said: list[str] = []
+        try:
+            reply = runner.chat(messages, system_prompt=system, on_text=lambda t: (said.append(t), emit(t)), **kw)
+        except KeyboardInterrupt:  # Ctrl-C during a reply stops it; the conversation goes on
+            reply = "".join(said)
+            click.echo("\n[reply interrupted]", err=True)
         emit("\n")
         report()
         messages.append({"role": "assistant", "content": reply})
         if not interactive:
             return
+
+
+def fit_conversation(runner, messages: list[dict], system: str | None, max_new_tokens: int) -> None:
+    """Drop the oldest turns (user + assistant pairs; the system prompt is not a turn) until the
+    templated conversation plus max_new_tokens fits the model's context, with a one-line notice;
+    a last message that alone does not fit raises GenerationError (run's one-line error)."""
+    from .errors import GenerationError
+
+    ctx = runner.model.config.max_seq_len
+    dropped = 0
+
+    def need() -> int:
+        return len(runner.tokenizer.apply_chat_template(messages, system_prompt=system)) + max_new_tokens
+
+    while need() > ctx and len(messages) > 1:
+        del messages[:2 if len(messages) > 2 else 1]
+        dropped += 1
+    if need() > ctx:
+        raise GenerationError(f"this message, the system prompt and --max-new-tokens {max_new_tokens} need "
+                              f"{need()} tokens, beyond the model's context of {ctx}")
+    if dropped:
+        click.echo(f"[context full: dropped the {dropped} oldest turn(s); {ctx} tokens of context]", err=True)
 
 
 from quantize.cli import quantize_command  # noqa: E402  (the quantize subcommand lives with quantize/)

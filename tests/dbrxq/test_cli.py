@@ -134,3 +134,37 @@ def test_demo_names_the_embedded_model(tmp_path, monkeypatch):
     assert resolve_model_name("demo") == "demo"
     r = CliRunner().invoke(cli, ["eval", "demo", "--data", str(text)])
     assert r.exit_code != 0 and "demo" in str(r.exception or r.output)
+
+
+def test_chat_past_the_context_drops_the_oldest_turns():
+    """Interactive chat on the demo model (context 1024): three ~430-token messages cannot all
+    stay; the oldest turns go (the system prompt stays), with a one-line notice, and the session
+    goes on to answer every message."""
+    msg = "Describe the for statement and the while statement in detail please. " * 12
+    r = dbrxq_cmd("run", "--chat", "-n", "8", input="\n".join([msg, msg, msg, "and briefly?"]) + "\n")
+    assert r.returncode == 0, r.stderr
+    notices = [line for line in r.stderr.splitlines() if line.startswith("[context full: dropped the")]
+    assert notices and "Traceback" not in r.stderr
+    assert r.stdout.count(">>>") == 5  # four replies, then the prompt that read end of input
+    too_long = dbrxq_cmd("run", "--chat", "-p", msg * 3, "-n", "8")
+    assert too_long.returncode == 2 and "beyond the model's context of 1024" in too_long.stderr
+
+
+def test_ctrl_c_during_a_reply_returns_to_the_prompt(monkeypatch):
+    from click.testing import CliRunner
+
+    from dbrxq.api import DbrxRunner
+
+    real, calls = DbrxRunner.chat, []
+
+    def chat(self, messages, **kw):
+        calls.append(len(messages))
+        if len(calls) == 1:
+            kw["on_text"]("partial")
+            raise KeyboardInterrupt
+        return real(self, messages, **kw)
+
+    monkeypatch.setattr(DbrxRunner, "chat", chat)
+    r = CliRunner().invoke(cli, ["run", "--chat", "-n", "4"], input="hi\nthere\n")
+    assert r.exit_code == 0, r.output
+    assert "[reply interrupted]" in r.output and calls == [1, 3]  # the partial reply stayed in the conversation
