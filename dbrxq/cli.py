@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import resource
 import sys
+import time
 
 import click
 
@@ -103,9 +104,11 @@ def _offload_report(rt) -> str:
 @click.option("--context", type=click.IntRange(min=1),
               help="Tokens (prompt + new) the memory plan reserves KV cache for [default: min(max_seq_len, 4096)].")
 @click.option("--plan", "show_plan", is_flag=True, help="Print the memory placement plan and exit.")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Where offloading keeps its prepared-expert files [default: $DBRXQ_CACHE, else ~/.cache/dbrxq].")
 @threads_option
 def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
-        revision, stats, gpu_memory, cpu_memory, kv_cache, context, show_plan, threads) -> None:
+        revision, stats, gpu_memory, cpu_memory, kv_cache, context, show_plan, cache_dir, threads) -> None:
     """Generate text with MODEL (a folder or hub repo id; default, or "demo": the small model shipped
     with dbrxq; a local folder named demo wins).
 
@@ -124,7 +127,7 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
         raise click.UsageError("give --prompt TEXT, or --chat for an interactive session")
     runner = load(model, device=device, dtype=dtype, revision=revision, gpu_memory=gpu_memory,
                   cpu_memory=cpu_memory, context=context, kv_cache=kv_cache, threads=threads,
-                  offload_options={"timing": True} if stats else None)
+                  offload_options={k: v for k, v in (("timing", stats or None), ("cache_dir", cache_dir)) if v})
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
     def emit(text: str) -> None:
@@ -203,6 +206,29 @@ def fit_conversation(runner, messages: list[dict], system: str | None, max_new_t
                               f"{need()} tokens, beyond the model's context of {ctx}")
     if dropped:
         click.echo(f"[context full: dropped the {dropped} oldest turn(s); {ctx} tokens of context]", err=True)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="The cache to look at [default: $DBRXQ_CACHE, else ~/.cache/dbrxq].")
+@click.option("--clear", is_flag=True, help="Remove every prepared-expert file (and leftovers of killed runs).")
+def cache(cache_dir, clear) -> None:
+    """List (or remove) offloading's prepared-expert files: kernel-ready copies of a checkpoint's
+    experts, one per checkpoint, kernel and device, written the first time a budget needs them."""
+    from .offload import prepared_dir
+    from .placement import format_size
+
+    root = prepared_dir(cache_dir)
+    files = sorted(p for p in root.glob("*") if p.is_file()) if root.is_dir() else []
+    total = sum(p.stat().st_size for p in files)
+    if clear:
+        for p in files:
+            p.unlink()
+        click.echo(f"removed {len(files)} file(s), {format_size(total)}, from {root}")
+        return
+    for p in files:
+        click.echo(f"{format_size(p.stat().st_size):>12}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(p.stat().st_mtime))}  {p}")
+    click.echo(f"{len(files)} file(s), {format_size(total)}, in {root}")
 
 
 from quantize.cli import quantize_command  # noqa: E402  (the quantize subcommand lives with quantize/)

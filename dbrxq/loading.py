@@ -117,6 +117,11 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
             plan, layout = plan_offload(reader, config, device=dev, dtype=target, backend=backend,
                                         gpu_memory=gpu_memory, cpu_memory=cpu_memory, context=context,
                                         batch_size=batch_size, kv_cache=kv_cache)
+            if all(s >= config.num_experts for s in plan.slots_per_layer):
+                # every expert fits the budget: nothing would ever be read from disk, so run fully
+                # resident and write no prepared-expert file
+                log.warning("the memory budget holds every expert: running fully resident (no offloading)")
+                offloading = False
         old_default = torch.get_default_dtype()
         torch.set_default_dtype(target)
         try:

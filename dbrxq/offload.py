@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .expert_cache import ExpertCache, SlotLayout
 from .model import moe_dispatch, route
 from .pages import PageReleaser
@@ -120,6 +122,12 @@ class PreparedExpertFile:
                 log.info("prepared experts of layer %d/%d (%.1fs)", layer + 1, len(experts), time.perf_counter() - t0)
         os.replace(tmp, path)
         return cls(path, layout.nbytes, E, **kw)
+
+
+def prepared_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where prepared-expert files live: ``cache_dir``, else $DBRXQ_CACHE, else ~/.cache/dbrxq;
+    then ``prepared/``."""
+    return Path(cache_dir or os.environ.get("DBRXQ_CACHE") or Path.home() / ".cache" / "dbrxq") / "prepared"
 
 
 def prepared_file_key(source_dir: Path | None, backend: str | None, device: torch.device, layout: SlotLayout,
@@ -452,14 +460,21 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
     act_dtype = model.dtype
     src = getattr(model, "source_dir", None)
     key = prepared_file_key(src, backend, dev, layout, act_dtype)
-    root = Path(cache_dir or os.environ.get("DBRXQ_CACHE") or Path.home() / ".cache" / "dbrxq") / "prepared"
+    root = prepared_dir(cache_dir)
     path = root / f"{key}.bin" if key else Path(tempfile.mkdtemp(prefix="dbrxq-prepared-")) / "experts.bin"
     want = plan.n_layers * plan.num_experts * layout.nbytes
     if path.is_file() and path.stat().st_size == want:
         log.info("reusing prepared experts %s", path)
         file = PreparedExpertFile(path, layout.nbytes, plan.num_experts, drop_page_cache=drop_page_cache)
     else:
-        log.info("writing kernel-ready experts (%s) to %s (once per checkpoint and backend)", format_size(want), path)
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        if free < want:
+            raise ConfigError(f"{path.parent}: the prepared-expert file needs {format_size(want)}, {format_size(free)} "
+                              "free there; choose another place with --cache-dir or DBRXQ_CACHE, or free space "
+                              "(`dbrxq cache --clear` removes earlier files)")
+        log.warning("writing kernel-ready experts (%s) to %s, once per checkpoint and kernel; `dbrxq cache` lists "
+                    "such files, `dbrxq cache --clear` removes them", format_size(want), path)
         file = PreparedExpertFile.build(path, experts, layout, backend, dev, act_dtype, drop_page_cache=drop_page_cache)
         if key is None:
             os.unlink(path)  # anonymous: the open descriptor keeps it readable until closed

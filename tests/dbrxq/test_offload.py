@@ -177,13 +177,24 @@ def qdir(tmp_path_factory):
     return out
 
 
+def _budget(qdir, slots: int, **kw) -> int:
+    """A --cpu-memory budget that holds the non-expert part and `slots` expert slots, from the plan
+    (headers and one expert only)."""
+    from dbrxq.checkpoint import CheckpointReader
+    from dbrxq.config import DbrxConfig
+    from dbrxq.loading import _checkpoint_float_dtype, plan_offload
+
+    with CheckpointReader(qdir) as r:
+        plan, layout = plan_offload(r, DbrxConfig.from_json(qdir / "config.json"), device=torch.device("cpu"),
+                                    dtype=_checkpoint_float_dtype(r), backend=None, gpu_memory=None,
+                                    cpu_memory="1GiB", **{"context": 32, "batch_size": 1, "kv_cache": "bf16", **kw})
+    return plan.device_fixed_bytes + slots * layout.nbytes
+
+
 def test_loaded_checkpoint_offloads_to_the_same_logits(qdir, tmp_path):
     full = DbrxForCausalLM.from_pretrained(qdir)
     ref = run_steps(full, steps=3)
-    probe = dbrxq.load(qdir, cpu_memory="1GiB", context=32, offload_options={"cache_dir": tmp_path})
-    per_slot = probe.offload.layout.nbytes
-    fixed = probe.offload.plan.device_fixed_bytes
-    runner = dbrxq.load(qdir, cpu_memory=fixed + 2 * per_slot, context=32, kv_cache="int8",
+    runner = dbrxq.load(qdir, cpu_memory=_budget(qdir, 2), context=32, kv_cache="int8",
                         offload_options={"cache_dir": tmp_path, "timing": True})
     rt = runner.offload
     assert rt.plan.slots_per_layer == [1, 1]
@@ -207,7 +218,8 @@ def test_load_takes_batch_size_for_batched_offloaded_generation(qdir, tmp_path):
     """The memory plan reserves KV cache for batch_size prompts: dbrxq.load(batch_size=2) then
     generates two prompts at once with offloading (before, load took no batch_size, and a batch
     of two was refused by the plan, whose error asked for a larger batch at load)."""
-    runner = dbrxq.load(qdir, cpu_memory="1GiB", context=32, batch_size=2, offload_options={"cache_dir": tmp_path})
+    runner = dbrxq.load(qdir, cpu_memory=_budget(qdir, 4, batch_size=2), context=32, batch_size=2,
+                        offload_options={"cache_dir": tmp_path})
     assert runner.offload.plan.batch_size == 2
     out = runner.generate_ids([PROMPT[0], PROMPT[0][:3]], max_new_tokens=3)
     assert [len(s) for s in out.sequences] == [3, 3]
@@ -237,3 +249,29 @@ def test_plan_on_a_float_checkpoint_describes_it_and_a_budget_says_how_to_quanti
     assert "every weight resident" in r.output and "KV cache for" in r.output and "MiB" in r.output
     r = CliRunner().invoke(cli, ["run", "demo", "--plan", "--cpu-memory", "1GiB"])
     assert r.exit_code != 0 and "dbrxq quantize" in str(r.exception)
+
+
+def test_prepared_expert_file_only_when_needed_where_asked_listed_and_cleared(qdir, tmp_path, caplog, monkeypatch):
+    """A budget that holds every expert runs fully resident and writes no file; a smaller one writes
+    the prepared-expert file where --cache-dir says, saying so once; `dbrxq cache` lists it and
+    `--clear` removes it; a disk that cannot hold it is refused with the size needed."""
+    import logging
+
+    from dbrxq import offload
+
+    cache = tmp_path / "cache"
+    runner = dbrxq.load(qdir, cpu_memory="1GiB", context=32, offload_options={"cache_dir": cache})
+    assert runner.offload is None and not (cache / "prepared").exists()
+    with caplog.at_level(logging.WARNING, logger="dbrxq.offload"):
+        r = CliRunner().invoke(cli, ["run", str(qdir), "-p", "Hi", "-n", "2", "--cpu-memory", f"{_budget(qdir, 2)}B",
+                                     "--context", "32", "--cache-dir", str(cache)])
+    assert r.exit_code == 0, r.output
+    files = list((cache / "prepared").glob("*.bin"))
+    assert len(files) == 1 and any(str(files[0]) in m and "dbrxq cache" in m for m in caplog.messages)
+    r = CliRunner().invoke(cli, ["cache", "--cache-dir", str(cache)])
+    assert r.exit_code == 0 and str(files[0]) in r.output and "1 file(s)" in r.output
+    r = CliRunner().invoke(cli, ["cache", "--cache-dir", str(cache), "--clear"])
+    assert r.exit_code == 0 and "removed 1 file(s)" in r.output and not files[0].exists()
+    monkeypatch.setattr(offload.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    with pytest.raises(ConfigError, match=r"the prepared-expert file needs .* 1000 B free there.*--cache-dir"):
+        dbrxq.load(qdir, cpu_memory=_budget(qdir, 2), context=32, offload_options={"cache_dir": cache})
