@@ -38,9 +38,8 @@ def _peak_memory(device) -> str:
 
 def threads_option(f):
     """--threads, shared by run, eval, compare and quantize."""
-    return click.option("--threads", type=click.IntRange(min=1),
-                        help="CPU threads for matmuls and dbrxq's kernel [default: the physical cores]; "
-                             "on a shared machine use fewer (1 when another process is busy).")(f)
+    from .sysinfo import THREADS_HELP
+    return click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)(f)
 
 
 class SizeType(click.ParamType):

@@ -14,6 +14,7 @@ import click
 import torch
 
 from .evaluate import DataError, compare, perplexity
+from .sysinfo import THREADS_HELP
 
 # As in dbrxq.cli; not imported from there, because dbrxq.cli imports this module.
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -74,8 +75,7 @@ def _options(f):
         click.option("--dtype", default="auto", show_default=True,
                      help="auto (the checkpoint's), float32, bfloat16 or float16."),
         click.option("--max-tokens", type=click.IntRange(min=2), help="Score only the first N tokens."),
-        click.option("--threads", type=click.IntRange(min=1),
-                     help="CPU threads [default: the physical cores]; fewer on a shared machine."),
+        click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP),
     ]):
         f = opt(f)
     return f

@@ -125,9 +125,10 @@ class PreparedExpertFile:
 
 
 def prepared_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where prepared-expert files live: ``cache_dir``, else $DBRXQ_CACHE, else ~/.cache/dbrxq;
-    then ``prepared/``."""
-    return Path(cache_dir or os.environ.get("DBRXQ_CACHE") or Path.home() / ".cache" / "dbrxq") / "prepared"
+    """Where prepared-expert files live: ``cache_dir``, else dbrxq's cache ($DBRXQ_CACHE, else
+    ~/.cache/dbrxq: :func:`quantize.cext.cache_dir`, where the kernel builds go too); then ``prepared/``."""
+    from quantize import cext
+    return (Path(cache_dir) if cache_dir else cext.cache_dir()) / "prepared"
 
 
 def prepared_file_key(source_dir: Path | None, backend: str | None, device: torch.device, layout: SlotLayout,

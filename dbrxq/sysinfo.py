@@ -67,6 +67,10 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+THREADS_HELP = ("CPU threads for matmuls and dbrxq's kernel [default: the physical cores]; on a shared "
+                "machine use fewer (1 when another process is busy).")
+
+
 def set_threads(threads: int | None) -> int:
     """Use ``threads`` CPU threads for torch's matmuls and dbrxq's C kernel (None: keep torch's
     default, the number of physical cores). Returns the count in force. On a machine where another

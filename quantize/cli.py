@@ -18,6 +18,7 @@ import click
 
 from dbrxq.errors import QuantizationError
 from dbrxq.placement import format_rate, format_size
+from dbrxq.sysinfo import THREADS_HELP
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 METHODS = ("rtn", "gptq")
@@ -62,8 +63,7 @@ def _choice(option: str, value, allowed: tuple) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted gptq run in OUT (same options).")
 @click.option("--revision", help="Hub revision when SRC is a repo id.")
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in OUT.")
-@click.option("--threads", type=click.IntRange(min=1),
-              help="CPU threads [default: the physical cores]; fewer on a shared machine.")
+@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
 def quantize_command(src, out, method, expert_bits, group_size, attn_bits, attn_group_size, lm_head_bits,
                      asym, calib_data, calib_field, calib_samples, calib_seq_len, seed, rare_experts,
                      min_expert_tokens, device, resume, revision, overwrite, threads) -> None:
