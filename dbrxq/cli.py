@@ -230,6 +230,38 @@ def cache(cache_dir, clear) -> None:
     click.echo(f"{len(files)} file(s), {format_size(total)}, in {root}")
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--type", "type_", default="auto", show_default=True,
+              type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0", "q4_0"], case_sensitive=False),
+              help="Float checkpoints only: the type of the experts and attention (q8_0/q4_0 quantize them "
+                   "with dbrxq's RTN, g32). auto: quantized checkpoints keep their codes (int4 sym -> Q4_0, "
+                   "int4 asym -> Q4_1, int8 sym -> Q8_0); float ones keep their precision.")
+@click.option("--float-type", default="auto", show_default=True,
+              type=click.Choice(["auto", "f32", "f16", "bf16"], case_sensitive=False),
+              help="Type of the unquantized matrices (embedding, output head); auto = as stored. "
+                   "Norms and the router are always F32.")
+@click.option("--requantize", is_flag=True,
+              help="Re-round tensors whose recipe has no exact GGML type (int8 asym -> Q8_0), with a warning.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--revision", help="Hub revision when MODEL is a repo id.")
+def export(model, out, type_, float_type, requantize, overwrite, revision) -> None:
+    """Write MODEL (a dbrxq-quantized or float checkpoint folder, a hub repo id, or demo) as the GGUF
+    file OUT for llama.cpp, Ollama and llama.cpp's RPC backend (README: "Run it elsewhere")."""
+    from .export import export_gguf
+    from .placement import format_rate, format_size
+    r = export_gguf(model, out, type_=type_.lower(), float_type=float_type.lower(), requantize=requantize,
+                    overwrite=overwrite, revision=revision, progress=sys.stderr.isatty())
+    for msg in r.warnings:
+        click.echo(f"warning: {msg}", err=True)
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(r.types.items(), key=lambda kv: -kv[1]))
+    click.echo(f"exported {model} -> {r.path} (GGUF, file type {r.file_type})")
+    click.echo(f"  tensors  {r.tensors} ({kinds})")
+    click.echo(f"  bytes    {format_size(r.nbytes)}")
+    click.echo(f"  time     {r.seconds:.1f} s ({format_rate(r.nbytes, r.seconds)})")
+
+
 from quantize.cli import quantize_command  # noqa: E402  (the quantize subcommand lives with quantize/)
 cli.add_command(quantize_command, "quantize")
 from .eval_cli import compare_command, eval_command  # noqa: E402

@@ -135,6 +135,8 @@ class DbrxTokenizer:
         except ValueError as e:  # e.g. a pattern the Rust regex engine rejects
             raise TokenizerError(f"{source}: tiktoken rejected the vocabulary: {e}") from e
         self._special = dict(special_tokens)
+        self._ranks = mergeable_ranks
+        self.pat_str = pat_str
         self._eos = list(eos_token_ids)
         self._pad = pad_token_id
         self.source = source
@@ -193,6 +195,11 @@ class DbrxTokenizer:
     def special_tokens(self) -> dict[str, int]:
         """Special token text -> id."""
         return dict(self._special)
+
+    @property
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        """The BPE vocabulary: token bytes -> rank (= id); not a copy, do not modify."""
+        return self._ranks
 
     # ------------------------------------------------------- encode / decode
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:

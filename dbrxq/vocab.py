@@ -23,6 +23,7 @@ from pathlib import Path
 
 import regex
 
+from dbrxq.errors import TokenizerError
 from dbrxq.tokenizer import (
     CL100K_PATTERN,
     CL100K_PATTERN_HF,
@@ -165,10 +166,18 @@ def _bpe_halves(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
             r = ranks.get(parts[i] + parts[i + 1])
             if r is not None and r < limit and (best is None or r < best[0]):
                 best = (r, i)
-        assert best is not None, f"{token!r} cannot be built from lower ranks"
+        if best is None:
+            raise TokenizerError(f"token {token!r} (rank {limit}) cannot be built by merging tokens of lower rank, "
+                                 f"so it has no BPE merge")
         i = best[1]
         parts[i : i + 2] = [parts[i] + parts[i + 1]]
     return parts[0], parts[1]
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """GPT-2 style merges, one per multi-byte token in rank order: merging by merge priority then
+    gives the same tokens as tiktoken's merging by rank."""
+    return [_bpe_halves(ranks, t) for t, _ in sorted(ranks.items(), key=lambda kv: kv[1]) if len(t) > 1]
 
 
 def to_hf_tokenizer_json(ranks: dict[bytes, int], special: dict[str, int], pat_str: str = CL100K_PATTERN) -> dict:
@@ -183,12 +192,7 @@ def to_hf_tokenizer_json(ranks: dict[bytes, int], special: dict[str, int], pat_s
     def text(t: bytes) -> str:
         return "".join(b2u[b] for b in t)
 
-    merges = [
-        [text(a), text(b)]
-        for t, _ in sorted(ranks.items(), key=lambda kv: kv[1])
-        if len(t) > 1
-        for a, b in [_bpe_halves(ranks, t)]
-    ]
+    merges = [[text(a), text(b)] for a, b in bpe_merges(ranks)]
     return {
         "version": "1.0",
         "truncation": None,

@@ -1,0 +1,469 @@
+"""``dbrxq export``: a DBRX checkpoint (dbrxq-quantized or float) as one GGUF file for llama.cpp.
+
+What llama.cpp's DBRX loader reads, and what we write:
+
+* metadata ``dbrx.*``: context length, block count, embedding and feed-forward length, head
+  counts, RoPE base, clamp_kqv, layer-norm epsilon (1e-5), expert count and used count, and
+  ``general.file_type``;
+* tensors, with llama.cpp's DBRX converter's names and orientations (numpy shapes here; ggml's
+  ``ne`` is the reverse): ``token_embd`` [V, d], ``blk.N.attn_norm`` [d], ``attn_qkv``
+  [d + 2 kv hd, d], ``attn_output`` [d, d], ``attn_output_norm`` [d], ``ffn_gate_inp`` [E, d],
+  ``ffn_gate_exps`` / ``ffn_up_exps`` [E, F, d] and ``ffn_down_exps`` [E, d, F] (the expert
+  dimension outermost, as dbrxq stores them), ``output_norm`` [d], ``output`` [V, d];
+* the tokenizer: ``gpt2`` byte-level BPE with the ``dbrx`` pre-tokenizer (cl100k's split),
+  tokens in id order padded to the embedding's rows with ``[PADi]`` (type UNUSED), specials as
+  CONTROL, the merges, bos/eos/eot/pad ids, no BOS added, and DBRX-instruct's chat template.
+
+Quantized weights keep their codes (quantize/ggml.py: int4 sym -> Q4_0 and int8 sym -> Q8_0
+bit-exact, int4 asym -> Q4_1 with m rounded to fp16). Norms and the router are F32, as
+llama.cpp's converter writes them; other float tensors keep their stored precision (BF16 stays
+BF16) unless --float-type says otherwise.
+
+The file is written one tensor at a time (experts one expert at a time), so memory stays near one
+expert's conversion; it is written as ``OUT.tmp.<pid>`` and renamed when complete, so a file named
+OUT is always whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointReader, resolve_model_dir
+from .config import DbrxConfig
+from .errors import CheckpointError, ConfigError, QuantizationError, TokenizerError
+from .tokenizer import CL100K_PATTERN, CL100K_PATTERN_HF, DbrxTokenizer, bytes_to_unicode
+from .writer import _fsync_dir
+
+log = logging.getLogger(__name__)
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+QUANT_TYPES = ("Q8_0", "Q4_0")
+TYPES = ("auto", "f32", "f16", "bf16", "q8_0", "q4_0")  # --type
+FLOAT_TYPE_CHOICES = ("auto", "f32", "f16", "bf16")  # --float-type
+LAYER_NORM_EPS = 1e-5  # DBRX's LayerNorms (dbrxq.model)
+_SOURCE_FLOAT = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+# gguf token types (llama.cpp's llama_token_type)
+NORMAL, CONTROL, UNUSED = 1, 3, 5
+
+# DBRX instruct's chat template, the one dbrxq.tokenizer.apply_chat_template renders (tested equal).
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}"
+    "{% elif not 'system' in messages[0]['role'] %}{% set loop_messages = messages %}"
+    "{% set system_message = DEFAULT_SYSTEM %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if loop.index0 == 0 %}"
+    "{% if system_message != false %}{{ '<|im_start|>system\\n' + system_message | trim + '<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}"
+    "{% else %}{{ '\\n<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}{% endif %}"
+    "{% if (add_generation_prompt and loop.last) %}{{ '\\n<|im_start|>assistant\\n' }}{% endif %}{% endfor %}"
+)
+
+
+def chat_template() -> str:
+    """CHAT_TEMPLATE with DBRX's default system prompt spelled out as a jinja string literal."""
+    from .tokenizer import DEFAULT_SYSTEM_PROMPT
+    return CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", json.dumps(DEFAULT_SYSTEM_PROMPT))
+
+
+@dataclass
+class PlannedTensor:
+    """One GGUF tensor: its name, GGML type, numpy shape [..., N, K] of values, and a producer of
+    its bytes in row order (one chunk per expert for the expert tensors)."""
+
+    name: str
+    ggml_type: str
+    shape: tuple[int, ...]
+    chunks: Callable[[], Iterator[np.ndarray]]
+    origin: str  # for people: where the bytes come from
+
+    @property
+    def nbytes(self) -> int:
+        from quantize.ggml import row_bytes
+        return int(np.prod(self.shape[:-1], dtype=np.int64)) * row_bytes(self.ggml_type, self.shape[-1])
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    tensors: int
+    nbytes: int
+    seconds: float
+    file_type: str
+    types: dict[str, int] = field(default_factory=dict)  # GGML type -> tensor count
+    warnings: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+def gguf_vocab(tok: DbrxTokenizer, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens, token types, merges) for llama.cpp's ``gpt2`` tokenizer, ``n_vocab`` entries.
+
+    Token i is the byte-level spelling (GPT-2's byte -> character table) of the BPE token of
+    rank i, or the special token's text, or ``[PADi]`` for an id without a token.
+    """
+    from .vocab import bpe_merges
+
+    if tok.pat_str not in (CL100K_PATTERN, CL100K_PATTERN_HF):
+        raise TokenizerError(f"{tok.source}: its split pattern is not cl100k_base's, and GGUF's 'dbrx' "
+                             f"pre-tokenizer splits text only that way; cannot export this tokenizer")
+    if tok.vocab_size > n_vocab:
+        raise TokenizerError(f"{tok.source}: {tok.vocab_size} token ids but the model's embedding has "
+                             f"{n_vocab} rows")
+    b2u = bytes_to_unicode()
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [UNUSED] * n_vocab
+    for t, i in tok.mergeable_ranks.items():
+        tokens[i] = "".join(b2u[b] for b in t)
+        types[i] = NORMAL
+    for s, i in tok.special_tokens.items():
+        tokens[i] = s
+        types[i] = CONTROL
+    merges = ["".join(b2u[b] for b in a) + " " + "".join(b2u[b] for b in b_) for a, b_ in bpe_merges(tok.mergeable_ranks)]
+    return tokens, types, merges
+
+
+# ----------------------------------------------------------------------------- planning
+
+def _float_type(choice: str, dtype: torch.dtype) -> str:
+    return _SOURCE_FLOAT.get(dtype, "F32") if choice == "auto" else choice.upper()
+
+
+def _finite(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        n = int((~torch.isfinite(x)).sum())
+        raise CheckpointError(f"tensor {name}: {n} NaN/Inf values; refusing to export them")
+    return x
+
+
+def _check_qparams(qt, name: str) -> None:
+    s = qt.scales.float()
+    if not bool((torch.isfinite(s) & (s > 0)).all()):
+        raise CheckpointError(f"tensor {name}.scales: scales must be finite and positive")
+    if qt.qzeros is not None and int(qt.qzeros.max()) > 2**qt.bits - 1:
+        raise CheckpointError(f"tensor {name}.qzeros: zero point beyond the {qt.bits}-bit code range")
+
+
+class _Planner:
+    """Decides each tensor's GGML type (refusing what has no faithful mapping) before anything is
+    written, and builds the producers of its bytes."""
+
+    def __init__(self, reader: CheckpointReader, config: DbrxConfig, qcfg, *, type_: str, float_type: str,
+                 requantize: bool) -> None:
+        self.r, self.c, self.q = reader, config, qcfg
+        self.type, self.float_choice, self.requantize = type_, float_type, requantize
+        self.warnings: list[str] = []
+
+    # -- small, always-float tensors
+    def f32(self, gguf_name: str, name: str) -> PlannedTensor:
+        shape = self.r.shape(name)
+        def chunks():
+            yield _finite(self.r.get(name), name).float().numpy().view(np.uint8)
+        return PlannedTensor(gguf_name, "F32", shape, chunks, name)
+
+    def float_matrix(self, gguf_name: str, name: str, ggml_type: str | None = None) -> PlannedTensor:
+        """A 2-D float tensor (embedding, head, unquantized attention) in the float type."""
+        from quantize.ggml import float_to_type
+        shape = self.r.shape(name)
+        kind = ggml_type or _float_type(self.float_choice, self.r.dtype(name))
+        def chunks():
+            yield float_to_type(_finite(self.r.get(name), name), kind)
+        return PlannedTensor(gguf_name, kind, shape, chunks, name)
+
+    def _quantized(self, base: str, kind: str) -> bool:
+        return f"{base}.qweight" in self.r
+
+    def _qt(self, base: str, kind: str, index=None):
+        """The QuantizedTensor of ``base`` (or of its expert ``index``)."""
+        from quantize.primitives import QuantizedTensor
+        mq = self.q.for_kind(kind)
+        names = [f"{base}.qweight", f"{base}.scales", f"{base}.qzeros"]
+        parts = {}
+        for n in names:
+            if n in self.r:
+                parts[n] = self.r.get_slice(n)[index] if index is not None else self.r.get(n)
+        try:
+            qt = QuantizedTensor.from_tensors(parts, base, mq.bits, mq.group_size)
+        except QuantizationError as e:
+            raise CheckpointError(f"{self.r.file_of(names[0])}: {e}") from None
+        _check_qparams(qt, base)
+        return qt
+
+    def matrix(self, gguf_name: str, base: str, kind: str, *, experts: bool = False,
+               transpose_float: bool = False) -> PlannedTensor:
+        """A weight matrix (stack): attention Wqkv/out_proj, lm_head, or an expert tensor."""
+        from quantize.ggml import BLOCK, exact_type, float_to_type, from_codes, requantize_q8_0
+        c = self.c
+        if self._quantized(base, kind):
+            mq = self.q.for_kind(kind)
+            qshape = self.r.shape(f"{base}.qweight")
+            shape = (*qshape[:-1], qshape[-1] * (2 if mq.bits == 4 else 1))
+            k = shape[-1]
+            g = k if mq.group_size == -1 else mq.group_size
+            ggml_type = exact_type(mq.bits, mq.symmetric, g, k)
+            recipe = f"int{mq.bits} {'sym' if mq.symmetric else 'asym'} " + (
+                "per-channel" if mq.group_size == -1 else f"g{mq.group_size}")
+            convert = from_codes
+            if ggml_type is None:
+                if not self.requantize:
+                    raise QuantizationError(
+                        f"{base} ({recipe}, rows of {k}) has no exact GGML type (Q4_0/Q4_1 need int4 groups "
+                        f"of a multiple of 32, Q8_0 int8 symmetric); pass --requantize to write it "
+                        f"re-rounded ({'Q8_0' if k % BLOCK == 0 else 'F16'}), or quantize again with a "
+                        f"recipe that maps exactly")
+                if k % BLOCK == 0:
+                    ggml_type = "Q8_0"
+                    convert = lambda qt: ("Q8_0", requantize_q8_0(qt.dequantize()))  # noqa: E731
+                else:
+                    ggml_type = "F16"
+                    convert = lambda qt: ("F16", float_to_type(qt.dequantize(), "F16"))  # noqa: E731
+                self.warnings.append(f"{base}: {recipe} re-rounded to {ggml_type} (--requantize)")
+
+            def chunks():
+                for idx in (range(shape[0]) if experts else [None]):
+                    got, data = convert(self._qt(base, kind, idx))
+                    assert got == ggml_type, (got, ggml_type)
+                    yield data
+            return PlannedTensor(gguf_name, ggml_type, tuple(shape), chunks, f"{base} ({recipe})")
+
+        # float source
+        name = base if experts else f"{base}.weight"
+        stored = self.r.shape(name)
+        if experts:  # hub layout [E*F, d]: w1/v1 -> [E, F, d]; w2 -> [E, d, F]
+            e, f, d = c.num_experts, c.ffn_hidden_size, c.d_model
+            if tuple(stored) != (e * f, d):
+                raise CheckpointError(f"{self.r.file_of(name)}: tensor {name} has shape {list(stored)}, "
+                                      f"expected {[e * f, d]}")
+            shape = (e, d, f) if transpose_float else (e, f, d)
+        else:
+            shape = tuple(stored)
+        ggml_type = _float_type(self.float_choice, self.r.dtype(name))
+        origin = f"{name} (float)"
+        if self.type in QUANT_TYPES and kind != "lm_head":
+            if shape[-1] % BLOCK == 0:
+                ggml_type = self.type
+                origin = f"{name} (float, dbrxq RTN g32 symmetric -> {ggml_type})"
+            else:
+                self.warnings.append(f"{name}: rows of {shape[-1]} values are not whole 32-blocks; kept {ggml_type}")
+
+        def chunks():
+            if not experts:
+                yield float_to_type(_finite(self.r.get(name), name), ggml_type)
+                return
+            sl = self.r.get_slice(name)
+            f = c.ffn_hidden_size
+            for i in range(c.num_experts):
+                w = _finite(sl[i * f:(i + 1) * f], name)
+                yield float_to_type(w.t() if transpose_float else w, ggml_type)
+        return PlannedTensor(gguf_name, ggml_type, shape, chunks, origin)
+
+    def plan(self) -> list[PlannedTensor]:
+        c = self.c
+        out = [self.float_matrix("token_embd.weight", "transformer.wte.weight")]
+        for i in range(c.n_layers):
+            p = f"transformer.blocks.{i}"
+            nan = f"{p}.norm_attn_norm"
+            out.append(self.f32(f"blk.{i}.attn_norm.weight", f"{nan}.norm_1.weight"))
+            out.append(self.matrix(f"blk.{i}.attn_qkv.weight", f"{nan}.attn.Wqkv", "attn"))
+            out.append(self.matrix(f"blk.{i}.attn_output.weight", f"{nan}.attn.out_proj", "attn"))
+            out.append(self.f32(f"blk.{i}.attn_output_norm.weight", f"{nan}.norm_2.weight"))
+            out.append(self.f32(f"blk.{i}.ffn_gate_inp.weight", f"{p}.ffn.router.layer.weight"))
+            mlp = f"{p}.ffn.experts.mlp"
+            out.append(self.matrix(f"blk.{i}.ffn_gate_exps.weight", f"{mlp}.w1", "experts", experts=True))
+            out.append(self.matrix(f"blk.{i}.ffn_up_exps.weight", f"{mlp}.v1", "experts", experts=True))
+            out.append(self.matrix(f"blk.{i}.ffn_down_exps.weight", f"{mlp}.w2", "experts", experts=True,
+                                   transpose_float=True))
+        out.append(self.f32("output_norm.weight", "transformer.norm_f.weight"))
+        if c.tie_word_embeddings and "lm_head.weight" not in self.r and "lm_head.qweight" not in self.r:
+            head = self.float_matrix("output.weight", "transformer.wte.weight")
+        else:
+            head = self.matrix("output.weight", "lm_head", "lm_head")
+        out.append(head)
+        return out
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _file_type(plan: list[PlannedTensor]):
+    """general.file_type: the type holding most of the bytes (the experts')."""
+    import gguf
+    by: dict[str, int] = {}
+    for t in plan:
+        by[t.ggml_type] = by.get(t.ggml_type, 0) + t.nbytes
+    main = max(by, key=by.get)
+    names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4_0": "MOSTLY_Q4_0",
+             "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0"}
+    return main, gguf.LlamaFileType[names[main]]
+
+
+def _check_supported(config: DbrxConfig, folder: Path) -> None:
+    """Refuse configs llama.cpp's DBRX graph would silently compute differently."""
+    ffn = config.ffn_config
+    if config.activation != "silu":
+        raise ConfigError(f"{folder}/config.json: ffn_act_fn {config.activation!r}; llama.cpp's DBRX uses silu")
+    if ffn.moe_normalize_expert_weights not in (1, 1.0):
+        raise ConfigError(f"{folder}/config.json: moe_normalize_expert_weights "
+                          f"{ffn.moe_normalize_expert_weights!r}; llama.cpp's DBRX normalizes the top-k "
+                          f"weights to sum 1 (p = 1) only")
+
+
+def _add_metadata(w, config: DbrxConfig, tok: DbrxTokenizer, file_type, name: str, qcfg) -> None:
+    import gguf
+    c = config
+    w.add_name(name)
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.d_model)
+    w.add_block_count(c.n_layers)
+    w.add_feed_forward_length(c.ffn_hidden_size)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.kv_n_heads)
+    w.add_rope_freq_base(float(c.attn_config.rope_theta))
+    clip = c.attn_config.clip_qkv
+    # llama.cpp's DBRX clamps unconditionally: no clip is a clamp at float32's largest value.
+    w.add_clamp_kqv(float(clip) if clip is not None else float(np.finfo(np.float32).max))
+    w.add_layer_norm_eps(LAYER_NORM_EPS)
+    w.add_expert_count(c.num_experts)
+    w.add_expert_used_count(c.top_k)
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokens, types, merges = gguf_vocab(tok, c.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("dbrx")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    special = tok.special_tokens
+    eos = tok.eos_token_ids
+    if eos:
+        w.add_bos_token_id(eos[0])  # DBRX has no BOS and adds none (add_bos_token false below)
+        w.add_eos_token_id(eos[0])
+    if "<|im_end|>" in special:
+        w.add_eot_token_id(special["<|im_end|>"])
+    if tok.pad_token_id is not None:
+        w.add_pad_token_id(tok.pad_token_id)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    w.add_chat_template(chat_template())
+    if qcfg is not None:
+        w.add_string("dbrxq.quantization_config", json.dumps(qcfg.to_dict(), sort_keys=True))
+
+
+def clean_stale_temps(out: Path) -> int:
+    """Remove ``OUT.tmp.*`` files left by killed exports; returns the bytes freed."""
+    freed = 0
+    for p in out.parent.glob(out.name + ".tmp.*"):
+        if p.is_file():
+            freed += p.stat().st_size
+            p.unlink()
+    return freed
+
+
+def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str = "auto",
+                float_type: str = "auto", requantize: bool = False, overwrite: bool = False,
+                revision: str | None = None, progress: bool = False) -> ExportResult:
+    """Write MODEL (a folder, hub repo id or 'demo') as the GGUF file OUT; see the module docstring.
+
+    Raises:
+        CheckpointError, ConfigError, QuantizationError, TokenizerError: one line each; nothing
+        named OUT is left behind on failure.
+    """
+    import gguf
+    from tqdm.auto import tqdm
+
+    from .api import resolve_model_name
+    from .placement import format_size
+
+    if type_ not in TYPES:
+        raise ConfigError(f"--type {type_!r}: expected one of {', '.join(TYPES)}")
+    if float_type not in FLOAT_TYPE_CHOICES:
+        raise ConfigError(f"--float-type {float_type!r}: expected one of {', '.join(FLOAT_TYPE_CHOICES)}")
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise ConfigError(f"{out}: the output file name must end in .gguf")
+    if out.is_dir():
+        raise ConfigError(f"{out} is a folder; give the path of the .gguf file to write")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise ConfigError(f"{out.parent}: no such folder for the output file")
+    src = resolve_model_name(model)
+    folder = resolve_model_dir(src, revision=revision)
+    config = DbrxConfig.from_json(Path(folder) / "config.json")
+    _check_supported(config, Path(folder))
+    qcfg = None
+    if config.quantization_config is not None:
+        from quantize.config import QuantConfig
+        qcfg = QuantConfig.from_dict(config.quantization_config)
+    if qcfg is not None and type_ != "auto":
+        raise ConfigError(f"--type {type_}: {src} is dbrxq-quantized and its codes map onto GGML types as they "
+                          f"are; --type applies to float checkpoints (export the float source instead)")
+    float_choice = type_ if type_ in FLOAT_TYPE_CHOICES and type_ != "auto" else float_type
+    tok = DbrxTokenizer.from_pretrained(folder)
+    t0 = time.perf_counter()
+    with CheckpointReader(folder) as reader:
+        planner = _Planner(reader, config, qcfg, type_=type_.upper(), float_type=float_choice, requantize=requantize)
+        plan = planner.plan()  # every refusal happens here, before a byte is written
+        if type_ in ("q8_0", "q4_0"):
+            planner.warnings.insert(0, f"--type {type_}: experts and attention quantized with dbrxq's RTN "
+                                       f"(g32, symmetric) from the float weights; embeddings and the output "
+                                       f"head stay {_float_type(float_type, reader.dtype('transformer.wte.weight'))}")
+        for msg in planner.warnings:
+            log.warning(msg)
+        main, file_type = _file_type(plan)
+        total = sum(t.nbytes for t in plan)
+        freed = clean_stale_temps(out)
+        if freed:
+            log.warning(f"removed {format_size(freed)} of temporary files left by an interrupted export of {out}")
+        free = shutil.disk_usage(out.parent).free
+        if free < total + (1 << 20):
+            raise CheckpointError(f"{out.parent}: not enough disk space for {out.name}: needs about "
+                                  f"{format_size(total)}, {format_size(free)} free")
+        tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}")
+        w = gguf.GGUFWriter(None, "dbrx")
+        name = Path(str(src)).name if Path(str(src)).is_dir() else str(src)
+        _add_metadata(w, config, tok, file_type, name, qcfg)
+        for t in plan:
+            nb = t.nbytes
+            w.add_tensor_info(t.name, (*t.shape[:-1], nb // max(1, int(np.prod(t.shape[:-1], dtype=np.int64)))),
+                              np.dtype(np.uint8), nb, raw_dtype=gguf.GGMLQuantizationType[t.ggml_type])
+        try:
+            w.write_header_to_file(path=tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            fout = w.fout[0]
+            with tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not progress) as bar:
+                for t in plan:
+                    w.write_padding(fout, fout.tell())
+                    written = 0
+                    for chunk in t.chunks():
+                        fout.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+                        written += chunk.nbytes
+                        bar.update(chunk.nbytes)
+                    assert written == t.nbytes, (t.name, written, t.nbytes)
+                    w.write_padding(fout, written)
+            fout.flush()
+            os.fsync(fout.fileno())
+            w.close()
+            os.replace(tmp, out)
+        except BaseException as e:
+            w.close()
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise CheckpointError(f"{out}: writing failed ({e.strerror or e}); the export needs "
+                                      f"{format_size(total)}; nothing was left behind") from None
+            raise
+        _fsync_dir(out.parent)
+    types: dict[str, int] = {}
+    for t in plan:
+        types[t.ggml_type] = types.get(t.ggml_type, 0) + 1
+    return ExportResult(out, len(plan), out.stat().st_size, time.perf_counter() - t0, main, types, planner.warnings)
