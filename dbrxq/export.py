@@ -51,6 +51,7 @@ QUANT_TYPES = ("Q8_0", "Q4_0")
 TYPES = ("auto", "f32", "f16", "bf16", "q8_0", "q4_0")  # --type
 FLOAT_TYPE_CHOICES = ("auto", "f32", "f16", "bf16")  # --float-type
 LAYER_NORM_EPS = 1e-5  # DBRX's LayerNorms (dbrxq.model)
+CHUNK_BYTES = 64 << 20  # rows of a float matrix converted at a time
 _SOURCE_FLOAT = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 # gguf token types (llama.cpp's llama_token_type)
 NORMAL, CONTROL, UNUSED = 1, 3, 5
@@ -164,11 +165,25 @@ class _Planner:
         self.type, self.float_choice, self.requantize = type_, float_type, requantize
         self.warnings: list[str] = []
 
+    # -- reading: rows at a time, the shard unmapped after each read, so the pages of the source
+    # that were read do not pile up in RSS (they are file-backed, but a mapping keeps them counted)
+    def rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        t = self.r.get(name) if start is None else self.r.get_slice(name)[start:stop]
+        self.r.close()
+        return t
+
+    def row_chunks(self, name: str) -> Iterator[torch.Tensor]:
+        """A 2-D tensor in chunks of about CHUNK_BYTES."""
+        n, k = self.r.shape(name)
+        step = max(1, CHUNK_BYTES // (k * self.r.dtype(name).itemsize))
+        for r0 in range(0, n, step):
+            yield _finite(self.rows(name, r0, min(n, r0 + step)), name)
+
     # -- small, always-float tensors
     def f32(self, gguf_name: str, name: str) -> PlannedTensor:
         shape = self.r.shape(name)
         def chunks():
-            yield _finite(self.r.get(name), name).float().numpy().view(np.uint8)
+            yield _finite(self.rows(name), name).float().numpy().view(np.uint8)
         return PlannedTensor(gguf_name, "F32", shape, chunks, name)
 
     def float_matrix(self, gguf_name: str, name: str, ggml_type: str | None = None) -> PlannedTensor:
@@ -177,7 +192,8 @@ class _Planner:
         shape = self.r.shape(name)
         kind = ggml_type or _float_type(self.float_choice, self.r.dtype(name))
         def chunks():
-            yield float_to_type(_finite(self.r.get(name), name), kind)
+            for part in self.row_chunks(name):
+                yield float_to_type(part, kind)
         return PlannedTensor(gguf_name, kind, shape, chunks, name)
 
     def _quantized(self, base: str, kind: str) -> bool:
@@ -191,7 +207,7 @@ class _Planner:
         parts = {}
         for n in names:
             if n in self.r:
-                parts[n] = self.r.get_slice(n)[index] if index is not None else self.r.get(n)
+                parts[n] = self.rows(n) if index is None else self.rows(n, index, index + 1)[0]
         try:
             qt = QuantizedTensor.from_tensors(parts, base, mq.bits, mq.group_size)
         except QuantizationError as e:
@@ -258,12 +274,12 @@ class _Planner:
 
         def chunks():
             if not experts:
-                yield float_to_type(_finite(self.r.get(name), name), ggml_type)
+                for part in self.row_chunks(name):
+                    yield float_to_type(part, ggml_type)
                 return
-            sl = self.r.get_slice(name)
             f = c.ffn_hidden_size
             for i in range(c.num_experts):
-                w = _finite(sl[i * f:(i + 1) * f], name)
+                w = _finite(self.rows(name, i * f, (i + 1) * f), name)
                 yield float_to_type(w.t() if transpose_float else w, ggml_type)
         return PlannedTensor(gguf_name, ggml_type, shape, chunks, origin)
 
@@ -317,10 +333,9 @@ def _check_supported(config: DbrxConfig, folder: Path) -> None:
                           f"weights to sum 1 (p = 1) only")
 
 
-def _add_metadata(w, config: DbrxConfig, tok: DbrxTokenizer, file_type, name: str, qcfg) -> None:
-    import gguf
+def add_hparams(w, config: DbrxConfig) -> None:
+    """The ``dbrx.*`` keys llama.cpp's DBRX loader reads, on a gguf.GGUFWriter."""
     c = config
-    w.add_name(name)
     w.add_context_length(c.max_seq_len)
     w.add_embedding_length(c.d_model)
     w.add_block_count(c.n_layers)
@@ -334,6 +349,13 @@ def _add_metadata(w, config: DbrxConfig, tok: DbrxTokenizer, file_type, name: st
     w.add_layer_norm_eps(LAYER_NORM_EPS)
     w.add_expert_count(c.num_experts)
     w.add_expert_used_count(c.top_k)
+
+
+def _add_metadata(w, config: DbrxConfig, tok: DbrxTokenizer, file_type, name: str, qcfg) -> None:
+    import gguf
+    c = config
+    w.add_name(name)
+    add_hparams(w, c)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokens, types, merges = gguf_vocab(tok, c.vocab_size)

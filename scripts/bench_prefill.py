@@ -58,10 +58,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import fill_random  # noqa: E402
 from dbrxq.config import DbrxConfig  # noqa: E402
+from dbrxq.export import add_hparams  # noqa: E402
+from dbrxq.tokenizer import bytes_to_unicode  # noqa: E402
 from dbrxq.generate import prefill  # noqa: E402
 from dbrxq.model import DbrxForCausalLM  # noqa: E402
 from dbrxq.sysinfo import describe_machine, peak_rss_bytes  # noqa: E402
-from quantize import cext  # noqa: E402
+from quantize import cext, ggml  # noqa: E402
 from quantize.config import ModuleQuant, QuantConfig  # noqa: E402
 from quantize.modules import quantize_model_rtn  # noqa: E402
 
@@ -85,58 +87,16 @@ def make_model(config: DbrxConfig, recipe: str) -> DbrxForCausalLM:
 
 # ----------------------------------------------------------------------------- GGUF for llama.cpp
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2's byte -> printable character table (byte-level BPE token spelling)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return [chr(table[b]) for b in range(256)]
-
-
-def _q4_0(qt) -> np.ndarray:
-    """int4 symmetric codes [.., N, K] (+ fp16 scales [.., N, K/G]) -> Q4_0 bytes [.., N, K/32*18]."""
-    c = qt.codes().numpy()  # uint8 0..15
-    lead, k = c.shape[:-1], c.shape[-1]
-    blocks = c.reshape(*lead, k // 32, 32)
-    qs = (blocks[..., :16] | (blocks[..., 16:] << 4)).astype(np.uint8)
-    d = qt.scales.numpy().repeat(qt.group // 32, axis=-1).reshape(*lead, k // 32, 1).view(np.uint8)
-    return np.concatenate([d, qs], axis=-1).reshape(*lead, k // 32 * 18)
-
-
-def _q8_0(qt) -> np.ndarray:
-    """int8 symmetric codes (stored c, w = (c - 128) * s) -> Q8_0 bytes [.., N, K/32*34]."""
-    c = qt.codes().numpy()
-    lead, k = c.shape[:-1], c.shape[-1]
-    qs = (c.astype(np.int16) - 128).astype(np.int8).view(np.uint8).reshape(*lead, k // 32, 32)
-    d = qt.scales.numpy().repeat(qt.group // 32, axis=-1).reshape(*lead, k // 32, 1).view(np.uint8)
-    return np.concatenate([d, qs], axis=-1).reshape(*lead, k // 32 * 34)
-
-
 def write_gguf(model: DbrxForCausalLM, path: Path) -> None:
     """The quantized one-layer model as GGUF (llama.cpp's DBRX tensor names and metadata)."""
     import gguf
 
     c = model.config
     w = gguf.GGUFWriter(str(path), "dbrx")
-    w.add_context_length(c.max_seq_len)
-    w.add_embedding_length(c.d_model)
-    w.add_block_count(c.n_layers)
-    w.add_feed_forward_length(c.ffn_hidden_size)
-    w.add_head_count(c.n_heads)
-    w.add_head_count_kv(c.kv_n_heads)
-    w.add_rope_freq_base(float(c.attn_config.rope_theta))
-    w.add_clamp_kqv(float(c.attn_config.clip_qkv))
-    w.add_layer_norm_eps(1e-5)
-    w.add_expert_count(c.num_experts)
-    w.add_expert_used_count(c.top_k)
+    add_hparams(w, c)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("dbrx")
-    byte_tokens = _bytes_to_unicode()  # 256 byte tokens, one merge (llama.cpp wants merges), then specials
+    byte_tokens = [bytes_to_unicode()[b] for b in range(256)]  # 256 byte tokens, one merge (llama.cpp wants merges), then specials
     toks = byte_tokens + ["\u0120t"] + [f"<|extra_{i}|>" for i in range(VOCAB - 257)]
     w.add_token_list(toks)
     w.add_token_types([1] * 257 + [3] * (VOCAB - 257))
@@ -147,9 +107,8 @@ def write_gguf(model: DbrxForCausalLM, path: Path) -> None:
     w.add_eos_token_id(VOCAB - 1)
 
     def q(name, qt):
-        data = _q4_0(qt) if qt.bits == 4 else _q8_0(qt)
-        kind = gguf.GGMLQuantizationType.Q4_0 if qt.bits == 4 else gguf.GGMLQuantizationType.Q8_0
-        w.add_tensor(name, data, raw_dtype=kind)
+        kind, data = ggml.from_codes(qt)  # int4 sym -> Q4_0, int8 sym -> Q8_0, bit-exact
+        w.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[kind])
 
     t = model.transformer
     w.add_tensor("token_embd.weight", t.wte.weight.numpy().astype(np.float32))
