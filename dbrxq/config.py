@@ -62,9 +62,11 @@ class DbrxConfig:
     quantization_config: dict | None = None
     # Every other key of config.json, kept so that writing the config back loses nothing.
     extra: dict = field(default_factory=dict, repr=False)
+    # The file the values came from, for error messages only (not a field).
+    where: dataclasses.InitVar[str] = "config"
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def __post_init__(self, where: str) -> None:
+        self.validate(where)
 
     # -- derived fields -------------------------------------------------------------------
     @property
@@ -102,49 +104,70 @@ class DbrxConfig:
         return [] if e is None else ([e] if isinstance(e, int) else list(e))
 
     # -- validation -----------------------------------------------------------------------
-    def validate(self) -> None:
-        """Reject a config the model cannot be built from, naming the field."""
-        pos = {"d_model": self.d_model, "n_heads": self.n_heads, "n_layers": self.n_layers,
-               "max_seq_len": self.max_seq_len, "vocab_size": self.vocab_size,
-               "attn_config.kv_n_heads": self.kv_n_heads,
-               "ffn_config.ffn_hidden_size": self.ffn_hidden_size,
-               "ffn_config.moe_num_experts": self.num_experts, "ffn_config.moe_top_k": self.top_k}
-        for name, value in pos.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+    def validate(self, where: str = "config") -> None:
+        """Reject a config the model cannot be built from (types, ranges, relations), naming the
+        field; ``where`` (the file) starts the message. Bounds are far above any real model's
+        (DBRX: d_model 6144, 40 layers, 100352 tokens) and keep a hostile config.json from
+        asking for absurd allocations."""
+        from .untrusted import check_bool, check_int, check_number, check_type
+
+        def ci(v, f, hi, lo=1):
+            return check_int(v, f, where, lo=lo, hi=hi, error=ConfigError)
+
+        for f, hi in (("d_model", 1 << 16), ("n_heads", 1 << 10), ("n_layers", 1 << 10),
+                      ("max_seq_len", 1 << 24), ("vocab_size", 1 << 22)):
+            ci(getattr(self, f), f, hi)
+        a, m = self.attn_config, self.ffn_config
+        ci(a.kv_n_heads, "attn_config.kv_n_heads", 1 << 10)
+        ci(m.ffn_hidden_size, "ffn_config.ffn_hidden_size", 1 << 20)
+        ci(m.moe_num_experts, "ffn_config.moe_num_experts", 1 << 12)
+        ci(m.moe_top_k, "ffn_config.moe_top_k", m.moe_num_experts)
+        check_number(a.rope_theta, "attn_config.rope_theta", where, positive=True, error=ConfigError)
+        check_number(a.clip_qkv, "attn_config.clip_qkv", where, positive=True, null=True, error=ConfigError)
+        check_number(m.moe_normalize_expert_weights, "ffn_config.moe_normalize_expert_weights", where,
+                     positive=True, null=True, error=ConfigError)
+        check_number(m.moe_jitter_eps, "ffn_config.moe_jitter_eps", where, lo=0.0, hi=1.0, null=True, error=ConfigError)
+        check_number(m.moe_loss_weight, "ffn_config.moe_loss_weight", where, error=ConfigError)
+        check_number(self.initializer_range, "initializer_range", where, error=ConfigError)
+        for f in ("resid_pdrop", "emb_pdrop"):
+            check_number(getattr(self, f), f, where, lo=0.0, hi=1.0, error=ConfigError)
+        check_number(a.attn_pdrop, "attn_config.attn_pdrop", where, lo=0.0, hi=1.0, error=ConfigError)
+        for f in ("use_cache", "output_router_logits", "tie_word_embeddings"):
+            check_bool(getattr(self, f), f, where, error=ConfigError)
+        for f in ("pad_token_id", "bos_token_id"):
+            check_int(getattr(self, f), f, where, lo=0, hi=self.vocab_size - 1, null=True, error=ConfigError)
+        eos = self.eos_token_id
+        for i, e in enumerate(eos if isinstance(eos, list) else [eos]):
+            check_int(e, "eos_token_id" + (f"[{i}]" if isinstance(eos, list) else ""), where, lo=0,
+                      hi=self.vocab_size - 1, null=not isinstance(eos, list), error=ConfigError)
+        check_type(m.ffn_act_fn, dict, "ffn_config.ffn_act_fn", where, "an object", error=ConfigError)
+        check_type(m.ffn_act_fn.get("name", "silu"), str, "ffn_config.ffn_act_fn.name", where, "a string",
+                   error=ConfigError)
+        check_type(self.quantization_config, dict, "quantization_config", where, "an object", null=True,
+                   error=ConfigError)
         if self.d_model % self.n_heads:
-            raise ConfigError(f"config field d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            raise ConfigError(f"{where}: field d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.head_dim % 2:
-            raise ConfigError(f"config: head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE")
+            raise ConfigError(f"{where}: head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE")
         if self.n_heads % self.kv_n_heads:
-            raise ConfigError(f"config field attn_config.kv_n_heads ({self.kv_n_heads}) must divide "
+            raise ConfigError(f"{where}: field attn_config.kv_n_heads ({self.kv_n_heads}) must divide "
                               f"n_heads ({self.n_heads})")
-        if self.top_k > self.num_experts:
-            raise ConfigError(f"config field ffn_config.moe_top_k ({self.top_k}) must not exceed "
-                              f"ffn_config.moe_num_experts ({self.num_experts})")
         if self.activation not in SUPPORTED_ACTIVATIONS:
-            raise ConfigError(f"config field ffn_config.ffn_act_fn.name is {self.activation!r}; "
+            raise ConfigError(f"{where}: field ffn_config.ffn_act_fn.name is {self.activation!r}; "
                               f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
-        clip = self.attn_config.clip_qkv
-        if clip is not None and not clip > 0:
-            raise ConfigError(f"config field attn_config.clip_qkv must be positive or null, got {clip!r}")
-        if not self.attn_config.rope_theta > 0:
-            raise ConfigError(f"config field attn_config.rope_theta must be positive, got "
-                              f"{self.attn_config.rope_theta!r}")
-        p = self.ffn_config.moe_normalize_expert_weights
-        if p is not None and not p > 0:
-            raise ConfigError(f"config field ffn_config.moe_normalize_expert_weights must be positive or null, "
-                              f"got {p!r}")
 
     # -- (de)serialisation ----------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DbrxConfig:
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> DbrxConfig:
+        from .untrusted import check_type
         if not isinstance(d, dict):
-            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
+            raise ConfigError(f"{where}: must be a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type", "dbrx")
         if model_type != "dbrx":
-            raise ConfigError(f"config field model_type is {model_type!r}; dbrxq runs 'dbrx' models only")
+            raise ConfigError(f"{where}: field model_type is {model_type!r}; dbrxq runs 'dbrx' models only")
         d = dict(d)
+        for f in ("attn_config", "ffn_config", "rope_parameters"):
+            check_type(d.get(f), dict, f, where, "an object", null=True, error=ConfigError)
         attn = dict(d.pop("attn_config", None) or {})
         ffn = dict(d.pop("ffn_config", None) or {})
         rope_params = d.pop("rope_parameters", None) or {}
@@ -165,21 +188,16 @@ class DbrxConfig:
             kw["ffn_config"].ffn_act_fn = {"name": "silu"}
         kw["extra"] = {k: v for k, v in d.items()
                        if k not in ("attn_config", "ffn_config")}
-        return cls(**kw)
+        return cls(**kw, where=where)
 
     @classmethod
     def from_json(cls, path: str | Path) -> DbrxConfig:
+        """Read a config.json: a regular file of at most 4 MiB inside its folder (dbrxq.untrusted),
+        strict JSON, every field type- and range-checked; ConfigError names the file and field."""
+        from .untrusted import MAX_CONFIG_BYTES, read_json
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config.json not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        try:
-            return cls.from_dict(d)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        d = read_json(path, MAX_CONFIG_BYTES, folder=path.parent, error=ConfigError)
+        return cls.from_dict(d, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The hub-style dict (nested attn/ffn configs), with rope_parameters for transformers 5.x."""

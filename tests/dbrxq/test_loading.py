@@ -75,7 +75,7 @@ def test_config_that_disagrees_with_weights(ckpt, tmp_path):
 def test_not_a_dbrx_config(ckpt, tmp_path):
     folder = _copy(ckpt, tmp_path)
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ConfigError, match="config.json: config field model_type is 'llama'"):
+    with pytest.raises(ConfigError, match="config.json: field model_type is 'llama'"):
         load_model(folder)
 
 

@@ -119,5 +119,5 @@ def test_script(tmp_path, capsys):
     assert (out / "model.safetensors.index.json").exists()
     assert _tensors(out).keys() == hub_tensor_shapes(config).keys()
     assert script.main([str(tmp_path / "bad"), "--preset", "tiny", "--n-heads", "3", "--no-progress"]) == 2
-    assert "error: config field d_model (64) must be divisible by n_heads (3)" in capsys.readouterr().err
+    assert "field d_model (64) must be divisible by n_heads (3)" in capsys.readouterr().err
     assert script.parse_size("5GiB") == 5 * 2**30 and script.parse_size("100KB") == 100_000
