@@ -75,7 +75,7 @@ from calibration.progress import (REPORT_NAME, Progress, check_disk_space, copy_
                                   prepare_out, save_activations)
 from calibration.report import build_report, format_summary, write_report
 from calibration.source import Source, open_source
-from dbrxq.checkpoint import INDEX_NAME, TOKENIZER_PATTERNS, hub_tensor_shapes
+from dbrxq.checkpoint import INDEX_NAME, hub_tensor_shapes, tokenizer_files
 from dbrxq.errors import QuantizationError
 from dbrxq.loading import parse_device
 from dbrxq.model import _ACTIVATIONS, DbrxNormAttentionNorm, rope_cos_sin
@@ -394,9 +394,8 @@ def _write_head(run: _Run) -> None:
 
 def _finish(run: _Run, calib: dict) -> dict:
     """Tokenizer files, index, config.json LAST. Returns the quantization_config written."""
-    for p in sorted(run.source.folder.iterdir()):
-        if p.is_file() and (any(p.match(pat) for pat in TOKENIZER_PATTERNS) or p.name.endswith(".tiktoken.json")):
-            copy_file_atomic(p, run.out / p.name)
+    for p in tokenizer_files(run.source.folder):
+        copy_file_atomic(p, run.out / p.name)
     # Parts are in hub order (embedding, blocks, norm_f/lm_head), and so is each part's spec list.
     weight_map = {name: run.shard[part] for part in run.shard for name, _, _ in run.specs[part]}
     total = sum(tensor_nbytes(s, d) for specs in run.specs.values() for _, s, d in specs)

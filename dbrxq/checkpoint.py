@@ -29,12 +29,15 @@ from safetensors import safe_open
 
 from .config import DbrxConfig
 from .errors import CheckpointError
+from .untrusted import MAX_INDEX_BYTES, confine, inside, is_int, parse_json, read_json
 
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "*.tiktoken", "*.tiktoken.json", "tiktoken.py",
+# Tokenizer files dbrxq reads or carries along. Never code: the hub's DBRX repos also hold a tiktoken.py
+# for transformers' trust_remote_code, which a copy in an output folder would let `import tiktoken` run.
+TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "*.tiktoken", "*.tiktoken.json",
                       "special_tokens_map.json", "generation_config.json"]
 # What a hub download fetches by default: weights, their index, config and tokenizer -- never
 # the other formats some repos also carry (*.bin, *.pt, GGUF...).
@@ -125,8 +128,12 @@ def read_config(folder: str | os.PathLike) -> DbrxConfig:
 
 
 # -- header validation ------------------------------------------------------------------
-def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+def read_safetensors_header(path: Path, *, folder: Path | None = None) -> dict[str, dict[str, Any]]:
     """Parse and check one safetensors file's header, reading no tensor data.
+
+    The header is untrusted JSON (dbrxq.untrusted): nesting, repeated names and every field's
+    type are checked; dtypes must be ones dbrxq reads; offsets must tile the data exactly.
+    With ``folder``, the file must resolve inside it.
 
     Returns:
         ``{tensor name: {"dtype", "shape", "data_offsets"}}`` (``__metadata__`` removed).
@@ -134,35 +141,52 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     Raises:
         CheckpointError: not a safetensors file, an inconsistent header, or a truncated file.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is not a safetensors file ({size} bytes, too short for a header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER_BYTES or n > size - 8:
-            raise CheckpointError(f"{path} is not a safetensors file (header length field {n} does not fit "
-                                  f"in its {size} bytes)")
-        raw = f.read(n)
+    if folder is not None:
+        inside(folder, path, str(path))
     try:
-        header = json.loads(raw)
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is not a safetensors file ({size} bytes, too short for a header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER_BYTES or n > size - 8:
+                raise CheckpointError(f"{path} is not a safetensors file (header length field {n} does not fit "
+                                      f"in its {size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        json.loads(raw)  # plain text check first: most non-safetensors files fail here
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    except RecursionError:
+        pass  # parse_json names the nesting
+    header = parse_json(raw, f"{path} (safetensors header)")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
-    end = 0
+    spans = []
     for name, info in header.items():
-        try:
-            dtype, shape, (start, stop) = info["dtype"], info["shape"], info["data_offsets"]
-            numel = math.prod(int(s) for s in shape)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name} has a malformed header entry {info!r}") from None
-        bits = SAFETENSORS_DTYPES.get(dtype, (None, None))[1]
-        if not 0 <= start <= stop or (bits is not None and stop - start != numel * bits // 8):
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+              and all(is_int(d) and d >= 0 for d in info["shape"]) and isinstance(info.get("data_offsets"), list)
+              and len(info["data_offsets"]) == 2 and all(is_int(o) for o in info["data_offsets"]))
+        if not ok:
+            raise CheckpointError(f"{path}: tensor {name} has a malformed header entry (want dtype: string, "
+                                  f"shape: list of non-negative integers, data_offsets: two integers)")
+        dtype, shape, (start, stop) = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype!r:.20}, which dbrxq cannot read")
+        numel = math.prod(shape)
+        if not 0 <= start <= stop or stop - start != numel * SAFETENSORS_DTYPES[dtype][1] // 8:
             raise CheckpointError(f"{path}: tensor {name} has data_offsets {[start, stop]} that do not fit "
                                   f"its shape {list(shape)} and dtype {dtype}")
-        end = max(end, stop)
+        spans.append((start, stop, name))
+    spans.sort()
+    for (_, prev_stop, prev), (start, _, name) in zip(spans, spans[1:]):
+        if start < prev_stop:
+            raise CheckpointError(f"{path}: tensors {prev} and {name} overlap in the file; refused")
+    end = spans[-1][1] if spans else 0
     expected = 8 + n + end
     if size < expected:
         raise CheckpointError(f"{path} is truncated: expected {expected} bytes, found {size}")
@@ -172,18 +196,20 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _find_weight_files(folder: Path) -> tuple[dict[str, str], Path | None]:
-    """Return ({tensor: file name} from the index, or {} for a single file, index path or None)."""
+    """Return ({tensor: file name} from the index, or {} for a single file, index path or None).
+
+    Every file name in the index must name a file inside ``folder`` (dbrxq.untrusted.confine)."""
     index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            data = json.loads(index.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{index} is not valid JSON ({e})") from None
+    if index.exists() or index.is_symlink():
+        data = read_json(index, MAX_INDEX_BYTES, folder=folder)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index} has no 'weight_map' object mapping tensor names to files")
+        for name, fname in weight_map.items():
+            confine(folder, fname, f"{index}: weight_map entry for {name}")
         return weight_map, index
     if (folder / SINGLE_NAME).is_file():
+        inside(folder, folder / SINGLE_NAME, str(folder / SINGLE_NAME))
         return {}, None
     files = sorted(p.name for p in folder.glob("*.safetensors") if p.is_file())
     if not files:
@@ -193,7 +219,27 @@ def _find_weight_files(folder: Path) -> tuple[dict[str, str], Path | None]:
     if len(files) > 1 or (m and int(m.group(2)) > 1):
         raise CheckpointError(f"{folder}: shard files ({files[0]}, ...) but no {INDEX_NAME}; the checkpoint "
                               f"is incomplete")
+    inside(folder, folder / files[0], str(folder / files[0]))
     return {}, None
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` matching TOKENIZER_PATTERNS that dbrxq copies along: each a regular
+    file of at most 64 MiB inside the folder (a link leaving it is refused, not followed)."""
+    import fnmatch
+
+    from .untrusted import MAX_TOKENIZER_BYTES
+    out = []
+    for p in sorted(Path(folder).iterdir()):
+        if not any(fnmatch.fnmatch(p.name, pat) for pat in TOKENIZER_PATTERNS):
+            continue
+        inside(folder, p, str(p))
+        if not p.is_file():
+            raise CheckpointError(f"{p}: not a regular file; refused")
+        if p.stat().st_size > MAX_TOKENIZER_BYTES:
+            raise CheckpointError(f"{p}: {p.stat().st_size} bytes, more than a tokenizer file may have; refused")
+        out.append(p)
+    return out
 
 
 # -- the reader ---------------------------------------------------------------------------
@@ -224,18 +270,23 @@ class CheckpointReader:
             single = self.folder / SINGLE_NAME
             if not single.is_file():
                 single = next(p for p in self.folder.glob("*.safetensors") if p.is_file())
-            self._headers[single.name] = read_safetensors_header(single)
+            self._headers[single.name] = read_safetensors_header(single, folder=self.folder)
             self._file_of = {name: single.name for name in self._headers[single.name]}
             return
         for fname in dict.fromkeys(weight_map.values()):
             path = self.folder / fname
             if not path.is_file():
                 raise CheckpointError(f"{index} names {fname}, which does not exist in {self.folder}")
-            self._headers[fname] = read_safetensors_header(path)
+            self._headers[fname] = read_safetensors_header(path, folder=self.folder)
         for name, fname in weight_map.items():
             if name not in self._headers[fname]:
                 raise CheckpointError(f"{self.folder / fname}: tensor {name} is not in this shard although "
                                       f"{INDEX_NAME} maps it there")
+        for fname, header in self._headers.items():  # each tensor in exactly one shard
+            for name in header:
+                if weight_map.get(name, fname) != fname:
+                    raise CheckpointError(f"{self.folder}: tensor {name} is in two shards ({fname} and "
+                                          f"{weight_map[name]}); refused (which one would count?)")
         self._file_of = dict(weight_map)
 
     # -- metadata (headers only) --

@@ -145,6 +145,13 @@ class DbrxConfig:
                    error=ConfigError)
         check_type(self.quantization_config, dict, "quantization_config", where, "an object", null=True,
                    error=ConfigError)
+        if self.quantization_config is not None:
+            from quantize.config import QuantConfig  # the block's own parser checks its fields
+            from .errors import QuantizationError
+            try:
+                QuantConfig.from_dict(self.quantization_config)
+            except QuantizationError as e:
+                raise QuantizationError(f"{where}: {e}") from None
         if self.d_model % self.n_heads:
             raise ConfigError(f"{where}: field d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.head_dim % 2:

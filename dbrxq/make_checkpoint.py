@@ -16,7 +16,6 @@ chunk size used for writing changes nothing.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import logging
 import os
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import TOKENIZER_PATTERNS, hub_tensor_shapes
+from .checkpoint import TOKENIZER_PATTERNS, hub_tensor_shapes, tokenizer_files
 from .config import DbrxConfig
 from .errors import CheckpointError, ConfigError
 from .writer import DEFAULT_MAX_SHARD_BYTES, ShardedCheckpointWriter, tensor_nbytes, write_json_atomic
@@ -172,8 +171,7 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise CheckpointError(f"{src}: tokenizer folder not found")
-    files = [p for p in sorted(src.iterdir())
-             if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in TOKENIZER_PATTERNS)]
+    files = tokenizer_files(src)
     if not files:
         raise CheckpointError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_PATTERNS)})")
     return [Path(shutil.copy2(p, dst / p.name)) for p in files]

@@ -35,7 +35,6 @@ from __future__ import annotations
 import base64
 import codecs
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -46,6 +45,8 @@ from typing import Iterable
 import tiktoken
 
 from dbrxq.errors import TokenizerError
+from dbrxq.untrusted import (MAX_CONFIG_BYTES, MAX_TOKENIZER_BYTES, check_int, check_type, read_bytes,
+                             read_json)
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ EOS_TOKENS = ("<|endoftext|>", "<|im_end|>")
 PAD_TOKEN = "<|pad|>"
 
 VOCAB_FILE = "tokenizer.tiktoken"
+MAX_VOCAB = 1 << 22  # token ids, as DbrxConfig bounds vocab_size
 SIDECAR_FILE = "tokenizer.tiktoken.json"
 CL100K_FILE = "cl100k_base.tiktoken"
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -157,12 +159,14 @@ class DbrxTokenizer:
         folder = Path(folder)
         if not folder.is_dir():
             raise TokenizerError(f"{folder}: not a directory; expected a checkpoint folder")
-        if (folder / VOCAB_FILE).is_file():
+        def present(name: str) -> bool:  # a link counts (and is then checked), even a dangling one
+            return (folder / name).exists() or (folder / name).is_symlink()
+        if present(VOCAB_FILE):
             return _load_own(folder)
-        if (folder / CL100K_FILE).is_file():
-            return _load_cl100k(folder / CL100K_FILE)
-        if (folder / HF_TOKENIZER_FILE).is_file():
-            return _load_hf_json(folder / HF_TOKENIZER_FILE)
+        if present(CL100K_FILE):
+            return _load_cl100k(folder / CL100K_FILE, folder)
+        if present(HF_TOKENIZER_FILE):
+            return _load_hf_json(folder / HF_TOKENIZER_FILE, folder)
         cached = _cl100k_cache_path()
         if cached is not None and cached.is_file():
             return _load_cl100k(cached)
@@ -344,14 +348,11 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def read_tiktoken_file(path: str | Path) -> dict[bytes, int]:
-    """Parse tiktoken's ``<base64 token> <rank>`` lines."""
+def read_tiktoken_file(path: str | Path, folder: Path | None = None) -> dict[bytes, int]:
+    """Parse tiktoken's ``<base64 token> <rank>`` lines (a regular file of at most 64 MiB, inside
+    ``folder`` when given)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read: {e}") from e
-    return _parse_tiktoken(data, path)
+    return _parse_tiktoken(read_bytes(path, MAX_TOKENIZER_BYTES, folder=folder, error=TokenizerError), path)
 
 
 def _parse_tiktoken(data: bytes, path: Path) -> dict[bytes, int]:
@@ -361,9 +362,12 @@ def _parse_tiktoken(data: bytes, path: Path) -> dict[bytes, int]:
             continue
         try:
             token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
+            ranks[base64.b64decode(token, validate=True)] = r = int(rank)
+            if not 0 <= r < MAX_VOCAB:
+                raise ValueError(rank)
         except ValueError as e:  # binascii.Error is a ValueError
-            raise TokenizerError(f"{path}:{n}: expected '<base64 token> <rank>', got {line[:60]!r}") from e
+            raise TokenizerError(f"{path}:{n}: expected '<base64 token> <rank>' with a rank below {MAX_VOCAB}, "
+                                 f"got {line[:60]!r}") from e
     if not ranks:
         raise TokenizerError(f"{path}: no tokens")
     return ranks
@@ -371,28 +375,29 @@ def _parse_tiktoken(data: bytes, path: Path) -> dict[bytes, int]:
 
 def _load_own(folder: Path) -> DbrxTokenizer:
     vocab, sidecar = folder / VOCAB_FILE, folder / SIDECAR_FILE
-    if not sidecar.is_file():
+    if not (sidecar.exists() or sidecar.is_symlink()):
         raise TokenizerError(f"{sidecar}: missing; {vocab} needs this JSON sidecar (special_tokens, eos, pad)")
-    try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
-        special = {str(k): int(v) for k, v in meta["special_tokens"].items()}
-        eos = meta.get("eos_token_ids")
-        pad = meta.get("pad_token_id")
-        pat_str = meta.get("pat_str", CL100K_PATTERN)
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-        raise TokenizerError(f"{sidecar}: unreadable sidecar ({type(e).__name__}: {e})") from e
+    meta = read_json(sidecar, MAX_CONFIG_BYTES, folder=folder, error=TokenizerError)
+    where = str(sidecar)
+    check_type(meta, dict, "(top level)", where, "an object", error=TokenizerError)
+    special = check_type(meta.get("special_tokens"), dict, "special_tokens", where, "an object", error=TokenizerError)
+    for k, v in special.items():
+        check_int(v, f"special_tokens[{k!r:.30}]", where, lo=0, hi=MAX_VOCAB - 1, error=TokenizerError)
+    eos = check_type(meta.get("eos_token_ids"), list, "eos_token_ids", where, "a list", null=True, error=TokenizerError)
+    for i, e in enumerate(eos or []):
+        check_int(e, f"eos_token_ids[{i}]", where, lo=0, hi=MAX_VOCAB - 1, error=TokenizerError)
+    pad = check_int(meta.get("pad_token_id"), "pad_token_id", where, lo=0, hi=MAX_VOCAB - 1, null=True,
+                    error=TokenizerError)
+    pat_str = check_type(meta.get("pat_str", CL100K_PATTERN), str, "pat_str", where, "a string", error=TokenizerError)
     logger.info("tokenizer: %s (%s)", vocab, meta.get("provenance", "no provenance"))
     return DbrxTokenizer(
-        read_tiktoken_file(vocab), special, pat_str=pat_str, eos_token_ids=eos,
+        read_tiktoken_file(vocab, folder), special, pat_str=pat_str, eos_token_ids=eos,
         pad_token_id=pad, source=str(vocab),
     )
 
 
-def _load_cl100k(path: Path) -> DbrxTokenizer:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read: {e}") from e
+def _load_cl100k(path: Path, folder: Path | None = None) -> DbrxTokenizer:
+    data = read_bytes(path, MAX_TOKENIZER_BYTES, folder=folder, error=TokenizerError)
     if hashlib.sha256(data).hexdigest() != CL100K_SHA256:
         raise TokenizerError(
             f"{path}: not tiktoken's cl100k_base file (sha256 differs from {CL100K_SHA256[:12]}...); "
@@ -415,16 +420,25 @@ def _cl100k_cache_path() -> Path | None:
     return Path(cache_dir) / hashlib.sha1(CL100K_URL.encode()).hexdigest()
 
 
-def _load_hf_json(path: Path) -> DbrxTokenizer:
+def _load_hf_json(path: Path, folder: Path | None = None) -> DbrxTokenizer:
     """Rebuild tiktoken ranks from a GPT2-style byte-level BPE tokenizer.json."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        model = data["model"]
-        vocab: dict[str, int] = model["vocab"]
-        merges = model.get("merges") or []
-        added = {t["content"]: int(t["id"]) for t in data.get("added_tokens", [])}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TokenizerError(f"{path}: unreadable tokenizer.json ({type(e).__name__}: {e})") from e
+    data = read_json(path, MAX_TOKENIZER_BYTES, folder=folder, error=TokenizerError)
+    where = str(path)
+    check_type(data, dict, "(top level)", where, "an object", error=TokenizerError)
+    model = check_type(data.get("model"), dict, "model", where, "an object", error=TokenizerError)
+    vocab: dict[str, int] = check_type(model.get("vocab"), dict, "model.vocab", where, "an object",
+                                       error=TokenizerError)
+    merges = check_type(model.get("merges") or [], list, "model.merges", where, "a list", error=TokenizerError)
+    added = {}
+    for i, t in enumerate(check_type(data.get("added_tokens") or [], list, "added_tokens", where, "a list",
+                                     error=TokenizerError)):
+        check_type(t, dict, f"added_tokens[{i}]", where, "an object", error=TokenizerError)
+        content = check_type(t.get("content"), str, f"added_tokens[{i}].content", where, "a string",
+                             error=TokenizerError)
+        added[content] = check_int(t.get("id"), f"added_tokens[{i}].id", where, lo=0, hi=MAX_VOCAB - 1,
+                                   error=TokenizerError)
+    for token, i in vocab.items():
+        check_int(i, f"model.vocab[{token!r:.30}]", where, lo=0, hi=MAX_VOCAB - 1, error=TokenizerError)
     if model.get("type", "BPE") != "BPE":
         raise TokenizerError(f"{path}: model type {model.get('type')!r}, expected byte-level 'BPE'")
     decoder = {c: b for b, c in bytes_to_unicode().items()}
@@ -433,7 +447,7 @@ def _load_hf_json(path: Path) -> DbrxTokenizer:
         if token in added:
             continue
         try:
-            ranks[bytes(decoder[c] for c in token)] = int(i)
+            ranks[bytes(decoder[c] for c in token)] = i
         except KeyError:
             raise TokenizerError(f"{path}: vocab token {token!r} is not GPT-2 byte-level text") from None
     _check_merge_order(ranks, merges, decoder, path)

@@ -67,8 +67,16 @@ class ModuleQuant:
             raise QuantizationError(
                 f"quantization_config.{kind} has unknown field(s) {sorted(unknown)}"
             )
+        from dbrxq.untrusted import is_int
+        bits, group, sym = d.get("bits"), d.get("group_size", -1), d.get("symmetric", True)
+        # exact JSON types: 4.0 == 4 in Python, but a float here reaches ctypes and the kernels
+        for name, value, ok in (("bits", bits, bits is None or is_int(bits)), ("group_size", group, is_int(group)),
+                                ("symmetric", sym, isinstance(sym, bool))):
+            if not ok:
+                raise QuantizationError(f"quantization_config.{kind}.{name}={value!r:.40} has the wrong JSON type; "
+                                        f"expected {'true or false' if name == 'symmetric' else 'an integer'}")
         try:
-            return cls(d.get("bits"), d.get("group_size", -1), d.get("symmetric", True))
+            return cls(bits, group, sym)
         except QuantizationError as e:
             # Name the module kind in the one-line message.
             raise QuantizationError(f"quantization_config.{kind}.{e}") from None
@@ -123,6 +131,7 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         """Parse a ``quantization_config`` block; QuantizationError names the bad field."""
+        from dbrxq.untrusted import is_int
         if not isinstance(d, dict):
             raise QuantizationError(
                 f"quantization_config must be an object, got {type(d).__name__}"
@@ -133,13 +142,13 @@ class QuantConfig:
                 f"{QUANT_METHOD!r}; this checkpoint was not written by dbrxq"
             )
         version = d.get("format_version")
-        if version not in READABLE_FORMAT_VERSIONS:
+        if not is_int(version) or version not in READABLE_FORMAT_VERSIONS:
             raise QuantizationError(
                 f"quantization_config.format_version={version!r} is not supported; this dbrxq "
                 f"reads format_version {', '.join(map(str, READABLE_FORMAT_VERSIONS))}"
             )
         method = d.get("method", "rtn")
-        if method not in METHODS:
+        if not isinstance(method, str) or method not in METHODS:
             raise QuantizationError(
                 f"quantization_config.method={method!r} is not supported; expected one of {METHODS}"
             )

@@ -234,7 +234,7 @@ def test_reader_index_names_missing_file(sharded):
 
 def test_reader_invalid_index_json(sharded):
     (sharded / "model.safetensors.index.json").write_text('{"weight_map": {')
-    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json is not valid JSON"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: not valid JSON"):
         CheckpointReader(sharded)
     (sharded / "model.safetensors.index.json").write_text('{"metadata": {}}')
     with pytest.raises(CheckpointError, match=r"model.safetensors.index.json has no 'weight_map'"):
