@@ -413,6 +413,44 @@ __all__ = ["CheckpointReader", "resolve_model_dir", "read_config", "read_safeten
            "SAFETENSORS_DTYPES"]
 
 
+def _layers_hint(reader: Any, config: DbrxConfig) -> str:
+    blocks = {m.group(1) for m in map(re.compile(r"transformer\.blocks\.(\d+)\.").match, reader.keys()) if m}
+    present = len(blocks)
+    return (f" (config.json says n_layers {config.n_layers}; the checkpoint holds {present} blocks)"
+            if present < config.n_layers else "")
+
+
+def check_checkpoint(reader: Any, config: DbrxConfig, where: str | os.PathLike) -> None:
+    """Before anything is built or allocated: every tensor ``config`` implies (float or dbrxq-quantized)
+    is in ``reader`` exactly once, with its shape and a dtype that fits (float for float tensors,
+    uint8 / float16 for codes and scales). Headers were checked against the files' sizes, so a
+    config that implies more bytes than the files hold fails here, at once.
+
+    Raises:
+        CheckpointError: naming the first tensor missing, misshapen or of the wrong dtype.
+    """
+    if config.quantization_config is None:
+        specs = [(n, s, None) for n, s in hub_tensor_shapes(config).items()]
+    else:
+        from quantize.config import QuantConfig
+        from quantize.writer import quantized_tensor_specs
+        specs = quantized_tensor_specs(config, QuantConfig.from_dict(config.quantization_config))
+        float_names = set(hub_tensor_shapes(config))
+        specs = [(n, s, None if n in float_names else d) for n, s, d in specs]
+    missing = [n for n, _, _ in specs if n not in reader]
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} tensor(s) that config.json implies are not in the "
+                              f"checkpoint, e.g. {missing[0]}{_layers_hint(reader, config)}")
+    for name, shape, dtype in specs:
+        if reader.shape(name) != tuple(shape):
+            raise CheckpointError(f"{reader.file_of(name)}: tensor {name} has shape {list(reader.shape(name))}, "
+                                  f"expected {list(shape)}")
+        have = reader.dtype(name)
+        if (dtype is None and not have.is_floating_point) or (dtype is not None and have != dtype):
+            raise CheckpointError(f"{reader.file_of(name)}: tensor {name} has dtype {have}, expected "
+                                  f"{dtype or 'a float dtype'}")
+
+
 def check_float_checkpoint(reader: Any, config: DbrxConfig, where: str | os.PathLike, *,
                            headers: bool = True) -> None:
     """Before a quantizer writes a byte: every hub tensor of ``config`` is in ``reader``; with
@@ -423,7 +461,7 @@ def check_float_checkpoint(reader: Any, config: DbrxConfig, where: str | os.Path
     """
     for name, shape in hub_tensor_shapes(config).items():
         if name not in reader:
-            raise CheckpointError(f"{where}: tensor {name} not found in the checkpoint")
+            raise CheckpointError(f"{where}: tensor {name} not found in the checkpoint{_layers_hint(reader, config)}")
         if not headers:
             continue
         if reader.shape(name) != tuple(shape):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointReader, resolve_model_dir
+from .checkpoint import CheckpointReader, check_checkpoint, resolve_model_dir
 from .config import DbrxConfig
 from .errors import CheckpointError, ConfigError
 from .model import DbrxForCausalLM
@@ -112,6 +112,7 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
         raise ConfigError(f"{folder}: --cpu-memory/--gpu-memory offloading needs a dbrxq-quantized checkpoint "
                           f"(this one is float); quantize it first with `dbrxq quantize`")
     with CheckpointReader(folder) as reader:
+        check_checkpoint(reader, config, folder)  # names, shapes, dtypes: before anything is built
         target = parse_dtype(dtype) or _checkpoint_float_dtype(reader)
         if offloading:
             plan, layout = plan_offload(reader, config, device=dev, dtype=target, backend=backend,
