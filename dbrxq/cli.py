@@ -218,10 +218,11 @@ def cache(cache_dir, clear) -> None:
     from .placement import format_size
 
     root = prepared_dir(cache_dir)
-    files = sorted(p for p in root.glob("*") if p.is_file()) if root.is_dir() else []
-    total = sum(p.stat().st_size for p in files)
+    every = sorted(p for p in root.glob("*") if p.is_file()) if root.is_dir() else []
+    files = [p for p in every if p.suffix == ".bin"]  # + their .json sidecars and leftovers of killed runs
+    total = sum(p.stat().st_size for p in every)
     if clear:
-        for p in files:
+        for p in every:
             p.unlink()
         click.echo(f"removed {len(files)} file(s), {format_size(total)}, from {root}")
         return

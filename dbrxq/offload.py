@@ -34,23 +34,26 @@ an :class:`OffloadedExperts` with the same forward signature, holding the runtim
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError, DbrxqError
 from .expert_cache import ExpertCache, SlotLayout
 from .model import moe_dispatch, route
 from .pages import PageReleaser
 from .placement import PlacementPlan, format_size
+from .writer import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +81,46 @@ def canonical_nbytes(canonical: tuple) -> int:
 # Disk tier: the prepared-expert file
 # --------------------------------------------------------------------------------------------
 class PreparedExpertFile:
-    """Slot image of expert (layer, e) at byte ``(layer * E + e) * nbytes``; read with preadv."""
+    """Slot image of expert (layer, e) at byte ``(layer * E + e) * nbytes``; read with preadv.
 
-    def __init__(self, path: Path, nbytes: int, num_experts: int, *, drop_page_cache: bool = False):
+    The file is a cache, so it is untrusted like a checkpoint: a JSON sidecar (``<name>.json``,
+    written after the file is complete) records what it was built from (:func:`prepared_identity`)
+    and a CRC-32 of every expert's bytes. The first read of each expert in a process checks its
+    CRC (one pass over bytes just read, ~1 GB/s; later reads of the same expert skip it); a mismatch
+    removes the file and its sidecar and stops with one line, so the next run rebuilds it.
+    """
+
+    FORMAT = "dbrxq-prepared-experts-v1"
+
+    def __init__(self, path: Path, nbytes: int, num_experts: int, *, crcs: list[int] | None = None,
+                 drop_page_cache: bool = False):
         self.path, self.nbytes, self.num_experts = Path(path), nbytes, num_experts
         self.drop_page_cache = drop_page_cache
+        self.crcs = crcs
+        self.verified: set[int] = set()
         self.fd = os.open(self.path, os.O_RDONLY)
 
     def read_into(self, layer: int, expert: int, dst: torch.Tensor) -> None:
         """dst: CPU uint8 [nbytes] (a slot in RAM, or pinned staging for a GPU)."""
-        off = (layer * self.num_experts + expert) * self.nbytes
+        idx = layer * self.num_experts + expert
+        off = idx * self.nbytes
         view = memoryview(dst.numpy()).cast("B")
         got = os.preadv(self.fd, [view], off)
-        assert got == self.nbytes, (self.path, layer, expert, got, self.nbytes)
+        if got != self.nbytes:
+            self._damaged(layer, expert, f"short read ({got} of {self.nbytes} bytes)")
+        if self.crcs is not None and idx not in self.verified:
+            if zlib.crc32(view) != self.crcs[idx]:
+                self._damaged(layer, expert, "its CRC-32 differs from the one recorded when the file was written")
+            self.verified.add(idx)
         if self.drop_page_cache:
             os.posix_fadvise(self.fd, off, self.nbytes, os.POSIX_FADV_DONTNEED)
+
+    def _damaged(self, layer: int, expert: int, why: str) -> None:
+        for p in (self.path, sidecar_path(self.path)):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        raise CheckpointError(f"{self.path}: prepared-expert file damaged at layer {layer} expert {expert} ({why}); "
+                              f"removed it, rerun to rebuild it from the checkpoint")
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -101,27 +129,75 @@ class PreparedExpertFile:
 
     @classmethod
     def build(cls, path: Path, experts: list, layout: SlotLayout, backend: str | None, device: torch.device,
-              act_dtype: torch.dtype, **kw) -> PreparedExpertFile:
-        """Write every expert of ``experts`` (QExperts-like: expert_weights(e)) atomically."""
+              act_dtype: torch.dtype, *, identity: dict | None = None, **kw) -> PreparedExpertFile:
+        """Write every expert of ``experts`` (QExperts-like: expert_weights(e)) atomically, then its
+        sidecar (``identity`` + per-expert CRC-32)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         release = PageReleaser()
         buf = torch.empty(layout.nbytes, dtype=torch.uint8)
         E = experts[0].num_experts
         t0 = time.perf_counter()
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            for layer, mod in enumerate(experts):
-                for e in range(E):
-                    canonical = mod.expert_weights(e)
-                    layout.pack(prepare_expert(canonical, backend, device, act_dtype), buf)
-                    f.write(memoryview(buf.numpy()))
-                    for qt in canonical:  # the checkpoint's pages are not needed any more
-                        for t in (qt.qweight, qt.scales, qt.qzeros):
-                            if t is not None:
-                                release(t)
-                log.info("prepared experts of layer %d/%d (%.1fs)", layer + 1, len(experts), time.perf_counter() - t0)
-        os.replace(tmp, path)
-        return cls(path, layout.nbytes, E, **kw)
+        crcs = []
+        try:
+            with open(tmp, "wb") as f:
+                for layer, mod in enumerate(experts):
+                    for e in range(E):
+                        canonical = mod.expert_weights(e)
+                        layout.pack(prepare_expert(canonical, backend, device, act_dtype), buf)
+                        f.write(memoryview(buf.numpy()))
+                        crcs.append(zlib.crc32(memoryview(buf.numpy())))
+                        for qt in canonical:  # the checkpoint's pages are not needed any more
+                            for t in (qt.qweight, qt.scales, qt.qzeros):
+                                if t is not None:
+                                    release(t)
+                    log.info("prepared experts of layer %d/%d (%.1fs)", layer + 1, len(experts), time.perf_counter() - t0)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        if identity is not None:
+            write_json_atomic({**identity, "crc32": crcs}, sidecar_path(path))
+        return cls(path, layout.nbytes, E, crcs=crcs, **kw)
+
+
+def sidecar_path(path: Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def prepared_identity(source_dir: Path | None, backend: str | None, device: torch.device, layout: SlotLayout,
+                      act_dtype: torch.dtype, n_layers: int, num_experts: int) -> dict:
+    """What a prepared-expert file is made from: the checkpoint's files (name, size, mtime), the kernel
+    (backend, device, byte layout version, SIMD path), torch, and the file's shape."""
+    from quantize import cext
+    lib = cext.load()
+    files = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(source_dir).glob("*.safetensors"))]
+    return {"format": PreparedExpertFile.FORMAT, "source": str(Path(source_dir).resolve()), "files": files,
+            "backend": str(backend), "device": device.type, "act_dtype": str(act_dtype),
+            "kernel_layout": lib.dbrxq_layout_version() if lib is not None else 0, "cpu_path": str(cext.cpu_path()),
+            "torch": torch.__version__, "slot_bytes": layout.nbytes, "n_layers": n_layers, "num_experts": num_experts}
+
+
+def read_prepared_sidecar(path: Path, identity: dict) -> list[int] | None:
+    """The per-expert CRCs of the prepared file at ``path`` if its sidecar is well-formed and records
+    exactly ``identity``; None otherwise (the file is then rebuilt)."""
+    from .untrusted import MAX_INDEX_BYTES, is_int, read_json
+    side = sidecar_path(path)
+    try:
+        data = read_json(side, MAX_INDEX_BYTES, folder=path.parent)
+    except DbrxqError as e:
+        log.warning("prepared-expert file %s: %s; rebuilding it", path, e)
+        return None
+    if not isinstance(data, dict):
+        return None
+    crcs = data.pop("crc32", None)
+    n = identity["n_layers"] * identity["num_experts"]
+    if data != identity or not isinstance(crcs, list) or len(crcs) != n or not all(is_int(c) for c in crcs):
+        log.warning("prepared-expert file %s was built from something else (or its sidecar is damaged); "
+                    "rebuilding it", path)
+        return None
+    return crcs
 
 
 def prepared_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -464,9 +540,13 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
     root = prepared_dir(cache_dir)
     path = root / f"{key}.bin" if key else Path(tempfile.mkdtemp(prefix="dbrxq-prepared-")) / "experts.bin"
     want = plan.n_layers * plan.num_experts * layout.nbytes
-    if path.is_file() and path.stat().st_size == want:
+    identity = (prepared_identity(src, backend, dev, layout, act_dtype, plan.n_layers, plan.num_experts)
+                if key else None)
+    crcs = (read_prepared_sidecar(path, identity) if key and path.is_file() and path.stat().st_size == want
+            else None)
+    if crcs is not None:
         log.info("reusing prepared experts %s", path)
-        file = PreparedExpertFile(path, layout.nbytes, plan.num_experts, drop_page_cache=drop_page_cache)
+        file = PreparedExpertFile(path, layout.nbytes, plan.num_experts, crcs=crcs, drop_page_cache=drop_page_cache)
     else:
         root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(path.parent).free
@@ -476,7 +556,8 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
                               "(`dbrxq cache --clear` removes earlier files)")
         log.warning("writing kernel-ready experts (%s) to %s, once per checkpoint and kernel; `dbrxq cache` lists "
                     "such files, `dbrxq cache --clear` removes them", format_size(want), path)
-        file = PreparedExpertFile.build(path, experts, layout, backend, dev, act_dtype, drop_page_cache=drop_page_cache)
+        file = PreparedExpertFile.build(path, experts, layout, backend, dev, act_dtype, identity=identity,
+                                        drop_page_cache=drop_page_cache)
         if key is None:
             os.unlink(path)  # anonymous: the open descriptor keeps it readable until closed
             os.rmdir(path.parent)

@@ -275,3 +275,48 @@ def test_prepared_expert_file_only_when_needed_where_asked_listed_and_cleared(qd
     monkeypatch.setattr(offload.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     with pytest.raises(ConfigError, match=r"the prepared-expert file needs .* 1000 B free there.*--cache-dir"):
         dbrxq.load(qdir, cpu_memory=_budget(qdir, 2), context=32, offload_options={"cache_dir": cache})
+
+
+def test_prepared_expert_file_is_checked_like_a_checkpoint(qdir, tmp_path, caplog):
+    """The prepared-expert file is a cache, so untrusted: a damaged expert is caught on its first
+    read (CRC-32 from the sidecar), the file removed and the error one line; the next load rebuilds
+    it. A sidecar recording another source (or none at all) makes the file be rebuilt, not used."""
+    import json
+    import logging
+
+    from dbrxq.errors import CheckpointError
+
+    def load():
+        return dbrxq.load(qdir, cpu_memory=_budget(qdir, 1), context=32, offload_options={"cache_dir": tmp_path})
+
+    runner = load()
+    ref = runner.generate_ids(PROMPT, max_new_tokens=3).sequences
+    (binfile,) = (tmp_path / "prepared").glob("*.bin")
+    side = binfile.with_suffix(".json")
+    assert len(json.loads(side.read_text())["crc32"]) == 2 * 16
+    runner.offload.file.close()
+    # flip bytes inside the last expert of layer 1 (an expert a 1-slot budget must read)
+    with open(binfile, "r+b") as f:
+        f.seek(binfile.stat().st_size - 100)
+        f.write(b"\x00" * 50)
+    runner = load()
+    with pytest.raises(CheckpointError, match=r"prepared-expert file damaged at layer 1 expert \d+ .*CRC-32.*rerun"):
+        for seed in range(50):  # until that expert is routed to
+            g = torch.Generator().manual_seed(seed)
+            runner.generate_ids([torch.randint(0, 250, (16,), generator=g).tolist()], max_new_tokens=8)
+    assert not binfile.exists() and not side.exists()
+    runner = load()
+    assert runner.generate_ids(PROMPT, max_new_tokens=3).sequences == ref
+    # a sidecar that records another source: rebuilt, with a warning
+    data = json.loads(side.read_text())
+    data["source"] = "/somewhere/else"
+    side.write_text(json.dumps(data))
+    runner.offload.file.close()
+    with caplog.at_level(logging.WARNING, logger="dbrxq.offload"):
+        load()
+    assert any("built from something else" in m for m in caplog.messages)
+    assert json.loads(side.read_text())["source"] != "/somewhere/else"
+    side.unlink()  # no sidecar: an older or interrupted file, rebuilt
+    with caplog.at_level(logging.WARNING, logger="dbrxq.offload"):
+        load()
+    assert side.exists()
