@@ -76,6 +76,7 @@ from calibration.progress import (REPORT_NAME, Progress, check_disk_space, copy_
 from calibration.report import build_report, format_summary, write_report
 from calibration.source import Source, open_source
 from dbrxq.checkpoint import INDEX_NAME, hub_tensor_shapes, tokenizer_files
+from dbrxq.untrusted import check_finite
 from dbrxq.errors import QuantizationError
 from dbrxq.loading import parse_device
 from dbrxq.model import _ACTIVATIONS, DbrxNormAttentionNorm, rope_cos_sin
@@ -317,8 +318,8 @@ def _process_layer(run: _Run, i: int, x: torch.Tensor) -> torch.Tensor:
     t = {"start": time.perf_counter()}
     run.source.fetch_layer(i)
     shapes = hub_tensor_shapes(run.config)
-    raw = {n: run.source.reader.get(n, expected_shape=shapes[n]) for n in shapes
-           if n.startswith(f"transformer.blocks.{i}.")}  # the float layer, in the source dtype
+    raw = {n: check_finite(run.source.reader.get(n, expected_shape=shapes[n]), n, run.source.reader.file_of(n))
+           for n in shapes if n.startswith(f"transformer.blocks.{i}.")}  # the float layer, in the source dtype
     # Unmap the shards: their touched pages would otherwise stay in RSS as later layers are read.
     run.source.reader.close()
     t["load"] = time.perf_counter()
@@ -352,7 +353,8 @@ def _process_layer(run: _Run, i: int, x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 def _embed(run: _Run, tokens: torch.Tensor) -> torch.Tensor:
     c = run.config
-    wte = run.source.reader.get("transformer.wte.weight", expected_shape=(c.vocab_size, c.d_model))
+    wte = check_finite(run.source.reader.get("transformer.wte.weight", expected_shape=(c.vocab_size, c.d_model)),
+                       "transformer.wte.weight", run.source.reader.file_of("transformer.wte.weight"))
     if not run.progress.done("embed"):
         _write_part(run, "embed", {"transformer.wte.weight": wte})
     return wte[tokens].to(run.device, torch.float32)  # (N, L, D)
@@ -382,7 +384,8 @@ def _write_head(run: _Run) -> None:
     for name in ("transformer.norm_f.weight", "lm_head.weight"):
         if name not in hub_tensor_shapes(run.config):
             continue
-        w = run.source.reader.get(name, expected_shape=hub_tensor_shapes(run.config)[name])
+        w = check_finite(run.source.reader.get(name, expected_shape=hub_tensor_shapes(run.config)[name]), name,
+                         run.source.reader.file_of(name))
         mq = run.qconfig.lm_head
         if name == "lm_head.weight" and mq.quantized:  # RTN: no calibration for the head
             produced.update(quantize_tensor(w.float(), mq.bits, mq.group_size, mq.symmetric).tensors(name))

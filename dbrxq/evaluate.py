@@ -20,6 +20,8 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .generate import check_logits
+
 from .errors import DbrxqError
 
 
@@ -58,6 +60,7 @@ def _window_logprobs(model, ids: torch.Tensor, begin: int, end: int, first: int)
     """float32 log-probabilities (end - first, V) of the predictions made at positions [first, end)."""
     x = ids[begin:end].to(model.device)[None]  # (1, T)
     logits = model(input_ids=x, use_cache=False, logits_to_keep=end - first).logits[0]  # (end - first, V)
+    check_logits(model, logits, x)
     return torch.log_softmax(logits.float(), dim=-1)
 
 

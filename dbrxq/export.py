@@ -147,14 +147,6 @@ def _finite(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def _check_qparams(qt, name: str) -> None:
-    s = qt.scales.float()
-    if not bool((torch.isfinite(s) & (s > 0)).all()):
-        raise CheckpointError(f"tensor {name}.scales: scales must be finite and positive")
-    if qt.qzeros is not None and int(qt.qzeros.max()) > 2**qt.bits - 1:
-        raise CheckpointError(f"tensor {name}.qzeros: zero point beyond the {qt.bits}-bit code range")
-
-
 class _Planner:
     """Decides each tensor's GGML type (refusing what has no faithful mapping) before anything is
     written, and builds the producers of its bytes."""
@@ -201,7 +193,7 @@ class _Planner:
 
     def _qt(self, base: str, kind: str, index=None):
         """The QuantizedTensor of ``base`` (or of its expert ``index``)."""
-        from quantize.primitives import QuantizedTensor
+        from quantize.primitives import QuantizedTensor, check_qparams
         mq = self.q.for_kind(kind)
         names = [f"{base}.qweight", f"{base}.scales", f"{base}.qzeros"]
         parts = {}
@@ -212,7 +204,7 @@ class _Planner:
             qt = QuantizedTensor.from_tensors(parts, base, mq.bits, mq.group_size)
         except QuantizationError as e:
             raise CheckpointError(f"{self.r.file_of(names[0])}: {e}") from None
-        _check_qparams(qt, base)
+        check_qparams(qt.scales, qt.qzeros, qt.bits, f"tensor {base}")
         return qt
 
     def matrix(self, gguf_name: str, base: str, kind: str, *, experts: bool = False,

@@ -122,6 +122,47 @@ def check_request(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
                               f"{longest + max_new_tokens} exceeds the model's context of {ctx} tokens")
 
 
+def first_nonfinite(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> str | None:
+    """A second, instrumented forward of ``ids`` (at most 512 positions) that names the first part
+    of the model whose output holds NaN/Inf: the embedding, a layer's attention or experts, the final
+    norm or the output head. Run only once logits came out non-finite."""
+    t = model.transformer
+    parts = [("the embedding", t.wte)]
+    for i, b in enumerate(t.blocks):
+        parts += [(f"layer {i}'s attention block (norm_1, attention, norm_2)", b.norm_attn_norm),
+                  (f"layer {i}'s experts", b.ffn)]
+    parts += [("the final norm", t.norm_f), ("the output head", model.lm_head or t.wte)]
+    found: list[str] = []
+
+    def hook(name):
+        def f(module, args, out):
+            outs = out if isinstance(out, tuple) else (out,)
+            if not found and any(torch.is_tensor(o) and o.is_floating_point() and not bool(torch.isfinite(o).all())
+                                 for o in outs):
+                found.append(name)
+        return f
+    handles = [m.register_forward_hook(hook(n)) for n, m in parts if m is not None]
+    try:
+        with torch.inference_mode():
+            x = ids[:, :512]
+            model(input_ids=x, attention_mask=None if mask is None else mask[:, :512], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+def check_logits(model, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """Stop (GenerationError, one line) rather than sample from NaN/Inf logits, naming where they began."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    where = first_nonfinite(model, ids, mask)
+    raise GenerationError(
+        f"the model's output is not finite (NaN/Inf){f': it first appears in the output of {where}' if where else ''}; "
+        f"the checkpoint's weights there hold non-finite values, or activations overflow {model.dtype}; "
+        f"stopping instead of generating from it")
+
+
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_tokens: Sequence[int] = (), pad_token_id: int = 0,
@@ -154,6 +195,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 6
     t0 = time.perf_counter()
     logits = prefill(model, ids, mask, cache, chunk_size=prefill_chunk_size)
     stats.prefill_s = time.perf_counter() - t0
+    check_logits(model, logits, ids, mask)
 
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -174,6 +216,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 6
         if padded:
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
         logits = decode_one_token(model, tok, pos, mask if padded else None, cache)
+        check_logits(model, logits, ids, mask[:, :T] if padded else None)
         stats.decode_steps += 1
     stats.decode_s = time.perf_counter() - t0
     return GenerationOutput(sequences=out, stats=stats)

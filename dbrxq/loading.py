@@ -82,6 +82,15 @@ def _checkpoint_float_dtype(reader: CheckpointReader) -> torch.dtype:
     return torch.float32
 
 
+def _check_qparams(name: str, t: torch.Tensor, qconfig, where) -> None:
+    from quantize.primitives import check_qparams
+    from quantize.writer import module_kind
+    base = name.rsplit(".", 1)[0]
+    bits = qconfig.for_kind(module_kind(base) or module_kind(f"{base}.weight")).bits
+    scales, zeros = (t, None) if name.endswith(".scales") else (None, t)
+    check_qparams(scales, zeros, bits, f"{where}: tensor {name}")
+
+
 def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None = "cpu",
                dtype: str | torch.dtype | None = None, revision: str | None = None,
                backend: str | None = None, gpu_memory: str | int | None = None,
@@ -134,6 +143,10 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
         finally:
             torch.set_default_dtype(old_default)
         expected = dict(model.state_dict(keep_vars=True))
+        qconfig = None
+        if config.quantization_config is not None:
+            from quantize.config import QuantConfig
+            qconfig = QuantConfig.from_dict(config.quantization_config)
         ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()  # a tied head is the embedding
         unexpected = sorted(set(reader.keys()) - set(expected) - ignored)
         if unexpected:
@@ -147,6 +160,8 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
                 raise CheckpointError(f"{reader.file_of(name)}: tensor {name} has dtype {reader.dtype(name)}, "
                                       f"expected {meta.dtype} (quantize/format.py)")
             tensor = reader.get(name, device=where, dtype=meta.dtype, expected_shape=tuple(meta.shape))
+            if name.endswith((".scales", ".qzeros")) and not (offloading and ".ffn.experts." in name):
+                _check_qparams(name, tensor, qconfig, reader.file_of(name))  # offloaded: when prepared
             _set_tensor(model, name, tensor)
     release = PageReleaser()  # made after every shard is mapped
     for name, m in model.named_modules():  # quantized modules repack for their kernel once the bytes are in place

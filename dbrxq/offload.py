@@ -132,6 +132,7 @@ class PreparedExpertFile:
               act_dtype: torch.dtype, *, identity: dict | None = None, **kw) -> PreparedExpertFile:
         """Write every expert of ``experts`` (QExperts-like: expert_weights(e)) atomically, then its
         sidecar (``identity`` + per-expert CRC-32)."""
+        from quantize.primitives import check_qparams
         path.parent.mkdir(parents=True, exist_ok=True)
         release = PageReleaser()
         buf = torch.empty(layout.nbytes, dtype=torch.uint8)
@@ -144,6 +145,8 @@ class PreparedExpertFile:
                 for layer, mod in enumerate(experts):
                     for e in range(E):
                         canonical = mod.expert_weights(e)
+                        for qt in canonical:  # the checkpoint's numbers, checked once, here
+                            check_qparams(qt.scales, qt.qzeros, qt.bits, f"layer {layer} expert {e}")
                         layout.pack(prepare_expert(canonical, backend, device, act_dtype), buf)
                         f.write(memoryview(buf.numpy()))
                         crcs.append(zlib.crc32(memoryview(buf.numpy())))

@@ -183,3 +183,14 @@ def check_type(v: Any, types: type | tuple[type, ...], field: str, where: str, e
     if (v is None and null) or isinstance(v, types):
         return v
     raise error(f"{where}: field {field} must be {expected}{' or null' if null else ''}, got {v!r:.60}")
+
+
+# ----------------------------------------------------------------------------- numbers
+
+def check_finite(t, name: str, where: Any, *, what: str = "refusing to quantize it"):
+    """``t`` (a torch tensor) unchanged if every value is finite; else one line with the count."""
+    import torch
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        n = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{where}: tensor {name} holds {n} NaN/Inf value(s); {what}")
+    return t

@@ -397,3 +397,19 @@ def quantize_tensor(
     scales = torch.cat([p[1] for p in parts]).reshape(*lead, -1)
     zeros = None if symmetric else torch.cat([p[2] for p in parts]).reshape(*lead, -1)
     return QuantizedTensor(qweight, scales, zeros, bits, group_size, w.shape)
+
+
+def check_qparams(scales: torch.Tensor | None, qzeros: torch.Tensor | None, bits: int, what: str) -> None:
+    """Refuse (CheckpointError, one line naming ``what``) scales that are not finite and positive, or
+    zero points beyond the code range: such codes dequantize to NaN or garbage. One pass over small
+    tensors (1/64 of the codes' bytes at g128)."""
+    from dbrxq.errors import CheckpointError
+    if scales is not None:
+        s = scales.float()
+        bad = int((~(torch.isfinite(s) & (s > 0))).sum())
+        if bad:
+            raise CheckpointError(f"{what}: {bad} scale(s) not finite and positive; the checkpoint is damaged")
+    if qzeros is not None and qzeros.numel() and int(qzeros.max()) > 2**bits - 1:
+        raise CheckpointError(f"{what}: zero points up to {int(qzeros.max())}, beyond the {bits}-bit code "
+                              f"range; the checkpoint is damaged")
+

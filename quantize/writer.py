@@ -30,6 +30,7 @@ from dbrxq.checkpoint import (INDEX_NAME, CheckpointReader, check_float_checkpoi
 from dbrxq.config import DbrxConfig
 from dbrxq.errors import CheckpointError, QuantizationError
 from dbrxq.make_checkpoint import copy_tokenizer_files
+from dbrxq.untrusted import check_finite
 from dbrxq.writer import DEFAULT_MAX_SHARD_BYTES, ShardedCheckpointWriter, TensorSpec, tensor_nbytes, \
     write_json_atomic
 from quantize.config import ModuleQuant, QuantConfig
@@ -143,7 +144,7 @@ def _write_quantized(writer: ShardedCheckpointWriter, reader: CheckpointReader, 
     for e in (range(lead[0]) if lead else [None]):
         codes = []  # one expert's (or the whole matrix's) qweight rows: written whole along dim 0
         for r0, r1 in _row_blocks(n, k, chunk_bytes):
-            w = _canonical_rows(sl, name, config, e, r0, r1)  # [r, K] in the stored dtype
+            w = check_finite(_canonical_rows(sl, name, config, e, r0, r1), name, reader.file_of(name))  # [r, K]
             qt = quantize_rtn(w, mq.bits, mq.group_size, mq.symmetric)
             codes.append(qt.qweight)
             scales.append(qt.scales)
@@ -161,12 +162,12 @@ def _copy(writer: ShardedCheckpointWriter, reader: CheckpointReader, name: str, 
           chunk_bytes: int, bar) -> None:
     sl = reader.get_slice(name, expected_shape=hub_shape)
     if len(hub_shape) != 2:
-        t = reader.get(name)
+        t = check_finite(reader.get(name), name, reader.file_of(name))
         writer.write(name, t)
         bar.update(t.numel() * t.element_size())
         return
     for r0, r1 in _row_blocks(hub_shape[0], hub_shape[1], chunk_bytes):
-        t = sl[r0:r1]
+        t = check_finite(sl[r0:r1], name, reader.file_of(name))
         writer.write(name, t)
         bar.update(t.numel() * t.element_size())
 
