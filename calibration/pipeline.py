@@ -366,9 +366,8 @@ def _start(run: _Run, tokens: torch.Tensor) -> tuple[int, torch.Tensor]:
     k = len(done)
     assert done == list(range(k)), done
     x = _embed(run, tokens)
-    sha = run.progress.data["settings_sha256"]
     if k:
-        stored = load_activations(run.out, k, sha)
+        stored = load_activations(run.progress, k)
         if stored is not None:
             log.info("resuming at layer %d from the stored activations", k)
             return k, stored.to(run.device)
@@ -476,7 +475,7 @@ def quantize_with_calibration(src: str | Path, out: str | Path, qconfig: QuantCo
             for i in range(k, config.n_layers):
                 x = _process_layer(run, i, x)
                 if opts.save_activations and i + 1 < config.n_layers:
-                    save_activations(out, x, i + 1, prog.data["settings_sha256"])
+                    save_activations(prog, x, i + 1)
                 bar.update(1)
         del x
         if not prog.done("head"):

@@ -36,6 +36,7 @@ from safetensors import safe_open
 from dbrxq.checkpoint import INDEX_NAME
 from dbrxq.writer import save_file_atomic, write_json_atomic
 from dbrxq.errors import QuantizationError
+from dbrxq.untrusted import MAX_INDEX_BYTES, confine, is_int, read_json
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,9 @@ class Progress:
         self.save()
 
     def verify(self) -> None:
-        """Every finished part's shard exists with its recorded size and sha256."""
+        """Every finished part's shard exists, inside OUT, with its recorded size and sha256."""
         for part, e in self.data["parts"].items():
-            p = self.out / e["file"]
+            p = confine(self.out, e["file"], f"{self.path}: part {part}", error=QuantizationError)
             if not p.is_file() or p.stat().st_size != e["bytes"] or file_sha256(p) != e["sha256"]:
                 raise QuantizationError(f"{p}: {part} is recorded as finished in {MANIFEST_NAME} but the file is "
                                         f"missing or changed; rerun with --overwrite")
@@ -110,6 +111,30 @@ class Progress:
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
         (self.out / ACTIVATIONS_NAME).unlink(missing_ok=True)
+
+
+def read_manifest(manifest: Path) -> dict[str, Any]:
+    """The progress manifest, checked like any untrusted JSON (dbrxq.untrusted): a bounded regular file
+    inside OUT, strict JSON, the fields resume relies on present with their types, and every part's
+    file a shard name of OUT (nothing else is ever opened through it)."""
+    redo = "rerun with --overwrite to start over"
+    try:
+        data = read_json(manifest, MAX_INDEX_BYTES, folder=manifest.parent, error=QuantizationError)
+    except QuantizationError as e:
+        raise QuantizationError(f"{e}; {redo}") from None
+    if not (isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT
+            and isinstance(data.get("settings_sha256"), str) and isinstance(data.get("parts"), dict)):
+        raise QuantizationError(f"{manifest}: not a dbrxq progress manifest (or a damaged one); {redo}")
+    for part, e in data["parts"].items():
+        if not (isinstance(e, dict) and isinstance(e.get("file"), str) and _SHARD_FILE_RE.match(e["file"])
+                and is_int(e.get("bytes")) and isinstance(e.get("sha256"), str)):
+            raise QuantizationError(f"{manifest}: the entry of part {part!r:.40} is malformed (file must be a shard "
+                                    f"name of this folder, bytes an integer, sha256 a string); {redo}")
+    act = data.get("activations")
+    if act is not None and not (isinstance(act, dict) and is_int(act.get("next_layer"))
+                                and isinstance(act.get("sha256"), str)):
+        raise QuantizationError(f"{manifest}: its 'activations' entry is malformed; {redo}")
+    return data
 
 
 def _remove_old_run(out: Path) -> None:
@@ -150,9 +175,7 @@ def prepare_out(out: Path, src_folder: Path, settings: dict[str, Any], *, resume
     busy = out.is_dir() and any(out.iterdir())
     if resume and not overwrite:
         if manifest.is_file():
-            data = json.loads(manifest.read_text())
-            if data.get("format") != MANIFEST_FORMAT:
-                raise QuantizationError(f"{manifest}: not a dbrxq progress manifest; rerun with --overwrite")
+            data = read_manifest(manifest)
             if data["settings_sha256"] != sha:
                 diff = _diff(data.get("settings"), settings)
                 raise QuantizationError(f"{manifest}: --resume refused, that run used other settings: "
@@ -196,17 +219,27 @@ def check_disk_space(out: Path, need: int) -> None:
                                 f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB are free")
 
 
-def save_activations(out: Path, x: torch.Tensor, next_layer: int, sha: str) -> None:
-    """Store the activations entering ``next_layer`` (atomic; replaces the previous ones)."""
-    save_file_atomic({"x": x.detach().cpu().contiguous()}, out / ACTIVATIONS_NAME,
-                     metadata={"next_layer": str(next_layer), "settings_sha256": sha})
+def save_activations(progress: Progress, x: torch.Tensor, next_layer: int) -> None:
+    """Store the activations entering ``next_layer`` (atomic; replaces the previous ones) and record
+    their sha256 in the manifest, which resume checks before using them."""
+    path = progress.out / ACTIVATIONS_NAME
+    save_file_atomic({"x": x.detach().cpu().contiguous()}, path,
+                     metadata={"next_layer": str(next_layer), "settings_sha256": progress.data["settings_sha256"]})
+    progress.data["activations"] = {"next_layer": next_layer, "sha256": file_sha256(path)}
+    progress.save()
 
 
-def load_activations(out: Path, next_layer: int, sha: str) -> torch.Tensor | None:
-    """The stored activations entering ``next_layer`` of this run, or None (missing/stale/corrupt)."""
-    path = out / ACTIVATIONS_NAME
+def load_activations(progress: Progress, next_layer: int) -> torch.Tensor | None:
+    """The stored activations entering ``next_layer`` of this run, or None (missing, stale, or not
+    the bytes the manifest recorded: then they are recomputed from OUT's finished layers)."""
+    path = progress.out / ACTIVATIONS_NAME
+    rec = progress.data.get("activations") or {}
     if not path.is_file():
         return None
+    if rec.get("next_layer") != next_layer or rec.get("sha256") != file_sha256(path):
+        log.warning("%s is not the one this run recorded (damaged or stale); recomputing the activations", path)
+        return None
+    sha = progress.data["settings_sha256"]
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

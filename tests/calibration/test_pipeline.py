@@ -138,7 +138,7 @@ def test_rare_experts_listed_and_route_all(src, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ resume
-@pytest.mark.parametrize("activations", ["stored", "recomputed"])
+@pytest.mark.parametrize("activations", ["stored", "recomputed", "tampered"])
 @pytest.mark.parametrize("crash", ["layer1", "head"])
 def test_crash_then_resume_is_byte_identical(src, clean, tmp_path, monkeypatch, crash, activations):
     out = tmp_path / "q"
@@ -160,12 +160,42 @@ def test_crash_then_resume_is_byte_identical(src, clean, tmp_path, monkeypatch, 
     monkeypatch.setattr(pipeline, "_write_head", real_head)
     if activations == "recomputed":
         (out / progress.ACTIVATIONS_NAME).unlink(missing_ok=True)
+    if activations == "tampered" and (out / progress.ACTIVATIONS_NAME).exists():
+        # 64 flipped bytes in the stored activations (a valid file still): resume must not trust them
+        act = out / progress.ACTIVATIONS_NAME
+        data = bytearray(act.read_bytes())
+        for j in range(len(data) - 64, len(data)):
+            data[j] ^= 0x5A
+        act.write_bytes(bytes(data))
     # Without --resume the unfinished run is refused, pointing at --resume.
     with pytest.raises(QuantizationError) as e:
         quantize_with_calibration(src, out, QC["gptq"], OPTS, progress=False)
     assert "--resume" in one_line(e)
     quantize_with_calibration(src, out, QC["gptq"], OPTS, resume=True, progress=False)
     assert files(out) == files(clean)
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ("not json {", "not valid JSON"),
+    ('{"format": "dbrxq-quantize-progress-v1", "parts": {}}', "not a dbrxq progress manifest"),
+    ("[1, 2]", "not a dbrxq progress manifest"),
+    (None, "is malformed"),  # a part whose file points outside OUT
+])
+def test_resume_refuses_a_damaged_manifest(src, tmp_path, monkeypatch, manifest, message):
+    out = tmp_path / "q"
+    monkeypatch.setattr(pipeline, "_write_head", lambda run: (_ for _ in ()).throw(RuntimeError("injected")))
+    with pytest.raises(RuntimeError):
+        quantize_with_calibration(src, out, QC["gptq"], OPTS, progress=False)
+    path = out / progress.MANIFEST_NAME
+    if manifest is None:
+        data = json.loads(path.read_text())
+        data["parts"]["layer.0"]["file"] = "../../outside/model.safetensors"
+        manifest = json.dumps(data)
+    path.write_text(manifest)
+    with pytest.raises(QuantizationError) as e:
+        quantize_with_calibration(src, out, QC["gptq"], OPTS, resume=True, progress=False)
+    assert message in one_line(e) and "--overwrite" in str(e.value)
+    assert not (out / "config.json").exists()
 
 
 def test_resume_refuses_other_settings(src, tmp_path, monkeypatch):
