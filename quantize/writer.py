@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from dbrxq.checkpoint import (INDEX_NAME, CheckpointReader, check_float_checkpoint, hub_tensor_shapes, read_config,
                               resolve_model_dir)
 from dbrxq.config import DbrxConfig
-from dbrxq.errors import CheckpointError, QuantizationError
+from dbrxq.errors import QuantizationError
 from dbrxq.make_checkpoint import copy_tokenizer_files
 from dbrxq.untrusted import check_finite
 from dbrxq.writer import DEFAULT_MAX_SHARD_BYTES, ShardedCheckpointWriter, TensorSpec, tensor_nbytes, \
@@ -195,11 +195,22 @@ def _remove_old_checkpoint(out: Path) -> None:
             p.unlink()
 
 
-def _copy_tokenizer(src: Path, out: Path) -> None:
-    try:
-        copy_tokenizer_files(src, out)
-    except CheckpointError:
+def check_source_tokenizer(src: Path) -> bool:
+    """Before a quantizer writes anything: SRC's tokenizer files (if it has any) are confined, bounded
+    and load as a tokenizer, so OUT never carries a broken or foreign one. False when SRC has none."""
+    from dbrxq.checkpoint import tokenizer_files
+    from dbrxq.tokenizer import DbrxTokenizer
+    if not tokenizer_files(src):
+        return False
+    DbrxTokenizer.from_pretrained(src)
+    return True
+
+
+def _copy_tokenizer(src: Path, out: Path, present: bool) -> None:
+    if not present:
         log.warning("%s has no tokenizer files; %s will need one to generate text", src, out)
+        return
+    copy_tokenizer_files(src, out)
 
 
 def checkpoint_size(folder: str | os.PathLike) -> tuple[int, int]:
@@ -241,6 +252,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, qconfig:
     _check_out(src_dir, out, overwrite)
     with CheckpointReader(src_dir) as reader:
         check_float_checkpoint(reader, config, src_dir)
+        has_tokenizer = check_source_tokenizer(src_dir)
         plan = list(_quantized_plan(config, qconfig))
         specs = quantized_tensor_specs(config, qconfig, float_dtype={n: reader.dtype(n) for n in reader.keys()})
         total = sum(tensor_nbytes(shape, reader.dtype(name)) for name, shape, _ in plan)
@@ -258,7 +270,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, qconfig:
                 # Unmap what this tensor touched: kept mapped, every shard read so far stays in our
                 # RSS (measured: 12.8 GiB peak on a 2-layer real-width source, vs ~1 layer now).
                 reader.close()
-    _copy_tokenizer(src_dir, out)
+    _copy_tokenizer(src_dir, out, has_tokenizer)
     d = config.to_dict()
     d["quantization_config"] = qconfig.to_dict()
     write_json_atomic(d, out / "config.json")
