@@ -437,8 +437,9 @@ def _load_hf_json(path: Path, folder: Path | None = None) -> DbrxTokenizer:
                              error=TokenizerError)
         added[content] = check_int(t.get("id"), f"added_tokens[{i}].id", where, lo=0, hi=MAX_VOCAB - 1,
                                    error=TokenizerError)
-    for token, i in vocab.items():
-        check_int(i, f"model.vocab[{token!r:.30}]", where, lo=0, hi=MAX_VOCAB - 1, error=TokenizerError)
+    bad = next((t for t, i in vocab.items() if type(i) is not int or not 0 <= i < MAX_VOCAB), None)
+    if bad is not None:
+        check_int(vocab[bad], f"model.vocab[{bad!r:.30}]", where, lo=0, hi=MAX_VOCAB - 1, error=TokenizerError)
     if model.get("type", "BPE") != "BPE":
         raise TokenizerError(f"{path}: model type {model.get('type')!r}, expected byte-level 'BPE'")
     decoder = {c: b for b, c in bytes_to_unicode().items()}

@@ -33,6 +33,7 @@ import numpy as np
 from .errors import CheckpointError, DbrxqError
 
 MAX_JSON_DEPTH = 32
+DEPTH_SCAN_BYTES = 1 << 20
 # Size bounds: the largest such file a real checkpoint has is far below these (DBRX's config.json is
 # 1.2 KB, its index 33 KB, cl100k's tokenizer.json 9 MB).
 MAX_CONFIG_BYTES = 4 << 20
@@ -111,29 +112,36 @@ def json_depth(data: bytes) -> int:
 
 def _no_duplicates(what: str, error: type[DbrxqError]):
     def hook(pairs):
-        d = {}
-        for k, v in pairs:
-            if k in d:
-                raise error(f"{what}: key {k!r} appears twice in one object; refused (which one would count?)")
-            d[k] = v
+        d = dict(pairs)
+        if len(d) != len(pairs):
+            seen = set()
+            k = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise error(f"{what}: key {k!r:.60} appears twice in one object; refused (which one would count?)")
         return d
     return hook
 
 
 def parse_json(data: bytes, what: str, *, error: type[DbrxqError] = CheckpointError) -> Any:
-    """JSON text -> value: no NaN/Infinity, nesting at most MAX_JSON_DEPTH, no repeated keys."""
-    depth = json_depth(data)
-    if depth > MAX_JSON_DEPTH:
-        raise error(f"{what}: JSON nested {depth} levels deep (at most {MAX_JSON_DEPTH}); refused")
+    """JSON text -> value: no NaN/Infinity; in texts of up to DEPTH_SCAN_BYTES (configs, indexes,
+    safetensors headers, manifests) also no repeated keys and nesting at most MAX_JSON_DEPTH. Larger
+    texts (a 4-9 MB tokenizer.json, whose ids are checked against its merges anyway) skip those two
+    scans, which would add a third to its load time, and nest at most as deep as the interpreter's
+    recursion limit allows (RecursionError is refused)."""
+    small = len(data) <= DEPTH_SCAN_BYTES
+    if small:
+        depth = json_depth(data)
+        if depth > MAX_JSON_DEPTH:
+            raise error(f"{what}: JSON nested {depth} levels deep (at most {MAX_JSON_DEPTH}); refused")
 
     def constant(name):
         raise error(f"{what}: {name} is not a JSON number; refused")
     try:
-        return json.loads(data, object_pairs_hook=_no_duplicates(what, error), parse_constant=constant)
+        return json.loads(data, object_pairs_hook=_no_duplicates(what, error) if small else None,
+                          parse_constant=constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{what}: not valid JSON ({e})") from None
-    except RecursionError:  # pragma: no cover - json_depth refuses first
-        raise error(f"{what}: JSON nested too deeply; refused") from None
+    except RecursionError:  # texts above DEPTH_SCAN_BYTES
+        raise error(f"{what}: JSON nested too deeply (beyond the interpreter's recursion limit); refused") from None
 
 
 def read_json(path: Path, max_bytes: int, *, folder: Path | None = None, what: str | None = None,
