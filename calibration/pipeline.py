@@ -57,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,7 @@ from calibration.capture import Routing, chunks, feed_inputs
 from calibration.data import calibration_tokens
 from calibration.experts import (RARE_STRATEGIES, ExpertPolicy, default_min_tokens, expert_strategy,
                                  quantize_expert, quantize_matrix)
-from calibration.progress import (REPORT_NAME, Progress, check_disk_space, copy_file_atomic, load_activations,
+from calibration.progress import (MANIFEST_NAME, REPORT_NAME, Progress, check_disk_space, copy_file_atomic, load_activations,
                                   prepare_out, save_activations)
 from calibration.report import build_report, format_summary, write_report
 from calibration.source import Source, open_source
@@ -82,7 +83,8 @@ from dbrxq.loading import parse_device
 from dbrxq.model import _ACTIVATIONS, DbrxNormAttentionNorm, rope_cos_sin
 from dbrxq.sysinfo import describe_machine, peak_rss_bytes
 from dbrxq.tokenizer import DbrxTokenizer
-from dbrxq.writer import TensorSpec, save_file_atomic, tensor_nbytes, write_json_atomic
+from dbrxq.writer import (TensorSpec, is_write_error, remove_stale_temps, save_file_atomic, tensor_nbytes,
+                          write_error, write_json_atomic)
 from quantize.config import ModuleQuant, QuantConfig
 from quantize.format import FORMAT_VERSION
 from quantize.gptq import GPTQ
@@ -460,44 +462,72 @@ def quantize_with_calibration(src: str | Path, out: str | Path, qconfig: QuantCo
         qdict = {k: v for k, v in qconfig.to_dict().items() if k != "calibration"}
         settings = {"format_version": FORMAT_VERSION, "quantization": qdict, "calibration": dict(calib),
                     "source": source.identity}
+        remove_stale_temps(out)  # shards and manifests of killed runs, before OUT's contents are judged
         prepare_out(out, source.folder, settings, resume=resume, overwrite=overwrite, dry_run=True)
         specs, shard = _plan(config, qconfig, source.float_dtypes())  # recipe errors before OUT changes
-        prog = prepare_out(out, source.folder, settings, resume=resume, overwrite=overwrite)
+        created = not out.exists()
+        had_manifest = (out / MANIFEST_NAME).is_file()
+        try:
+            prog = prepare_out(out, source.folder, settings, resume=resume, overwrite=overwrite)
+        except OSError as e:
+            if is_write_error(e):
+                raise write_error(e, out) from None
+            raise
         if prog is None:
             return _already_complete(out)
         run = _Run(source, qconfig, opts, ExpertPolicy(qconfig.method, opts.rare_strategy, min_tokens, opts.damp,
                                                        opts.act_order, opts.chunk_tokens),
                    out, device, prog, specs, shard, progress)
         remaining = sum(tensor_nbytes(s, d) for part, sp in specs.items() if not prog.done(part) for _, s, d in sp)
-        check_disk_space(out, remaining + 2 * tokens.numel() * config.d_model * 4 * opts.save_activations)
-        k, x = _start(run, tokens)
-        with tqdm(total=config.n_layers, initial=k, desc="layers", unit="layer", disable=not progress) as bar:
-            for i in range(k, config.n_layers):
-                x = _process_layer(run, i, x)
-                if opts.save_activations and i + 1 < config.n_layers:
-                    save_activations(prog, x, i + 1)
-                bar.update(1)
-        del x
-        if not prog.done("head"):
-            _write_head(run)
-        layers = [prog.entry(f"layer.{i}")["report"] for i in range(config.n_layers)]
-        calib["rare_experts"] = sum(ex["rare"] for L in layers for ex in L["experts"])
-        calib["settings_sha256"] = prog.data["settings_sha256"]
-        qc = _finish(run, calib)
-        dtypes = source.float_dtypes()
-        bytes_in = sum(tensor_nbytes(s, dtypes[n]) for n, s in hub_tensor_shapes(config).items())
-        bytes_out = sum(e["bytes"] for e in prog.data["parts"].values())
-        report = build_report(src=str(src), out=str(out), method=qconfig.method, quantization_config=qc,
-                              calibration=calib, layers=layers, seconds=time.perf_counter() - t0,
-                              peak_rss_bytes=peak_rss_bytes(), bytes_in=bytes_in, bytes_out=bytes_out,
-                              machine=describe_machine(), threads=torch.get_num_threads())
-        write_report(report, out / REPORT_NAME)
-        prog.remove()
+        need = remaining + 2 * tokens.numel() * config.d_model * 4 * opts.save_activations
+        try:
+            check_disk_space(out, need)
+        except QuantizationError:
+            if not had_manifest:  # a failed up-front check leaves nothing that changes the next run
+                prog.remove()
+                if created:
+                    shutil.rmtree(out, ignore_errors=True)
+            raise
+        try:
+            report, calib = _run_layers(run, tokens, calib, src, out, t0)
+        except OSError as e:
+            if is_write_error(e):
+                raise write_error(e, out, need) from None
+            raise
     finally:
         source.close()
     summary = format_summary(report)
     log.info("%s", summary)
     return QuantizeResult(out, report, summary)
+
+
+def _run_layers(run: _Run, tokens: torch.Tensor, calib: dict, src, out: Path, t0: float) -> tuple[dict, dict]:
+    """The layer loop, the head and the finishing files of a prepared run; returns (report, calib)."""
+    config, prog, opts, qconfig, source = run.config, run.progress, run.opts, run.qconfig, run.source
+    k, x = _start(run, tokens)
+    with tqdm(total=config.n_layers, initial=k, desc="layers", unit="layer", disable=not run.show) as bar:
+        for i in range(k, config.n_layers):
+            x = _process_layer(run, i, x)
+            if opts.save_activations and i + 1 < config.n_layers:
+                save_activations(prog, x, i + 1)
+            bar.update(1)
+    del x
+    if not prog.done("head"):
+        _write_head(run)
+    layers = [prog.entry(f"layer.{i}")["report"] for i in range(config.n_layers)]
+    calib["rare_experts"] = sum(ex["rare"] for L in layers for ex in L["experts"])
+    calib["settings_sha256"] = prog.data["settings_sha256"]
+    qc = _finish(run, calib)
+    dtypes = source.float_dtypes()
+    bytes_in = sum(tensor_nbytes(s, dtypes[n]) for n, s in hub_tensor_shapes(config).items())
+    bytes_out = sum(e["bytes"] for e in prog.data["parts"].values())
+    report = build_report(src=str(src), out=str(out), method=qconfig.method, quantization_config=qc,
+                          calibration=calib, layers=layers, seconds=time.perf_counter() - t0,
+                          peak_rss_bytes=peak_rss_bytes(), bytes_in=bytes_in, bytes_out=bytes_out,
+                          machine=describe_machine(), threads=torch.get_num_threads())
+    write_report(report, out / REPORT_NAME)
+    prog.remove()
+    return report, calib
 
 
 def _already_complete(out: Path) -> QuantizeResult:

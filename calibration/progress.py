@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 
 from dbrxq.checkpoint import INDEX_NAME
-from dbrxq.writer import save_file_atomic, write_json_atomic
+from dbrxq.writer import check_disk_space, save_file_atomic, write_json_atomic  # noqa: F401 (re-exported)
 from dbrxq.errors import QuantizationError
 from dbrxq.untrusted import MAX_INDEX_BYTES, confine, is_int, read_json
 
@@ -209,14 +209,6 @@ def prepare_out(out: Path, src_folder: Path, settings: dict[str, Any], *, resume
     progress = Progress.new(out, settings)
     progress.save()
     return progress
-
-
-def check_disk_space(out: Path, need: int) -> None:
-    """Refuse to start when the filesystem of ``out`` has fewer than ``need`` bytes free."""
-    free = shutil.disk_usage(out).free
-    if free < need:
-        raise QuantizationError(f"{out}: not enough free disk space: this run still needs about "
-                                f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB are free")
 
 
 def save_activations(progress: Progress, x: torch.Tensor, next_layer: int) -> None:

@@ -124,6 +124,8 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
         return
     if prompt is None and not chat:
         raise click.UsageError("give --prompt TEXT, or --chat for an interactive session")
+    from .generate import check_sampling
+    check_sampling(temperature, top_k, top_p, seed)  # before the model loads
     runner = load(model, device=device, dtype=dtype, revision=revision, gpu_memory=gpu_memory,
                   cpu_memory=cpu_memory, context=context, kv_cache=kv_cache, threads=threads,
                   offload_options={k: v for k, v in (("timing", stats or None), ("cache_dir", cache_dir)) if v})
@@ -146,7 +148,7 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
         from .generate import check_request
         # refuse a prompt beyond the context before echoing it (generate would, after the echo)
         check_request(runner.model, [runner.tokenizer.encode(prompt)], max_new_tokens=max_new_tokens,
-                      temperature=temperature, top_k=top_k, top_p=top_p)
+                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         emit(prompt)
         runner.generate(prompt, on_text=emit, **kw)
         emit("\n")
@@ -280,6 +282,12 @@ def main() -> None:
         sys.exit(e.exit_code)
     except DbrxqError as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:  # a full disk, a read-only file system, a file where a folder should be
+        from .writer import is_write_error, write_error
+        if not is_write_error(e):
+            raise
+        click.echo(f"error: {write_error(e, e.filename or '.')}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("\ninterrupted", err=True)

@@ -42,7 +42,7 @@ from .checkpoint import CheckpointReader, resolve_model_dir
 from .config import DbrxConfig
 from .errors import CheckpointError, ConfigError, QuantizationError, TokenizerError
 from .tokenizer import CL100K_PATTERN, CL100K_PATTERN_HF, DbrxTokenizer, bytes_to_unicode
-from .writer import _fsync_dir
+from .writer import _fsync_dir, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -372,16 +372,6 @@ def _add_metadata(w, config: DbrxConfig, tok: DbrxTokenizer, file_type, name: st
         w.add_string("dbrxq.quantization_config", json.dumps(qcfg.to_dict(), sort_keys=True))
 
 
-def clean_stale_temps(out: Path) -> int:
-    """Remove ``OUT.tmp.*`` files left by killed exports; returns the bytes freed."""
-    freed = 0
-    for p in out.parent.glob(out.name + ".tmp.*"):
-        if p.is_file():
-            freed += p.stat().st_size
-            p.unlink()
-    return freed
-
-
 def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str = "auto",
                 float_type: str = "auto", requantize: bool = False, overwrite: bool = False,
                 revision: str | None = None, progress: bool = False) -> ExportResult:
@@ -435,9 +425,7 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str 
             log.warning(msg)
         main, file_type = _file_type(plan)
         total = sum(t.nbytes for t in plan)
-        freed = clean_stale_temps(out)
-        if freed:
-            log.warning(f"removed {format_size(freed)} of temporary files left by an interrupted export of {out}")
+        remove_stale_temps(out.parent, prefix=out.name + ".tmp.")  # left by a killed export of OUT
         free = shutil.disk_usage(out.parent).free
         if free < total + (1 << 20):
             raise CheckpointError(f"{out.parent}: not enough disk space for {out.name}: needs about "

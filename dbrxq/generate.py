@@ -8,6 +8,7 @@ any work is done.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -101,9 +102,29 @@ def decode_one_token(model, token: torch.Tensor, pos: torch.Tensor, mask: torch.
     return out.logits[:, -1]
 
 
-@torch.no_grad()
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 100.0
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+
+
+def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                   seed: int | None = None) -> None:
+    """Sampling settings, checked once (GenerationError, one line). temperature is 0 (greedy) or in
+    [MIN_TEMPERATURE, MAX_TEMPERATURE]: below, logits / t overflows to inf and softmax gives NaN;
+    above, sampling is uniform noise. seed: an integer in 0 .. 2**64 - 1, or None."""
+    t = temperature
+    if not (isinstance(t, (int, float)) and math.isfinite(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
+        raise GenerationError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}, "
+                              f"got {t!r}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise GenerationError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= SEED_MAX):
+        raise GenerationError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+
+
 def check_request(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64, temperature: float = 0.0,
-                  top_k: int | None = None, top_p: float | None = None) -> None:
+                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> None:
     """What :func:`generate` refuses before any work (GenerationError, one line): an empty prompt, bad
     sampling settings, or prompt + max_new_tokens beyond the model's context. Callers that print
     before generating (the CLI echoes the prompt) check first."""
@@ -111,10 +132,7 @@ def check_request(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
         raise GenerationError("empty prompt: at least one token is needed (DBRX adds no BOS token)")
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    for name, v, ok in (("temperature", temperature, temperature >= 0), ("top_k", top_k, top_k is None or top_k >= 1),
-                        ("top_p", top_p, top_p is None or 0 < top_p <= 1)):
-        if not ok:
-            raise GenerationError(f"invalid {name}={v!r} (temperature >= 0, top_k >= 1, 0 < top_p <= 1)")
+    check_sampling(temperature, top_k, top_p, seed)
     ctx = model.config.max_seq_len
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > ctx:
@@ -178,7 +196,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 6
     Raises:
         GenerationError: an empty prompt, or prompt + max_new_tokens beyond the model's context.
     """
-    check_request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    check_request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  seed=seed)
     device = model.device
     ids, mask = left_pad(prompts, pad_token_id)
     ids, mask = ids.to(device), mask.to(device)

@@ -53,7 +53,7 @@ from .expert_cache import ExpertCache, SlotLayout
 from .model import moe_dispatch, route
 from .pages import PageReleaser
 from .placement import PlacementPlan, format_size
-from .writer import write_json_atomic
+from .writer import remove_stale_temps, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -552,6 +552,7 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
         file = PreparedExpertFile(path, layout.nbytes, plan.num_experts, crcs=crcs, drop_page_cache=drop_page_cache)
     else:
         root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(root)  # halves of files whose builder was killed
         free = shutil.disk_usage(path.parent).free
         if free < want:
             raise ConfigError(f"{path.parent}: the prepared-expert file needs {format_size(want)}, {format_size(free)} "

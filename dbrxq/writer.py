@@ -22,11 +22,15 @@ No file under its final name is ever incomplete: a crash or an exception leaves 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import re
 import secrets
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -60,6 +64,76 @@ def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
 def _temp_path(path: Path) -> Path:
     # Not ending in .safetensors/.json, so no reader mistakes it for the finished file.
     return path.with_name(f"{path.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
+
+
+# Our temp names: <name>.tmp.<pid>.<hex> (this module, export) and <name>.tmp<pid> (prepared experts).
+_TEMP_RE = re.compile(r"\.tmp\.?(\d+)(\.[0-9a-f]+)?$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike, prefix: str = "") -> int:
+    """Delete the temp files (our naming, starting with ``prefix``) that killed writers left in
+    ``folder``: those whose process is gone. Returns the bytes freed; logs what it removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    freed, n = 0, 0
+    for p in folder.iterdir():
+        m = _TEMP_RE.search(p.name)
+        if m and p.name.startswith(prefix) and p.is_file() and not p.is_symlink() and not _alive(int(m.group(1))):
+            size = p.stat().st_size
+            with contextlib.suppress(OSError):
+                p.unlink()
+                freed += size
+                n += 1
+    if n:
+        from .placement import format_size
+        logger.warning("removed %d temporary file(s) (%s) left in %s by an interrupted run", n, format_size(freed), folder)
+    return freed
+
+
+_WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EROFS: "the file system is read-only", errno.ENOTDIR: "a component of the path is a file, "
+                 "not a folder", errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                 errno.EEXIST: "a file of that name is in the way", errno.EFBIG: "the file is too large for this file system"}
+
+
+def is_write_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in _WRITE_ERRORS
+
+
+def write_error(e: OSError, where: str | os.PathLike, need: int | None = None) -> CheckpointError:
+    """One line for an OSError met while writing under ``where``: what happened, the path, and with
+    ``need`` the space the output needs beside what is free there."""
+    from .placement import format_size
+    why = _WRITE_ERRORS.get(e.errno, e.strerror or str(e))
+    msg = f"{e.filename or where}: cannot write ({why})"
+    if need is not None:
+        probe = Path(where)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe if probe.is_dir() else probe.parent).free
+        msg += f"; the output needs about {format_size(need)}, {format_size(free)} free there"
+    return CheckpointError(msg + "; no complete-looking output was left")
+
+
+def check_disk_space(out: str | os.PathLike, need: int) -> None:
+    """Refuse to start when the file system of ``out`` has fewer than ``need`` bytes free."""
+    from .errors import QuantizationError
+    from .placement import format_size
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise QuantizationError(f"{out}: not enough free disk space: this run still needs about {format_size(need)}, "
+                                f"{format_size(free)} free")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -211,11 +285,16 @@ class SafetensorsStreamWriter:
         return self.path
 
     def abort(self) -> None:
-        """Drop the partial file; nothing is left at `path` (nor at the temp name)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._tmp.unlink(missing_ok=True)
+        """Drop the partial file; nothing is left at `path` (nor at the temp name), even when closing
+        fails again (a full disk fails the flush inside close())."""
+        try:
+            if self._file is not None:
+                f, self._file = self._file, None
+                f.close()
+        except OSError:
+            pass
+        finally:
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> SafetensorsStreamWriter:
         return self

@@ -83,6 +83,10 @@ def quantize_command(src, out, method, expert_bits, group_size, attn_bits, attn_
     _choice("--attn-group-size", attn_group_size, GROUP_SIZES)
     _choice("--lm-head-bits", lm_head_bits, LM_HEAD_BITS)
     _choice("--rare-experts", rare_experts, RARE_STRATEGIES)
+    if not 0 <= seed <= 2**64 - 1:
+        raise QuantizationError(f"--seed must be an integer from 0 to 2**64 - 1, got {seed}")
+    from dbrxq.loading import parse_device
+    parse_device(device)  # cpu, cuda, cuda:N or auto: refused here, before OUT is touched
     if method == "rtn" and resume:
         raise QuantizationError("--resume continues a --method gptq run; an rtn run is one pass: rerun it "
                                 "with --overwrite")
