@@ -106,11 +106,17 @@ class Progress:
                                         f"missing or changed; rerun with --overwrite")
 
     def save(self) -> None:
-        write_json_atomic(self.data, self.path)
+        """Write the manifest atomically, with a sha256 of its own content (checked on resume)."""
+        data = {k: v for k, v in self.data.items() if k != "manifest_sha256"}
+        write_json_atomic({**data, "manifest_sha256": _content_sha256(data)}, self.path)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
         (self.out / ACTIVATIONS_NAME).unlink(missing_ok=True)
+
+
+def _content_sha256(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def read_manifest(manifest: Path) -> dict[str, Any]:
@@ -130,6 +136,10 @@ def read_manifest(manifest: Path) -> dict[str, Any]:
                 and is_int(e.get("bytes")) and isinstance(e.get("sha256"), str)):
             raise QuantizationError(f"{manifest}: the entry of part {part!r:.40} is malformed (file must be a shard "
                                     f"name of this folder, bytes an integer, sha256 a string); {redo}")
+    recorded = data.pop("manifest_sha256", None)
+    if recorded != _content_sha256(data):
+        raise QuantizationError(f"{manifest}: its content does not match the checksum it was written with "
+                                f"(edited or damaged); {redo}")
     act = data.get("activations")
     if act is not None and not (isinstance(act, dict) and is_int(act.get("next_layer"))
                                 and isinstance(act.get("sha256"), str)):

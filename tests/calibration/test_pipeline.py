@@ -180,6 +180,7 @@ def test_crash_then_resume_is_byte_identical(src, clean, tmp_path, monkeypatch, 
     ('{"format": "dbrxq-quantize-progress-v1", "parts": {}}', "not a dbrxq progress manifest"),
     ("[1, 2]", "not a dbrxq progress manifest"),
     (None, "is malformed"),  # a part whose file points outside OUT
+    ("flip", "does not match the checksum"),  # one recorded size changed, the JSON still valid
 ])
 def test_resume_refuses_a_damaged_manifest(src, tmp_path, monkeypatch, manifest, message):
     out = tmp_path / "q"
@@ -190,6 +191,10 @@ def test_resume_refuses_a_damaged_manifest(src, tmp_path, monkeypatch, manifest,
     if manifest is None:
         data = json.loads(path.read_text())
         data["parts"]["layer.0"]["file"] = "../../outside/model.safetensors"
+        manifest = json.dumps(data)
+    elif manifest == "flip":
+        data = json.loads(path.read_text())
+        data["parts"]["layer.0"]["bytes"] += 1
         manifest = json.dumps(data)
     path.write_text(manifest)
     with pytest.raises(QuantizationError) as e:
