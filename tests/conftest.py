@@ -20,3 +20,24 @@ def build_tiny_model(seed: int = 0, **overrides) -> DbrxForCausalLM:
 @pytest.fixture
 def tiny_model():
     return build_tiny_model
+
+
+@pytest.fixture
+def dbrxq_main(monkeypatch, capsys):
+    """Run the dbrxq command line in this process (``dbrxq.cli.main``, as the console script does):
+    ``dbrxq_main(*args) -> (exit status, stderr)``."""
+    import sys
+
+    from dbrxq import cli
+
+    def run(*args) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["dbrxq", *map(str, args)])
+        capsys.readouterr()
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as e:
+            code = e.code or 0
+        return code, capsys.readouterr().err
+    return run
+

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dbrxq
-from dbrxq import cli as dbrxq_cli
 from dbrxq.api import default_model_dir
 from dbrxq.errors import DbrxqError
 from quantize.config import ModuleQuant, QuantConfig
@@ -321,19 +319,8 @@ def bases(tmp_path_factory):
     return {"float": DEMO, "quant": quant, "outside": outside, "root": root, "text": text}
 
 
-def _cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["dbrxq", *args])
-    capsys.readouterr()
-    code = 0
-    try:
-        dbrxq_cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("cid, base, build, expect", CASES, ids=[c[0] for c in CASES])
-def test_hostile_checkpoint(cid, base, build, expect, bases, tmp_path, monkeypatch, capsys):
+def test_hostile_checkpoint(cid, base, build, expect, bases, tmp_path, monkeypatch, capsys, dbrxq_main):
     case = tmp_path / "case"
     shutil.copytree(bases[base], case)
     build(case, bases["outside"])
@@ -357,7 +344,7 @@ def test_hostile_checkpoint(cid, base, build, expect, bases, tmp_path, monkeypat
             args = {"run": ["run", str(case), "--prompt", "The function", "-n", "3"],
                     "eval": ["eval", str(case), "--data", str(bases["text"]), "--max-tokens", "64"],
                     "quantize": ["quantize", str(case), str(out), "--method", "rtn"]}[entry]
-            code, err = _cli(args, monkeypatch, capsys)
+            code, err = dbrxq_main(*args)
             errors = [line for line in err.splitlines() if line.startswith("error: ")]
             assert code == 2 and len(errors) == 1 and "Traceback" not in err, (entry, code, err[-2000:])
             assert __import__("re").search(message, errors[0]), (entry, errors[0])

@@ -19,23 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from dbrxq import cli as dbrxq_cli
 from dbrxq import writer as dwriter
 from dbrxq.api import default_model_dir
 from dbrxq.writer import remove_stale_temps
 
 DEMO = default_model_dir()
-
-
-def _cli(args, monkeypatch, capsys) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["dbrxq", *map(str, args)])
-    capsys.readouterr()
-    code = 0
-    try:
-        dbrxq_cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    return code, capsys.readouterr().err
 
 
 def _one_error(err: str) -> str:
@@ -85,7 +73,7 @@ class _FullDisk:
 
 
 @pytest.mark.parametrize("how", ["tmpfs", "patched"])
-def test_disk_full_is_one_line_and_leaves_no_temp(how, tmp_path, monkeypatch, capsys):
+def test_disk_full_is_one_line_and_leaves_no_temp(how, tmp_path, monkeypatch, capsys, dbrxq_main):
     with mounted_tmpfs(tmp_path, "size=2m") as fs:
         if how == "tmpfs":
             if fs is None:
@@ -99,16 +87,16 @@ def test_disk_full_is_one_line_and_leaves_no_temp(how, tmp_path, monkeypatch, ca
             budget = [1 << 20]
             monkeypatch.setattr(dwriter, "open", lambda p, mode="r", *a, **k: _FullDisk(real_open(p, mode, *a, **k), budget)
                                 if "w" in mode else real_open(p, mode, *a, **k), raising=False)
-        code, err = _cli(["quantize", DEMO, out, "--method", "rtn", "--expert-bits", "8"], monkeypatch, capsys)
+        code, err = dbrxq_main("quantize", DEMO, out, "--method", "rtn", "--expert-bits", "8")
         line = _one_error(err)
         assert code == 2 and "cannot write (the disk is full)" in line and "the output needs about" in line, line
         assert str(out) in line
         assert _temps(out) == [] and not (out / "config.json").exists()
 
 
-def test_read_only_out_and_out_below_a_file(tmp_path, monkeypatch, capsys):
+def test_read_only_out_and_out_below_a_file(tmp_path, monkeypatch, capsys, dbrxq_main):
     (tmp_path / "afile").write_text("x")
-    code, err = _cli(["quantize", DEMO, tmp_path / "afile" / "q", "--method", "rtn"], monkeypatch, capsys)
+    code, err = dbrxq_main("quantize", DEMO, tmp_path / "afile" / "q", "--method", "rtn")
     line = _one_error(err)
     assert code == 2 and "not a folder" in line or "a component of the path is a file" in line, line
     with mounted_tmpfs(tmp_path, "ro,size=1m") as fs:
@@ -119,12 +107,12 @@ def test_read_only_out_and_out_below_a_file(tmp_path, monkeypatch, capsys):
             target = tmp_path / "ro" / "q"
         else:
             target = fs / "q"
-        code, err = _cli(["quantize", DEMO, target, "--method", "rtn"], monkeypatch, capsys)
+        code, err = dbrxq_main("quantize", DEMO, target, "--method", "rtn")
         line = _one_error(err)
         assert code == 2 and "the file system is read-only" in line, line
         for method in ("gptq",):
-            code, err = _cli(["quantize", DEMO, target, "--method", method, "--calib-samples", "4",
-                              "--calib-seq-len", "32"], monkeypatch, capsys)
+            code, err = dbrxq_main(*["quantize", DEMO, target, "--method", method, "--calib-samples", "4",
+                              "--calib-seq-len", "32"])
             assert code == 2 and "read-only" in _one_error(err)
 
 
@@ -147,7 +135,7 @@ KILLER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_killed_run_leftovers_are_removed_by_the_next(method, tmp_path, monkeypatch, capsys, caplog):
+def test_killed_run_leftovers_are_removed_by_the_next(method, tmp_path, monkeypatch, capsys, caplog, dbrxq_main):
     out = tmp_path / "q"
     extra = ["--calib-samples", "4", "--calib-seq-len", "32"] if method == "gptq" else []
     r = subprocess.run([sys.executable, "-c", KILLER, "quantize", str(DEMO), str(out), "--method", method, *extra],
@@ -158,7 +146,7 @@ def test_killed_run_leftovers_are_removed_by_the_next(method, tmp_path, monkeypa
     size = sum((out / n).stat().st_size for n in left)
     resume = ["--resume"] if method == "gptq" else []
     with caplog.at_level("WARNING"):
-        code, err = _cli(["quantize", DEMO, out, "--method", method, *extra, *resume], monkeypatch, capsys)
+        code, err = dbrxq_main("quantize", DEMO, out, "--method", method, *extra, *resume)
     assert code == 0, err[-2000:]
     assert any("temporary file(s)" in m and "interrupted run" in m for m in caplog.messages), caplog.messages
     assert _temps(out) == [] and (out / "config.json").exists() and size > 0
@@ -174,22 +162,20 @@ def test_stale_temps_of_live_writers_are_kept(tmp_path):
     assert mine.exists() and not dead.exists() and other.exists()
 
 
-def test_failed_disk_check_leaves_nothing_that_changes_the_next_run(tmp_path, monkeypatch, capsys):
+def test_failed_disk_check_leaves_nothing_that_changes_the_next_run(tmp_path, monkeypatch, capsys, dbrxq_main):
     import shutil
 
     real = shutil.disk_usage
     monkeypatch.setattr(dwriter.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     out = tmp_path / "q"
     for method in ("gptq", "rtn"):
-        code, err = _cli(["quantize", DEMO, out, "--method", method, "--calib-samples", "4", "--calib-seq-len", "32"],
-                         monkeypatch, capsys)
+        code, err = dbrxq_main("quantize", DEMO, out, "--method", method, "--calib-samples", "4", "--calib-seq-len", "32")
         line = _one_error(err)
         assert code == 2 and "not enough free disk space" in line and "1000 B free" in line and "0.00 GB" not in line
         assert "MiB" in line or "KiB" in line, line
         assert not out.exists()
     monkeypatch.setattr(dwriter.shutil, "disk_usage", real)
-    code, err = _cli(["quantize", DEMO, out, "--method", "gptq", "--calib-samples", "4", "--calib-seq-len", "32"],
-                     monkeypatch, capsys)
+    code, err = dbrxq_main("quantize", DEMO, out, "--method", "gptq", "--calib-samples", "4", "--calib-seq-len", "32")
     assert code == 0, err[-2000:]  # a plain run, not "pass --resume"
 
 
@@ -216,8 +202,8 @@ def test_code_files_are_not_copied_into_out(tmp_path):
     (["quantize", "demo", "OUT", "--seed", str(2**64)], "--seed must be an integer from 0 to 2**64 - 1"),
     (["quantize", "demo", "OUT", "--device", "meta"], "device 'meta' is not supported"),
 ])
-def test_cli_numbers_are_range_checked_once(args, message, tmp_path, monkeypatch, capsys):
+def test_cli_numbers_are_range_checked_once(args, message, tmp_path, monkeypatch, capsys, dbrxq_main):
     args = [str(tmp_path / a) if a == "OUT" else a for a in args]
-    code, err = _cli(args, monkeypatch, capsys)
+    code, err = dbrxq_main(*args)
     assert code == 2 and message in _one_error(err)
     assert not (tmp_path / "OUT").exists()
