@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from dbrxq.untrusted import MAX_INDEX_BYTES, confine, read_json
 from dbrxq.checkpoint import (INDEX_NAME, SINGLE_NAME, TOKENIZER_PATTERNS, CheckpointReader, check_float_checkpoint,
                               hub_tensor_shapes, read_config, read_safetensors_header, resolve_model_dir,
                               SAFETENSORS_DTYPES)
@@ -50,10 +51,13 @@ class _HubShards:
         self.folder, self.repo_id, self.revision = folder, repo_id, revision
         index = folder / INDEX_NAME
         if index.is_file():
-            try:
-                self._file_of = dict(json.loads(index.read_text())["weight_map"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CheckpointError(f"{index} has no 'weight_map' object") from None
+            data = read_json(index, MAX_INDEX_BYTES, folder=folder)
+            wm = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise CheckpointError(f"{index} has no 'weight_map' object mapping tensor names to files")
+            for name, fname in wm.items():  # names a hub download would fetch: inside the snapshot
+                confine(folder, fname, f"{index}: weight_map entry for {name}")
+            self._file_of = dict(wm)
         else:
             self._file_of = None  # single file: names known once it is downloaded
         self._paths: dict[str, Path] = {}
