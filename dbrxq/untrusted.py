@@ -6,7 +6,7 @@ Checkpoints come from strangers. Everything dbrxq reads from one goes through he
   shard, a tokenizer file, config.json itself) must resolve inside the checkpoint's folder: no
   absolute paths, no ``..`` components, no symbolic link whose target leaves the folder (targets
   are resolved and compared). A hub snapshot's files are links into the repo's ``blobs`` folder, so
-  there the root is the repo's cache folder (:func:`trust_root`). A refused file is never opened,
+  there that folder is allowed too (:func:`trust_roots`). A refused file is never opened,
   and the message names the entry, never the content of what it points at.
 - **Bounded JSON** (:func:`read_json`, :func:`parse_json`): only a regular file of at most a stated
   size is read; the text must be JSON proper (no NaN / Infinity), nest at most
@@ -44,23 +44,25 @@ _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 
 # ----------------------------------------------------------------------------- confinement
 
-def trust_root(folder: Path) -> Path:
-    """The folder files of ``folder`` may resolve into: the folder itself, or for a Hugging Face hub
-    snapshot (``.../models--org--name/snapshots/<rev>``) the repo's cache folder, whose ``blobs``
-    the snapshot's links point at."""
+def trust_roots(folder: Path) -> list[Path]:
+    """The folders files of ``folder`` may resolve into: the folder itself, and for a Hugging Face hub
+    snapshot (``.../models--org--name/snapshots/<rev>``) also the repo's ``blobs`` folder, which the
+    snapshot's links point at (nothing else of the cache)."""
     folder = Path(folder)
+    roots = [folder]
     if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
-        return folder.parent.parent
-    return folder
+        roots.append(folder.parent.parent / "blobs")
+    return roots
 
 
 def inside(folder: Path, path: Path, what: str, *, error: type[DbrxqError] = CheckpointError) -> Path:
-    """``path`` (a file in ``folder``), refused if it resolves outside ``trust_root(folder)``."""
-    root = os.path.realpath(trust_root(folder))
+    """``path`` (a file in ``folder``), refused if it resolves outside :func:`trust_roots`."""
     real = os.path.realpath(path)
-    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
-        raise error(f"{what}: {Path(path).name} is a link to a file outside {folder}; refused (not read)")
-    return Path(path)
+    for root in trust_roots(folder):
+        r = os.path.realpath(root)
+        if real == r or real.startswith(r.rstrip(os.sep) + os.sep):
+            return Path(path)
+    raise error(f"{what}: {Path(path).name} is a link to a file outside {folder}; refused (not read)")
 
 
 def confine(folder: Path, name: Any, what: str, *, error: type[DbrxqError] = CheckpointError) -> Path:

@@ -362,8 +362,8 @@ def test_corpus_size():
 
 
 def test_hub_snapshot_links_into_blobs_are_inside(tmp_path, bases):
-    """A hub snapshot's files are links to ../../blobs: inside the repo's cache folder, so allowed;
-    a snapshot link that leaves the repo's cache folder is refused."""
+    """A hub snapshot's files are links to ../../blobs: allowed; a snapshot link anywhere else (out
+    of the cache, or elsewhere in the repo's cache folder) is refused."""
     repo = tmp_path / "hub" / "models--org--name"
     blobs, snap = repo / "blobs", repo / "snapshots" / "abc123"
     blobs.mkdir(parents=True)
@@ -373,10 +373,12 @@ def test_hub_snapshot_links_into_blobs_are_inside(tmp_path, bases):
         (snap / p.name).symlink_to(Path("../../blobs") / p.name)
     runner = dbrxq.load(snap)
     assert runner.generate("The function", max_new_tokens=2)
-    (snap / "config.json").unlink()
-    (snap / "config.json").symlink_to(bases["outside"] / "config.json")
-    with pytest.raises(DbrxqError, match="is a link to a file outside"):
-        dbrxq.load(snap)
+    for target in (bases["outside"] / "config.json", repo / "elsewhere.json"):  # outside, or beside blobs
+        shutil.copy(DEMO / "config.json", repo / "elsewhere.json")
+        (snap / "config.json").unlink()
+        (snap / "config.json").symlink_to(target)
+        with pytest.raises(DbrxqError, match="is a link to a file outside"):
+            dbrxq.load(snap)
 
 
 def test_happy_path_unchanged_bit_for_bit():
