@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 
 from dbrxq.checkpoint import INDEX_NAME
-from dbrxq.writer import check_disk_space, save_file_atomic, write_json_atomic  # noqa: F401 (re-exported)
+from dbrxq.writer import check_disk_space, save_file_atomic, temp_path, write_json_atomic  # noqa: F401 (re-exported)
 from dbrxq.errors import QuantizationError
 from dbrxq.untrusted import MAX_INDEX_BYTES, confine, is_int, read_json
 
@@ -255,6 +255,10 @@ def load_activations(progress: Progress, next_layer: int) -> torch.Tensor | None
 
 def copy_file_atomic(src: Path, dst: Path) -> None:
     """Copy a small file via a temp name and a rename."""
-    tmp = dst.with_name(f"{dst.name}.tmp.{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    tmp = temp_path(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

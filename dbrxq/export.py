@@ -20,7 +20,7 @@ llama.cpp's converter writes them; other float tensors keep their stored precisi
 BF16) unless --float-type says otherwise.
 
 The file is written one tensor at a time (experts one expert at a time), so memory stays near one
-expert's conversion; it is written as ``OUT.tmp.<pid>`` and renamed when complete, so a file named
+expert's conversion; it is written as ``OUT.tmp.<pid>.<hex>`` and renamed when complete, so a file named
 OUT is always whole.
 """
 
@@ -42,7 +42,7 @@ from .checkpoint import CheckpointReader, resolve_model_dir
 from .config import DbrxConfig
 from .errors import CheckpointError, ConfigError, QuantizationError, TokenizerError
 from .tokenizer import CL100K_PATTERN, CL100K_PATTERN_HF, DbrxTokenizer, bytes_to_unicode
-from .writer import _fsync_dir, remove_stale_temps
+from .writer import _fsync_dir, remove_stale_temps, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str 
         if free < total + (1 << 20):
             raise CheckpointError(f"{out.parent}: not enough disk space for {out.name}: needs about "
                                   f"{format_size(total)}, {format_size(free)} free")
-        tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}")
+        tmp = temp_path(out)
         w = gguf.GGUFWriter(None, "dbrx")
         name = Path(str(src)).name if Path(str(src)).is_dir() else str(src)
         _add_metadata(w, config, tok, file_type, name, qcfg)

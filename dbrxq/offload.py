@@ -53,7 +53,7 @@ from .expert_cache import ExpertCache, SlotLayout
 from .model import moe_dispatch, route
 from .pages import PageReleaser
 from .placement import PlacementPlan, format_size
-from .writer import remove_stale_temps, write_json_atomic
+from .writer import remove_stale_temps, temp_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class PreparedExpertFile:
         buf = torch.empty(layout.nbytes, dtype=torch.uint8)
         E = experts[0].num_experts
         t0 = time.perf_counter()
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp = temp_path(path)
         crcs = []
         try:
             with open(tmp, "wb") as f:

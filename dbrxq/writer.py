@@ -61,13 +61,16 @@ def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def _temp_path(path: Path) -> Path:
-    # Not ending in .safetensors/.json, so no reader mistakes it for the finished file.
+def temp_path(path: Path) -> Path:
+    """Where a file is written before its atomic rename: ``<name>.tmp.<pid>.<8 hex>`` beside it (not
+    ending in .safetensors/.json/.gguf, so no reader mistakes it for the finished file; the pid lets
+    :func:`remove_stale_temps` tell a killed writer's file from a live one's)."""
     return path.with_name(f"{path.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
 
 
-# Our temp names: <name>.tmp.<pid>.<hex> (this module, export) and <name>.tmp<pid> (prepared experts).
-_TEMP_RE = re.compile(r"\.tmp\.?(\d+)(\.[0-9a-f]+)?$")
+# Our temp names (every writer's, via temp_path): <name>.tmp.<pid>.<8 hex digits>. Nothing else is ever
+# taken for a leftover, so a user's own files in OUT are never removed.
+_TEMP_RE = re.compile(r"\.tmp\.(\d+)\.[0-9a-f]{8}$")
 
 
 def _alive(pid: int) -> bool:
@@ -153,7 +156,7 @@ def _fsync_dir(folder: Path) -> None:
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """Write `obj` as indented JSON to `path` via a temp file, fsync and rename."""
     path = Path(path)
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
@@ -209,7 +212,7 @@ class SafetensorsStreamWriter:
         self._empty = {s[0] for s, n in zip(self._specs, self._nbytes) if n == 0}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
-        self._tmp = _temp_path(self.path)
+        self._tmp = temp_path(self.path)
         self._file = open(self._tmp, "wb")
         self._file.write(len(raw).to_bytes(8, "little") + raw)
         self._current = 0  # index into specs of the tensor being written

@@ -310,7 +310,7 @@ def test_refusals_leave_nothing(quantized, tmp_path):
 def test_interrupted_export_leaves_no_gguf(quantized, tmp_path, monkeypatch):
     folder, _ = quantized["int4-g128"]
     out = tmp_path / "m.gguf"
-    (tmp_path / "m.gguf.tmp.4194303").write_bytes(b"x" * 1000)  # left by a killed run
+    (tmp_path / "m.gguf.tmp.4194303.deadbeef").write_bytes(b"x" * 1000)  # left by a killed run
     real = ggml.q4_0
     calls = []
 

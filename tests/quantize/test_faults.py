@@ -153,13 +153,14 @@ def test_killed_run_leftovers_are_removed_by_the_next(method, tmp_path, monkeypa
 
 
 def test_stale_temps_of_live_writers_are_kept(tmp_path):
-    mine = tmp_path / f"model.safetensors.tmp.{os.getpid()}.abcd"
-    dead = tmp_path / "model.safetensors.tmp.4194303.abcd"
+    mine = tmp_path / f"model.safetensors.tmp.{os.getpid()}.abcd0123"
+    dead = tmp_path / "model.safetensors.tmp.4194303.abcd0123"
     other = tmp_path / "notes.tmp"
-    for p in (mine, dead, other):
+    users = tmp_path / "report.tmp.4194303"  # a user's file that merely looks like one: kept
+    for p in (mine, dead, other, users):
         p.write_bytes(b"x" * 100)
     assert remove_stale_temps(tmp_path) == 100
-    assert mine.exists() and not dead.exists() and other.exists()
+    assert mine.exists() and not dead.exists() and other.exists() and users.exists()
 
 
 def test_failed_disk_check_leaves_nothing_that_changes_the_next_run(tmp_path, monkeypatch, capsys, dbrxq_main):
