@@ -134,6 +134,71 @@ class LRU(EvictionPolicy):
         return next(iter(self.order))
 
 
+class DecayedLFU(EvictionPolicy):
+    """Frequency with exponential forgetting: each key's score is the number of times it was used,
+    every use counted ``decay ** (uses of this layer since)``; the victim is the lowest score (ties:
+    least recent). ``prior`` seeds scores (e.g. routing counts from calibration, scaled to about one
+    window of uses) so the first evictions already know which experts are hot. decay 1 is plain LFU;
+    decay 0 is LRU."""
+
+    def __init__(self, decay: float = 0.995, prior: dict[int, float] | None = None) -> None:
+        assert 0.0 <= decay <= 1.0, decay
+        self.decay, self.step = decay, 0
+        self.score: dict[int, tuple[float, int]] = {k: (float(v), 0) for k, v in (prior or {}).items()}
+        self.resident: OrderedDict[int, None] = OrderedDict()  # least recent first
+
+    def _bump(self, key: int) -> None:
+        self.step += 1
+        v, t = self.score.get(key, (0.0, self.step))
+        self.score[key] = (v * self.decay ** (self.step - t) + 1.0, self.step)
+        self.resident.move_to_end(key)
+
+    def _now(self, key: int) -> float:
+        v, t = self.score.get(key, (0.0, self.step))
+        return v * self.decay ** (self.step - t)
+
+    def touch(self, key: int) -> None:
+        self._bump(key)
+
+    def insert(self, key: int) -> None:
+        self.resident[key] = None
+        self._bump(key)
+
+    def remove(self, key: int) -> None:
+        del self.resident[key]
+
+    def victim(self) -> int:
+        return min(self.resident, key=self._now)  # min keeps the first (least recent) of equal scores
+
+
+def simulate(trace: list[list[int]], capacity: int, policy: EvictionPolicy,
+             initial: list[int] = ()) -> tuple[int, int]:
+    """(hits, misses) of one layer's cache of ``capacity`` slots over ``trace`` (per token, the
+    experts it routes to, in the order they are computed), starting with ``initial`` resident: the
+    same lookup/admit/evict steps as :class:`ExpertCache`, without bytes."""
+    resident: set[int] = set()
+    for e in list(initial)[:capacity]:
+        resident.add(e)
+        policy.insert(e)
+    hits = misses = 0
+    for experts in trace:
+        for e in experts:
+            if e in resident:
+                hits += 1
+                policy.touch(e)
+                continue
+            misses += 1
+            if capacity == 0:
+                continue
+            if len(resident) >= capacity:
+                old = policy.victim()
+                policy.remove(old)
+                resident.discard(old)
+            resident.add(e)
+            policy.insert(e)
+    return hits, misses
+
+
 # --------------------------------------------------------------------------------------------
 # The cache
 # --------------------------------------------------------------------------------------------

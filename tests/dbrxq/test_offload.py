@@ -320,3 +320,27 @@ def test_prepared_expert_file_is_checked_like_a_checkpoint(qdir, tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="dbrxq.offload"):
         load()
     assert side.exists()
+
+
+def test_simulate_matches_the_expert_cache_and_lfu_keeps_hot_experts():
+    """dbrxq.expert_cache.simulate takes the cache's own steps (checked against ExpertCache on one
+    trace); DecayedLFU with decay 0 is LRU; on a trace with one hot expert, LRU evicts it between
+    uses and decayed LFU does not."""
+    from dbrxq.expert_cache import LRU, DecayedLFU, simulate
+
+    g = torch.Generator().manual_seed(0)
+    trace = [sorted(torch.randperm(16, generator=g)[:4].tolist()) for _ in range(300)]
+    layout = SlotLayout((torch.zeros(8),))
+    cache = ExpertCache(layout, [5], torch.device("cpu"))
+    for experts in trace:
+        for e in experts:
+            if cache.lookup(0, e) is None:
+                cache.admit(0, e)
+    assert simulate(trace, 5, LRU()) == (cache.counters.hits, cache.counters.misses)
+    assert simulate(trace, 5, DecayedLFU(decay=0.0)) == simulate(trace, 5, LRU())
+    # expert 0 in every other token, two cold experts (cycling through 15) in between
+    hot = [[0, 1 + (i % 15)] if i % 2 == 0 else [1 + (i + 3) % 15, 1 + (i + 7) % 15] for i in range(300)]
+    lru_hits, _ = simulate(hot, 2, LRU())
+    lfu_hits, _ = simulate(hot, 2, DecayedLFU())
+    assert lru_hits == 0 and lfu_hits >= 145  # LRU evicts expert 0 between its uses; LFU keeps it (once it has a lead)
+    assert simulate(hot, 0, LRU()) == (0, 600)
