@@ -103,11 +103,15 @@ def _offload_report(rt) -> str:
 @click.option("--context", type=click.IntRange(min=1),
               help="Tokens (prompt + new) the memory plan reserves KV cache for [default: min(max_seq_len, 4096)].")
 @click.option("--plan", "show_plan", is_flag=True, help="Print the memory placement plan and exit.")
+@click.option("--expert-policy", type=click.Choice(["lru", "lfu", "static"]), default=None,
+              help="With offloading, which experts stay in the slots: lru (default), lfu (decayed, seeded with "
+                   "the quantize report's routing counts), static (the most-routed experts, pinned).")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Where offloading keeps its prepared-expert files [default: $DBRXQ_CACHE, else ~/.cache/dbrxq].")
 @threads_option
 def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
-        revision, stats, gpu_memory, cpu_memory, kv_cache, context, show_plan, cache_dir, threads) -> None:
+        revision, stats, gpu_memory, cpu_memory, kv_cache, context, show_plan, expert_policy, cache_dir,
+        threads) -> None:
     """Generate text with MODEL (a folder or hub repo id; default, or "demo": the small model shipped
     with dbrxq; a local folder named demo wins).
 
@@ -128,7 +132,8 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
     check_sampling(temperature, top_k, top_p, seed)  # before the model loads
     runner = load(model, device=device, dtype=dtype, revision=revision, gpu_memory=gpu_memory,
                   cpu_memory=cpu_memory, context=context, kv_cache=kv_cache, threads=threads,
-                  offload_options={k: v for k, v in (("timing", stats or None), ("cache_dir", cache_dir)) if v})
+                  offload_options={k: v for k, v in (("timing", stats or None), ("cache_dir", cache_dir),
+                                                     ("policy", expert_policy)) if v})
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
     def emit(text: str) -> None:

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, DbrxqError
-from .expert_cache import ExpertCache, SlotLayout
+from .expert_cache import LRU, DecayedLFU, ExpertCache, SlotLayout
 from .model import moe_dispatch, route
 from .pages import PageReleaser
 from .placement import PlacementPlan, format_size
@@ -229,6 +229,39 @@ def prepared_file_key(source_dir: Path | None, backend: str | None, device: torc
 
 
 # --------------------------------------------------------------------------------------------
+# Which experts stay: eviction policy and routing statistics
+# --------------------------------------------------------------------------------------------
+POLICIES = ("lru", "lfu", "static")
+
+
+def _prior(counts: list[int], num_experts: int) -> dict[int, float]:
+    """Routing counts scaled so an average expert starts with the weight of ~20 uses."""
+    scale = 20.0 / max(1.0, sum(counts) / num_experts)
+    return {e: counts[e] * scale for e in range(num_experts)}
+
+
+def routing_counts(folder: Path | None, n_layers: int, num_experts: int) -> list[list[int]] | None:
+    """Per layer, per expert, the calibration tokens routed to it, from the checkpoint's
+    ``quantize_report.json`` (written by `dbrxq quantize`); None when there is none or it does not fit."""
+    from .untrusted import MAX_INDEX_BYTES, is_int, read_json
+    path = Path(folder) / "quantize_report.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        layers = read_json(path, MAX_INDEX_BYTES, folder=Path(folder)).get("layers")
+        counts = [[0] * num_experts for _ in range(n_layers)]
+        for L in layers:
+            for ex in L["experts"]:
+                if not (is_int(L["layer"]) and is_int(ex["expert"]) and is_int(ex["tokens"])):
+                    raise TypeError
+                counts[L["layer"]][ex["expert"]] = ex["tokens"]
+    except (DbrxqError, AttributeError, KeyError, TypeError, IndexError):
+        log.warning("%s: no usable per-expert routing counts; experts are placed as they come", path)
+        return None
+    return counts
+
+
+# --------------------------------------------------------------------------------------------
 # Miss policies
 # --------------------------------------------------------------------------------------------
 class MissPolicy:
@@ -294,7 +327,7 @@ class OffloadRuntime:
 
     def __init__(self, plan: PlacementPlan, layout: SlotLayout, file: PreparedExpertFile, experts: list, *,
                  act, act_dtype: torch.dtype, non_expert_bytes: int, miss_policy: MissPolicy | None = None,
-                 timing: bool = False):
+                 timing: bool = False, policy: str = "lru", routing_counts: list[list[int]] | None = None):
         self.plan, self.layout, self.file, self.inner = plan, layout, file, experts
         self.device = torch.device(plan.device)
         self.cuda = self.device.type == "cuda"
@@ -304,7 +337,20 @@ class OffloadRuntime:
         self.glu = glu  # the expert GLU, fused in C where the weights allow (as in QExperts.expert)
         self.non_expert_bytes = non_expert_bytes
         self.timing = timing
-        self.cache = ExpertCache(layout, plan.slots_per_layer, self.device)
+        if policy not in POLICIES:
+            raise ConfigError(f"expert policy {policy!r}: expected one of {', '.join(POLICIES)}")
+        self.policy = policy
+        # per layer, experts by routing count (most routed first), when the checkpoint's quantize report has them
+        self.hot = ([sorted(range(plan.num_experts), key=lambda e, c=c: -c[e]) for c in routing_counts]
+                    if routing_counts else None)
+        factory = LRU
+        if policy == "lfu":
+            priors = iter([_prior(c, plan.num_experts) for c in routing_counts] if routing_counts else [])
+            factory = lambda: DecayedLFU(prior=next(priors, None))  # noqa: E731 (one per layer, in order)
+        self.cache = ExpertCache(layout, plan.slots_per_layer, self.device, policy=factory)
+        # static: the hottest experts fill the slots and stay; other experts go through the scratch slot
+        self.pinned = [set(self.hot[i][:n]) if self.hot and policy == "static" else None
+                       for i, n in enumerate(plan.slots_per_layer)]
         self.scratch = self.cache.new_slot()  # for layers without slots / computed-in-place misses
         self.kv_bytes = 0
         self.stats = OffloadStats()
@@ -422,7 +468,7 @@ class OffloadRuntime:
             return y
         ph.misses += 1
         if self.miss_policy.move(x.shape[0]):
-            slot = self.cache.admit(layer, e)
+            slot = None if self.pinned[layer] is not None else self.cache.admit(layer, e)
             if slot is None:
                 slot = self.scratch
                 slot.expert = -1
@@ -435,14 +481,33 @@ class OffloadRuntime:
         self.note_peak()
         return y
 
+    def place_hot(self) -> None:
+        """Fill every layer's slots with its most-routed experts (from the quantize report's routing
+        counts) before the first token, so the cache starts hot instead of cold."""
+        if self.hot is None:
+            if self.policy == "static":
+                log.warning("expert policy static needs routing counts (the quantize report of the checkpoint); "
+                            "none found, so experts are cached as they come (LRU)")
+            return
+        for layer, order in enumerate(self.hot):
+            self._bring(layer, order)
+
     def prefetch(self, layer: int, experts: list[int]) -> None:
-        """Bring ``experts`` of ``layer`` into its cache ahead of use (at most its capacity)."""
+        """Bring ``experts`` of ``layer`` into its cache ahead of use (at most its capacity); nothing
+        for a layer whose slots are pinned to its hottest experts (policy static)."""
+        if self.pinned[layer] is not None:
+            return
+        self.cache.counters.prefetched += self._bring(layer, experts)
+
+    def _bring(self, layer: int, experts: list[int]) -> int:
+        n = 0
         for e in experts[: self.cache.capacity[layer]]:
             if not self.cache.contains(layer, e):
                 slot = self.cache.admit(layer, e)
                 self._fill(layer, e, slot)
-                self.cache.counters.prefetched += 1
+                n += 1
         self.note_peak()
+        return n
 
 
 class OffloadedExperts(nn.Module):
@@ -530,10 +595,14 @@ def non_expert_bytes_of(model: nn.Module) -> int:
 def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout, *, backend: str | None = None,
                       non_expert_bytes: int, cache_dir: str | os.PathLike | None = None, prefetch: bool | None = None,
                       drop_page_cache: bool = False, timing: bool = False,
-                      miss_policy: MissPolicy | None = None) -> OffloadRuntime:
+                      miss_policy: MissPolicy | None = None, policy: str = "lru") -> OffloadRuntime:
     """Wrap every layer's experts in :class:`OffloadedExperts` per ``plan``; returns the runtime
     (also at ``model.offload``). ``prefetch`` None: on with CUDA (copies overlap compute), off on
-    CPU (there it only moves the same synchronous work earlier)."""
+    CPU (there it only moves the same synchronous work earlier). ``policy``: which experts stay in the
+    slots: "lru" (default), "lfu" (decayed LFU, seeded with the routing counts of the checkpoint's
+    quantize report when it has one) or "static" (the report's most-routed experts fill the slots and
+    stay; others go through a scratch slot). With a report, every policy starts with the hottest
+    experts resident (scripts/bench_placement.py measures the policies on real routing)."""
     experts = [b.ffn.experts for b in model.transformer.blocks]
     assert all(hasattr(m, "expert_weights") for m in experts), "offloading needs quantized experts (QExperts)"
     dev = torch.device(plan.device)
@@ -565,8 +634,11 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
         if key is None:
             os.unlink(path)  # anonymous: the open descriptor keeps it readable until closed
             os.rmdir(path.parent)
+    counts = routing_counts(src, plan.n_layers, plan.num_experts)
     rt = OffloadRuntime(plan, layout, file, experts, act=experts[0].act, act_dtype=act_dtype,
-                        non_expert_bytes=non_expert_bytes, miss_policy=miss_policy, timing=timing)
+                        non_expert_bytes=non_expert_bytes, miss_policy=miss_policy, timing=timing, policy=policy,
+                        routing_counts=counts)
+    rt.place_hot()
     rt.model_config = model.config
     for i, block in enumerate(model.transformer.blocks):
         block.ffn.experts = OffloadedExperts(experts[i], i, rt)

@@ -6,6 +6,7 @@ prefetch never changes results, and budgets / sizes fail with one clear line."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -344,3 +345,43 @@ def test_simulate_matches_the_expert_cache_and_lfu_keeps_hot_experts():
     lfu_hits, _ = simulate(hot, 2, DecayedLFU())
     assert lru_hits == 0 and lfu_hits >= 145  # LRU evicts expert 0 between its uses; LFU keeps it (once it has a lead)
     assert simulate(hot, 0, LRU()) == (0, 600)
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    """The demo model RTN-quantized through the calibration pipeline: a quantize report with routing counts."""
+    from calibration.pipeline import CalibrationOptions, quantize_with_calibration
+    from quantize.config import QuantConfig
+    out = tmp_path_factory.mktemp("reported") / "q"
+    quantize_with_calibration(dbrxq.default_model_dir(), out, QuantConfig(method="rtn"),
+                              CalibrationOptions(samples=16, seq_len=128), progress=False)
+    return out
+
+
+def test_expert_policies_change_hits_not_results(reported, tmp_path):
+    """Every policy gives the resident model's tokens; with the report's routing counts the cache
+    starts hot, and pinning the most-routed experts (static) hits more often than LRU on the trained
+    model's skewed routing (scripts/bench_placement.py: 51% vs 39% at 4 of 16)."""
+    from dbrxq.offload import routing_counts
+    counts = routing_counts(reported, 4, 16)
+    assert counts and all(sum(c) == 16 * 128 * 4 for c in counts)
+    text = (Path(dbrxq.__file__).parents[1] / "calibration" / "data" / "heldout.txt").read_text()[:2000]
+    resident = dbrxq.load(reported)
+    prompt = [resident.tokenizer.encode(text)[:48]]
+    want = resident.generate_ids(prompt, max_new_tokens=24).sequences
+    rates = {}
+    for policy in ("lru", "lfu", "static"):
+        runner = dbrxq.load(reported, cpu_memory=_budget(reported, 16, context=96), context=96,
+                            offload_options={"cache_dir": tmp_path, "policy": policy})
+        rt = runner.offload
+        hot = [sorted(range(16), key=lambda e: -c[e])[:4] for c in counts]
+        assert [rt.cache.cached(i) for i in range(4)] == [sorted(h) for h in hot]  # placed before token 1
+        assert runner.generate_ids(prompt, max_new_tokens=24).sequences == want
+        ph = rt.stats.phases["decode"]
+        rates[policy] = ph.hits / (ph.hits + ph.misses)
+        if policy == "static":
+            assert [rt.cache.cached(i) for i in range(4)] == [sorted(h) for h in hot]  # never evicted
+    assert rates["static"] > rates["lru"], rates
+    with pytest.raises(ConfigError, match="expert policy 'mru'"):
+        dbrxq.load(reported, cpu_memory=_budget(reported, 4), context=32,
+                   offload_options={"cache_dir": tmp_path, "policy": "mru"})
