@@ -14,11 +14,15 @@ each row reports perplexity, mean KL(float || row) per token and top-1 agreement
 model, and, for the exports, KL(dbrxq || llama.cpp) between the two engines on the same file's
 weights (they differ only in how activations are rounded: llama.cpp rounds them to Q8_0 blocks of
 32 for Q4_0/Q8_0 weights, dbrxq's CPU kernel to int8 per 128 (int4) or 32 (int8) values, and
-llama.cpp rounds to BF16 for BF16 weights: expect KL ~1e-3 on this 128-wide model, the same size
-as dbrxq's own kernel against a float-activation matmul). llama.cpp's own quantizer (through the
+llama.cpp rounds to BF16 for BF16 weights: expect a few 1e-4 per token, an order of magnitude
+below what quantizing the weights costs). llama.cpp's own quantizer (through the
 same wheel) makes Q4_0 and Q4_K_M from the float export, with the embedding and output head kept
 BF16 as in every dbrxq export, so "dbrxq int4 GPTQ g32, attn int4 g32" and "llama.cpp Q4_0" have
 the same tensor types and the same file size.
+
+`--dbrx-sizes` only prints the GGUF file size of real DBRX (config of scripts/make_checkpoint.py's
+"dbrx" preset: 40 layers, 16 experts of 10752, vocab 100352) per recipe, from the tensor shapes and
+GGML's block sizes, embedding and output head BF16, norms and router F32.
 
 Part 2, a real-width one-layer checkpoint (d_model 6144, 16 experts of 10752, random weights,
 scripts/make_checkpoint.py's "dbrx" preset, 6.6 GB bf16): RTN int4 g128 and int8 exports load in
@@ -246,6 +250,31 @@ def real_width_part(args, work: Path) -> list[str]:
     return lines
 
 
+def dbrx_sizes() -> list[str]:
+    """GGUF bytes of real DBRX per recipe (the README's table), from shapes and block sizes."""
+    from dbrxq.checkpoint import hub_tensor_shapes
+    from dbrxq.make_checkpoint import preset_config
+    from quantize.ggml import row_bytes
+    cfg = preset_config("dbrx")
+    recipes = [("int4 g32 experts and attention (GPTQ or RTN)", "Q4_0", "Q4_0"),
+               ("int4 g128 experts, int8 attention (dbrxq's default)", "Q4_0", "Q8_0"),
+               ("int4 asymmetric experts, int8 attention", "Q4_1", "Q8_0"),
+               ("int8 experts and attention", "Q8_0", "Q8_0"), ("float", "BF16", "BF16")]
+    lines = ["| recipe | GGUF types | file size |", "|---|---|---:|"]
+    for name, experts, attn in recipes:
+        total = 0
+        for t, shape in hub_tensor_shapes(cfg).items():
+            kind = ("F32" if len(shape) == 1 or t.endswith("router.layer.weight") else
+                    experts if ".experts." in t else attn if ".attn." in t else "BF16")
+            total += shape[0] * row_bytes(kind, shape[1]) if len(shape) == 2 else row_bytes(kind, shape[0])
+        lines.append(f"| {name} | {' + '.join(dict.fromkeys((experts, attn)))} | {total / 1e9:.1f} GB |")
+    from dbrxq.writer import tensor_nbytes
+    from quantize.writer import quantized_tensor_specs
+    own = sum(tensor_nbytes(shape, dt) for _, shape, dt in quantized_tensor_specs(cfg, QuantConfig()))
+    lines.append(f"\n(dbrxq's own folder with its default recipe, int4 g128 experts + int8 attention: {own / 1e9:.1f} GB)")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=16000)
@@ -258,7 +287,11 @@ def main() -> None:
     ap.add_argument("--only-real-width", action="store_true", help="part 2 only")
     ap.add_argument("--real-width-tokens", type=int, default=512)
     ap.add_argument("--work", type=Path, default=None, help="folder for the checkpoints and GGUF files")
+    ap.add_argument("--dbrx-sizes", action="store_true", help="only print real DBRX's GGUF size per recipe")
     args = ap.parse_args()
+    if args.dbrx_sizes:
+        print("\n".join(dbrx_sizes()))
+        return
     torch.set_num_threads(args.threads)
     import llama_cpp
     print(describe_machine())
