@@ -15,7 +15,6 @@ the file (and tensor) at fault.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -156,13 +155,8 @@ def read_safetensors_header(path: Path, *, folder: Path | None = None) -> dict[s
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        json.loads(raw)  # plain text check first: most non-safetensors files fail here
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from None
-    except RecursionError:
-        pass  # parse_json names the nesting
-    header = parse_json(raw, f"{path} (safetensors header)")
+    header = parse_json(raw, f"{path} (safetensors header)",
+                        not_json=f"{path} is not a safetensors file (its header is not JSON)")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)

@@ -38,10 +38,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointReader, resolve_model_dir
+from .checkpoint import CheckpointReader, check_checkpoint, resolve_model_dir
 from .config import DbrxConfig
 from .errors import CheckpointError, ConfigError, QuantizationError, TokenizerError
 from .tokenizer import CL100K_PATTERN, CL100K_PATTERN_HF, DbrxTokenizer, bytes_to_unicode
+from .untrusted import check_finite
 from .writer import _fsync_dir, remove_stale_temps, temp_path
 
 log = logging.getLogger(__name__)
@@ -140,13 +141,6 @@ def _float_type(choice: str, dtype: torch.dtype) -> str:
     return _SOURCE_FLOAT.get(dtype, "F32") if choice == "auto" else choice.upper()
 
 
-def _finite(x: torch.Tensor, name: str) -> torch.Tensor:
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        n = int((~torch.isfinite(x)).sum())
-        raise CheckpointError(f"tensor {name}: {n} NaN/Inf values; refusing to export them")
-    return x
-
-
 class _Planner:
     """Decides each tensor's GGML type (refusing what has no faithful mapping) before anything is
     written, and builds the producers of its bytes."""
@@ -164,18 +158,21 @@ class _Planner:
         self.r.close()
         return t
 
+    def _finite(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return check_finite(x, name, self.r.file_of(name), what="refusing to export it")
+
     def row_chunks(self, name: str) -> Iterator[torch.Tensor]:
         """A 2-D tensor in chunks of about CHUNK_BYTES."""
         n, k = self.r.shape(name)
         step = max(1, CHUNK_BYTES // (k * self.r.dtype(name).itemsize))
         for r0 in range(0, n, step):
-            yield _finite(self.rows(name, r0, min(n, r0 + step)), name)
+            yield self._finite(self.rows(name, r0, min(n, r0 + step)), name)
 
     # -- small, always-float tensors
     def f32(self, gguf_name: str, name: str) -> PlannedTensor:
         shape = self.r.shape(name)
         def chunks():
-            yield _finite(self.rows(name), name).float().numpy().view(np.uint8)
+            yield self._finite(self.rows(name), name).float().numpy().view(np.uint8)
         return PlannedTensor(gguf_name, "F32", shape, chunks, name)
 
     def float_matrix(self, gguf_name: str, name: str, ggml_type: str | None = None) -> PlannedTensor:
@@ -185,11 +182,9 @@ class _Planner:
         kind = ggml_type or _float_type(self.float_choice, self.r.dtype(name))
         def chunks():
             for part in self.row_chunks(name):
-                yield float_to_type(part, kind)
+                yield float_to_type(part, kind, name)
         return PlannedTensor(gguf_name, kind, shape, chunks, name)
 
-    def _quantized(self, base: str, kind: str) -> bool:
-        return f"{base}.qweight" in self.r
 
     def _qt(self, base: str, kind: str, index=None):
         """The QuantizedTensor of ``base`` (or of its expert ``index``)."""
@@ -212,7 +207,7 @@ class _Planner:
         """A weight matrix (stack): attention Wqkv/out_proj, lm_head, or an expert tensor."""
         from quantize.ggml import BLOCK, exact_type, float_to_type, from_codes, requantize_q8_0
         c = self.c
-        if self._quantized(base, kind):
+        if f"{base}.qweight" in self.r:
             mq = self.q.for_kind(kind)
             qshape = self.r.shape(f"{base}.qweight")
             shape = (*qshape[:-1], qshape[-1] * (2 if mq.bits == 4 else 1))
@@ -234,7 +229,7 @@ class _Planner:
                     convert = lambda qt: ("Q8_0", requantize_q8_0(qt.dequantize()))  # noqa: E731
                 else:
                     ggml_type = "F16"
-                    convert = lambda qt: ("F16", float_to_type(qt.dequantize(), "F16"))  # noqa: E731
+                    convert = lambda qt: ("F16", float_to_type(qt.dequantize(), "F16", base))  # noqa: E731
                 self.warnings.append(f"{base}: {recipe} re-rounded to {ggml_type} (--requantize)")
 
             def chunks():
@@ -247,11 +242,8 @@ class _Planner:
         # float source
         name = base if experts else f"{base}.weight"
         stored = self.r.shape(name)
-        if experts:  # hub layout [E*F, d]: w1/v1 -> [E, F, d]; w2 -> [E, d, F]
+        if experts:  # hub layout [E*F, d] (checked by check_checkpoint): w1/v1 -> [E, F, d]; w2 -> [E, d, F]
             e, f, d = c.num_experts, c.ffn_hidden_size, c.d_model
-            if tuple(stored) != (e * f, d):
-                raise CheckpointError(f"{self.r.file_of(name)}: tensor {name} has shape {list(stored)}, "
-                                      f"expected {[e * f, d]}")
             shape = (e, d, f) if transpose_float else (e, f, d)
         else:
             shape = tuple(stored)
@@ -267,12 +259,12 @@ class _Planner:
         def chunks():
             if not experts:
                 for part in self.row_chunks(name):
-                    yield float_to_type(part, ggml_type)
+                    yield float_to_type(part, ggml_type, name)
                 return
             f = c.ffn_hidden_size
             for i in range(c.num_experts):
-                w = _finite(self.rows(name, i * f, (i + 1) * f), name)
-                yield float_to_type(w.t() if transpose_float else w, ggml_type)
+                w = self._finite(self.rows(name, i * f, (i + 1) * f), name)
+                yield float_to_type(w.t() if transpose_float else w, ggml_type, name)
         return PlannedTensor(gguf_name, ggml_type, shape, chunks, origin)
 
     def plan(self) -> list[PlannedTensor]:
@@ -415,6 +407,7 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str 
     tok = DbrxTokenizer.from_pretrained(folder)
     t0 = time.perf_counter()
     with CheckpointReader(folder) as reader:
+        check_checkpoint(reader, config, folder)  # names, shapes, dtypes, before planning
         planner = _Planner(reader, config, qcfg, type_=type_.upper(), float_type=float_choice, requantize=requantize)
         plan = planner.plan()  # every refusal happens here, before a byte is written
         if type_ in ("q8_0", "q4_0"):

@@ -86,7 +86,7 @@ class PreparedExpertFile:
     The file is a cache, so it is untrusted like a checkpoint: a JSON sidecar (``<name>.json``,
     written after the file is complete) records what it was built from (:func:`prepared_identity`)
     and a CRC-32 of every expert's bytes. The first read of each expert in a process checks its
-    CRC (one pass over bytes just read, ~1 GB/s; later reads of the same expert skip it); a mismatch
+    CRC (one pass over bytes just read; later reads of the same expert skip it); a mismatch
     removes the file and its sidecar and stops with one line, so the next run rebuilds it.
     """
 
@@ -252,7 +252,8 @@ def routing_counts(folder: Path | None, n_layers: int, num_experts: int) -> list
         counts = [[0] * num_experts for _ in range(n_layers)]
         for L in layers:
             for ex in L["experts"]:
-                if not (is_int(L["layer"]) and is_int(ex["expert"]) and is_int(ex["tokens"])):
+                if not (is_int(L["layer"]) and 0 <= L["layer"] < n_layers and is_int(ex["expert"])
+                        and 0 <= ex["expert"] < num_experts and is_int(ex["tokens"]) and ex["tokens"] >= 0):
                     raise TypeError
                 counts[L["layer"]][ex["expert"]] = ex["tokens"]
     except (DbrxqError, AttributeError, KeyError, TypeError, IndexError):

@@ -34,8 +34,8 @@ from .errors import CheckpointError, DbrxqError
 
 MAX_JSON_DEPTH = 32
 DEPTH_SCAN_BYTES = 1 << 20
-# Size bounds: the largest such file a real checkpoint has is far below these (DBRX's config.json is
-# 1.2 KB, its index 33 KB, cl100k's tokenizer.json 9 MB).
+# Size bounds, far above what real checkpoints hold (the demo's config.json is 1 KB; cl100k_base as a
+# tokenizer.json, as dbrxq.vocab writes it, 4.1 MB).
 MAX_CONFIG_BYTES = 4 << 20
 MAX_INDEX_BYTES = 64 << 20
 MAX_TOKENIZER_BYTES = 64 << 20
@@ -123,11 +123,12 @@ def _no_duplicates(what: str, error: type[DbrxqError]):
     return hook
 
 
-def parse_json(data: bytes, what: str, *, error: type[DbrxqError] = CheckpointError) -> Any:
+def parse_json(data: bytes, what: str, *, error: type[DbrxqError] = CheckpointError,
+               not_json: str | None = None) -> Any:
     """JSON text -> value: no NaN/Infinity; in texts of up to DEPTH_SCAN_BYTES (configs, indexes,
     safetensors headers, manifests) also no repeated keys and nesting at most MAX_JSON_DEPTH. Larger
-    texts (a 4-9 MB tokenizer.json, whose ids are checked against its merges anyway) skip those two
-    scans, which would add a third to its load time, and nest at most as deep as the interpreter's
+    texts (a tokenizer.json of several MB, whose ids are checked against its merges anyway) skip those two
+    scans, which are slow in Python on texts that size, and nest at most as deep as the interpreter's
     recursion limit allows (RecursionError is refused)."""
     small = len(data) <= DEPTH_SCAN_BYTES
     if small:
@@ -141,7 +142,7 @@ def parse_json(data: bytes, what: str, *, error: type[DbrxqError] = CheckpointEr
         return json.loads(data, object_pairs_hook=_no_duplicates(what, error) if small else None,
                           parse_constant=constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{what}: not valid JSON ({e})") from None
+        raise error(not_json or f"{what}: not valid JSON ({e})") from None
     except RecursionError:  # texts above DEPTH_SCAN_BYTES
         raise error(f"{what}: JSON nested too deeply (beyond the interpreter's recursion limit); refused") from None
 

@@ -135,7 +135,7 @@ def requantize_q8_0(w: torch.Tensor) -> np.ndarray:
     return q8_0(qt)
 
 
-def float_to_type(w: torch.Tensor, ggml_type: str) -> np.ndarray:
+def float_to_type(w: torch.Tensor, ggml_type: str, what: str = "tensor") -> np.ndarray:
     """Float weights ``[..., N, K]`` -> bytes of ``ggml_type``.
 
     F32/F16/BF16 are conversions; Q8_0/Q4_0 quantize with dbrxq's own round-to-nearest at group
@@ -146,8 +146,8 @@ def float_to_type(w: torch.Tensor, ggml_type: str) -> np.ndarray:
     if ggml_type == "F16":
         h = w.to(torch.float16)
         if not torch.isfinite(h).all():
-            raise QuantizationError(f"values beyond float16's range ({float(w.abs().max()):.3g}); "
-                                    f"export this tensor as BF16 or F32")
+            raise QuantizationError(f"{what}: values beyond float16's range ({float(w.abs().max()):.3g}); "
+                                    f"export it as BF16 or F32 (--float-type)")
         return h.contiguous().numpy().view(np.uint8)
     if ggml_type == "BF16":
         return w.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8)

@@ -402,7 +402,7 @@ def quantize_tensor(
 def check_qparams(scales: torch.Tensor | None, qzeros: torch.Tensor | None, bits: int, what: str) -> None:
     """Refuse (CheckpointError, one line naming ``what``) scales that are not finite and positive, or
     zero points beyond the code range: such codes dequantize to NaN or garbage. One pass over small
-    tensors (1/64 of the codes' bytes at g128)."""
+    tensors (1/32 of the codes' bytes at int4 g128: 2 bytes of scale per 64 bytes of codes)."""
     from dbrxq.errors import CheckpointError
     if scales is not None and scales.numel():
         if scales.dtype == torch.float16:
