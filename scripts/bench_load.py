@@ -2,7 +2,7 @@
 
     python scripts/bench_load.py demo /path/to/ckpt --repo . --repo /tmp/worktree-before --turns 3
 
-Each turn runs `dbrxq.load(MODEL)` (float32 for a float checkpoint's activations, as `dbrxq run`
+Each turn runs `dbrxq.load(MODEL)` (with --tokenizer: `DbrxTokenizer.from_pretrained(MODEL)`) (float32 for a float checkpoint's activations, as `dbrxq run`
 picks by default: the checkpoint's dtype) in a fresh Python process with the given source tree first
 on sys.path, and reports the seconds inside load() (imports excluded) and the process's peak RSS;
 the median over turns is printed per (model, repo). The files are read once before the first turn
@@ -25,8 +25,12 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
 import dbrxq
+from dbrxq.tokenizer import DbrxTokenizer
 t0 = time.perf_counter()
-m = dbrxq.load(None if {model!r} == "demo" else {model!r})
+if {tokenizer!r}:
+    DbrxTokenizer.from_pretrained(dbrxq.default_model_dir() if {model!r} == "demo" else {model!r})
+else:
+    dbrxq.load(None if {model!r} == "demo" else {model!r})
 dt = time.perf_counter() - t0
 print(json.dumps({{"seconds": dt, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "file": dbrxq.__file__}}))
@@ -47,6 +51,8 @@ def main() -> None:
     ap.add_argument("models", nargs="+")
     ap.add_argument("--repo", action="append", required=True, help="a dbrxq source tree (repeat)")
     ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--tokenizer", action="store_true",
+                    help="time DbrxTokenizer.from_pretrained(MODEL) instead (MODEL may hold only tokenizer files)")
     args = ap.parse_args()
     print(describe_machine())
     rows = []
@@ -56,7 +62,7 @@ def main() -> None:
         rss = {}
         for turn in range(args.turns):
             for repo in args.repo:
-                code = CHILD.format(repo=str(Path(repo).resolve()), model=model)
+                code = CHILD.format(repo=str(Path(repo).resolve()), model=model, tokenizer=args.tokenizer)
                 out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
                 res = json.loads(out.stdout.strip().splitlines()[-1])
                 assert res["file"].startswith(str(Path(repo).resolve())), res["file"]
