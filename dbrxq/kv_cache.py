@@ -112,6 +112,22 @@ class StaticKVCache(KVCache):
     def reset(self) -> None:
         self.lengths = [0] * self.n_layers
 
+    def _row_end(self, row: int, pos: int, k: torch.Tensor) -> int:
+        end = pos + k.shape[2]
+        if end > self.capacity:
+            raise GenerationError(f"sequence of {end} tokens exceeds its cache slot of {self.capacity} positions")
+        assert 0 <= row < self.batch_size and k.shape[0] == 1, (row, k.shape)
+        return end
+
+    def write_row(self, layer_idx: int, row: int, pos: int, k: torch.Tensor, v: torch.Tensor):
+        """One sequence's k, v (1, kvH, T, hd) at positions pos.. of batch row ``row`` -> that row's
+        cached (1, kvH, pos + T, hd), as :meth:`update` returns for a batch of one (a slot of a
+        :class:`SlotPool`; the shared ``lengths`` are not used)."""
+        end = self._row_end(row, pos, k)
+        self.k[layer_idx][row:row + 1, :, pos:end] = k
+        self.v[layer_idx][row:row + 1, :, pos:end] = v
+        return self.k[layer_idx][row:row + 1, :, :end], self.v[layer_idx][row:row + 1, :, :end]
+
 
 class Int8KVCache(StaticKVCache):
     """K/V stored as int8 with per-token, per-head scales (symmetric absmax over head_dim).
@@ -173,10 +189,74 @@ class Int8KVCache(StaticKVCache):
             out.append((codes[layer_idx][:, :, :end].float() * scales[layer_idx][:, :, :end]).to(self.dtype))
         return out[0], out[1]
 
+    def write_row(self, layer_idx: int, row: int, pos: int, k: torch.Tensor, v: torch.Tensor):
+        """As StaticKVCache.write_row, dequantized as :meth:`update` returns them."""
+        end = self._row_end(row, pos, k)
+        for codes, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, s = self.quantize(x)
+            codes[layer_idx][row:row + 1, :, pos:end] = q
+            scales[layer_idx][row:row + 1, :, pos:end] = s
+        return tuple((codes[layer_idx][row:row + 1, :, :end].float() * scales[layer_idx][row:row + 1, :, :end])
+                     .to(self.dtype) for codes, scales in ((self.k, self.k_scale), (self.v, self.v_scale)))
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for bufs in (self.k, self.v, self.k_scale, self.v_scale):
             for i, t in enumerate(bufs):
                 bufs[i] = t.index_select(0, beam_idx.to(t.device))
+
+
+class SlotPool:
+    """A preallocated cache of ``cache.batch_size`` slots, one sequence per slot, each with its own
+    length: what a server decoding several requests together keeps (dbrxq.engine). Nothing is
+    allocated after construction; a slot is reused by the next request once released."""
+
+    def __init__(self, cache: StaticKVCache):
+        self.cache = cache
+        self.length = [0] * cache.batch_size
+        self.free = list(range(cache.batch_size - 1, -1, -1))
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    def acquire(self) -> int | None:
+        if not self.free:
+            return None
+        slot = self.free.pop()
+        self.length[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        assert slot not in self.free, slot
+        self.length[slot] = 0
+        self.free.append(slot)
+
+    def view(self, slots: list[int]) -> SlotView:
+        return SlotView(self, slots)
+
+
+class SlotView:
+    """The cache the model sees for one forward over rows that are different sequences (row i in
+    ``slots[i]``): attention asks it row by row (``per_row``, dbrxq.model.DbrxAttention); the new
+    positions start at each slot's length and count once :meth:`commit` runs after the forward."""
+
+    per_row = True
+
+    def __init__(self, pool: SlotPool, slots: list[int]):
+        self.pool, self.slots = pool, list(slots)
+        self.start = [pool.length[s] for s in self.slots]
+        self.added = 0
+
+    def update_row(self, i: int, k: torch.Tensor, v: torch.Tensor, layer_idx: int):
+        self.added = k.shape[2]
+        return self.pool.cache.write_row(layer_idx, self.slots[i], self.start[i], k, v)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.start[0] if len(self.slots) == 1 else 0  # per-row lengths: the caller passes positions
+
+    def commit(self) -> None:
+        for s, start in zip(self.slots, self.start):
+            self.pool.length[s] = start + self.added
 
 
 def kv_cache_bytes(config, batch_size: int, length: int, flavour: str, dtype: torch.dtype) -> int:

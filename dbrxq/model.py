@@ -17,6 +17,8 @@ forward signatures. Loading lives in dbrxq.loading; this file imports nothing fr
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -55,6 +57,52 @@ class DbrxOutput:
 
     def __getitem__(self, i):
         return self.to_tuple()[i]
+
+
+# --------------------------------------------------------------------------------------------
+# Batch invariance
+# --------------------------------------------------------------------------------------------
+class _Mode(threading.local):
+    invariant = False
+
+
+_MODE = _Mode()
+
+
+@contextlib.contextmanager
+def batch_invariant(on: bool = True):
+    """Within this block (on this thread), every row of a batch is computed bit for bit as it would
+    be alone: a weight whose kernel is not row-independent (:func:`row_independent`) is applied
+    to one row at a time, the same call a batch of one makes. Float matmuls are not
+    row-independent (torch picks gemv or differently blocked gemm kernels by the number of rows,
+    so a row's rounding depends on how many rows came with it); dbrxq's C kernels are (exact
+    integer dot products per row; quantize.kernels.CpuQWeight), and keep one pass over the weights
+    for the whole batch. Used by the server's batched decode step (dbrxq.engine), where the rows
+    are different requests."""
+    old, _MODE.invariant = _MODE.invariant, on
+    try:
+        yield
+    finally:
+        _MODE.invariant = old
+
+
+def row_independent(module) -> bool:
+    """Whether ``module``'s output row i is a function of its input row i alone, bit for bit, for
+    any number of rows (a ``row_independent`` attribute; False when absent, e.g. nn.Linear)."""
+    return bool(getattr(module, "row_independent", False))
+
+
+def by_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, independent: bool) -> torch.Tensor:
+    """fn(x), or, under :func:`batch_invariant` when fn is not row-independent, fn of each row of
+    x (its first dimension) concatenated."""
+    if not _MODE.invariant or independent or x.shape[0] <= 1:
+        return fn(x)
+    return torch.cat([fn(x[i:i + 1]) for i in range(x.shape[0])])
+
+
+def apply(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) under the batch-invariance rule of :func:`by_rows`."""
+    return by_rows(module, x, row_independent(module))
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +169,7 @@ class DbrxAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None, cache_position: int) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.Wqkv(x)  # (B, T, d + 2*kv*hd)
+        qkv = apply(self.Wqkv, x)  # (B, T, d + 2*kv*hd)
         if self.clip_qkv is not None:
             qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
         kv_dim = self.kv_heads * self.head_dim
@@ -130,15 +178,31 @@ class DbrxAttention(nn.Module):
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kvH, T, hd)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx, cache_position)  # (B, kvH, S, hd)
         gqa = self.kv_heads != self.n_heads
-        if mask is None and T > 1:  # unpadded prefill: causal, no (T, S) mask built
-            y = causal_attention(q, k, v, k.shape[2] - T, gqa)
+        if getattr(cache, "per_row", False):
+            y = self._per_row(q, k, v, cache, gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, hd)
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx, cache_position)  # (B, kvH, S, hd)
+            if mask is None and T > 1:  # unpadded prefill: causal, no (T, S) mask built
+                y = causal_attention(q, k, v, k.shape[2] - T, gqa)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.d_model)
-        return self.out_proj(y)
+        return apply(self.out_proj, y)
+
+    def _per_row(self, q, k, v, cache, gqa: bool) -> torch.Tensor:
+        """Rows that are separate sequences, each with its own cached length (a slotted cache,
+        dbrxq.kv_cache.SlotView): each row attends over its own keys exactly as it would alone."""
+        T, ys = q.shape[2], []
+        for i in range(q.shape[0]):
+            ki, vi = cache.update_row(i, k[i:i + 1], v[i:i + 1], self.layer_idx)  # (1, kvH, S_i, hd)
+            qi = q[i:i + 1]
+            if T > 1:
+                ys.append(causal_attention(qi, ki, vi, ki.shape[2] - T, gqa))
+            else:
+                ys.append(F.scaled_dot_product_attention(qi, ki, vi, enable_gqa=gqa))
+        return torch.cat(ys)
 
 
 class DbrxNormAttentionNorm(nn.Module):
@@ -192,11 +256,16 @@ def group_by_expert(expert_ids: torch.Tensor, num_experts: int):
 
 
 def moe_dispatch(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
-                 expert_fn: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                 expert_fn: Callable[[int, torch.Tensor], torch.Tensor], independent: bool = False) -> torch.Tensor:
     """sum_k weights[n, k] * expert_{ids[n, k]}(x[n]) with one batched call per active expert.
 
     x (N, D); expert_ids, weights (N, k); expert_fn(e, x_e (n_e, D)) -> (n_e, D).
+    Under :func:`batch_invariant`, ``independent`` says whether expert_fn is row-independent;
+    when not, it sees one token at a time.
     """
+    if _MODE.invariant and not independent:
+        fn = expert_fn
+        expert_fn = lambda e, xe: by_rows(lambda r: fn(e, r), xe, False)  # noqa: E731
     order, token_of, counts = group_by_expert(expert_ids, num_experts)
     flat_w = weights.reshape(-1)
     out = torch.zeros_like(x)
@@ -252,7 +321,7 @@ class DbrxExperts(nn.Module):
         return down_proj(self.act(x @ w1.T) * (x @ v1.T), w2)  # (n, D)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return moe_dispatch(x, expert_ids, weights, self.num_experts, self.expert)
+        return moe_dispatch(x, expert_ids, weights, self.num_experts, self.expert)  # float: not row-independent
 
 
 class DbrxFFN(nn.Module):
@@ -267,7 +336,7 @@ class DbrxFFN(nn.Module):
         """x (B, T, D) -> (out (B, T, D), router_logits (B*T, E))."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        logits = self.router(flat)
+        logits = apply(self.router, flat)
         weights, ids = route(logits, self.top_k, self.norm_p)
         return self.experts(flat, ids, weights).view(B, T, D), logits
 
@@ -389,8 +458,8 @@ class DbrxForCausalLM(nn.Module):
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            return h @ self.transformer.wte.weight.T
-        return self.lm_head(h)
+            return by_rows(lambda r: r @ self.transformer.wte.weight.T, h, False)
+        return apply(self.lm_head, h)
 
     def forward(
         self,

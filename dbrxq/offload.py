@@ -525,7 +525,13 @@ class OffloadedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return moe_dispatch(x, expert_ids, weights, self.num_experts,
-                            lambda e, xe: self.runtime.expert(self.layer, e, xe))
+                            lambda e, xe: self.runtime.expert(self.layer, e, xe), self.row_independent)
+
+    @property
+    def row_independent(self) -> bool:
+        """Slots hold dbrxq's C-kernel weights (CPU), which compute each row alone."""
+        from quantize.kernels import CpuQWeight
+        return not self.runtime.cuda and all(isinstance(w, CpuQWeight) for w in self.runtime.layout.template)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, slots={self.runtime.cache.capacity[self.layer]}"

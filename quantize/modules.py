@@ -147,6 +147,11 @@ class QLinear(QWeight):
         assert self._prepared is not None, "QLinear used before finalize_load()"
         return self._prepared.matmul(x)
 
+    @property
+    def row_independent(self) -> bool:
+        """dbrxq's C kernels compute each row alone, bit for bit (dbrxq.model.batch_invariant)."""
+        return isinstance(self._prepared, kernels.CpuQWeight)
+
 
 # --------------------------------------------------------------------------------------------
 # Experts
@@ -212,8 +217,13 @@ class QExperts(nn.Module):
         assert self._prepared is not None, "QExperts used before finalize_load()"
         return kernels.glu(x, *self._prepared[e], self.act)
 
+    @property
+    def row_independent(self) -> bool:
+        """Every expert on dbrxq's C kernels, which compute each row alone (dbrxq.model.batch_invariant)."""
+        return self._prepared is not None and all(isinstance(w, kernels.CpuQWeight) for p in self._prepared for w in p)
+
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return moe_dispatch(x, expert_ids, weights, self.num_experts, self.expert)
+        return moe_dispatch(x, expert_ids, weights, self.num_experts, self.expert, self.row_independent)
 
 
 # --------------------------------------------------------------------------------------------
