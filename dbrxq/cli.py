@@ -57,6 +57,35 @@ class SizeType(click.ParamType):
             self.fail(str(e).split(": ", 1)[-1], param, ctx)
 
 
+def runtime_options(f):
+    """The options that say how a model runs (device, dtype, memory budgets, KV cache, context,
+    offloading, threads), shared by run and serve."""
+    for opt in reversed([
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
+        click.option("--dtype", default="auto", show_default=True,
+                     help="auto (the checkpoint's), float32, bfloat16 or float16."),
+        click.option("--revision", help="Hub revision when MODEL is a repo id."),
+        click.option("--gpu-memory", type=SizeType(), help="GPU budget (e.g. 20GiB): offload experts that do not fit."),
+        click.option("--cpu-memory", type=SizeType(),
+                     help="RAM budget (e.g. 8GiB): on CPU the experts that do not fit are read from disk; "
+                          "with CUDA, the pinned host tier."),
+        click.option("--kv-cache", type=click.Choice(["bf16", "int8"]), default="bf16", show_default=True,
+                     help="KV cache flavour: the model's dtype, or int8 with per-token scales (about half)."),
+        click.option("--context", type=click.IntRange(min=1),
+                     help="Tokens (prompt + new) the memory plan reserves KV cache for (serve: per request) "
+                          "[default: min(max_seq_len, 4096)]."),
+        click.option("--expert-policy", type=click.Choice(["lru", "lfu", "static"]), default=None,
+                     help="With offloading, which experts stay in the slots: lru (default), lfu (decayed, seeded "
+                          "with the quantize report's routing counts), static (the most-routed experts, pinned)."),
+        click.option("--cache-dir", type=click.Path(file_okay=False),
+                     help="Where offloading keeps its prepared-expert files [default: $DBRXQ_CACHE, else "
+                          "~/.cache/dbrxq]."),
+        threads_option,
+    ]):
+        f = opt(f)
+    return f
+
+
 def _offload_report(rt) -> str:
     """--stats lines for an offloaded run: per decode token latency split, cache, bytes, memory."""
     from .placement import format_size
@@ -87,28 +116,11 @@ def _offload_report(rt) -> str:
 @click.option("--top-k", type=click.IntRange(min=1), help="Sample among the k most likely tokens.")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), help="Nucleus sampling mass.")
 @click.option("--seed", type=int, help="Seed for sampling (reproducible output).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--dtype", default="auto", show_default=True,
-              help="auto (the checkpoint's), float32, bfloat16 or float16.")
-@click.option("--revision", help="Hub revision when MODEL is a repo id.")
 @click.option("--stats", is_flag=True,
               help="Print tokens per second and peak memory; with offloading also the per-token latency "
                    "split, cache hit rate and bytes moved.")
-@click.option("--gpu-memory", type=SizeType(), help="GPU budget (e.g. 20GiB): offload experts that do not fit.")
-@click.option("--cpu-memory", type=SizeType(),
-              help="RAM budget (e.g. 8GiB): on CPU the experts that do not fit are read from disk; "
-                   "with CUDA, the pinned host tier.")
-@click.option("--kv-cache", type=click.Choice(["bf16", "int8"]), default="bf16", show_default=True,
-              help="KV cache flavour: the model's dtype, or int8 with per-token scales (about half).")
-@click.option("--context", type=click.IntRange(min=1),
-              help="Tokens (prompt + new) the memory plan reserves KV cache for [default: min(max_seq_len, 4096)].")
 @click.option("--plan", "show_plan", is_flag=True, help="Print the memory placement plan and exit.")
-@click.option("--expert-policy", type=click.Choice(["lru", "lfu", "static"]), default=None,
-              help="With offloading, which experts stay in the slots: lru (default), lfu (decayed, seeded with "
-                   "the quantize report's routing counts), static (the most-routed experts, pinned).")
-@click.option("--cache-dir", type=click.Path(file_okay=False),
-              help="Where offloading keeps its prepared-expert files [default: $DBRXQ_CACHE, else ~/.cache/dbrxq].")
-@threads_option
+@runtime_options
 def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
         revision, stats, gpu_memory, cpu_memory, kv_cache, context, show_plan, expert_policy, cache_dir,
         threads) -> None:
@@ -190,6 +202,54 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
         messages.append({"role": "assistant", "content": reply})
         if not interactive:
             return
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; then set an API key).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="DBRXQ_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every request.")
+@click.option("--model-name", help="The model id clients pass and /v1/models lists [default: MODEL as given, or demo].")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Requests decoding together (KV cache slots of --context positions each).")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Requests waiting for a slot; beyond them the server answers 503.")
+@click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Prompt tokens per prefill pass; decoding requests wait at most one pass.")
+@click.option("--batch-invariant/--no-batch-invariant", default=True, show_default=True,
+              help="Compute every request bit for bit as alone (float layers then run row by row; quantized "
+                   "layers on dbrxq's CPU kernels are batched either way).")
+@click.option("--shutdown-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="On SIGTERM/SIGINT, seconds in-flight requests get to finish before they are cancelled.")
+@runtime_options
+def serve(model, host, port, api_key, model_name, max_batch, max_queue, prefill_chunk, batch_invariant,
+          shutdown_timeout, device, dtype, revision, gpu_memory, cpu_memory, kv_cache, context, expert_policy,
+          cache_dir, threads) -> None:
+    """Serve MODEL (as for run) over the OpenAI API: POST /v1/chat/completions, /v1/completions,
+    GET /v1/models, /health; requests decode together (continuous batching)."""
+    from .api import load
+    from .engine import Engine
+    from .server import Server, serve as serve_http
+
+    def loader():  # runs on the engine's thread, which then owns every torch call
+        return load(model, device=device, dtype=dtype, revision=revision, gpu_memory=gpu_memory,
+                    cpu_memory=cpu_memory, context=context, batch_size=max_batch, kv_cache=kv_cache,
+                    threads=threads, offload_options={k: v for k, v in (("cache_dir", cache_dir),
+                                                                        ("policy", expert_policy)) if v})
+
+    engine = Engine(loader, max_batch=max_batch, max_queue=max_queue, context=context, kv_cache=kv_cache,
+                    prefill_chunk=prefill_chunk, invariant=batch_invariant).wait_ready()
+    runner = engine.runner
+    name = model_name or (str(model) if model else "demo")
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.echo(f"warning: listening on {host} without an API key: anyone who reaches this port can use it",
+                   err=True)
+    click.echo(f"serving {name} ({runner.config.n_layers} layers, {engine.max_batch} slots x {engine.context} "
+               f"tokens) at http://{host}:{port}/v1", err=True)
+    serve_http(Server(engine, runner.tokenizer, model_name=name, stop_tokens=runner.stop_tokens, api_key=api_key),
+               host=host, port=port, shutdown_timeout=shutdown_timeout)
 
 
 def fit_conversation(runner, messages: list[dict], system: str | None, max_new_tokens: int) -> None:

@@ -129,7 +129,7 @@ class Engine:
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: list[Request] = []
-        self._stopping = False
+        self._stopping = self._draining = False
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._touched: list[int] | None = None  # per decode step: distinct experts per layer
@@ -209,7 +209,7 @@ class Engine:
         """Queue ``req`` (checked first). Raises GenerationError, QueueFull or EngineStopped."""
         self.check(req.prompt, req.max_tokens, req.temperature, req.top_k, req.top_p, req.seed)
         with self._cv:
-            if self._stopping:
+            if self._stopping or self._draining:
                 raise EngineStopped("the server is shutting down")
             if len(self._active) >= self.max_batch and len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{self.max_batch} requests running and {len(self._waiting)} waiting (--max-batch, "
@@ -228,6 +228,21 @@ class Engine:
         """(running, waiting) requests."""
         with self._cv:
             return len(self._active), len(self._waiting)
+
+    def drain(self, grace: float) -> None:
+        """Take no new requests (EngineStopped); after ``grace`` seconds cancel those still running or
+        waiting (their streams end with finish "cancelled"). The worker keeps running until :meth:`shutdown`."""
+        with self._cv:
+            self._draining = True
+
+        def cancel_all() -> None:
+            with self._cv:
+                for r in list(self._waiting) + self._active:
+                    r.cancelled = True
+                self._cv.notify()
+        t = threading.Timer(grace, cancel_all)
+        t.daemon = True
+        t.start()
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Cancel everything still queued or running, stop the worker, remove the hooks."""

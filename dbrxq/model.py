@@ -142,7 +142,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: in
     out = (e^{l1-m} o1 + e^{l2-m} o2) / (e^{l1-m} + e^{l2-m}), m = max(l1, l2). Elsewhere (CUDA,
     or a torch without that kernel) a boolean mask is built as before.
     """
-    T, S = q.shape[2], k.shape[2]
+    S = k.shape[2]
     if past == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
