@@ -72,6 +72,7 @@ class Request:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    ignore_eos: bool = False  # run to max_tokens through stop tokens (benchmarks; vLLM's extension)
     id: int = field(default_factory=itertools.count().__next__)
     # state, owned by the worker thread
     tokens: list[int] = field(default_factory=list)
@@ -92,6 +93,7 @@ class EngineStats:
     decode_s: float = 0.0
     expert_reads: int = 0  # distinct (layer, expert) pairs the decode steps routed to, summed over steps
     expert_bytes: int = 0  # expert_reads x bytes of one expert
+    weight_bytes: int = 0  # every weight byte the decode steps read (experts + the rest; see Engine._step_bytes)
     batch_hist: collections.Counter = field(default_factory=collections.Counter)
 
 
@@ -102,6 +104,27 @@ def expert_nbytes(model) -> int:
     total = sum(t.numel() * t.element_size() for t in list(inner.parameters()) + list(inner.buffers())
                 if not t.is_meta)
     return total // inner.num_experts
+
+
+def other_weights(model) -> list[tuple[int, bool]]:
+    """(bytes, row-independent) of each weight matrix a decode step reads outside the experts: the
+    attention projections, routers and the output head (the embedding only gathers rows; norms are
+    vectors)."""
+    from .model import row_independent
+    out = []
+    for b in model.transformer.blocks:
+        for m in (b.norm_attn_norm.attn.Wqkv, b.norm_attn_norm.attn.out_proj, b.ffn.router.layer):
+            out.append((module_nbytes(m), row_independent(m)))
+    head = model.lm_head if model.lm_head is not None else model.transformer.wte
+    out.append((module_nbytes(head), row_independent(head)))
+    return out
+
+
+def module_nbytes(m) -> int:
+    prepared = getattr(m, "_prepared", None)  # a quantized layer reads its kernel's copy
+    if prepared is not None and hasattr(prepared, "nbytes"):
+        return int(prepared.nbytes)
+    return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()) if not t.is_meta)
 
 
 class Engine:
@@ -165,6 +188,7 @@ class Engine:
                                   device=model.device)
         self.pool = SlotPool(cache)
         self._expert_bytes = expert_nbytes(model)
+        self._other = other_weights(model)
         self._hooks = [b.ffn.register_forward_hook(self._count_experts) for b in model.transformer.blocks]
 
     def wait_ready(self, timeout: float | None = None) -> Engine:
@@ -339,10 +363,16 @@ class Engine:
         self.stats.batch_hist[len(rows)] += 1
         self.stats.expert_reads += sum(touched)
         self.stats.expert_bytes += sum(touched) * self._expert_bytes
+        self.stats.weight_bytes += sum(touched) * self._expert_bytes + self._step_bytes(len(rows))
         logits = out.logits[:, -1]
         for i, r in enumerate(rows):
             self._take(r, logits[i:i + 1])
         self.stats.decode_s += time.perf_counter() - t0
+
+    def _step_bytes(self, rows: int) -> int:
+        """Bytes of the non-expert weights one decode step of ``rows`` reads: each once, except, under
+        batch invariance, those whose kernel is not row-independent, read once per row."""
+        return sum(n if (indep or not self.invariant) else n * rows for n, indep in self._other)
 
     def _count_experts(self, module, args, out) -> None:
         if self._touched is not None:
@@ -359,6 +389,7 @@ class Engine:
         t = int(sample(logits, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, generator=r.generator)[0])
         r.tokens.append(t)
         r.emit(Event(token=t))
-        if t in self.stop_tokens or len(r.tokens) >= r.max_tokens:
+        stop = t in self.stop_tokens and not r.ignore_eos
+        if stop or len(r.tokens) >= r.max_tokens:
             with self._cv:
-                self._end(r, "stop" if t in self.stop_tokens else "length")
+                self._end(r, "stop" if stop else "length")

@@ -69,6 +69,7 @@ def _models():
         stream: bool = False
         stream_options: StreamOptions | None = None
         logprobs: Any = None
+        ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past end-of-text
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
@@ -152,6 +153,7 @@ class Server:
                   seed=body.seed)
         try:
             self.engine.check(prompt, **kw)
+            kw["ignore_eos"] = body.ignore_eos
         except DbrxqError as e:
             param = "max_tokens" if "max_tokens" in str(e) else "messages" if hasattr(body, "messages") else "prompt"
             raise APIError(400, str(e), param=param, code="context_length_exceeded" if "context" in str(e) else None)
@@ -351,6 +353,7 @@ def create_app(server: Server):
                 "stats": {"prefill_tokens": st.prefill_tokens, "decode_steps": st.decode_steps,
                           "decode_tokens": st.decode_tokens, "decode_s": st.decode_s,
                           "expert_reads": st.expert_reads, "expert_bytes": st.expert_bytes,
+                          "weight_bytes": st.weight_bytes,
                           "largest_batch": max(st.batch_hist, default=0)}}
 
     @app.get("/v1/models")
