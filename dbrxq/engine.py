@@ -314,7 +314,16 @@ class Engine:
             r.slot = None
         if r.finish is None:
             r.finish = finish
-            r.emit(Event(finish=finish, error=error))
+            self._send(r, Event(finish=finish, error=error))
+
+    @staticmethod
+    def _send(r: Request, ev: Event) -> None:
+        """r.emit(ev); a callback that fails (its event loop is gone) cancels r instead of the step."""
+        try:
+            r.emit(ev)
+        except Exception:
+            log.warning("request %d: its event callback failed; cancelling it", r.id, exc_info=True)
+            r.cancelled = True
 
     def _step(self) -> None:
         with self._cv:
@@ -388,7 +397,7 @@ class Engine:
             return
         t = int(sample(logits, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, generator=r.generator)[0])
         r.tokens.append(t)
-        r.emit(Event(token=t))
+        self._send(r, Event(token=t))
         stop = t in self.stop_tokens and not r.ignore_eos
         if stop or len(r.tokens) >= r.max_tokens:
             with self._cv:

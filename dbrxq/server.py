@@ -94,7 +94,7 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 503: "server_error"}
+          405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
 
 
 class StopMatcher:
@@ -288,24 +288,41 @@ async def _chain(first, gen):
         yield item
 
 
-class APIKeyCheck:
-    """ASGI middleware: every HTTP request must carry ``Authorization: Bearer KEY`` (401 otherwise).
-    Plain ASGI rather than Starlette's BaseHTTPMiddleware, which wraps streaming responses in an
-    extra task and turns a cancelled stream into an error."""
+MAX_BODY = 4 << 20  # bytes of a request body; a whole context of text is far less
 
-    def __init__(self, app, key: str):
-        self.app, self.want = app, f"Bearer {key}".encode()
+
+class Guard:
+    """ASGI middleware in front of every HTTP request: ``Authorization: Bearer KEY`` when a key is
+    set (401 otherwise), and a body of at most MAX_BODY bytes (413), whether or not it declares its
+    length. Plain ASGI rather than Starlette's BaseHTTPMiddleware, which wraps streaming responses
+    in an extra task and turns a cancelled stream into an error."""
+
+    def __init__(self, app, key: str | None):
+        self.app, self.want = app, None if key is None else f"Bearer {key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            got = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(got, self.want):
-                from fastapi.responses import JSONResponse
-                body = error_body("missing or wrong API key (Authorization: Bearer KEY)", "invalid_request_error",
-                                  None, "invalid_api_key")
-                await JSONResponse(body, 401)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse
+        headers = dict(scope["headers"])
+        if self.want is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.want):
+            body = error_body("missing or wrong API key (Authorization: Bearer KEY)", "invalid_request_error",
+                              None, "invalid_api_key")
+            return await JSONResponse(body, 401)(scope, receive, send)
+        too_big = JSONResponse(error_body(f"request body over {MAX_BODY} bytes", "invalid_request_error"), 413)
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > MAX_BODY:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY:
+                raise APIError(413, f"request body over {MAX_BODY} bytes")
+            return message
+        await self.app(scope, limited, send)
 
 
 def create_app(server: Server):
@@ -341,8 +358,7 @@ def create_app(server: Server):
         where = ".".join(loc) or "body"
         return JSONResponse(error_body(f"{where}: {err.get('msg')}", "invalid_request_error", where or None), 400)
 
-    if server.api_key is not None:
-        app.add_middleware(APIKeyCheck, key=server.api_key)
+    app.add_middleware(Guard, key=server.api_key)
 
     @app.get("/health")
     async def health():
@@ -365,7 +381,7 @@ def create_app(server: Server):
     async def chat(request: HTTPRequest, body: ChatRequest):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            prompt = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            prompt = await asyncio.to_thread(server.tokenizer.apply_chat_template, messages, add_generation_prompt=True)
         except DbrxqError as e:
             raise APIError(400, str(e), param="messages")
         return await server.respond(request, body, prompt, "chat.completion")
@@ -379,7 +395,7 @@ def create_app(server: Server):
             p = p[0]
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
-        prompt = server.tokenizer.encode(p) if isinstance(p, str) else list(p)
+        prompt = await asyncio.to_thread(server.tokenizer.encode, p) if isinstance(p, str) else list(p)
         return await server.respond(request, body, prompt, "text_completion")
 
     return app

@@ -190,6 +190,15 @@ def test_errors_have_openai_shape_and_status(server):
     assert status == 404 and body["error"]["type"] == "not_found_error" and "/v1/nothing-here" in body["error"]["message"]
 
 
+def test_oversized_body_is_refused_before_it_is_read(server):
+    c = server.conn()
+    c.request("POST", "/v1/completions", body=json.dumps({"model": "demo", "prompt": "x" * (5 << 20)}),
+              headers={**server.headers, "Content-Type": "application/json"})
+    r = c.getresponse()
+    body = json.loads(r.read())
+    assert r.status == 413 and "request body over" in body["error"]["message"]
+
+
 def test_api_key_is_checked_on_every_request(server):
     with pytest.raises(openai.AuthenticationError) as e:
         server.client("sk-wrong").completions.create(model="demo", prompt=TEXTS[0], max_tokens=4)
@@ -240,3 +249,10 @@ def test_full_queue_answers_503_and_sigterm_exits_cleanly(tmp_path):
         assert "Shutting down" in log and "Traceback" not in log, log
     finally:
         s.stop()
+
+
+def test_bad_options_are_one_line_errors_before_listening(dbrxq_main, tmp_path):
+    code, err = dbrxq_main("serve", "--port", str(free_port()), "--context", "5000")
+    assert code == 2 and err.strip() == "error: context 5000 must be between 1 and the model's max_seq_len 1024"
+    code, err = dbrxq_main("serve", str(tmp_path / "missing"), "--port", str(free_port()))
+    assert code == 2 and err.startswith("error: ") and "missing" in err and "Traceback" not in err
