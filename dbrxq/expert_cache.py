@@ -113,7 +113,11 @@ class EvictionPolicy:
     def touch(self, key: int) -> None: ...  # a hit
     def insert(self, key: int) -> None: ...  # a new resident
     def remove(self, key: int) -> None: ...
-    def victim(self) -> int: ...
+    def victim(self, exclude=()) -> int | None: ...  # None: every resident is excluded
+
+    def admits(self, key: int, victim: int) -> bool:
+        """Whether missed ``key`` may take ``victim``'s place (else it passes through uncached)."""
+        return True
 
 
 class LRU(EvictionPolicy):
@@ -130,8 +134,8 @@ class LRU(EvictionPolicy):
     def remove(self, key: int) -> None:
         del self.order[key]
 
-    def victim(self) -> int:
-        return next(iter(self.order))
+    def victim(self, exclude=()) -> int | None:
+        return next((k for k in self.order if k not in exclude), None)
 
 
 class DecayedLFU(EvictionPolicy):
@@ -147,10 +151,13 @@ class DecayedLFU(EvictionPolicy):
         self.score: dict[int, tuple[float, int]] = {k: (float(v), 0) for k, v in (prior or {}).items()}
         self.resident: OrderedDict[int, None] = OrderedDict()  # least recent first
 
-    def _bump(self, key: int) -> None:
+    def _count(self, key: int) -> None:
         self.step += 1
         v, t = self.score.get(key, (0.0, self.step))
         self.score[key] = (v * self.decay ** (self.step - t) + 1.0, self.step)
+
+    def _bump(self, key: int) -> None:
+        self._count(key)
         self.resident.move_to_end(key)
 
     def _now(self, key: int) -> float:
@@ -167,31 +174,49 @@ class DecayedLFU(EvictionPolicy):
     def remove(self, key: int) -> None:
         del self.resident[key]
 
-    def victim(self) -> int:
-        return min(self.resident, key=self._now)  # min keeps the first (least recent) of equal scores
+    def victim(self, exclude=()) -> int | None:
+        keys = [k for k in self.resident if k not in exclude]  # min keeps the first (least recent) of equal scores
+        return min(keys, key=self._now) if keys else None
+
+    def admits(self, key: int, victim: int) -> bool:
+        """Frequency-aware admission: missed ``key`` replaces ``victim`` only if its score after this
+        use is at least the victim's, so a one-off expert does not push out a hot one when the step
+        leaves no colder resident to evict. Refused, the use still counts."""
+        if self._now(key) * self.decay + 1.0 >= self._now(victim) * self.decay:
+            return True  # insert() counts the use
+        self._count(key)
+        return False
 
 
 def simulate(trace: list[list[int]], capacity: int, policy: EvictionPolicy,
              initial: list[int] = ()) -> tuple[int, int]:
     """(hits, misses) of one layer's cache of ``capacity`` slots over ``trace`` (per token, the
     experts it routes to, in the order they are computed), starting with ``initial`` resident: the
-    same lookup/admit/evict steps as :class:`ExpertCache`, without bytes."""
+    same steps as the offloading runtime's (dbrxq.offload.OffloadRuntime._plan_reads), without
+    bytes: a token's hits are looked up first, then each miss is admitted in place of a resident
+    the token does not use, if the policy admits it (else, or with none left, it passes through a
+    staging slot, not cached)."""
     resident: set[int] = set()
     for e in list(initial)[:capacity]:
         resident.add(e)
         policy.insert(e)
     hits = misses = 0
     for experts in trace:
+        keep = set(experts)
         for e in experts:
             if e in resident:
                 hits += 1
                 policy.touch(e)
+        for e in experts:
+            if e in resident:
                 continue
             misses += 1
             if capacity == 0:
                 continue
             if len(resident) >= capacity:
-                old = policy.victim()
+                old = policy.victim(keep)
+                if old is None or not policy.admits(e, old):
+                    continue
                 policy.remove(old)
                 resident.discard(old)
             resident.add(e)
@@ -202,6 +227,14 @@ def simulate(trace: list[list[int]], capacity: int, policy: EvictionPolicy,
 # --------------------------------------------------------------------------------------------
 # The cache
 # --------------------------------------------------------------------------------------------
+def aligned_empty(nbytes: int, align: int = 4096) -> torch.Tensor:
+    """A CPU uint8 tensor of ``nbytes`` whose first byte sits on an ``align`` boundary (what
+    O_DIRECT reads need); a view of a slightly larger allocation."""
+    base = torch.empty(nbytes + align, dtype=torch.uint8)
+    off = -base.data_ptr() % align
+    return base[off:off + nbytes]
+
+
 @dataclass
 class Slot:
     storage: torch.Tensor  # uint8 [layout.nbytes] on the cache's device
@@ -209,6 +242,8 @@ class Slot:
     expert: int = -1  # which expert's bytes are in it (-1: none)
     ready: Any = None  # CUDA event: the copy into the slot has finished
     released: Any = None  # CUDA event: the last computation reading the slot has finished
+    buffer: torch.Tensor | None = None  # CPU: page-aligned [stride] whose first nbytes are `storage`
+    pending: Any = None  # CPU: the background read filling it (dbrxq.offload.ReadJob), until waited for
 
 
 @dataclass
@@ -233,8 +268,9 @@ class ExpertCache:
     """
 
     def __init__(self, layout: SlotLayout, capacity: list[int], device: torch.device, *,
-                 policy: Callable[[], EvictionPolicy] = LRU, pin_memory: bool = False):
+                 policy: Callable[[], EvictionPolicy] = LRU, pin_memory: bool = False, stride: int | None = None):
         self.layout, self.capacity, self.device = layout, list(capacity), torch.device(device)
+        self.stride = stride  # CPU: each slot is a page-aligned buffer of stride >= nbytes bytes
         self.pin_memory = pin_memory and self.device.type == "cpu"
         self.policies = [policy() for _ in capacity]
         self.where: list[dict[int, Slot]] = [{} for _ in capacity]  # layer -> expert -> slot
@@ -243,12 +279,16 @@ class ExpertCache:
         self.counters = CacheCounters()
 
     def new_slot(self) -> Slot:
+        if self.stride is not None and self.device.type == "cpu" and not self.pin_memory:
+            buffer = aligned_empty(self.stride)
+            storage = buffer[: self.layout.nbytes]
+            return Slot(storage, self.layout.views(storage), buffer=buffer)
         storage = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self.device,
                               pin_memory=self.pin_memory)
         return Slot(storage, self.layout.views(storage))
 
     def resident_bytes(self) -> int:
-        return sum(self.allocated) * self.layout.nbytes
+        return sum(self.allocated) * self.layout.nbytes  # (+ < 4 KiB of alignment per CPU slot)
 
     def contains(self, layer: int, expert: int) -> bool:
         return expert in self.where[layer]
@@ -264,8 +304,9 @@ class ExpertCache:
                 self.counters.hits += 1
         return slot
 
-    def admit(self, layer: int, expert: int) -> Slot | None:
-        """The slot that will hold ``expert`` (caller fills it); None when the layer has no slots."""
+    def admit(self, layer: int, expert: int, exclude=()) -> Slot | None:
+        """The slot that will hold ``expert`` (caller fills it); None when the layer has no slots, or
+        when every resident expert is in ``exclude`` (still needed, e.g. by the step under way)."""
         assert expert not in self.where[layer], (layer, expert)
         if self.capacity[layer] == 0:
             return None
@@ -275,7 +316,9 @@ class ExpertCache:
             slot = self.new_slot()
             self.allocated[layer] += 1
         else:
-            old = self.policies[layer].victim()
+            old = self.policies[layer].victim(exclude)
+            if old is None or not self.policies[layer].admits(expert, old):
+                return None
             self.policies[layer].remove(old)
             slot = self.where[layer].pop(old)
             self.counters.evictions += 1

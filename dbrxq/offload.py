@@ -38,8 +38,10 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -90,30 +92,54 @@ class PreparedExpertFile:
     removes the file and its sidecar and stops with one line, so the next run rebuilds it.
     """
 
-    FORMAT = "dbrxq-prepared-experts-v1"
+    FORMAT = "dbrxq-prepared-experts-v2"  # v2: experts at a stride of whole 4 KiB pages (O_DIRECT)
+    ALIGN = 4096
 
     def __init__(self, path: Path, nbytes: int, num_experts: int, *, crcs: list[int] | None = None,
-                 drop_page_cache: bool = False):
+                 drop_page_cache: bool = False, direct: bool = False):
         self.path, self.nbytes, self.num_experts = Path(path), nbytes, num_experts
+        self.stride = stride_of(nbytes)
         self.drop_page_cache = drop_page_cache
         self.crcs = crcs
         self.verified: set[int] = set()
         self.fd = os.open(self.path, os.O_RDONLY)
+        self.dfd = -1  # O_DIRECT descriptor: reads from the disk, never the page cache
+        if direct:
+            try:
+                self.dfd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            except OSError as e:
+                self._no_direct(e)
+
+    def _no_direct(self, e: OSError) -> None:
+        log.warning("%s: O_DIRECT is not supported here (%s); reading through the page cache and dropping "
+                    "each read from it", self.path, e.strerror or e)
+        if self.dfd >= 0:
+            os.close(self.dfd)
+        self.dfd = -1
+        self.drop_page_cache = True
 
     def read_into(self, layer: int, expert: int, dst: torch.Tensor) -> None:
-        """dst: CPU uint8 [nbytes] (a slot in RAM, or pinned staging for a GPU)."""
+        """dst: CPU uint8, at least nbytes (a slot in RAM, or pinned staging for a GPU). A page-aligned
+        dst of ``stride`` bytes is read with O_DIRECT when the file was opened with ``direct``."""
         idx = layer * self.num_experts + expert
-        off = idx * self.nbytes
-        view = memoryview(dst.numpy()).cast("B")
-        got = os.preadv(self.fd, [view], off)
+        off = idx * self.stride
+        if self.dfd >= 0 and dst.numel() >= self.stride and dst.data_ptr() % self.ALIGN == 0:
+            try:
+                got = os.preadv(self.dfd, [memoryview(dst[: self.stride].numpy()).cast("B")], off)
+            except OSError as e:  # a file system that opens O_DIRECT but refuses the read
+                self._no_direct(e)
+                return self.read_into(layer, expert, dst)
+            got = min(got, self.nbytes)
+        else:
+            got = os.preadv(self.fd, [memoryview(dst[: self.nbytes].numpy()).cast("B")], off)
+            if self.drop_page_cache:
+                os.posix_fadvise(self.fd, off, self.stride, os.POSIX_FADV_DONTNEED)
         if got != self.nbytes:
             self._damaged(layer, expert, f"short read ({got} of {self.nbytes} bytes)")
         if self.crcs is not None and idx not in self.verified:
-            if zlib.crc32(view) != self.crcs[idx]:
+            if zlib.crc32(memoryview(dst[: self.nbytes].numpy()).cast("B")) != self.crcs[idx]:
                 self._damaged(layer, expert, "its CRC-32 differs from the one recorded when the file was written")
             self.verified.add(idx)
-        if self.drop_page_cache:
-            os.posix_fadvise(self.fd, off, self.nbytes, os.POSIX_FADV_DONTNEED)
 
     def _damaged(self, layer: int, expert: int, why: str) -> None:
         for p in (self.path, sidecar_path(self.path)):
@@ -123,9 +149,10 @@ class PreparedExpertFile:
                               f"removed it, rerun to rebuild it from the checkpoint")
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for name in ("fd", "dfd"):
+            if getattr(self, name) >= 0:
+                os.close(getattr(self, name))
+                setattr(self, name, -1)
 
     @classmethod
     def build(cls, path: Path, experts: list, layout: SlotLayout, backend: str | None, device: torch.device,
@@ -136,6 +163,7 @@ class PreparedExpertFile:
         path.parent.mkdir(parents=True, exist_ok=True)
         release = PageReleaser()
         buf = torch.empty(layout.nbytes, dtype=torch.uint8)
+        pad = bytes(stride_of(layout.nbytes) - layout.nbytes)
         E = experts[0].num_experts
         t0 = time.perf_counter()
         tmp = temp_path(path)
@@ -149,6 +177,7 @@ class PreparedExpertFile:
                             check_qparams(qt.scales, qt.qzeros, qt.bits, f"layer {layer} expert {e}")
                         layout.pack(prepare_expert(canonical, backend, device, act_dtype), buf)
                         f.write(memoryview(buf.numpy()))
+                        f.write(pad)
                         crcs.append(zlib.crc32(memoryview(buf.numpy())))
                         for qt in canonical:  # the checkpoint's pages are not needed any more
                             for t in (qt.qweight, qt.scales, qt.qzeros):
@@ -163,6 +192,12 @@ class PreparedExpertFile:
         if identity is not None:
             write_json_atomic({**identity, "crc32": crcs}, sidecar_path(path))
         return cls(path, layout.nbytes, E, crcs=crcs, **kw)
+
+
+def stride_of(nbytes: int) -> int:
+    """Bytes between experts in a prepared file (and of a CPU slot's buffer): whole 4 KiB pages."""
+    a = PreparedExpertFile.ALIGN
+    return -(-nbytes // a) * a
 
 
 def sidecar_path(path: Path) -> Path:
@@ -321,6 +356,79 @@ class OffloadStats:
 
 
 # --------------------------------------------------------------------------------------------
+# The CPU reader: expert reads overlapped with compute
+# --------------------------------------------------------------------------------------------
+class ReadJob:
+    """One expert being read into a slot (a cache slot, or a staging slot the reader takes)."""
+
+    __slots__ = ("layer", "expert", "slot", "staging", "done", "error")
+
+    def __init__(self, layer: int, expert: int, slot):
+        self.layer, self.expert, self.slot, self.staging = layer, expert, slot, slot is None
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def wait(self):
+        """The slot, once its bytes have arrived (re-raises the read's error)."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.slot
+
+
+class Reader:
+    """One thread reading prepared experts in the order they are asked for, while the caller
+    computes. Why a thread with preadv (and not io_uring or a pool): a DBRX expert is one contiguous
+    100 MB read, which one preadv streams at the device's rate (1.4 GB/s with O_DIRECT on this
+    project's VM disk, 4.5 GB/s from the page cache), and the syscall releases the GIL, so compute
+    goes on; the order matters more than the depth, because the layer computes its experts one
+    after another. A job without a slot takes one of the staging slots (misses that no cache slot
+    may take), waiting until compute hands one back (:meth:`release`), so at most
+    ``len(staging)`` such experts are in memory at once. ``delay`` (tests) sleeps before each read."""
+
+    def __init__(self, file: PreparedExpertFile, staging: list, delay: float = 0.0):
+        self.file, self.delay = file, delay
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        for slot in staging:
+            self.free.put(slot)
+        self.thread = threading.Thread(target=self._run, name="dbrxq-reader", daemon=True)
+        self.thread.start()
+
+    def submit(self, layer: int, expert: int, slot=None) -> ReadJob:
+        job = ReadJob(layer, expert, slot)
+        self.jobs.put(job)
+        return job
+
+    def release(self, slot) -> None:
+        self.free.put(slot)
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            try:
+                if job.slot is None:
+                    job.slot = self.free.get()
+                job.slot.expert = job.expert
+                if self.delay:
+                    time.sleep(self.delay)
+                self.file.read_into(job.layer, job.expert, job.slot.buffer)
+            except BaseException as e:  # handed to the thread that waits for it
+                job.error = e
+            finally:
+                job.done.set()
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+
+
+STAGING_SLOTS = 2  # CPU: misses read ahead into these while compute works on another expert
+
+
+# --------------------------------------------------------------------------------------------
 # The runtime the wrapped modules talk to
 # --------------------------------------------------------------------------------------------
 class OffloadRuntime:
@@ -348,11 +456,18 @@ class OffloadRuntime:
         if policy == "lfu":
             priors = iter([_prior(c, plan.num_experts) for c in routing_counts] if routing_counts else [])
             factory = lambda: DecayedLFU(prior=next(priors, None))  # noqa: E731 (one per layer, in order)
-        self.cache = ExpertCache(layout, plan.slots_per_layer, self.device, policy=factory)
+        self.cache = ExpertCache(layout, plan.slots_per_layer, self.device, policy=factory,
+                                 stride=None if self.cuda else file.stride)
         # static: the hottest experts fill the slots and stay; other experts go through the scratch slot
         self.pinned = [set(self.hot[i][:n]) if self.hot and policy == "static" else None
                        for i, n in enumerate(plan.slots_per_layer)]
-        self.scratch = self.cache.new_slot()  # for layers without slots / computed-in-place misses
+        self.speculate: list | None = None  # CPU: per layer, (norm_2, router, top_k, norm_p) to guess the next layer
+        self._resid: dict[int, torch.Tensor] = {}  # CPU: block i's residual after attention, to guess block i+1
+        if self.cuda:
+            self.scratch = self.cache.new_slot()  # for layers without slots / computed-in-place misses
+            self.reader = None
+        else:  # the staging slots are the workspace's expert buffers (placement.make_plan)
+            self.reader = Reader(file, [self.cache.new_slot() for _ in range(STAGING_SLOTS)])
         self.kv_bytes = 0
         self.stats = OffloadStats()
         self.phase = "prefill"
@@ -482,6 +597,88 @@ class OffloadRuntime:
         self.note_peak()
         return y
 
+    def moe(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+            independent: bool) -> torch.Tensor:
+        """The MoE of ``layer`` (OffloadedExperts.forward). On CPU: every miss of the layer is handed to
+        the reader first, in the order the experts will be computed, then a guess of the next layer's
+        experts (speculative prefetch), then the experts are computed in order, each waiting only
+        for its own bytes, while the reader fetches the ones after it."""
+        if self.cuda:
+            return moe_dispatch(x, expert_ids, weights, self.plan.num_experts,
+                                lambda e, xe: self.expert(layer, e, xe), independent)
+        ph = self.stats.phases[self.phase]
+        counts = torch.bincount(expert_ids.reshape(-1), minlength=self.plan.num_experts).tolist()
+        used = [e for e, n in enumerate(counts) if n]
+        planned = self._plan_reads(layer, used)
+        self._speculate(layer)
+        self.note_peak()
+
+        def run(e: int, xe: torch.Tensor) -> torch.Tensor:
+            t0 = time.perf_counter()
+            slot, job = planned[e]
+            if job is not None:
+                slot = job.wait()
+            elif slot.pending is not None:  # a prefetch still under way
+                slot.pending.wait()
+            y = self._compute(slot, xe)
+            if job is not None and job.staging:
+                planned[e] = (None, None)
+                self.reader.release(slot)
+            if job is None:
+                ph.resident_s += time.perf_counter() - t0
+            else:
+                ph.missed_s += time.perf_counter() - t0
+            return y
+        try:
+            return moe_dispatch(x, expert_ids, weights, self.plan.num_experts, run, independent)
+        finally:  # after an error: no read may still target a staging slot, and each goes back
+            for slot, job in planned.values():
+                if job is not None and job.staging:
+                    job.done.wait()
+                    if job.slot is not None:
+                        self.reader.release(job.slot)
+
+    def _plan_reads(self, layer: int, used: list[int]) -> dict:
+        """expert -> (cache slot, None) for a hit, (slot or None, ReadJob) for a miss. A miss goes
+        into a cache slot whose expert this step does not use, else into a staging slot."""
+        ph = self.stats.phases[self.phase]
+        keep, out = set(used), {}
+        for e in used:
+            slot = self.cache.lookup(layer, e)
+            if slot is not None:
+                ph.hits += 1
+                out[e] = (slot, None)
+        for e in used:
+            if e in out:
+                continue
+            ph.misses += 1
+            ph.bytes_moved += self.layout.nbytes
+            dest = None if self.pinned[layer] is not None else self.cache.admit(layer, e, keep)
+            job = self.reader.submit(layer, e, dest)
+            if dest is not None:
+                dest.pending = job
+            out[e] = (dest, job)
+        return out
+
+    def _speculate(self, layer: int) -> None:
+        """Start reading the experts block layer+1 will probably use: its norm and router applied to
+        this block's residual after attention (the next block's input before this MoE adds to it)."""
+        resid = self._resid.pop(layer, None)
+        if self.speculate is None or resid is None or layer + 1 >= len(self.speculate):
+            return
+        norm, router, top_k, norm_p = self.speculate[layer + 1]
+        with torch.no_grad():
+            flat = norm(resid.reshape(-1, resid.shape[-1]))
+            w, ids = route(router(flat), top_k, norm_p)
+        score = torch.zeros(self.plan.num_experts).index_add_(0, ids.reshape(-1), w.reshape(-1).float())
+        self.prefetch(layer + 1, [e for e in torch.argsort(score, descending=True).tolist() if score[e] > 0])
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        self.file.close()
+
     def place_hot(self) -> None:
         """Fill every layer's slots with its most-routed experts (from the quantize report's routing
         counts) before the first token, so the cache starts hot instead of cold."""
@@ -505,7 +702,13 @@ class OffloadRuntime:
         for e in experts[: self.cache.capacity[layer]]:
             if not self.cache.contains(layer, e):
                 slot = self.cache.admit(layer, e)
-                self._fill(layer, e, slot)
+                if slot is None:  # the policy keeps what it has (decayed LFU's admission)
+                    continue
+                if self.reader is None:
+                    self._fill(layer, e, slot)
+                else:  # in the background; the layer waits for it only if it uses it
+                    self.stats.phases[self.phase].bytes_moved += self.layout.nbytes
+                    slot.pending = self.reader.submit(layer, e, slot)
                 n += 1
         self.note_peak()
         return n
@@ -524,8 +727,7 @@ class OffloadedExperts(nn.Module):
         self.__dict__["runtime"] = runtime
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return moe_dispatch(x, expert_ids, weights, self.num_experts,
-                            lambda e, xe: self.runtime.expert(self.layer, e, xe), self.row_independent)
+        return self.runtime.moe(self.layer, x, expert_ids, weights, self.row_independent)
 
     @property
     def row_independent(self) -> bool:
@@ -569,6 +771,13 @@ def _install_hooks(model: nn.Module, rt: OffloadRuntime, prefetch: bool) -> None
     if not prefetch:
         return
     top_k = model.config.top_k
+    if not rt.cuda:  # the reader starts block i+1's likely experts once block i's misses are queued
+        rt.speculate = [(b.norm_attn_norm.norm_2, b.ffn.router, top_k, b.ffn.norm_p) for b in blocks]
+        for i, b in enumerate(blocks[:-1]):
+            def stash(module, args, out, i=i):
+                rt._resid[i] = out[0]  # (B, T, D): the residual after block i's attention
+            b.norm_attn_norm.register_forward_hook(stash)
+        return
     for i in range(len(blocks) - 1):
         nxt = blocks[i + 1]
 
@@ -601,15 +810,19 @@ def non_expert_bytes_of(model: nn.Module) -> int:
 
 def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout, *, backend: str | None = None,
                       non_expert_bytes: int, cache_dir: str | os.PathLike | None = None, prefetch: bool | None = None,
-                      drop_page_cache: bool = False, timing: bool = False,
-                      miss_policy: MissPolicy | None = None, policy: str = "lru") -> OffloadRuntime:
+                      drop_page_cache: bool = False, direct: bool = False, timing: bool = False,
+                      miss_policy: MissPolicy | None = None, policy: str = "lru",
+                      warm_start: bool = True) -> OffloadRuntime:
     """Wrap every layer's experts in :class:`OffloadedExperts` per ``plan``; returns the runtime
-    (also at ``model.offload``). ``prefetch`` None: on with CUDA (copies overlap compute), off on
-    CPU (there it only moves the same synchronous work earlier). ``policy``: which experts stay in the
+    (also at ``model.offload``). ``prefetch`` (default on): guess the next block's experts and start
+    bringing them in early (CUDA: side-stream copies; CPU: the reader thread, behind the current
+    block's own misses). ``direct``: read the prepared file with O_DIRECT (CPU), bypassing the page
+    cache, so the disk is what is measured. ``policy``: which experts stay in the
     slots: "lru" (default), "lfu" (decayed LFU, seeded with the routing counts of the checkpoint's
     quantize report when it has one) or "static" (the report's most-routed experts fill the slots and
-    stay; others go through a scratch slot). With a report, every policy starts with the hottest
-    experts resident (scripts/bench_placement.py measures the policies on real routing)."""
+    stay; others go through the staging slots). With a report, every policy starts with the hottest
+    experts resident (``warm_start``; False starts empty) (scripts/bench_placement.py measures the
+    policies on real routing)."""
     experts = [b.ffn.experts for b in model.transformer.blocks]
     assert all(hasattr(m, "expert_weights") for m in experts), "offloading needs quantized experts (QExperts)"
     dev = torch.device(plan.device)
@@ -618,14 +831,15 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
     key = prepared_file_key(src, backend, dev, layout, act_dtype)
     root = prepared_dir(cache_dir)
     path = root / f"{key}.bin" if key else Path(tempfile.mkdtemp(prefix="dbrxq-prepared-")) / "experts.bin"
-    want = plan.n_layers * plan.num_experts * layout.nbytes
+    want = plan.n_layers * plan.num_experts * stride_of(layout.nbytes)
     identity = (prepared_identity(src, backend, dev, layout, act_dtype, plan.n_layers, plan.num_experts)
                 if key else None)
     crcs = (read_prepared_sidecar(path, identity) if key and path.is_file() and path.stat().st_size == want
             else None)
     if crcs is not None:
         log.info("reusing prepared experts %s", path)
-        file = PreparedExpertFile(path, layout.nbytes, plan.num_experts, crcs=crcs, drop_page_cache=drop_page_cache)
+        file = PreparedExpertFile(path, layout.nbytes, plan.num_experts, crcs=crcs, drop_page_cache=drop_page_cache,
+                                  direct=direct)
     else:
         root.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(root)  # halves of files whose builder was killed
@@ -637,7 +851,7 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
         log.warning("writing kernel-ready experts (%s) to %s, once per checkpoint and kernel; `dbrxq cache` lists "
                     "such files, `dbrxq cache --clear` removes them", format_size(want), path)
         file = PreparedExpertFile.build(path, experts, layout, backend, dev, act_dtype, identity=identity,
-                                        drop_page_cache=drop_page_cache)
+                                        drop_page_cache=drop_page_cache, direct=direct)
         if key is None:
             os.unlink(path)  # anonymous: the open descriptor keeps it readable until closed
             os.rmdir(path.parent)
@@ -645,11 +859,12 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
     rt = OffloadRuntime(plan, layout, file, experts, act=experts[0].act, act_dtype=act_dtype,
                         non_expert_bytes=non_expert_bytes, miss_policy=miss_policy, timing=timing, policy=policy,
                         routing_counts=counts)
-    rt.place_hot()
+    if warm_start or policy == "static":
+        rt.place_hot()
     rt.model_config = model.config
     for i, block in enumerate(model.transformer.blocks):
         block.ffn.experts = OffloadedExperts(experts[i], i, rt)
-    _install_hooks(model, rt, prefetch if prefetch is not None else rt.cuda)
+    _install_hooks(model, rt, True if prefetch is None else prefetch)
     model.offload = rt
     return rt
 

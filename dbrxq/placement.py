@@ -88,7 +88,7 @@ class PlacementPlan:
     kv_bytes: dict[str, int]  # flavour -> bytes for the requested context
     context: int
     batch_size: int
-    workspace_bytes: int  # includes one scratch slot for experts computed without a cache slot
+    workspace_bytes: int  # includes the expert buffers outside the cache (scratch / staging slots)
     expert_bytes: int  # canonical (checkpoint) bytes of one expert: w1, v1, w2 codes + scales
     slot_bytes: int  # kernel-ready bytes of one expert on the compute device
     slots_per_layer: list[int]  # device LRU capacity per layer
@@ -170,8 +170,10 @@ def make_plan(config, *, device: torch.device, gpu_memory: int | None, cpu_memor
         raise BudgetError("--gpu-memory / gpu_memory needs a CUDA device (--device cuda)")
     L, E = config.n_layers, config.num_experts
     kv = {f: kv_cache_bytes(config, batch_size, context, f, dtype) for f in KV_FLAVOURS}
+    # + expert buffers outside the cache: CUDA one scratch slot; CPU the reader's staging slots
+    # (dbrxq.offload.STAGING_SLOTS = 2: one computing while the next is read)
     ws = workspace_bytes(config, batch_size=batch_size, chunk=prefill_chunk, context=context,
-                         dtype=dtype) + slot_bytes
+                         dtype=dtype) + (1 if cuda else 2) * slot_bytes
     fixed = non_expert_bytes + kv[kv_flavour] + ws
     dev_budget, dev_opt = (gpu_memory, "--gpu-memory") if cuda else (cpu_memory, "--cpu-memory")
     if dev_budget is None:
