@@ -80,10 +80,22 @@ def runtime_options(f):
         click.option("--cache-dir", type=click.Path(file_okay=False),
                      help="Where offloading keeps its prepared-expert files [default: $DBRXQ_CACHE, else "
                           "~/.cache/dbrxq]."),
+        click.option("--expert-prefetch/--no-expert-prefetch", default=None,
+                     help="With offloading, guess the next layer's experts and start reading them early "
+                          "[default: on with CUDA, off on CPU, where a wrong guess costs the scarce reads]."),
+        click.option("--direct-io", is_flag=True,
+                     help="With offloading on CPU, read experts with O_DIRECT (bypassing the page cache)."),
         threads_option,
     ]):
         f = opt(f)
     return f
+
+
+def offload_options(cache_dir, policy, prefetch, direct, timing=False) -> dict:
+    """The --cache-dir / --expert-policy / --expert-prefetch / --direct-io / --stats choices that were made."""
+    opts = {"cache_dir": cache_dir, "policy": policy, "prefetch": prefetch, "direct": direct or None,
+            "timing": timing or None}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def _offload_report(rt) -> str:
@@ -123,7 +135,7 @@ def _offload_report(rt) -> str:
 @runtime_options
 def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
         revision, stats, gpu_memory, cpu_memory, kv_cache, context, show_plan, expert_policy, cache_dir,
-        threads) -> None:
+        expert_prefetch, direct_io, threads) -> None:
     """Generate text with MODEL (a folder or hub repo id; default, or "demo": the small model shipped
     with dbrxq; a local folder named demo wins).
 
@@ -144,8 +156,8 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
     check_sampling(temperature, top_k, top_p, seed)  # before the model loads
     runner = load(model, device=device, dtype=dtype, revision=revision, gpu_memory=gpu_memory,
                   cpu_memory=cpu_memory, context=context, kv_cache=kv_cache, threads=threads,
-                  offload_options={k: v for k, v in (("timing", stats or None), ("cache_dir", cache_dir),
-                                                     ("policy", expert_policy)) if v})
+                  offload_options=offload_options(cache_dir, expert_policy, expert_prefetch, direct_io,
+                                                  timing=stats))
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
     def emit(text: str) -> None:
@@ -226,7 +238,7 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
 @runtime_options
 def serve(model, host, port, api_key, model_name, max_batch, max_queue, prefill_chunk, batch_invariant,
           shutdown_timeout, device, dtype, revision, gpu_memory, cpu_memory, kv_cache, context, expert_policy,
-          cache_dir, threads) -> None:
+          cache_dir, expert_prefetch, direct_io, threads) -> None:
     """Serve MODEL (as for run) over the OpenAI API: POST /v1/chat/completions, /v1/completions,
     GET /v1/models, /health; requests decode together (continuous batching)."""
     from .api import load
@@ -236,8 +248,8 @@ def serve(model, host, port, api_key, model_name, max_batch, max_queue, prefill_
     def loader():  # runs on the engine's thread, which then owns every torch call
         return load(model, device=device, dtype=dtype, revision=revision, gpu_memory=gpu_memory,
                     cpu_memory=cpu_memory, context=context, batch_size=max_batch, kv_cache=kv_cache,
-                    threads=threads, offload_options={k: v for k, v in (("cache_dir", cache_dir),
-                                                                        ("policy", expert_policy)) if v})
+                    threads=threads,
+                    offload_options=offload_options(cache_dir, expert_policy, expert_prefetch, direct_io))
 
     engine = Engine(loader, max_batch=max_batch, max_queue=max_queue, context=context, kv_cache=kv_cache,
                     prefill_chunk=prefill_chunk, invariant=batch_invariant).wait_ready()

@@ -256,27 +256,38 @@ def group_by_expert(expert_ids: torch.Tensor, num_experts: int):
 
 
 def moe_dispatch(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
-                 expert_fn: Callable[[int, torch.Tensor], torch.Tensor], independent: bool = False) -> torch.Tensor:
+                 expert_fn: Callable[[int, torch.Tensor], torch.Tensor], independent: bool = False,
+                 order: list[int] | None = None) -> torch.Tensor:
     """sum_k weights[n, k] * expert_{ids[n, k]}(x[n]) with one batched call per active expert.
 
     x (N, D); expert_ids, weights (N, k); expert_fn(e, x_e (n_e, D)) -> (n_e, D).
     Under :func:`batch_invariant`, ``independent`` says whether expert_fn is row-independent;
-    when not, it sees one token at a time.
+    when not, it sees one token at a time. ``order``: the order the active experts are computed in
+    (an offloading runtime computes resident experts while others are still being read); the sum
+    is still taken in expert-id order, so the result does not depend on it, bit for bit.
     """
     if _MODE.invariant and not independent:
         fn = expert_fn
         expert_fn = lambda e, xe: by_rows(lambda r: fn(e, r), xe, False)  # noqa: E731
-    order, token_of, counts = group_by_expert(expert_ids, num_experts)
+    order_, token_of, counts = group_by_expert(expert_ids, num_experts)
     flat_w = weights.reshape(-1)
+    starts = [0] * num_experts
+    for e in range(1, num_experts):
+        starts[e] = starts[e - 1] + counts[e - 1]
     out = torch.zeros_like(x)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
+    ys: dict[int, torch.Tensor] = {}
+    for e in order if order is not None else range(num_experts):
+        if counts[e] == 0:
             continue
-        tok = token_of[start:start + n]
+        tok = token_of[starts[e]:starts[e] + counts[e]]
         y = expert_fn(e, x[tok])  # (n_e, D)
-        out.index_add_(0, tok, y * flat_w[order[start:start + n], None].to(y.dtype))
-        start += n
+        if order is not None:
+            ys[e] = y
+        else:
+            out.index_add_(0, tok, y * flat_w[order_[starts[e]:starts[e] + counts[e]], None].to(y.dtype))
+    for e in sorted(ys):
+        s, n = starts[e], counts[e]
+        out.index_add_(0, token_of[s:s + n], ys[e] * flat_w[order_[s:s + n], None].to(ys[e].dtype))
     return out
 
 

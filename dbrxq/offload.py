@@ -148,7 +148,30 @@ class PreparedExpertFile:
         raise CheckpointError(f"{self.path}: prepared-expert file damaged at layer {layer} expert {expert} ({why}); "
                               f"removed it, rerun to rebuild it from the checkpoint")
 
+    def mapped(self, layer: int, expert: int) -> torch.Tensor:
+        """Expert (layer, e)'s bytes in place, in a read-only mapping of the file (no copy: served by
+        the page cache, or faulted in from the disk); hand them back with :meth:`unmap`."""
+        import mmap
+        if getattr(self, "mm", None) is None:
+            self.mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)  # private: never written, never copied
+        idx = layer * self.num_experts + expert
+        t = torch.frombuffer(self.mm, dtype=torch.uint8, count=self.nbytes, offset=idx * self.stride)
+        if self.crcs is not None and idx not in self.verified:
+            if zlib.crc32(memoryview(self.mm)[idx * self.stride: idx * self.stride + self.nbytes]) != self.crcs[idx]:
+                self._damaged(layer, expert, "its CRC-32 differs from the one recorded when the file was written")
+            self.verified.add(idx)
+        return t
+
+    def unmap(self, layer: int, expert: int) -> None:
+        """Drop expert (layer, e)'s pages from this process (MADV_DONTNEED: they stay in the page
+        cache, and count in our RSS no more)."""
+        import mmap
+        self.mm.madvise(mmap.MADV_DONTNEED, (layer * self.num_experts + expert) * self.stride, self.stride)
+
     def close(self) -> None:
+        if getattr(self, "mm", None) is not None:
+            self.mm.close()
+            self.mm = None
         for name in ("fd", "dfd"):
             if getattr(self, name) >= 0:
                 os.close(getattr(self, name))
@@ -436,8 +459,10 @@ class OffloadRuntime:
 
     def __init__(self, plan: PlacementPlan, layout: SlotLayout, file: PreparedExpertFile, experts: list, *,
                  act, act_dtype: torch.dtype, non_expert_bytes: int, miss_policy: MissPolicy | None = None,
-                 timing: bool = False, policy: str = "lru", routing_counts: list[list[int]] | None = None):
+                 timing: bool = False, policy: str = "lru", routing_counts: list[list[int]] | None = None,
+                 mapped: bool = False):
         self.plan, self.layout, self.file, self.inner = plan, layout, file, experts
+        self.mapped = mapped and plan.device == "cpu"  # misses computed in place from the mapped file
         self.device = torch.device(plan.device)
         self.cuda = self.device.type == "cuda"
         self.act, self.act_dtype = act, act_dtype
@@ -467,7 +492,7 @@ class OffloadRuntime:
             self.scratch = self.cache.new_slot()  # for layers without slots / computed-in-place misses
             self.reader = None
         else:  # the staging slots are the workspace's expert buffers (placement.make_plan)
-            self.reader = Reader(file, [self.cache.new_slot() for _ in range(STAGING_SLOTS)])
+            self.reader = Reader(file, [] if self.mapped else [self.cache.new_slot() for _ in range(STAGING_SLOTS)])
         self.kv_bytes = 0
         self.stats = OffloadStats()
         self.phase = "prefill"
@@ -601,8 +626,9 @@ class OffloadRuntime:
             independent: bool) -> torch.Tensor:
         """The MoE of ``layer`` (OffloadedExperts.forward). On CPU: every miss of the layer is handed to
         the reader first, in the order the experts will be computed, then a guess of the next layer's
-        experts (speculative prefetch), then the experts are computed in order, each waiting only
-        for its own bytes, while the reader fetches the ones after it."""
+        experts (speculative prefetch, when on); then the resident experts are computed while the
+        reader works, then the missed ones in the order they arrive, each waiting only for its own
+        bytes (moe_dispatch still sums in expert order: the same bits as the resident model)."""
         if self.cuda:
             return moe_dispatch(x, expert_ids, weights, self.plan.num_experts,
                                 lambda e, xe: self.expert(layer, e, xe), independent)
@@ -616,6 +642,12 @@ class OffloadRuntime:
         def run(e: int, xe: torch.Tensor) -> torch.Tensor:
             t0 = time.perf_counter()
             slot, job = planned[e]
+            if slot == "mapped":
+                storage = self.file.mapped(layer, e)
+                y = self.glu(xe, *self.layout.views(storage), self.act)
+                self.file.unmap(layer, e)
+                ph.missed_s += time.perf_counter() - t0
+                return y
             if job is not None:
                 slot = job.wait()
             elif slot.pending is not None:  # a prefetch still under way
@@ -629,8 +661,10 @@ class OffloadRuntime:
             else:
                 ph.missed_s += time.perf_counter() - t0
             return y
+        first = [e for e in used if planned[e][1] is None and planned[e][0] != "mapped"]  # resident ones
+        hits_first = first + [e for e in used if e not in first]
         try:
-            return moe_dispatch(x, expert_ids, weights, self.plan.num_experts, run, independent)
+            return moe_dispatch(x, expert_ids, weights, self.plan.num_experts, run, independent, hits_first)
         finally:  # after an error: no read may still target a staging slot, and each goes back
             for slot, job in planned.values():
                 if job is not None and job.staging:
@@ -653,6 +687,9 @@ class OffloadRuntime:
                 continue
             ph.misses += 1
             ph.bytes_moved += self.layout.nbytes
+            if self.mapped:  # computed from the file's pages in place: nothing to read ahead, nothing cached
+                out[e] = ("mapped", None)
+                continue
             dest = None if self.pinned[layer] is not None else self.cache.admit(layer, e, keep)
             job = self.reader.submit(layer, e, dest)
             if dest is not None:
@@ -812,11 +849,14 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
                       non_expert_bytes: int, cache_dir: str | os.PathLike | None = None, prefetch: bool | None = None,
                       drop_page_cache: bool = False, direct: bool = False, timing: bool = False,
                       miss_policy: MissPolicy | None = None, policy: str = "lru",
-                      warm_start: bool = True) -> OffloadRuntime:
+                      warm_start: bool = True, mmap: bool = False) -> OffloadRuntime:
     """Wrap every layer's experts in :class:`OffloadedExperts` per ``plan``; returns the runtime
-    (also at ``model.offload``). ``prefetch`` (default on): guess the next block's experts and start
-    bringing them in early (CUDA: side-stream copies; CPU: the reader thread, behind the current
-    block's own misses). ``direct``: read the prepared file with O_DIRECT (CPU), bypassing the page
+    (also at ``model.offload``). ``prefetch``: guess the next block's experts and start bringing them
+    in early (CUDA: side-stream copies; CPU: the reader thread, behind the current block's own
+    misses). Default: on with CUDA, off on CPU, where reads are the bottleneck and a wrong guess
+    spends exactly that: on the random-weight real-width 2-layer checkpoint the guesses moved 41%
+    more bytes per token and decoding from the page cache took 193 instead of 157 ms/token
+    (scripts/bench_offload.py with and without --prefetch). ``direct``: read the prepared file with O_DIRECT (CPU), bypassing the page
     cache, so the disk is what is measured. ``policy``: which experts stay in the
     slots: "lru" (default), "lfu" (decayed LFU, seeded with the routing counts of the checkpoint's
     quantize report when it has one) or "static" (the report's most-routed experts fill the slots and
@@ -858,13 +898,13 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
     counts = routing_counts(src, plan.n_layers, plan.num_experts)
     rt = OffloadRuntime(plan, layout, file, experts, act=experts[0].act, act_dtype=act_dtype,
                         non_expert_bytes=non_expert_bytes, miss_policy=miss_policy, timing=timing, policy=policy,
-                        routing_counts=counts)
+                        routing_counts=counts, mapped=mmap)
     if warm_start or policy == "static":
         rt.place_hot()
     rt.model_config = model.config
     for i, block in enumerate(model.transformer.blocks):
         block.ffn.experts = OffloadedExperts(experts[i], i, rt)
-    _install_hooks(model, rt, True if prefetch is None else prefetch)
+    _install_hooks(model, rt, rt.cuda if prefetch is None else prefetch)
     model.offload = rt
     return rt
 

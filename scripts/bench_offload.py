@@ -1,23 +1,34 @@
 #!/usr/bin/env python
-"""Decode speed with offloaded experts versus the fully-resident model, and versus the bound.
+"""Offloaded decoding against its bound: budgets holding 25/50/75% of the experts, experts read
+from the page cache and from the disk itself, every bandwidth measured in the same run.
 
-    python scripts/bench_offload.py --model OUT --expert-memory 1.5GiB          # CPU, reuse a checkpoint
-    python scripts/bench_offload.py --workdir /tmp/b --expert-memory 1.5GiB     # make one (real width, 2 layers)
-    python scripts/bench_offload.py --model OUT --device cuda --gpu-memory 24GiB  # GPU run
+    python scripts/bench_offload.py --model OUT                 # CPU, a quantized checkpoint
+    python scripts/bench_offload.py --workdir /tmp/b            # make one (real width, 2 layers)
+    python scripts/bench_offload.py --model OUT --device cuda --gpu-memory 24GiB   # GPU run (not validated)
 
 Without --model, a real-width random checkpoint of 2 layers (vocab 1024) is made in --workdir and
-RTN-quantized (int4 experts; ~13 GB written then deleted, ~3.5 GB kept unless --cleanup).
-Each configuration runs in its own process so peak RSS is its own. The offloaded CPU run gets a
-RAM budget of (non-expert weights + KV + workspace) + --expert-memory. Reported: decode tokens/s,
-cache hit rate, bytes moved per token, peak RSS, and the ratio of the measured decode time per
-token to the bound ``missed expert bytes / read bandwidth + resident bytes read / read bandwidth``
-(docs/architecture.md; the read bandwidth is measured here by dbrxq.sysinfo).
+RTN-quantized (int4 experts; ~13 GB written then deleted, 3.5 GB kept unless --cleanup).
+
+Each configuration runs in its own process (peak RSS is its own). A budget of S slots per layer is
+``fixed + S x layers x slot bytes`` of --cpu-memory, fixed being what the plan reserves first
+(non-expert weights, KV cache for --context, workspace including the reader's two staging slots).
+Sources: "page cache" reads the prepared-expert file through the page cache after one pass has
+loaded it there; "mmap" computes each missed expert in place from a mapping of that cached file
+(no copy: its bound counts the missed bytes at RAM speed); "disk" reads it with O_DIRECT (``offload_options={"direct": True}``), so nothing
+comes from RAM. Measured here, in this run: RAM read bandwidth (dbrxq.sysinfo.read_bandwidth), the
+page-cache bandwidth (preadv of the prepared file, one expert per call, as the reader does) and the
+disk's (the same with O_DIRECT). Per token the bound is
+``missed expert bytes / source bandwidth + (hit expert bytes + non-expert bytes) / RAM bandwidth``
+(the reads can overlap the compute, so the slower side alone is the floor; adding both is the
+bound for no overlap, which is reported too).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
+import os
 import shutil
 import subprocess
 import sys
@@ -35,30 +46,41 @@ def child(args) -> dict:
     from dbrxq.generate import generate
     from dbrxq.sysinfo import peak_rss_bytes
 
-    budgets = {}
+    if args.mode == "baseline":  # what the interpreter, torch, dbrxq and its kernel cost before any weight
+        from quantize import cext
+        cext.load()
+        return {"peak_rss": peak_rss_bytes()}
+    kw = {}
     if args.device == "cuda":
-        budgets = {"gpu_memory": args.gpu_memory, "cpu_memory": args.cpu_memory}
+        kw = {"gpu_memory": args.gpu_memory, "cpu_memory": args.cpu_memory}
     elif args.mode == "offload":
-        # Plan once with a huge budget to learn the fixed bytes, then budget fixed + expert memory.
         from dbrxq.checkpoint import CheckpointReader
         from dbrxq.config import DbrxConfig
         from dbrxq.loading import plan_offload
-        from dbrxq.placement import parse_size
         cfg = DbrxConfig.from_json(Path(args.model) / "config.json")
         with CheckpointReader(args.model) as r:
-            plan, _ = plan_offload(r, cfg, device=torch.device("cpu"), dtype=torch.bfloat16, backend=None,
-                                   gpu_memory=None, cpu_memory="1TiB", context=args.context, batch_size=1,
-                                   kv_cache="bf16")
-        budgets = {"cpu_memory": plan.device_fixed_bytes + parse_size(args.expert_memory, "--expert-memory")}
+            plan, layout = plan_offload(r, cfg, device=torch.device("cpu"), dtype=torch.bfloat16, backend=None,
+                                        gpu_memory=None, cpu_memory="1TiB", context=args.context, batch_size=1,
+                                        kv_cache="bf16")
+        kw = {"cpu_memory": plan.device_fixed_bytes + args.slots * cfg.n_layers * layout.nbytes}
     t0 = time.perf_counter()
-    if budgets:
-        model = dbrxq.DbrxForCausalLM.from_pretrained(
-            args.model, device=args.device, context=args.context,
-            offload_options={"timing": True, "prefetch": args.prefetch or None}, **budgets)
+    if kw:
+        opts = {"timing": True, "direct": args.source == "disk", "mmap": args.source == "mmap",
+                "cache_dir": args.cache_dir}
+        if args.policy:
+            opts["policy"] = args.policy
+        if args.prefetch:
+            opts["prefetch"] = True
+        model = dbrxq.DbrxForCausalLM.from_pretrained(args.model, device=args.device, context=args.context,
+                                                      offload_options=opts, **kw)
     else:
         model = dbrxq.DbrxForCausalLM.from_pretrained(args.model, device=args.device)
     load_s = time.perf_counter() - t0
     rt = getattr(model, "offload", None)
+    if rt is not None and args.source in ("page-cache", "mmap"):  # one pass puts the whole file in the page cache
+        with open(rt.file.path, "rb") as f:
+            while f.read(64 << 20):
+                pass
     generate(model, PROMPT, max_new_tokens=2, kv_cache=rt.kv_factory if rt else None)  # warm-up
     if rt is not None:
         from dbrxq.offload import OffloadStats
@@ -67,16 +89,50 @@ def child(args) -> dict:
     s = out.stats
     res = {"mode": args.mode, "load_s": load_s, "decode_tok_s": s.decode_tok_s,
            "decode_s_per_tok": s.decode_s / max(s.decode_steps, 1), "peak_rss": peak_rss_bytes()}
+    if kw.get("cpu_memory") and args.device == "cpu":
+        res["budget"] = kw["cpu_memory"]
     if args.device == "cuda":
         res["gpu_max_allocated"] = torch.cuda.max_memory_allocated()
     if rt is not None:
         d = rt.stats.phases["decode"]
         res.update(hit_rate=d.hit_rate, hits_per_tok=d.hits / d.tokens, misses_per_tok=d.misses / d.tokens,
                    moved_per_tok=d.bytes_moved / d.tokens, slot_bytes=rt.layout.nbytes,
-                   attention_ms=1e3 * d.attention_s / d.tokens, resident_ms=1e3 * d.resident_s / d.tokens,
-                   missed_ms=1e3 * d.missed_s / d.tokens, tracked_peak=rt.stats.peak,
-                   non_expert=rt.non_expert_bytes, plan=rt.plan.describe())
+                   prefetched=rt.cache.counters.prefetched, non_expert=rt.non_expert_bytes,
+                   tracked_peak=rt.stats.peak["device"], file=str(rt.file.path), stride=rt.file.stride,
+                   direct=rt.file.dfd >= 0, plan=rt.plan.describe())
     return res
+
+
+def run_child(args, **over) -> dict:
+    a = {**vars(args), **over}
+    cmd = [sys.executable, __file__, "--model", str(a["model"]), "--device", a["device"], "--mode", a["mode"],
+           "--gpu-memory", a["gpu_memory"], "--tokens", str(a["tokens"]), "--context", str(a["context"]),
+           "--slots", str(a["slots"]), "--source", a["source"], "--cache-dir", a["cache_dir"]]
+    if a.get("cpu_memory"):
+        cmd += ["--cpu-memory", a["cpu_memory"]]
+    if a.get("policy"):
+        cmd += ["--policy", a["policy"]]
+    if a.get("prefetch"):
+        cmd.append("--prefetch")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def source_bandwidth(path: str, nbytes: int, stride: int, direct: bool, limit: int = 4 << 30) -> float:
+    """Bytes/s reading ``path`` one expert (nbytes at a stride) per preadv, as the reader does; with
+    ``direct`` through O_DIRECT into a page-aligned buffer (the disk), else through the page cache."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    buf = mmap.mmap(-1, stride)  # page-aligned
+    size = min(os.fstat(fd).st_size, limit)
+    t0 = time.perf_counter()
+    done = 0
+    for off in range(0, size - stride + 1, stride):
+        done += os.preadv(fd, [buf if direct else memoryview(buf)[:nbytes]], off)
+    dt = time.perf_counter() - t0
+    os.close(fd)
+    return done / dt
 
 
 def make_model(workdir: Path) -> Path:
@@ -96,56 +152,70 @@ def main() -> int:
     p.add_argument("--model", help="a dbrxq-quantized checkpoint (default: make one in --workdir)")
     p.add_argument("--workdir", default="/tmp/dbrxq-bench-offload")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--expert-memory", default="1.5GiB", help="CPU: RAM for expert slots on top of the fixed part")
     p.add_argument("--gpu-memory", default="24GiB", help="CUDA: GPU budget")
     p.add_argument("--cpu-memory", default=None, help="CUDA: pinned host budget (default: all experts)")
-    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=24)
     p.add_argument("--context", type=int, default=256)
-    p.add_argument("--prefetch", action="store_true", help="speculative prefetch (default: on with CUDA only)")
+    p.add_argument("--fractions", default="0.25,0.5,0.75", help="share of each layer's experts resident")
+    p.add_argument("--sources", default="page-cache,mmap,disk",
+                   help="page-cache (preadv copies), mmap (misses computed in place from the mapped file), disk")
+    p.add_argument("--policy", help="lru, lfu or static (default: dbrxq's)")
+    p.add_argument("--prefetch", action="store_true", help="speculative prefetch (default: off on CPU)")
+    p.add_argument("--cache-dir", default=None, help="where the prepared-expert file goes (default: --workdir/cache)")
     p.add_argument("--cleanup", action="store_true", help="delete the made checkpoint afterwards")
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # internal: run one configuration
+    p.add_argument("--slots", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--source", default="page-cache", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.cache_dir = args.cache_dir or str(Path(args.workdir) / "cache")
     if args.mode:
         print(json.dumps(child(args)))
         return 0
 
+    from dbrxq.config import DbrxConfig
     from dbrxq.placement import format_size
     from dbrxq.sysinfo import describe_machine, read_bandwidth
 
-    model = Path(args.model) if args.model else make_model(Path(args.workdir))
-    bw = read_bandwidth(512 << 20)
+    args.model = str(Path(args.model) if args.model else make_model(Path(args.workdir)))
+    E = DbrxConfig.from_json(Path(args.model) / "config.json").num_experts
     print(describe_machine())
-    print(f"read bandwidth {bw / 1e9:.1f} GB/s; model {model}")
-    results = {}
-    modes = ["resident", "offload"] if args.device == "cpu" else ["offload"]
-    for mode in modes:
-        cmd = [sys.executable, __file__, "--model", str(model), "--device", args.device, "--mode", mode,
-               "--expert-memory", args.expert_memory, "--gpu-memory", args.gpu_memory,
-               "--tokens", str(args.tokens), "--context", str(args.context)]
-        if args.cpu_memory:
-            cmd += ["--cpu-memory", args.cpu_memory]
-        if args.prefetch:
-            cmd.append("--prefetch")
-        r = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        results[mode] = json.loads(r.stdout.strip().splitlines()[-1])
-    for mode, r in results.items():
-        line = (f"{mode:9s} decode {r['decode_tok_s']:.2f} tok/s ({1e3 * r['decode_s_per_tok']:.0f} ms/token), "
-                f"peak RSS {format_size(r['peak_rss'])}, load {r['load_s']:.0f}s")
-        if "gpu_max_allocated" in r:
-            line += f", GPU max allocated {format_size(r['gpu_max_allocated'])}"
-        print(line)
-        if mode == "offload":
-            print(r["plan"])
+    if args.device == "cuda":
+        r = run_child(args, mode="offload")
+        print(json.dumps(r, indent=1))
+        return 0
+    ram = read_bandwidth(512 << 20)
+    base = run_child(args, mode="baseline")["peak_rss"]
+    resident = run_child(args, mode="resident")
+    first = run_child(args, mode="offload", slots=E // 4)  # also builds the prepared-expert file
+    page = source_bandwidth(first["file"], first["slot_bytes"], first["stride"], direct=False)
+    disk = source_bandwidth(first["file"], first["slot_bytes"], first["stride"], direct=True)
+    print(f"RAM read {ram / 1e9:.1f} GB/s; prepared file {first['file']} ({format_size(os.path.getsize(first['file']))}):"
+          f" page cache {page / 1e9:.2f} GB/s, disk (O_DIRECT) {disk / 1e9:.2f} GB/s; one expert "
+          f"{format_size(first['slot_bytes'])}; the disk is measured again before each disk row (a VM disk "
+          f"varies)")
+    print(f"baseline process (interpreter, torch, dbrxq, kernel): peak RSS {format_size(base)}")
+    print(f"resident: {resident['decode_tok_s']:.2f} tok/s ({1e3 * resident['decode_s_per_tok']:.0f} ms/token), "
+          f"peak RSS {format_size(resident['peak_rss'])}\n")
+    print("| resident experts | source | source GB/s | tok/s | ms/token | hit rate | moved/token | bound ms (overlap / none) "
+          "| measured / bound | budget | peak RSS | RSS - budget |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for frac in (float(f) for f in args.fractions.split(",")):
+        slots = round(frac * E)
+        for source in args.sources.split(","):
+            if source == "disk":
+                disk = source_bandwidth(first["file"], first["slot_bytes"], first["stride"], direct=True)
+            r = run_child(args, mode="offload", slots=slots, source=source)
+            bw = disk if source == "disk" else ram if source == "mmap" else page
             missed = r["misses_per_tok"] * r["slot_bytes"]
-            resident = r["hits_per_tok"] * r["slot_bytes"] + r["non_expert"]
-            bound = missed / bw + resident / bw
-            print(f"          hit rate {r['hit_rate']:.1%}, moved {format_size(r['moved_per_tok'])}/token; per token: "
-                  f"attention {r['attention_ms']:.1f} ms, experts resident {r['resident_ms']:.1f} ms, "
-                  f"experts missed {r['missed_ms']:.1f} ms; tracked peak "
-                  + ", ".join(f"{k} {format_size(v)}" for k, v in r["tracked_peak"].items()))
-            print(f"          bound {1e3 * bound:.0f} ms/token (missed {format_size(missed)} + resident "
-                  f"{format_size(resident)} at {bw / 1e9:.1f} GB/s): measured / bound = "
-                  f"{r['decode_s_per_tok'] / bound:.2f}")
+            local = r["hits_per_tok"] * r["slot_bytes"] + r["non_expert"]
+            overlap = max(missed / bw, local / ram)
+            serial = missed / bw + local / ram
+            ms = 1e3 * r["decode_s_per_tok"]
+            src = source + ("" if source != "disk" or r["direct"] else " (no O_DIRECT here)")
+            print(f"| {slots}/{E} | {src} | {bw / 1e9:.2f} | {r['decode_tok_s']:.2f} | {ms:.0f} | {r['hit_rate']:.1%} | "
+                  f"{format_size(r['moved_per_tok'])} | {1e3 * overlap:.0f} / {1e3 * serial:.0f} | "
+                  f"{ms / (1e3 * overlap):.2f} | {format_size(r['budget'])} | {format_size(r['peak_rss'])} | "
+                  f"{format_size(r['peak_rss'] - r['budget'])} |")
     if args.cleanup and not args.model:
         shutil.rmtree(args.workdir)
     return 0
