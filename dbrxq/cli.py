@@ -75,8 +75,9 @@ def runtime_options(f):
                      help="Tokens (prompt + new) the memory plan reserves KV cache for (serve: per request) "
                           "[default: min(max_seq_len, 4096)]."),
         click.option("--expert-policy", type=click.Choice(["lru", "lfu", "static"]), default=None,
-                     help="With offloading, which experts stay in the slots: lru (default), lfu (decayed, seeded "
-                          "with the quantize report's routing counts), static (the most-routed experts, pinned)."),
+                     help="With offloading, which experts stay in the slots: lfu (default; decayed, admits a miss only "
+                          "if it is hotter than what it would evict, seeded with the quantize report's routing "
+                          "counts), lru, static (the most-routed experts, pinned)."),
         click.option("--cache-dir", type=click.Path(file_okay=False),
                      help="Where offloading keeps its prepared-expert files [default: $DBRXQ_CACHE, else "
                           "~/.cache/dbrxq]."),

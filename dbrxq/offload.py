@@ -2,9 +2,9 @@
 
 What each tier holds (see dbrxq.placement for the budgets):
 
-- compute device (GPU, or RAM on a CPU-only run): non-expert weights, KV cache, workspace, one
-  scratch slot, and an :class:`~dbrxq.expert_cache.ExpertCache` (per-layer LRU of kernel-ready
-  expert slots).
+- compute device (GPU, or RAM on a CPU-only run): non-expert weights, KV cache, workspace, the
+  expert buffers outside the cache (CUDA: one scratch slot; CPU: the reader's two staging slots),
+  and an :class:`~dbrxq.expert_cache.ExpertCache` (per-layer caches of kernel-ready expert slots).
 - host RAM (CUDA only): a fixed set of experts in the GPU's kernel layout, pinned, so a GPU miss
   is ONE non-blocking copy on a side stream, overlapped with compute and ordered by events.
 - disk: a *prepared-expert file*: every expert in the compute device's kernel layout, one slot
@@ -13,9 +13,10 @@ What each tier holds (see dbrxq.placement for the budgets):
   into the fast CPU kernel's layout costs ~0.7 s (3 x 240 ms, cpu_q4, AVX2 box) against ~25 ms to
   compute it, so a miss served from the checkpoint would be 30x slower than the read it needs.
   A miss reads the slot image with ``os.preadv`` straight into its slot: one copy from the page
-  cache (or the disk), no mapping, so RSS stays within the budget; ``drop_page_cache`` also
-  evicts the read range from the page cache (posix_fadvise DONTNEED) for runs that must not grow
-  it. While the file is being built, each expert's canonical checkpoint pages (memory-mapped by
+  cache (or, with ``direct``, O_DIRECT from the disk), no mapping, so RSS stays within the budget;
+  ``drop_page_cache`` also evicts the read range from the page cache (posix_fadvise DONTNEED) for
+  runs that must not grow it. On CPU the reads run on a :class:`Reader` thread, overlapped with
+  compute (:meth:`OffloadRuntime.moe`); ``mmap`` computes misses in place from a mapping instead. While the file is being built, each expert's canonical checkpoint pages (memory-mapped by
   safetensors) are dropped from our RSS after use with madvise(MADV_DONTNEED).
 
 Miss policy (:class:`MissPolicy`): on a CPU-only run computing a missed expert "where it lives"
@@ -24,9 +25,10 @@ would read the same bytes as copying it, so a miss always moves (:class:`AlwaysM
 against one CPU computation from the canonical bytes (which includes the CPU repack, see above)
 and picks the cheaper; at DBRX width moving wins (the repack alone is ~30x a PCIe copy).
 
-Prefetch: a forward hook on block i applies block i+1's norm_2 and router to block i's output and
-loads the experts it would pick into block i+1's cache (skipping block i+1's attention, whose
-residual contribution is small). It only changes *where* bytes come from, never results.
+Prefetch (on with CUDA, opt-in on CPU): block i+1's norm_2 and router applied to block i's output
+(CUDA, a forward hook) or to block i's post-attention residual (CPU, queued behind block i's own
+misses) pick the experts to bring into block i+1's cache early. It only changes *where* bytes come
+from, never results.
 
 The model is untouched: each ``block.ffn.experts`` (a quantize.modules.QExperts) is wrapped by
 an :class:`OffloadedExperts` with the same forward signature, holding the runtime object.
@@ -459,7 +461,7 @@ class OffloadRuntime:
 
     def __init__(self, plan: PlacementPlan, layout: SlotLayout, file: PreparedExpertFile, experts: list, *,
                  act, act_dtype: torch.dtype, non_expert_bytes: int, miss_policy: MissPolicy | None = None,
-                 timing: bool = False, policy: str = "lru", routing_counts: list[list[int]] | None = None,
+                 timing: bool = False, policy: str = "lfu", routing_counts: list[list[int]] | None = None,
                  mapped: bool = False):
         self.plan, self.layout, self.file, self.inner = plan, layout, file, experts
         self.mapped = mapped and plan.device == "cpu"  # misses computed in place from the mapped file
@@ -848,7 +850,7 @@ def non_expert_bytes_of(model: nn.Module) -> int:
 def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout, *, backend: str | None = None,
                       non_expert_bytes: int, cache_dir: str | os.PathLike | None = None, prefetch: bool | None = None,
                       drop_page_cache: bool = False, direct: bool = False, timing: bool = False,
-                      miss_policy: MissPolicy | None = None, policy: str = "lru",
+                      miss_policy: MissPolicy | None = None, policy: str = "lfu",
                       warm_start: bool = True, mmap: bool = False) -> OffloadRuntime:
     """Wrap every layer's experts in :class:`OffloadedExperts` per ``plan``; returns the runtime
     (also at ``model.offload``). ``prefetch``: guess the next block's experts and start bringing them
@@ -858,8 +860,9 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
     more bytes per token and decoding from the page cache took 193 instead of 157 ms/token
     (scripts/bench_offload.py with and without --prefetch). ``direct``: read the prepared file with O_DIRECT (CPU), bypassing the page
     cache, so the disk is what is measured. ``policy``: which experts stay in the
-    slots: "lru" (default), "lfu" (decayed LFU, seeded with the routing counts of the checkpoint's
-    quantize report when it has one) or "static" (the report's most-routed experts fill the slots and
+    slots: "lfu" (default: decayed LFU with frequency-aware admission, seeded with the routing counts
+    of the checkpoint's quantize report when it has one; the best hit rate at every budget on the
+    demo model's real routing, scripts/bench_placement.py), "lru" or "static" (the report's most-routed experts fill the slots and
     stay; others go through the staging slots). With a report, every policy starts with the hottest
     experts resident (``warm_start``; False starts empty) (scripts/bench_placement.py measures the
     policies on real routing)."""

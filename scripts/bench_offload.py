@@ -46,6 +46,8 @@ def child(args) -> dict:
     from dbrxq.generate import generate
     from dbrxq.sysinfo import peak_rss_bytes
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.mode == "baseline":  # what the interpreter, torch, dbrxq and its kernel cost before any weight
         from quantize import cext
         cext.load()
@@ -114,6 +116,8 @@ def run_child(args, **over) -> dict:
         cmd += ["--policy", a["policy"]]
     if a.get("prefetch"):
         cmd.append("--prefetch")
+    if a.get("threads"):
+        cmd += ["--threads", str(a["threads"])]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
@@ -162,6 +166,7 @@ def main() -> int:
     p.add_argument("--policy", help="lru, lfu or static (default: dbrxq's)")
     p.add_argument("--prefetch", action="store_true", help="speculative prefetch (default: off on CPU)")
     p.add_argument("--cache-dir", default=None, help="where the prepared-expert file goes (default: --workdir/cache)")
+    p.add_argument("--threads", type=int, help="CPU threads for compute (default: torch's)")
     p.add_argument("--cleanup", action="store_true", help="delete the made checkpoint afterwards")
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # internal: run one configuration
     p.add_argument("--slots", type=int, default=0, help=argparse.SUPPRESS)

@@ -6,15 +6,17 @@
 The trained demo model routes unevenly (random weights would not), so this is where placement
 policies can be told apart. The model runs over held-out text (calibration/data/heldout.txt, never
 trained or calibrated on) in windows of 512 tokens; every layer's top-4 choices are recorded per
-token. Each layer's cache of C slots then sees the tokens one by one, as decoding does, each token's
-experts in id order (the order dbrxq's MoE computes them), every miss admitted (dbrxq's "move"
-miss policy; the CPU's compute-in-place option changes costs, not which experts are hot).
+token. Each layer's cache of C slots then sees the tokens one by one, as decoding does, in the
+offloading runtime's steps (dbrxq.expert_cache.simulate, tested equal to the runtime): a token's
+hits first, then each miss admitted in place of a resident the token does not use, if the policy
+admits it.
 
 Policies (``dbrxq.expert_cache``):
-- LRU, cold (dbrxq's runtime default);
+- LRU, cold;
 - LRU starting from the C experts most routed to on the calibration text (calibration/data/calib.txt,
   the same counts `dbrxq quantize` reports per expert);
-- decayed LFU (decay 0.995 per use of the layer), cold, and seeded with those counts;
+- decayed LFU (decay 0.995 per use of the layer; a miss replaces a resident only if it scores at
+  least as high: dbrxq's runtime default), cold, and seeded with those counts;
 - static: the C calibration-hottest experts, never evicted (misses computed elsewhere);
 - Belady's optimal (evict the resident used farthest in the future): the upper bound no online
   policy can beat.

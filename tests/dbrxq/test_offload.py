@@ -98,7 +98,7 @@ def test_forced_torch_backend_bitwise(tmp_path):
 
 def test_hits_and_misses_follow_a_hand_computed_lru_trace(tmp_path):
     m = quantized_model()
-    rt = offload_model(m, cpu_memory=budget_for(2), context=32, cache_dir=tmp_path)
+    rt = offload_model(m, cpu_memory=budget_for(2), context=32, cache_dir=tmp_path, policy="lru")
     experts = m.transformer.blocks[0].ffn.experts
     x = torch.randn(1, CFG.d_model)
     # One token, top-1 routing, experts in this order; LRU with 2 slots:
