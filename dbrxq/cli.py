@@ -244,7 +244,9 @@ def serve(model, host, port, api_key, model_name, max_batch, max_queue, prefill_
     GET /v1/models, /health; requests decode together (continuous batching)."""
     from .api import load
     from .engine import Engine
-    from .server import Server, serve as serve_http
+    from .server import Server, check_port, serve as serve_http
+
+    check_port(host, port)  # before a load that can take minutes
 
     def loader():  # runs on the engine's thread, which then owns every torch call
         return load(model, device=device, dtype=dtype, revision=revision, gpu_memory=gpu_memory,

@@ -144,8 +144,8 @@ class Server:
         if body.logprobs:
             raise APIError(400, "logprobs are not supported", param="logprobs")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stops) > 4:
-            raise APIError(400, f"stop: at most 4 sequences, got {len(stops)}", param="stop")
+        if len(stops) > 4 or any(len(x) > MAX_STOP_CHARS for x in stops):
+            raise APIError(400, f"stop: at most 4 sequences of at most {MAX_STOP_CHARS} characters", param="stop")
         limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
         room = self.engine.context - len(prompt)
         max_tokens = limit if limit is not None else max(room, 1)
@@ -288,7 +288,8 @@ async def _chain(first, gen):
         yield item
 
 
-MAX_BODY = 4 << 20  # bytes of a request body; a whole context of text is far less
+MAX_BODY = 4 << 20
+MAX_STOP_CHARS = 256  # each stop sequence; matching costs O(its length) per generated token  # bytes of a request body; a whole context of text is far less
 
 
 class Guard:
@@ -399,6 +400,24 @@ def create_app(server: Server):
         return await server.respond(request, body, prompt, "text_completion")
 
     return app
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse (ConfigError, one line) a host/port this process cannot listen on, before loading."""
+    import socket
+
+    from .errors import ConfigError
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ConfigError(f"--host {host}: cannot resolve it ({e.strerror or e})")
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})")
 
 
 def serve(server: Server, *, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 10.0,

@@ -180,6 +180,8 @@ def test_errors_have_openai_shape_and_status(server):
     with pytest.raises(openai.NotFoundError) as e:
         c.completions.create(model="gpt-4", prompt=TEXTS[0], max_tokens=4)
     assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="stop: at most 4 sequences of at most 256"):
+        c.completions.create(model="demo", prompt=TEXTS[0], max_tokens=4, stop=["x" * 300])
     with pytest.raises(openai.BadRequestError, match="n=2"):
         c.completions.create(model="demo", prompt=TEXTS[0], max_tokens=4, n=2)
     with pytest.raises(openai.BadRequestError, match="temperature"):
@@ -256,3 +258,9 @@ def test_bad_options_are_one_line_errors_before_listening(dbrxq_main, tmp_path):
     assert code == 2 and err.strip() == "error: context 5000 must be between 1 and the model's max_seq_len 1024"
     code, err = dbrxq_main("serve", str(tmp_path / "missing"), "--port", str(free_port()))
     assert code == 2 and err.startswith("error: ") and "missing" in err and "Traceback" not in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = dbrxq_main("serve", "--port", str(port))
+    assert code == 2 and err.strip() == f"error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use)"
