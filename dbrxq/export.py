@@ -206,11 +206,12 @@ class _Planner:
                transpose_float: bool = False) -> PlannedTensor:
         """A weight matrix (stack): attention Wqkv/out_proj, lm_head, or an expert tensor."""
         from quantize.ggml import BLOCK, exact_type, float_to_type, from_codes, requantize_q8_0
+        from quantize.primitives import logical_k
         c = self.c
         if f"{base}.qweight" in self.r:
             mq = self.q.for_kind(kind)
             qshape = self.r.shape(f"{base}.qweight")
-            shape = (*qshape[:-1], qshape[-1] * (2 if mq.bits == 4 else 1))
+            shape = (*qshape[:-1], logical_k(mq.bits, qshape[-1]))
             k = shape[-1]
             g = k if mq.group_size == -1 else mq.group_size
             ggml_type = exact_type(mq.bits, mq.symmetric, g, k)

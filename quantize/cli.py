@@ -23,7 +23,7 @@ from dbrxq.sysinfo import THREADS_HELP
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 METHODS = ("rtn", "gptq")
 RARE_STRATEGIES = ("route-all", "rtn")
-EXPERT_BITS, ATTN_BITS, LM_HEAD_BITS = (4, 8), (4, 8, 16), (8, 16)
+EXPERT_BITS, ATTN_BITS, LM_HEAD_BITS = (2, 3, 4, 8), (4, 8, 16), (8, 16)
 GROUP_SIZES = (32, 64, 128, -1)
 
 

@@ -19,20 +19,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dbrxq.errors import QuantizationError
-from quantize.format import FORMAT_VERSION, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from quantize.format import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 QUANT_METHOD = "dbrxq"
 METHODS = ("rtn", "gptq")
 MODULE_KINDS = ("experts", "attn", "lm_head", "embed")
 # Format versions this dbrxq can read (a newer writer may add versions; an old reader refuses).
-READABLE_FORMAT_VERSIONS = (FORMAT_VERSION,)
 
 
 @dataclass(frozen=True)
 class ModuleQuant:
     """How one kind of module is stored.
 
-    bits: 4 or 8; None (or 16) keeps the module unquantized in bf16.
+    bits: 2, 3, 4 or 8 (2 and 3 need format_version 2); None (or 16) keeps the module unquantized.
     group_size: one of SUPPORTED_GROUP_SIZES; -1 = per-channel (ignored when unquantized).
     symmetric: implicit zero point 2**(bits-1) if True, stored uint8 zero points otherwise.
     """
@@ -102,13 +101,19 @@ class QuantConfig:
     embed: ModuleQuant = ModuleQuant(bits=None)
     # Free-form summary of the calibration run (data, tokens, seed, fallbacks), for humans.
     calibration: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    format_version: int = field(default=FORMAT_VERSION, compare=False)  # as read; written: required_version
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
         _check(self.format_version in READABLE_FORMAT_VERSIONS, "format_version",
                self.format_version,
                f"one of {READABLE_FORMAT_VERSIONS} (the versions this dbrxq reads)")
+
+    @property
+    def required_version(self) -> int:
+        """The format_version this recipe's tensors need: 2 with 2- or 3-bit codes, else 1 (so a
+        4/8-bit checkpoint stays readable by a dbrxq that knows only version 1)."""
+        return 2 if any(self.for_kind(k).bits in (2, 3) for k in MODULE_KINDS) else 1
 
     def for_kind(self, kind: str) -> ModuleQuant:
         """The ModuleQuant of ``kind`` (one of MODULE_KINDS)."""
@@ -119,7 +124,7 @@ class QuantConfig:
         """The JSON-ready ``quantization_config`` block."""
         d: dict[str, Any] = {
             "quant_method": QUANT_METHOD,
-            "format_version": self.format_version,
+            "format_version": self.required_version,
             "method": self.method,
         }
         for kind in MODULE_KINDS:
@@ -156,4 +161,8 @@ class QuantConfig:
         if not isinstance(calibration, dict):
             raise QuantizationError("quantization_config.calibration must be an object")
         kinds = {k: ModuleQuant.from_dict(d[k], k) for k in MODULE_KINDS if k in d}
-        return cls(method=method, calibration=calibration, format_version=version, **kinds)
+        cfg = cls(method=method, calibration=calibration, format_version=version, **kinds)
+        if version < cfg.required_version:
+            raise QuantizationError(f"quantization_config.format_version={version} cannot hold 2- or 3-bit codes "
+                                    f"(format_version {cfg.required_version} can); the checkpoint is damaged")
+        return cfg

@@ -8,6 +8,15 @@ Every quantized weight W of logical shape [N_out, K_in] (the nn.Linear conventio
                                              input column 2j in the LOW nibble and of
                                              column 2j+1 in the HIGH nibble
                     uint8  [..., N, K]       bits == 8: one code per byte
+                    uint8  [..., N, K // 4]  bits == 2: four codes per byte, column 4j+i in
+                                             bits 2i..2i+1 (format_version 2)
+                    uint8  [..., N, K // 4 + K // 8]
+                                             bits == 3 (format_version 2): two planes per row,
+                                             first the low two bits of every code as at 2 bits,
+                                             then the high bit, eight per byte (column 8j+i in
+                                             bit i). Why planes: a kernel decodes the 2-bit
+                                             plane exactly as a 2-bit weight and adds 4 where
+                                             the 1-bit plane says so, streaming both.
     <name>.scales   float16 [..., N, K // G] one scale per group of G consecutive input columns
     <name>.qzeros   uint8  [..., N, K // G]  only when asymmetric: the integer zero point
 
@@ -17,7 +26,7 @@ Codes are always unsigned, 0 .. 2**bits - 1, and dequantize as
 
 with zero = 2**(bits-1) (8 for int4, 128 for int8) when symmetric (not stored). Groups run
 along the input dimension K; G == K is per-channel (one scale per output row). K must be
-divisible by G (and by 2 for 4-bit); DBRX's dims (6144, 10752, 8192) are multiples of 128.
+divisible by G (and by 2 for 4-bit, 4 for 2-bit, 8 for 3-bit); DBRX's dims (6144, 10752, 8192) are multiples of 128.
 
 Experts. The fused DBRX expert tensors ``ffn.experts.mlp.{w1,v1,w2}`` ([E*F, D] each in the hub
 layout) are stored with a leading expert dimension, each matrix in its (out, in) orientation:
@@ -33,11 +42,12 @@ stay in bf16. The checkpoint's config.json carries a ``quantization_config`` blo
 (see :mod:`quantize.config`) whose ``format_version`` is :data:`FORMAT_VERSION`.
 """
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds 2- and 3-bit codes; a version-1 checkpoint (4 and 8 bits) reads unchanged
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 QWEIGHT, SCALES, QZEROS = "qweight", "scales", "qzeros"
 
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
 # Group sizes a user may ask for; -1 (or K itself) means per-channel.
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 SCALE_DTYPE_NAME = "float16"

@@ -36,7 +36,7 @@ from dbrxq.errors import QuantizationError
 from quantize.primitives import (
     QuantizedTensor,
     compute_qparams,
-    pack_int4,
+    pack_codes,
     quantize_tensor,
     resolve_group_size,
 )
@@ -218,7 +218,7 @@ class GPTQ:
         if perm is not None:
             codes = codes[:, torch.argsort(perm)]
         qt = QuantizedTensor(
-            pack_int4(codes) if bits == 4 else codes, scales, zeros, bits, group_size, w.shape
+            pack_codes(codes, bits), scales, zeros, bits, group_size, w.shape
         )
         stats = {
             "loss": float(losses.sum()),

@@ -107,6 +107,8 @@ def backend_support(
             return f"group_size={group_size} is not per-channel"
         return None
     if backend == "bnb":
+        if bits not in (4, 8):
+            return f"bits={bits}"
         if dev.type != "cpu" and not torch.cuda.is_available():
             return "CUDA is not available"
         return _bnb_reason() if dev.type == "cpu" else None

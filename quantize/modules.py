@@ -31,7 +31,7 @@ from dbrxq.model import _ACTIVATIONS, DbrxExperts, moe_dispatch
 from quantize import kernels
 from quantize.config import ModuleQuant, QuantConfig
 from quantize.format import QWEIGHT, QZEROS, SCALES
-from quantize.primitives import QuantizedTensor, resolve_group_size
+from quantize.primitives import QuantizedTensor, packed_k, resolve_group_size
 from quantize.rtn import EXPERT_KINDS, quantize_experts_rtn, quantize_rtn
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,7 @@ class QWeight(nn.Module):
         except QuantizationError as e:
             raise QuantizationError(f"{name or 'weight'} {list(shape)}: {e}") from None
         self.bits, self.group_size, self.shape = mq.bits, mq.group_size, torch.Size(shape)
-        packed_k = k // 2 if mq.bits == 4 else k
-        self.register_buffer(QWEIGHT, torch.empty(*lead, n, packed_k, dtype=torch.uint8, device=device))
+        self.register_buffer(QWEIGHT, torch.empty(*lead, n, packed_k(mq.bits, k), dtype=torch.uint8, device=device))
         self.register_buffer(SCALES, torch.empty(*lead, n, k // g, dtype=torch.float16, device=device))
         if not mq.symmetric:
             self.register_buffer(QZEROS, torch.empty(*lead, n, k // g, dtype=torch.uint8, device=device))

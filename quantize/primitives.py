@@ -34,10 +34,13 @@ __all__ = [
     "check_bits",
     "compute_qparams",
     "dequantize",
+    "pack_codes",
     "pack_int4",
+    "packed_k",
     "quantize_codes",
     "quantize_tensor",
     "resolve_group_size",
+    "unpack_codes",
     "unpack_int4",
 ]
 
@@ -71,8 +74,9 @@ def resolve_group_size(group_size: int, k: int, bits: int) -> int:
             f"input dim K={k} is not divisible by group_size={group_size}; dbrxq does not pad "
             "(DBRX dims are multiples of 128)"
         )
-    if bits == 4 and k % 2 != 0:
-        raise QuantizationError(f"input dim K={k} is odd; 4-bit packing needs an even K")
+    per = CODES_PER_UNIT[bits]
+    if k % per != 0:
+        raise QuantizationError(f"input dim K={k} is not a multiple of {per}; {bits}-bit packing needs that")
     return g
 
 
@@ -203,26 +207,26 @@ def dequantize(
     """The reference dequantizer: ``W = (code - zero) * scale`` -> ``[..., N, K]`` in ``dtype``.
 
     Args:
-        codes_or_packed: uint8, either codes ``[..., N, K]`` or, at 4 bits, the packed
-            ``qweight`` ``[..., N, K // 2]`` of :mod:`quantize.format`.
+        codes_or_packed: uint8, either codes ``[..., N, K]`` or, below 8 bits, the packed
+            ``qweight`` of :mod:`quantize.format`.
         scales: ``[..., N, K // G]``; zeros: uint8 ``[..., N, K // G]`` or None (symmetric).
-        packed: whether the input is packed (4-bit only). None infers it from the shapes:
-            K = (K // G) * G must match the last dim (codes) or twice it (packed). Per-channel
-            4-bit is ambiguous (one group, K unknown) and is taken as packed, the on-disk form.
+        packed: whether the input is packed (below 8 bits). None infers it from the shapes:
+            K = (K // G) * G must match the last dim (codes) or its packed length. Per-channel
+            is ambiguous (one group, K unknown) and is taken as packed, the on-disk form.
 
     The product is formed in float32, where it is exact ((code - zero) has at most 9 bits,
     the fp16 scale 11), then cast to ``dtype``.
     """
     check_bits(bits)
     c = codes_or_packed
-    if bits == 4:
+    if bits != 8:
         if packed is None:
             if group_size == -1:
                 packed = True
             else:
-                packed = c.shape[-1] * 2 == scales.shape[-1] * group_size
+                packed = logical_k(bits, c.shape[-1]) == scales.shape[-1] * group_size
         if packed:
-            c = unpack_int4(c)
+            c = unpack_codes(c, bits)
     k = c.shape[-1]
     g = resolve_group_size(group_size, k, bits)
     if tuple(scales.shape) != (*c.shape[:-1], k // g) or (
@@ -236,6 +240,65 @@ def dequantize(
     zero = float(2 ** (bits - 1)) if zeros is None else zeros.float().unsqueeze(-1)
     w = (_grouped(c.float(), g) - zero) * scales.float().unsqueeze(-1)
     return w.reshape(c.shape).to(dtype)
+
+
+# ----------------------------------------------------------------------------- packing
+
+# K must be a multiple of this (codes that share bytes); see quantize.format
+CODES_PER_UNIT = {2: 4, 3: 8, 4: 2, 8: 1}
+
+
+def packed_k(bits: int, k: int) -> int:
+    """Bytes per row of ``qweight`` for K codes of ``bits`` bits (quantize.format)."""
+    return {2: k // 4, 3: k // 4 + k // 8, 4: k // 2, 8: k}[bits]
+
+
+def logical_k(bits: int, packed: int) -> int:
+    """K from the bytes per row of ``qweight`` (inverse of :func:`packed_k`)."""
+    return {2: packed * 4, 3: packed * 8 // 3, 4: packed * 2, 8: packed}[bits]
+
+
+@torch.no_grad()
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``[..., N, K]`` -> ``qweight`` ``[..., N, packed_k]`` (quantize.format)."""
+    if bits == 8:
+        return codes.to(torch.uint8)
+    if bits == 4:
+        return pack_int4(codes)
+    k = codes.shape[-1]
+    per = CODES_PER_UNIT[bits]
+    if k % per:
+        raise QuantizationError(f"cannot pack {bits}-bit codes with K={k}; K must be a multiple of {per}")
+    c = codes.to(torch.uint8)
+    if c.numel() and int(c.max()) > 2**bits - 1:
+        raise QuantizationError(f"{bits}-bit codes must be in 0..{2**bits - 1}, got max {int(c.max())}")
+    low = c & 3  # 2-bit plane: four codes per byte, column 4j in bits 0-1 ... 4j+3 in bits 6-7
+    plane2 = low[..., 0::4] | (low[..., 1::4] << 2) | (low[..., 2::4] << 4) | (low[..., 3::4] << 6)
+    if bits == 2:
+        return plane2
+    hi = c >> 2  # 1-bit plane: eight high bits per byte, column 8j in bit 0
+    plane1 = hi[..., 0::8]
+    for i in range(1, 8):
+        plane1 = plane1 | (hi[..., i::8] << i)
+    return torch.cat([plane2, plane1], dim=-1)
+
+
+@torch.no_grad()
+def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``qweight`` -> uint8 codes ``[..., N, K]``; inverse of :func:`pack_codes`."""
+    if bits == 8:
+        return qweight
+    if bits == 4:
+        return unpack_int4(qweight)
+    p = qweight.to(torch.uint8)
+    k = logical_k(bits, p.shape[-1])
+    plane2 = p[..., : k // 4]
+    low = torch.stack([(plane2 >> (2 * i)) & 3 for i in range(4)], dim=-1).reshape(*p.shape[:-1], k)
+    if bits == 2:
+        return low
+    plane1 = p[..., k // 4:]
+    hi = torch.stack([(plane1 >> i) & 1 for i in range(8)], dim=-1).reshape(*p.shape[:-1], k)
+    return low | (hi << 2)
 
 
 # ----------------------------------------------------------------------------- int4 packing
@@ -272,10 +335,10 @@ class QuantizedTensor:
     """One quantized weight in the canonical layout of :mod:`quantize.format`.
 
     Attributes:
-        qweight: uint8 ``[..., N, K // 2]`` (4-bit, packed) or ``[..., N, K]`` (8-bit).
+        qweight: uint8 ``[..., N, packed_k(bits, K)]`` (quantize.format).
         scales: float16 ``[..., N, K // G]``.
         qzeros: uint8 ``[..., N, K // G]``, or None when symmetric.
-        bits: 4 or 8.
+        bits: 2, 3, 4 or 8.
         group_size: as requested (-1 = per-channel); :attr:`group` is the resolved G.
         shape: the logical float shape ``[..., N, K]``.
     """
@@ -290,7 +353,7 @@ class QuantizedTensor:
     def __post_init__(self) -> None:
         self.shape = torch.Size(self.shape)
         g = resolve_group_size(self.group_size, self.shape[-1], self.bits)
-        want_q = (*self.shape[:-1], self.shape[-1] // (2 if self.bits == 4 else 1))
+        want_q = (*self.shape[:-1], packed_k(self.bits, self.shape[-1]))
         want_s = (*self.shape[:-1], self.shape[-1] // g)
         bad = [
             f"{name} {tuple(t.shape)} (want {want})"
@@ -318,7 +381,7 @@ class QuantizedTensor:
 
     def codes(self) -> torch.Tensor:
         """Unpacked uint8 codes ``[..., N, K]``."""
-        return unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+        return unpack_codes(self.qweight, self.bits)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``[..., N, K]`` in ``dtype``; see :func:`dequantize`."""
@@ -370,7 +433,7 @@ class QuantizedTensor:
                             (names[2], qzeros, torch.uint8)):
             if t is not None and t.dtype != dt:
                 raise QuantizationError(f"{name} has dtype {t.dtype}, expected {dt}")
-        k = qweight.shape[-1] * (2 if bits == 4 else 1)
+        k = logical_k(bits, qweight.shape[-1])
         return cls(qweight, scales, qzeros, bits, group_size, torch.Size((*qweight.shape[:-1], k)))
 
 
@@ -391,7 +454,7 @@ def quantize_tensor(
         wf = flat[r0:r0 + rows].float()
         scales, zeros = compute_qparams(wf, bits, group_size, symmetric)
         codes = quantize_codes(wf, scales, zeros, bits, group_size)
-        parts.append((pack_int4(codes) if bits == 4 else codes, scales, zeros))
+        parts.append((pack_codes(codes, bits), scales, zeros))
     lead = w.shape[:-1]
     qweight = torch.cat([p[0] for p in parts]).reshape(*lead, -1)
     scales = torch.cat([p[1] for p in parts]).reshape(*lead, -1)

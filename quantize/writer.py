@@ -36,7 +36,7 @@ from dbrxq.writer import DEFAULT_MAX_SHARD_BYTES, ShardedCheckpointWriter, Tenso
     write_json_atomic
 from quantize.config import ModuleQuant, QuantConfig
 from quantize.format import QWEIGHT, QZEROS, SCALES
-from quantize.primitives import resolve_group_size
+from quantize.primitives import packed_k, resolve_group_size
 from quantize.rtn import EXPERT_KINDS, quantize_rtn
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def quantized_tensor_specs(config: DbrxConfig, qconfig: QuantConfig, *,
         except QuantizationError as e:
             raise QuantizationError(f"{name} (input dim {k}): {e}") from None
         base = name.removesuffix(".weight")
-        specs.append((f"{base}.{QWEIGHT}", (*lead, n, k // 2 if mq.bits == 4 else k), torch.uint8))
+        specs.append((f"{base}.{QWEIGHT}", (*lead, n, packed_k(mq.bits, k)), torch.uint8))
         specs.append((f"{base}.{SCALES}", (*lead, n, k // g), torch.float16))
         if not mq.symmetric:
             specs.append((f"{base}.{QZEROS}", (*lead, n, k // g), torch.uint8))

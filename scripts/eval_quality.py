@@ -11,6 +11,8 @@ disk. Rows:
 - bf16: the reference itself (KL 0 by construction: a check of the harness).
 - int8 RTN: experts and attention int8 per-channel.
 - int4 RTN / GPTQ, g128 and g32: experts int4 (symmetric), attention int8 per-channel.
+- int3 RTN / GPTQ (g128 symmetric, g64 asymmetric) and int2 RTN / GPTQ (asymmetric, g64 and g32):
+  experts at 3 and 2 bits (format_version 2), attention int8 per-channel.
 - int4 RTN / GPTQ g128 with int4 attention as well: the harder setting,
   where methods separate more. (Per-channel experts would repeat the g128 rows: every input
   dimension of the demo model is 128, so there g128 *is* per-channel.)
@@ -57,6 +59,14 @@ def recipes() -> list[tuple[str, str, QuantConfig]]:
         ("int4 GPTQ g32", "gptq", QuantConfig(method="gptq", experts=int4(32), attn=INT8)),
         ("int4 RTN g128, int4 attention", "rtn", QuantConfig(method="rtn", experts=int4(128), attn=int4(128))),
         ("int4 GPTQ g128, int4 attention", "gptq", QuantConfig(method="gptq", experts=int4(128), attn=int4(128))),
+        # format_version 2: 3-bit experts symmetric (7 of 8 levels), 2-bit asymmetric (symmetric 2-bit
+        # has only 3 levels: -1, 0, 1), smaller groups as llama.cpp's low-bit types use
+        ("int3 RTN g128", "rtn", QuantConfig(method="rtn", experts=ModuleQuant(3, 128, True), attn=INT8)),
+        ("int3 GPTQ g128", "gptq", QuantConfig(method="gptq", experts=ModuleQuant(3, 128, True), attn=INT8)),
+        ("int3 GPTQ g64 asym", "gptq", QuantConfig(method="gptq", experts=ModuleQuant(3, 64, False), attn=INT8)),
+        ("int2 RTN g64 asym", "rtn", QuantConfig(method="rtn", experts=ModuleQuant(2, 64, False), attn=INT8)),
+        ("int2 GPTQ g64 asym", "gptq", QuantConfig(method="gptq", experts=ModuleQuant(2, 64, False), attn=INT8)),
+        ("int2 GPTQ g32 asym", "gptq", QuantConfig(method="gptq", experts=ModuleQuant(2, 32, False), attn=INT8)),
     ]
 
 
@@ -113,6 +123,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--work", type=Path, default=None, help="folder for the quantized checkpoints")
+    ap.add_argument("--only", default=None, help="comma-separated row-name prefixes to run (e.g. int3,int2)")
     args = ap.parse_args()
 
     print(describe_machine())
@@ -137,9 +148,13 @@ def main() -> None:
     base_ppl = row("bf16", ref, src_bytes)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for name, method, qc in recipes():
+            if args.only and not any(name.startswith(p) for p in args.only.split(",")):
+                continue
             out = Path(tmp) / name.replace(" ", "_")
             quantize(args.model, out, method, qc, args.calib_samples, args.calib_seq_len)
             row(name, load_model(out, dtype="float32"), folder_bytes(out))
+    if args.only:
+        return _print(rows, base_ppl)
     nf4 = load_model(args.model, dtype="float32")
     expert_float = sum(p.numel() * 2 for b in nf4.transformer.blocks for p in b.ffn.experts.parameters())
     nf4_bytes = nf4_experts(nf4)
@@ -147,8 +162,11 @@ def main() -> None:
     quantize_model_rtn(nf4, QuantConfig(method="rtn", experts=ModuleQuant(None), attn=INT8))
     row("bnb NF4 (experts)", nf4, src_bytes - expert_float + nf4_bytes - _attn_savings(ref))
     row("int8 KV cache", Int8KV(load_model(args.model, dtype="float32")), src_bytes)
+    _print(rows, base_ppl)
 
-    print(f"\n| weights | perplexity | vs bf16 | mean KL (nats) | top-1 agreement | checkpoint bytes |")
+
+def _print(rows, base_ppl) -> None:
+    print("\n| weights | perplexity | vs bf16 | mean KL (nats) | top-1 agreement | checkpoint bytes |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, ppl, kl, top1, nbytes in rows:
         print(f"| {name} | {ppl:.3f} | {100 * (ppl / base_ppl - 1):+.2f}% | {kl:.2e} | {100 * top1:.2f}% | "

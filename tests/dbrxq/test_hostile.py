@@ -282,7 +282,8 @@ CASES = [
     ("qc-bits-float", "quant", _qc("bits", 4.0), "quantization_config.experts.bits=4.0 has the wrong JSON type"),
     ("qc-group-size-float", "quant", _qc("group_size", 128.0),
      "quantization_config.experts.group_size=128.0 has the wrong JSON type"),
-    ("qc-bits-3", "quant", _qc("bits", 3), "bits=3 is not supported"),
+    ("qc-bits-3-in-v1", "quant", _qc("bits", 3), "format_version=1 cannot hold 2- or 3-bit codes"),
+    ("qc-bits-5", "quant", _qc("bits", 5), "bits=5 is not supported"),
     ("qc-symmetric-string", "quant", _qc("symmetric", "yes"), "symmetric='yes' has the wrong JSON type"),
     ("qc-format-version-string", "quant", lambda c, o: edit_config(
         c, lambda d: d["quantization_config"].__setitem__("format_version", "1")), "format_version='1' is not supported"),

@@ -58,7 +58,7 @@ def bnb_bound(bits: int, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return bound + ax @ (wstep / 2).expand_as(aw).T + (xstep / 2).expand_as(ax) @ (aw + wstep / 2).T
 
 
-LINEAR_CASES = [(bits, g, sym) for bits in (4, 8) for g in (32, 128, -1) for sym in (True, False)]
+LINEAR_CASES = [(bits, g, sym) for bits in (2, 3, 4, 8) for g in (32, 128, -1) for sym in (True, False)]
 N, K = 96, 256
 
 
@@ -94,7 +94,8 @@ def _experts_config():
     return preset_config("tiny", d_model=128, ffn_hidden_size=64)
 
 
-@pytest.mark.parametrize("bits, group_size, symmetric", [(4, 32, True), (4, 64, False), (8, -1, True)])
+@pytest.mark.parametrize("bits, group_size, symmetric", [(4, 32, True), (4, 64, False), (8, -1, True),
+                                                         (3, 64, True), (2, 32, False)])
 def test_qexperts_match_float_experts_on_dequantized_weights(bits, group_size, symmetric):
     config = _experts_config()
     E, Fh, D = config.num_experts, config.ffn_hidden_size, config.d_model

@@ -85,9 +85,11 @@ def test_k_not_divisible_by_group():
 @pytest.mark.parametrize(
     "bits, g, k, msg",
     [
-        (3, 128, 256, r"bits=3 is not supported; use one of \(4, 8\)"),
+        (5, 128, 256, r"bits=5 is not supported; use one of \(2, 3, 4, 8\)"),
         (4, 16, 256, r"group_size=16 is not supported; use one of \(32, 64, 128, -1\)"),
-        (4, -1, 5, "K=5 is odd"),
+        (4, -1, 5, "K=5 is not a multiple of 2; 4-bit packing needs that"),
+        (3, -1, 20, "K=20 is not a multiple of 8; 3-bit packing needs that"),
+        (2, -1, 6, "K=6 is not a multiple of 4; 2-bit packing needs that"),
     ],
 )
 def test_bad_settings_raise(bits, g, k, msg):
@@ -262,7 +264,8 @@ def test_expert_bad_kind_and_shape():
 def test_quant_config_defaults_and_round_trip():
     cfg = QuantConfig()
     d = cfg.to_dict()
-    assert d["quant_method"] == "dbrxq" and d["format_version"] == FORMAT_VERSION
+    assert d["quant_method"] == "dbrxq" and d["format_version"] == 1 < FORMAT_VERSION  # 4/8 bits: readable by v1 readers
+    assert QuantConfig(experts=ModuleQuant(3, 128, True)).to_dict()["format_version"] == 2
     assert d["experts"] == {"bits": 4, "group_size": 128, "symmetric": True}
     assert d["attn"] == {"bits": 8, "group_size": -1, "symmetric": True}
     assert d["lm_head"]["bits"] is None and d["embed"]["bits"] is None
@@ -283,10 +286,12 @@ def test_quant_config_defaults_and_round_trip():
     "patch, msg",
     [
         ({"format_version": 99},
-         "format_version=99 is not supported; this dbrxq reads format_version 1"),
+         "format_version=99 is not supported; this dbrxq reads format_version 1, 2"),
         ({"method": "awq"}, "method='awq' is not supported"),
+        ({"experts": {"bits": 5, "group_size": 128}},
+         r"quantization_config.experts.bits=5 is not supported"),
         ({"experts": {"bits": 3, "group_size": 128}},
-         r"quantization_config.experts.bits=3 is not supported"),
+         r"format_version=1 cannot hold 2- or 3-bit codes"),
         ({"attn": {"bits": 8, "group_size": 48}},
          r"quantization_config.attn.group_size=48 is not supported"),
         ({"quant_method": "gptq"}, "not written by dbrxq"),
@@ -295,3 +300,38 @@ def test_quant_config_defaults_and_round_trip():
 def test_quant_config_errors(patch, msg):
     with pytest.raises(QuantizationError, match=msg):
         QuantConfig.from_dict({**QuantConfig().to_dict(), **patch})
+
+
+# ----------------------------------------------------------------------------- 2- and 3-bit codes
+@pytest.mark.parametrize("bits", [2, 3])
+def test_low_bit_pack_round_trip_and_layout(bits):
+    from quantize.primitives import pack_codes, packed_k, unpack_codes
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (3, 5, 64), generator=g, dtype=torch.uint8)
+    q = pack_codes(codes, bits)
+    assert q.shape == (3, 5, packed_k(bits, 64)) and q.shape[-1] == 64 * bits // 8
+    assert torch.equal(unpack_codes(q, bits), codes)
+    row = torch.arange(8, dtype=torch.uint8) % 2**bits  # columns 0..7 of one row, by hand:
+    q = pack_codes(row[None], bits)[0].tolist()
+    if bits == 2:  # codes 0,1,2,3,0,1,2,3: byte j holds columns 4j..4j+3 in bits 0-1, 2-3, 4-5, 6-7
+        assert q == [0b11100100, 0b11100100]
+    else:  # codes 0..7: low plane 0,1,2,3,0,1,2,3 as at 2 bits; high bits 0,0,0,0,1,1,1,1 -> 0b11110000
+        assert q == [0b11100100, 0b11100100, 0b11110000]
+    with pytest.raises(QuantizationError, match=f"{bits}-bit codes must be in 0..{2**bits - 1}"):
+        pack_codes(torch.full((1, 8), 2**bits, dtype=torch.uint8), bits)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("g, sym", [(32, True), (128, False), (-1, True), (64, False)])
+def test_low_bit_error_bound(bits, g, sym):
+    """|w - w_hat| <= scale / 2 elementwise at 2 and 3 bits (the grid covers every group)."""
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(0))
+    qt = quantize_tensor(w, bits, g, sym)
+    G = 256 if g == -1 else g
+    half = qt.scales.float().repeat_interleave(G, dim=-1) / 2
+    err = (w - qt.dequantize()).abs()
+    assert bool((err <= half * (1 + 1e-6)).all()), float((err / half).max())
+    assert float((err / half).max()) > 0.5  # not vacuous: errors reach the bound's order
+    assert qt.qweight.shape[-1] == 256 * bits // 8
+    back = QuantizedTensor.from_tensors(qt.tensors("w"), "w", bits, g)
+    assert back.shape == qt.shape and torch.equal(back.codes(), qt.codes())

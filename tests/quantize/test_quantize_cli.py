@@ -65,7 +65,7 @@ def test_options_reach_the_config(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--expert-bits", "3"), "--expert-bits 3 is not supported; choose one of 4, 8"),
+    (("--expert-bits", "5"), "--expert-bits 5 is not supported; choose one of 2, 3, 4, 8"),
     (("--group-size", "48"), "--group-size 48 is not supported"),
     (("--attn-bits", "2"), "--attn-bits 2 is not supported; choose one of 4, 8, 16"),
     (("--attn-group-size", "100"), "--attn-group-size 100 is not supported"),

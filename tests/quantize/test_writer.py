@@ -29,6 +29,8 @@ RECIPES = {
     "asym-lmhead": QuantConfig(experts=ModuleQuant(8, 32, False), attn=ModuleQuant(4, 64, False),
                                lm_head=ModuleQuant(8, -1, True)),
     "attn-bf16": QuantConfig(experts=ModuleQuant(4, -1, True), attn=ModuleQuant(None)),
+    "int3": QuantConfig(experts=ModuleQuant(3, 64, True)),  # format_version 2
+    "int2-asym": QuantConfig(experts=ModuleQuant(2, 32, False)),
 }
 
 
@@ -80,6 +82,8 @@ def s_get(folder, name):
 def test_quantization_config_round_trips(src, quantized):
     for recipe, out in quantized.items():
         d = json.loads((out / "config.json").read_text())
+        # a 4/8-bit checkpoint stays format_version 1 (older readers take it); 2- and 3-bit need 2
+        assert d["quantization_config"]["format_version"] == (2 if recipe.startswith("int") else 1)
         assert d.pop("quantization_config") == RECIPES[recipe].to_dict()
         assert QuantConfig.from_dict(RECIPES[recipe].to_dict()) == RECIPES[recipe]
         assert d == json.loads((src / "config.json").read_text())  # everything else as in SRC
@@ -143,7 +147,7 @@ def test_wrong_packed_shape_is_one_line(quantized, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("format_version", 2, "format_version=2"),
+    ("format_version", 3, "format_version=3"),
     ("method", "awq", "method='awq'"),
 ])
 def test_bad_quantization_config_is_one_line(quantized, tmp_path, field, value, match):
