@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""The size of real DBRX as a dbrxq checkpoint, per recipe, from the dims alone (no download).
+
+    python scripts/dbrx_sizes.py
+    python scripts/dbrx_sizes.py --target-size 48GB
+
+Every tensor's bytes come from quantize.writer.quantized_tensor_specs (what `dbrxq quantize` would
+write) for scripts/make_checkpoint.py's "dbrx" preset: 40 layers, 16 experts of 10752 x 6144, vocab
+100352, embedding and lm_head bf16. With --target-size, the mixed recipe: how many of the 640
+experts can be 3-bit (the rest 2-bit, both g64 with zero points) within the size; which experts
+get which width is the allocator's job (quantize.allocate), from their measured errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dbrxq.make_checkpoint import preset_config  # noqa: E402
+from dbrxq.placement import parse_size  # noqa: E402
+from quantize.config import ModuleQuant, QuantConfig  # noqa: E402
+from quantize.writer import quantized_tensor_specs  # noqa: E402
+
+INT8 = ModuleQuant(8, -1, True)
+
+
+def parts(config, qc: QuantConfig) -> dict[str, int]:
+    """Bytes by part: experts, attention, the rest (embedding, head, norms, routers)."""
+    out = {"experts": 0, "attention": 0, "other": 0}
+    for name, shape, dtype in quantized_tensor_specs(config, qc):
+        n = 1
+        for d in shape:
+            n *= d
+        n *= {"torch.uint8": 1, "torch.float16": 2, "torch.bfloat16": 2, "torch.float32": 4}[str(dtype)]
+        out["experts" if ".ffn.experts." in name else "attention" if ".attn." in name else "other"] += n
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target-size", default="48GB", help="the size the mixed recipe must fit (e.g. 48GB)")
+    a = ap.parse_args()
+    config = preset_config("dbrx")
+    recipes = [
+        ("int8 experts", ModuleQuant(8, -1, True)),
+        ("int4 g128 (dbrxq's default)", ModuleQuant(4, 128, True)),
+        ("int4 g32", ModuleQuant(4, 32, True)),
+        ("int3 g128", ModuleQuant(3, 128, True)),
+        ("int3 g64 asym", ModuleQuant(3, 64, False)),
+        ("int2 g64 asym", ModuleQuant(2, 64, False)),
+        ("int2 g32 asym", ModuleQuant(2, 32, False)),
+    ]
+    print("| experts (attention int8 per-channel, embedding and head bf16) | experts | attention | other | total |")
+    print("|---|---:|---:|---:|---:|")
+    per_bits = {}
+    for name, mq in recipes:
+        p = parts(config, QuantConfig(experts=mq, attn=INT8))
+        per_bits[(mq.bits, mq.group_size, mq.symmetric)] = p
+        print(f"| {name} | {p['experts'] / 1e9:.1f} GB | {p['attention'] / 1e9:.2f} GB | {p['other'] / 1e9:.2f} GB "
+              f"| {sum(p.values()) / 1e9:.1f} GB |")
+    target = parse_size(a.target_size, "--target-size")
+    n = config.n_layers * config.num_experts
+    fixed = {k: v["attention"] + v["other"] for k, v in per_bits.items()}
+    e2, e3 = (per_bits[k]["experts"] / n for k in ((2, 64, False), (3, 64, False)))
+    base = fixed[(3, 64, False)]
+    k3 = max(0, min(n, int((target - base - n * e2) // (e3 - e2))))  # the rest at 2 bits
+    total = base + k3 * e3 + (n - k3) * e2
+    print(f"\n--target-size {a.target_size} ({target / 1e9:.1f} GB, {(target - base) / 1e9:.1f} GB for experts): "
+          f"{k3} of the {n} experts at int3 g64 asym and {n - k3} at int2 g64 asym (average "
+          f"{(3 * k3 + 2 * (n - k3)) / n:.2f} bits) -> {total / 1e9:.2f} GB, fits: {total <= target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
