@@ -165,8 +165,8 @@ class Engine:
         """(Worker thread.) Load the model if given a loader, then allocate the slots.
 
         Why the worker loads: with OpenMP, once one thread has run torch's parallel regions, its
-        idle pool competes with any other thread's: a decode step of the demo model took 3-4x
-        longer on a second thread than on the first (2-core machine). Keeping every torch call on
+        idle pool competes with any other thread's: an 8-row decode step of the demo model took 3.3-3.8x
+        longer on a second thread than on the first (2-core machine; scripts/bench_threads.py). Keeping every torch call on
         this one thread avoids that."""
         if callable(model) and not isinstance(model, torch.nn.Module):
             model = model()

@@ -288,7 +288,7 @@ class ExpertCache:
         return Slot(storage, self.layout.views(storage))
 
     def resident_bytes(self) -> int:
-        return sum(self.allocated) * self.layout.nbytes  # (+ < 4 KiB of alignment per CPU slot)
+        return sum(self.allocated) * self.layout.nbytes  # (+ < 8 KiB per CPU slot: page padding and alignment)
 
     def contains(self, layer: int, expert: int) -> bool:
         return expert in self.where[layer]

@@ -7,8 +7,8 @@ every expert of a model has the same shape, so an option's bytes are ``3 F D (b/
 every item, and all the costs share a large common divisor (at G = 128, F D / 128 x 6 bytes: the
 costs of 2, 3, 4 and 8 bits are then 17, 25, 33 and 65 units). :func:`solve_exact` divides every
 cost by the greatest common divisor and runs the textbook dynamic program over the budget in those
-units, vectorised over the budget axis: items x options x units steps (real DBRX: 640 x 4 x 41,600,
-well under a second). :func:`solve_greedy` is the classic alternative (start every item at its
+units, vectorised over the budget axis: items x options x units steps (real DBRX: 640 x 4 x 41,600;
+tests/quantize/test_allocate.py solves a problem of that size). :func:`solve_greedy` is the classic alternative (start every item at its
 cheapest option, then take the upgrade with the largest error saved per byte while it fits, on each
 item's lower convex hull); it is here to be compared with the exact answer, not to replace it.
 """

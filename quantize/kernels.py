@@ -159,7 +159,8 @@ def choose_backend(
         return override
     order = (["cpu_q4", "cpu_q8"] if torch.device(device).type == "cpu" else []) + [
         "torch_int4", "torch_int8", "torch"]
-    # only the candidates: probing bnb imports bitsandbytes, 129 MiB of RSS for a backend never chosen here
+    # only the candidates: probing bnb would import bitsandbytes (and its own imports) into every
+    # process, resident memory a budget does not cover, for a backend never chosen automatically
     return next(b for b in order
                 if backend_support(b, device, bits, group_size, dtype, shape=shape, symmetric=symmetric) is None)
 

@@ -88,13 +88,33 @@ def test_batched_rows_equal_each_request_alone_bitwise(kind):
             assert torch.equal(a, b), (kind, r, step, (a - b).abs().max())
 
 
-def test_without_batch_invariance_float_rows_can_differ():
-    """The control: the float32 model batched freely (one matmul for all rows) is what the mode
-    prevents. Where this CPU's float kernels happen to be row-independent, there is nothing to show."""
+def rows_seen(model, invariant: bool) -> dict[str, set[int]]:
+    """The row counts each weight of block 0 (and the head) received during batched decode steps."""
+    seen: dict[str, set[int]] = {}
+    blk = model.transformer.blocks[0]
+    parts = {"Wqkv": blk.norm_attn_norm.attn.Wqkv, "router": blk.ffn.router.layer, "lm_head": model.lm_head}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.setdefault(n, set()).add(
+        args[0].reshape(-1, args[0].shape[-1]).shape[0])) for n, m in parts.items()]
+    batched(model, PROMPTS, steps=2, invariant=invariant)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_batch_invariance_applies_float_weights_row_by_row_and_batches_the_c_kernel():
+    """The mechanism behind the bitwise test above, independent of whether this CPU's float kernels
+    happen to round rows alike: under batch_invariant every float weight sees one row at a time in a
+    decode step (prefill rows are one request: they stay batched), a C-kernel weight sees the batch."""
     model = float_model()
-    got = batched(model, PROMPTS, invariant=False)
-    if all(torch.equal(a, b) for r, p in enumerate(PROMPTS) for a, b in zip(got[r], alone(model, p))):
-        pytest.skip("this CPU's float32 matmuls gave row-independent results for these shapes")
+    free = rows_seen(model, invariant=False)
+    assert len(PROMPTS) in free["Wqkv"] and len(PROMPTS) in free["lm_head"]
+    inv = rows_seen(model, invariant=True)
+    decode_rows = {1}  # plus the prefill lengths of the prompts (one request per prefill)
+    assert inv["Wqkv"] <= decode_rows | {len(p) for p in PROMPTS} and len(PROMPTS) not in inv["lm_head"]
+    if cext.load() is not None:
+        q = quantized_model()  # attention int8 on the C kernel, router float
+        inv = rows_seen(q, invariant=True)
+        assert len(PROMPTS) in inv["Wqkv"] and len(PROMPTS) not in inv["router"]
 
 
 def test_by_rows_splits_only_what_is_not_row_independent():
