@@ -59,7 +59,10 @@ class SlotLayout:
     """
 
     def __init__(self, template: tuple):
-        self.template = template
+        # keep shapes and dtypes only: the prepared expert the layout was taken from would otherwise
+        # stay allocated beside the cache (one real-width expert: ~100 MB on the GPU or in RAM)
+        self.template = template = _map_tensors(
+            template, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), {})
         self.entries: list[tuple[int, torch.Size, torch.dtype]] = []  # (offset, shape, dtype)
         self._index: dict[int, int] = {}  # id(tensor in template) -> entry
 

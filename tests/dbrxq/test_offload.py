@@ -139,6 +139,11 @@ def test_slot_layout_roundtrip():
     x = torch.randn(3, CFG.d_model)
     assert torch.equal(kernels.glu(x, *slot.weights, inner.act), inner.expert(5, x))
     assert storage.numel() == layout.nbytes
+    # the layout keeps shapes, not the bytes of the expert it was taken from (they would sit outside the budget)
+    from dbrxq.expert_cache import _map_tensors
+    held = []
+    _map_tensors(layout.template, lambda t: held.append(t) or t, {})
+    assert held and all(t.is_meta for t in held)
 
 
 def test_budget_too_small_for_non_expert_weights():
