@@ -39,8 +39,10 @@ BACKENDS = ("torch", "torch_int4", "torch_int8", "bnb", "cpu_q4", "cpu_q8")
 # What each backend supports, for one-line errors.
 SUPPORTS = {
     "torch": "any bits, group size and device",
-    "torch_int4": "bits=4, N % 16 == 0, group size a multiple of 32 (incl. per-channel); CPU or CUDA",
-    "torch_int8": "bits=8, per-channel (group_size=-1), symmetric; CPU or CUDA",
+    "torch_int4": "bits=4 (or 2, 3: widened to int4), N % 16 == 0, group size a multiple of 32 (incl. per-channel); "
+                  "CPU or CUDA",
+    "torch_int8": "bits=8, per-channel (group_size=-1), symmetric; CPU (torch's int8 kernel) or CUDA "
+                  "(bf16 codes, cuBLAS)",
     "bnb": "bits 4 (NF4) or 8 (int8) where bitsandbytes runs",
     "cpu_q4": "bits=4 (or 2, 3: widened to int4) on CPU, K % 64 == 0, group size a multiple of 32 (incl. per-channel)",
     "cpu_q8": "bits=8 on CPU, K % 32 == 0, group size a multiple of 32 (incl. per-channel)",
@@ -71,6 +73,27 @@ def _bnb_reason() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_kernel_reason(backend: str, index: int) -> str | None:
+    """None when ``backend``'s CUDA path runs on device ``index``, else why not: probed once per device
+    by one matmul of a tiny weight (torch's _weight_int4pack_mm needs compute capability 8.0, and
+    bf16 matmuls are not on every GPU)."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    dev = torch.device("cuda", index)
+    k = 128
+    bits, group = (4, 128) if backend == "torch_int4" else (8, -1)
+    qt = QuantizedTensor(torch.zeros(16, k * bits // 8, dtype=torch.uint8), torch.ones(16, 1, dtype=torch.float16),
+                         None, bits, group, (16, k))
+    try:
+        _CLASSES[backend](qt, dev).matmul(torch.zeros(1, k, dtype=torch.bfloat16, device=dev))
+        torch.cuda.synchronize(dev)
+    except Exception as e:  # NotImplementedError (no such kernel), RuntimeError (capability)
+        return f"{backend} does not run on {torch.cuda.get_device_name(dev)}: " \
+               f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return None
+
+
 def backend_support(
     backend: str, device: torch.device | str, bits: int, group_size: int,
     dtype: torch.dtype = torch.float32, *, shape: tuple[int, int] | None = None,
@@ -93,19 +116,19 @@ def backend_support(
     if dev.type not in ("cpu", "cuda"):
         return f"device {dev.type} is not supported"
     if backend == "torch_int4":
-        if bits != 4:
+        if bits not in (2, 3, 4):
             return f"bits={bits}"
         if n is not None and n % 16:
             return f"N={n} is not a multiple of 16"
         if g is not None and g != -1 and _int4_group(g) is None:
             return f"group size {g} is not a multiple of 32"
-        return None
+        return _cuda_kernel_reason(backend, _index(dev)) if dev.type == "cuda" else None
     if backend == "torch_int8":
         if bits != 8 or not symmetric:
             return f"bits={bits}, symmetric={symmetric}"
         if group_size != -1 and (k is None or group_size != k):
             return f"group_size={group_size} is not per-channel"
-        return None
+        return _cuda_kernel_reason(backend, _index(dev)) if dev.type == "cuda" else None
     if backend == "bnb":
         if bits not in (4, 8):
             return f"bits={bits}"
@@ -123,6 +146,10 @@ def backend_support(
     if g is not None and g != -1 and g % 32:
         return f"group size {g} is not a multiple of 32"
     return cext.unavailable_reason()
+
+
+def _index(dev: torch.device) -> int:
+    return dev.index if dev.index is not None else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
 
 
 def available_backends(
@@ -234,8 +261,11 @@ class TorchInt4Weight(PreparedWeight):
         z = (torch.full_like(qt.scales, 8, dtype=torch.float32) if qt.qzeros is None
              else qt.qzeros.float()).repeat_interleave(self.group // g2, dim=1)
         # torch: (q - 8) * s + zero_f  ==  (q - z) * s  iff  zero_f = (8 - z) * s
-        self.sz32 = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(device)
-        self._sz = {}
+        sz = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous()
+        if device.type == "cuda":  # the CUDA kernel takes bf16 only: hold that copy alone, made now
+            self.sz32, self._sz = None, {torch.bfloat16: sz.to(device, torch.bfloat16)}
+        else:  # CPU: the activation's dtype, each copy made at its first use
+            self.sz32, self._sz = sz.to(device), {}
 
     def _mm(self, x2):
         dt = x2.dtype if (self.device.type == "cpu" and x2.dtype in _FLOAT_DTYPES) else torch.bfloat16
@@ -248,7 +278,10 @@ class TorchInt4Weight(PreparedWeight):
 
 
 class TorchInt8Weight(PreparedWeight):
-    """``_weight_int8pack_mm``: int8 weights (code - 128) and per-row scales [N]."""
+    """int8 weights (code - 128) and per-row scales [N]: ``_weight_int8pack_mm`` on CPU. On CUDA, the
+    codes in bf16 (exact: |code - 128| <= 128) through cuBLAS, then the row scales: torch's CUDA int8
+    kernel ran a real-width Wqkv at 55x its read bound on an H200 (630 us; scripts/bench_gpu.py
+    --profile), this at a few times it. Its output is rounded to bf16 twice (product, then scaled)."""
 
     backend = "torch_int8"
 
@@ -258,6 +291,8 @@ class TorchInt8Weight(PreparedWeight):
         self.s32 = qt.scales[:, 0].float().to(device)  # [N]
 
     def _mm(self, x2):
+        if self.device.type == "cuda":
+            return (x2.to(torch.bfloat16) @ self.w.to(torch.bfloat16).t()) * self.s32.to(torch.bfloat16)
         dt = x2.dtype if x2.dtype in _FLOAT_DTYPES else torch.float32
         return torch.ops.aten._weight_int8pack_mm(x2.to(dt).contiguous(), self.w, self.s32.to(dt))
 
@@ -348,16 +383,18 @@ def prepare(qt: QuantizedTensor, backend: str = "auto", device: torch.device | s
         backend = choose_backend(device, qt.bits, qt.group_size, dtype, shape=shape, symmetric=qt.symmetric)
     else:
         _check(backend, device, qt.bits, qt.group_size, dtype, shape, qt.symmetric)
+    if backend in ("cpu_q4", "cpu_q8", "torch_int4") and qt.bits in (2, 3):
+        qt = widen_to_int4(qt)
     if backend in ("cpu_q4", "cpu_q8"):
-        return CpuQWeight(widen_to_int4(qt) if qt.bits in (2, 3) else qt, device, cpu_path)
+        return CpuQWeight(qt, device, cpu_path)
     return _CLASSES[backend](qt, device)
 
 
 def widen_to_int4(qt: QuantizedTensor) -> QuantizedTensor:
     """A 2- or 3-bit weight as the same numbers in int4 with zero points: code and scale unchanged,
-    zero = the stored one or the implicit 2**(bits-1). Exact, so the int4 C kernel runs 2/3-bit
-    checkpoints at int4 speed, holding int4's bytes in memory (a native 2/3-bit kernel, which would
-    read 25-50% fewer bytes per token, is still to come)."""
+    zero = the stored one or the implicit 2**(bits-1). Exact, so the int4 kernels (dbrxq's C kernel on
+    CPU, torch's on CUDA) run 2/3-bit checkpoints at int4 speed, holding int4's bytes in memory (a
+    native 2/3-bit kernel, which would read 25-50% fewer bytes per token, is still to come)."""
     from quantize.primitives import pack_codes
     zeros = qt.qzeros if qt.qzeros is not None else torch.full_like(qt.scales, 2 ** (qt.bits - 1), dtype=torch.uint8)
     return QuantizedTensor(pack_codes(qt.codes(), 4), qt.scales, zeros, 4, qt.group_size, qt.shape)

@@ -301,3 +301,11 @@ def test_every_path_gives_the_same_bits():
         ys = [kernels.glu(x, *(kernels.prepare(q, f"cpu_q{bits}", "cpu", cpu_path=p) for q in qts)) for p in paths]
         for p, y in zip(paths[1:], ys[1:]):
             assert torch.equal(ys[0], y), (p, bits, gs, sym)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where CUDA is missing")
+def test_torch_fused_kernels_on_cuda_need_cuda():
+    """Without CUDA, torch's fused kernels are not offered for a CUDA device: the choice falls to torch."""
+    for backend, bits, g in (("torch_int4", 4, 128), ("torch_int8", 8, -1)):
+        assert kernels.backend_support(backend, "cuda", bits, g) == "CUDA is not available"
+    assert kernels.choose_backend("cuda", 4, 128) == "torch"
