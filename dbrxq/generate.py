@@ -213,8 +213,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 6
 
     t0 = time.perf_counter()
     logits = prefill(model, ids, mask, cache, chunk_size=prefill_chunk_size)
+    check_logits(model, logits, ids, mask)  # reads the logits: on a GPU, waits for the prefill to finish
     stats.prefill_s = time.perf_counter() - t0
-    check_logits(model, logits, ids, mask)
 
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)

@@ -158,8 +158,11 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
             raise CheckpointError(f"{folder}: unexpected tensors {', '.join(unexpected[:3])}{more}: "
                                   f"not part of a DBRX model with this config.json")
         for name, meta in expected.items():
-            # Offloaded experts stay where the checkpoint maps them (CPU, file-backed, untouched).
-            where = "cpu" if offloading and ".ffn.experts." in name else dev
+            # Offloaded experts stay where the checkpoint maps them (CPU, file-backed, untouched); so
+            # do quantized tensors bound for a GPU, whose kernels repack them onto it (finalize_load):
+            # the GPU then holds each weight once, in its kernel's layout.
+            where = "cpu" if (offloading and ".ffn.experts." in name) or (
+                dev.type != "cpu" and name.endswith(_EXACT_DTYPE_SUFFIXES)) else dev
             if name.endswith(_EXACT_DTYPE_SUFFIXES) and name in reader and reader.dtype(name) != meta.dtype:
                 raise CheckpointError(f"{reader.file_of(name)}: tensor {name} has dtype {reader.dtype(name)}, "
                                       f"expected {meta.dtype} (quantize/format.py)")
@@ -170,7 +173,7 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
     release = PageReleaser()  # made after every shard is mapped
     for name, m in model.named_modules():  # quantized modules repack for their kernel once the bytes are in place
         if hasattr(m, "finalize_load") and not (offloading and name.endswith(".ffn.experts")):
-            m.finalize_load(backend=backend)
+            m.finalize_load(backend=backend, device=dev)
             # The repack touched the canonical bytes; they stay file-backed, so give the pages back
             # rather than holding the checkpoint in RSS next to the kernel's copy.
             for buf in m.buffers():

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import DbrxConfig
 from .kv_cache import KVCache, StaticKVCache
@@ -131,6 +132,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------
+# CUDA: every SDPA backend but cuDNN's, which builds an execution plan for each new key length (30-40
+# ms a plan on an H200, torch 2.11: scripts/bench_gpu.py --profile), and decoding makes a new length
+# every token (measured: 60 ms per token for 2 real-width layers instead of a few).
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """F.scaled_dot_product_attention; on CUDA without the cuDNN backend (_NO_CUDNN)."""
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    with sdpa_kernel(_NO_CUDNN):
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, gqa: bool) -> torch.Tensor:
     """Causal attention of T queries at positions past..past+T-1 over S = past + T keys, without a mask.
 
@@ -144,11 +159,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: in
     """
     S = k.shape[2]
     if past == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return sdpa(q, k, v, is_causal=True, enable_gqa=gqa)
     flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if q.device.type != "cpu" or flash is None:
         allowed = torch.arange(S, device=q.device)[None, :] <= torch.arange(past, S, device=q.device)[:, None]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
+        return sdpa(q, k, v, attn_mask=allowed, enable_gqa=gqa)
     o1, l1 = flash(q, k[:, :, :past], v[:, :, :past], 0.0, False)
     o2, l2 = flash(q, k[:, :, past:], v[:, :, past:], 0.0, True)
     m = torch.maximum(l1, l2)
@@ -187,7 +202,7 @@ class DbrxAttention(nn.Module):
             if mask is None and T > 1:  # unpadded prefill: causal, no (T, S) mask built
                 y = causal_attention(q, k, v, k.shape[2] - T, gqa)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, hd)
+                y = sdpa(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.d_model)
         return apply(self.out_proj, y)
 
@@ -201,7 +216,7 @@ class DbrxAttention(nn.Module):
             if T > 1:
                 ys.append(causal_attention(qi, ki, vi, ki.shape[2] - T, gqa))
             else:
-                ys.append(F.scaled_dot_product_attention(qi, ki, vi, enable_gqa=gqa))
+                ys.append(sdpa(qi, ki, vi, enable_gqa=gqa))
         return torch.cat(ys)
 
 

@@ -597,33 +597,6 @@ class OffloadRuntime:
             torch.cuda.synchronize(self.device)
 
     # -- what OffloadedExperts calls --
-    def expert(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
-        """x (n, D) -> (n, D) through expert e of ``layer``, wherever it is."""
-        ph = self.stats.phases[self.phase]
-        self._sync()
-        t0 = time.perf_counter()
-        slot = self.cache.lookup(layer, e)
-        if slot is not None:
-            ph.hits += 1
-            y = self._compute(slot, x)
-            self._sync()
-            ph.resident_s += time.perf_counter() - t0
-            return y
-        ph.misses += 1
-        if self.miss_policy.move(x.shape[0]):
-            slot = None if self.pinned[layer] is not None else self.cache.admit(layer, e)
-            if slot is None:
-                slot = self.scratch
-                slot.expert = -1
-            self._fill(layer, e, slot)
-            y = self._compute(slot, x)
-        else:
-            y = self._compute_on_cpu(layer, e, x)
-        self._sync()
-        ph.missed_s += time.perf_counter() - t0
-        self.note_peak()
-        return y
-
     def moe(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
             independent: bool) -> torch.Tensor:
         """The MoE of ``layer`` (OffloadedExperts.forward). On CPU: every miss of the layer is handed to
@@ -632,8 +605,7 @@ class OffloadRuntime:
         reader works, then the missed ones in the order they arrive, each waiting only for its own
         bytes (moe_dispatch still sums in expert order: the same bits as the resident model)."""
         if self.cuda:
-            return moe_dispatch(x, expert_ids, weights, self.plan.num_experts,
-                                lambda e, xe: self.expert(layer, e, xe), independent)
+            return self._moe_cuda(layer, x, expert_ids, weights, independent)
         ph = self.stats.phases[self.phase]
         counts = torch.bincount(expert_ids.reshape(-1), minlength=self.plan.num_experts).tolist()
         used = [e for e, n in enumerate(counts) if n]
@@ -673,6 +645,59 @@ class OffloadRuntime:
                     job.done.wait()
                     if job.slot is not None:
                         self.reader.release(job.slot)
+
+    def _moe_cuda(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                  independent: bool) -> torch.Tensor:
+        """CUDA, planned as the CPU reader's step is: every miss the miss policy moves gets its copy
+        issued on the side stream up front, in compute order, into a cache slot whose expert this
+        step does not use (else the scratch slot; a miss finding that taken too is copied when its
+        turn comes); the resident experts compute while the copies travel, then each missed expert
+        once its own copy's event has fired. Misses the policy keeps on the host compute there."""
+        ph = self.stats.phases[self.phase]
+        counts = torch.bincount(expert_ids.reshape(-1), minlength=self.plan.num_experts).tolist()
+        used = [e for e, n in enumerate(counts) if n]
+        slots: dict[int, object] = {}
+        for e in used:
+            slot = self.cache.lookup(layer, e)
+            if slot is not None:
+                ph.hits += 1
+                slots[e] = slot
+        misses = [e for e in used if e not in slots]
+        # decided before any copy is issued: a first decision times a copy through the scratch slot
+        local = {e for e in misses if not self.miss_policy.move(counts[e])}
+        scratch_taken = False
+        for e in misses:
+            ph.misses += 1
+            if e in local:
+                continue
+            dest = None if self.pinned[layer] is not None else self.cache.admit(layer, e, set(used))
+            if dest is None and not scratch_taken:
+                dest, scratch_taken = self.scratch, True
+                dest.expert = -1
+            if dest is not None:
+                self._fill(layer, e, dest)
+            slots[e] = dest  # None: the scratch slot, filled at its turn
+        self.note_peak()
+
+        def run(e: int, xe: torch.Tensor) -> torch.Tensor:
+            self._sync()
+            t0 = time.perf_counter()
+            if e in local:
+                y = self._compute_on_cpu(layer, e, xe)
+            else:
+                slot = slots[e]
+                if slot is None:
+                    slot = self.scratch
+                    self._fill(layer, e, slot)  # waits (on the side stream) for the scratch's last reader
+                y = self._compute(slot, xe)
+            self._sync()
+            if e in misses:
+                ph.missed_s += time.perf_counter() - t0
+            else:
+                ph.resident_s += time.perf_counter() - t0
+            return y
+        return moe_dispatch(x, expert_ids, weights, self.plan.num_experts, run, independent,
+                            [e for e in used if e not in misses] + misses)
 
     def _plan_reads(self, layer: int, used: list[int]) -> dict:
         """expert -> (cache slot, None) for a hit, (slot or None, ReadJob) for a miss. A miss goes
@@ -921,8 +946,8 @@ _QUANT_SUFFIXES = (".qweight", ".scales", ".qzeros")
 def checkpoint_sizes(reader, config, backend: str | None, device: torch.device, act_dtype: torch.dtype):
     """(non-expert bytes, expert canonical bytes, slot layout) from headers and ONE expert's bytes.
 
-    Non-expert: float tensors in the activation dtype; quantized ones (attention) twice, for the
-    canonical buffers and the kernel's copy made by finalize_load.
+    Non-expert: float tensors in the activation dtype; quantized ones (attention) on a CPU twice, for
+    the canonical buffers and the kernel's copy made by finalize_load (on a GPU, the copy alone).
     """
     from quantize.config import QuantConfig
     from quantize.primitives import QuantizedTensor
@@ -936,7 +961,10 @@ def checkpoint_sizes(reader, config, backend: str | None, device: torch.device, 
             numel *= d
         dt = reader.dtype(name)
         if name.endswith(_QUANT_SUFFIXES):
-            non_expert += 2 * numel * torch.empty(0, dtype=dt).element_size()
+            # CPU: the canonical buffers and the kernel's copy; a GPU holds the kernel's copy alone (the
+            # canonical bytes stay file-backed on the host), whose scale/zero pairs may take 2x the scales
+            copies = 2 if device.type == "cpu" or name.endswith(".scales") else 1
+            non_expert += copies * numel * torch.empty(0, dtype=dt).element_size()
         elif name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         else:

@@ -75,6 +75,17 @@ def workspace_bytes(config, *, batch_size: int, chunk: int, context: int, dtype:
     return 4 * (tokens * per_token + 2 * batch_size * config.vocab_size)
 
 
+def cuda_dequant_bytes(config) -> int:
+    """CUDA: int8 attention weights are turned into bf16 for each matmul (quantize.kernels.
+    TorchInt8Weight), so the largest of them, Wqkv, exists twice over for that long: measured on an
+    H200 (scripts/bench_gpu.py), peak GPU memory passed the budget by 19 MiB before this was planned."""
+    qc = config.quantization_config
+    if not qc:
+        return 0
+    from quantize.config import QuantConfig
+    return 2 * config.qkv_out_features * config.d_model if QuantConfig.from_dict(qc).attn.bits == 8 else 0
+
+
 @dataclass
 class PlacementPlan:
     """What goes where; made by :func:`make_plan`, printed by ``dbrxq run --plan``."""
@@ -173,7 +184,7 @@ def make_plan(config, *, device: torch.device, gpu_memory: int | None, cpu_memor
     # + expert buffers outside the cache: CUDA one scratch slot; CPU the reader's staging slots
     # (dbrxq.offload.STAGING_SLOTS = 2: one computing while the next is read)
     ws = workspace_bytes(config, batch_size=batch_size, chunk=prefill_chunk, context=context,
-                         dtype=dtype) + (1 if cuda else 2) * slot_bytes
+                         dtype=dtype) + (1 if cuda else 2) * slot_bytes + (cuda_dequant_bytes(config) if cuda else 0)
     fixed = non_expert_bytes + kv[kv_flavour] + ws
     dev_budget, dev_opt = (gpu_memory, "--gpu-memory") if cuda else (cpu_memory, "--cpu-memory")
     if dev_budget is None:

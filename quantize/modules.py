@@ -136,10 +136,10 @@ class QLinear(QWeight):
         self.in_features, self.out_features = in_features, out_features
         self._prepared: Any = None
 
-    def finalize_load(self, backend: str | None = None) -> None:
-        """Make the kernel weight from the loaded buffers, on their device."""
+    def finalize_load(self, backend: str | None = None, device: torch.device | None = None) -> None:
+        """Make the kernel weight from the loaded buffers, on ``device`` (default: theirs)."""
         _check_loaded(self, "QLinear")
-        self._prepared = prepare_weight(self.quantized(), backend, self.qweight.device)
+        self._prepared = prepare_weight(self.quantized(), backend, device or self.qweight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[..., K]`` -> ``[..., N]`` in x's dtype."""
@@ -188,11 +188,12 @@ class QExperts(nn.Module):
         """Expert e's (w1 ``[F, D]``, v1 ``[F, D]``, w2 ``[D, F]``): contiguous views of the buffers."""
         return tuple(getattr(self.mlp, kind).quantized(e) for kind in EXPERT_KINDS)
 
-    def finalize_load(self, backend: str | None = None) -> None:
-        """Prepare the kernel weights of every expert, each from its own slices."""
+    def finalize_load(self, backend: str | None = None, device: torch.device | None = None) -> None:
+        """Prepare the kernel weights of every expert, each from its own slices, on ``device``
+        (default: the buffers')."""
         for kind in EXPERT_KINDS:
             _check_loaded(getattr(self.mlp, kind), f"QExperts.mlp.{kind}")
-        dev = self.mlp.w1.qweight.device
+        dev = device or self.mlp.w1.qweight.device
         self._prepared = []
         release = PageReleaser()
         for e in range(self.num_experts):
