@@ -121,3 +121,25 @@ def test_script(tmp_path, capsys):
     assert script.main([str(tmp_path / "bad"), "--preset", "tiny", "--n-heads", "3", "--no-progress"]) == 2
     assert "field d_model (64) must be divisible by n_heads (3)" in capsys.readouterr().err
     assert script.parse_size("5GiB") == 5 * 2**30 and script.parse_size("100KB") == 100_000
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (3, False)])
+def test_random_quantized_checkpoint_loads_with_the_float_spread(tmp_path, bits, symmetric):
+    """The benchmarks' direct quantized checkpoint: every tensor the format names, loadable, and the
+    dequantized experts spread like make_random_checkpoint's (std within 15% of initializer_range:
+    uniform codes of std sqrt((4^b - 1) / 12) times scales of mean initializer_range / that std)."""
+    from dbrxq.make_checkpoint import make_random_quantized_checkpoint
+    from dbrxq.model import DbrxForCausalLM
+    from quantize.config import ModuleQuant, QuantConfig
+
+    config = preset_config("tiny")
+    qc = QuantConfig(experts=ModuleQuant(bits=bits, group_size=32, symmetric=symmetric))
+    out = make_random_quantized_checkpoint(tmp_path / "q", config, qc, seed=3, progress=False)
+    again = make_random_quantized_checkpoint(tmp_path / "q2", config, qc, seed=3, progress=False)
+    assert _tensors(out).keys() == _tensors(again).keys()
+    assert all(torch.equal(a, b) for a, b in zip(_tensors(out).values(), _tensors(again).values()))  # seeded
+    model = DbrxForCausalLM.from_pretrained(out)
+    w = model.transformer.blocks[0].ffn.experts.expert_weights(2)[0].dequantize(torch.float32)
+    assert abs(w.std().item() / config.initializer_range - 1) < 0.15
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()
