@@ -157,6 +157,23 @@ def test_gpu_budget_needs_cuda():
         offload_model(quantized_model(), device="cpu", gpu_memory="1GiB")
 
 
+def test_cuda_plan_reserves_the_int8_attention_scratch():
+    """On CUDA an int8 attention weight is widened to bf16 for its matmul: the plan's workspace holds
+    the largest one (Wqkv) twice over, and only for int8 attention on CUDA."""
+    import dataclasses
+    from quantize.config import ModuleQuant
+
+    def ws(device, attn_bits):
+        qc = dataclasses.replace(QuantConfig(), attn=ModuleQuant(bits=attn_bits, group_size=-1 if attn_bits == 8 else 32))
+        cfg = dataclasses.replace(CFG, quantization_config=qc.to_dict())
+        return make_plan(cfg, device=torch.device(device), gpu_memory=None, cpu_memory=None, non_expert_bytes=0,
+                         expert_bytes=1, slot_bytes=1000, context=32, batch_size=1, kv_flavour="bf16",
+                         dtype=torch.bfloat16).workspace_bytes
+    wqkv = CFG.qkv_out_features * CFG.d_model
+    assert ws("cuda", 8) - ws("cuda", 4) == 2 * wqkv
+    assert ws("cpu", 8) == ws("cpu", 4)
+
+
 @pytest.mark.parametrize("text,want", [("20GiB", 20 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000),
                                        ("4096b", 4096), (" 2 kib ", 2048), (123, 123)])
 def test_parse_size(text, want):
