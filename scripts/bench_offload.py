@@ -4,7 +4,7 @@ from the page cache and from the disk itself, every bandwidth measured in the sa
 
     python scripts/bench_offload.py --model OUT                 # CPU, a quantized checkpoint
     python scripts/bench_offload.py --workdir /tmp/b            # make one (real width, 2 layers)
-    python scripts/bench_offload.py --model OUT --device cuda --gpu-memory 24GiB   # GPU run (not validated)
+    python scripts/bench_offload.py --model OUT --device cuda --gpu-memory 24GiB   # one GPU run (scripts/bench_gpu.py has the GPU table)
 
 Without --model, a real-width random checkpoint of 2 layers (vocab 1024) is made in --workdir and
 RTN-quantized (int4 experts; ~13 GB written then deleted, 3.5 GB kept unless --cleanup).
