@@ -86,7 +86,7 @@ from dbrxq.tokenizer import DbrxTokenizer
 from dbrxq.writer import (TensorSpec, is_write_error, remove_stale_temps, save_file_atomic, tensor_nbytes,
                           write_error, write_json_atomic)
 from quantize.config import ModuleQuant, QuantConfig
-from quantize.format import FORMAT_VERSION
+from quantize.format import FORMAT_VERSION, MIXED_PART
 from quantize.gptq import GPTQ
 from quantize.primitives import QuantizedTensor, quantize_tensor
 from quantize.rtn import EXPERT_KINDS
@@ -117,6 +117,8 @@ class CalibrationOptions:
     device: str = "cpu"  # where activations, Hessians and solves live
     chunk_tokens: int = 4096  # tokens per attention batch / Hessian update: bounds temporaries
     save_activations: bool = True  # store the resume point's activations (else recompute at resume)
+    target_bits: float | None = None  # per-expert recipes for this average width (calibration.allocation)
+    target_size: int | None = None  # ... or for this checkpoint size in bytes
 
 
 @dataclass
@@ -140,6 +142,7 @@ class _Run:
     specs: dict[str, list[TensorSpec]]  # part ("embed", "layer.i", "head") -> its tensors
     shard: dict[str, str]  # part -> shard file name
     show: bool
+    predicted: list[float] | None = None  # per expert (layer-major): its predicted error (calibration.allocation)
 
     @property
     def config(self):
@@ -203,14 +206,20 @@ def _attention(w: dict[str, torch.Tensor], run: _Run, i: int) -> DbrxNormAttenti
 def _expert_getter(w: dict[str, torch.Tensor], run: _Run, i: int) -> Callable[[int], tuple]:
     """e -> (w1 [F, D], v1 [F, D], w2 [D, F]) float32 on the device, quantized or float."""
     p, Fh, mq = f"transformer.blocks.{i}.ffn.experts.mlp.", run.config.ffn_hidden_size, run.qconfig.experts
+    mix = run.qconfig.expert_mix
+
+    def one(qt: QuantizedTensor, e: int) -> torch.Tensor:
+        z = None if qt.qzeros is None else qt.qzeros[e]
+        return QuantizedTensor(qt.qweight[e], qt.scales[e], z, qt.bits, qt.group_size,
+                               qt.shape[1:]).dequantize().to(run.device)
     if f"{p}w1.qweight" in w:
         qts = {k: QuantizedTensor.from_tensors(w, p + k, mq.bits, mq.group_size) for k in EXPERT_KINDS}
-
-        def one(qt: QuantizedTensor, e: int) -> torch.Tensor:
-            z = None if qt.qzeros is None else qt.qzeros[e]
-            return QuantizedTensor(qt.qweight[e], qt.scales[e], z, qt.bits, qt.group_size,
-                                   qt.shape[1:]).dequantize().to(run.device)
         return lambda e: tuple(one(qts[k], e) for k in EXPERT_KINDS)
+    if mix is not None and any(n.startswith(f"{p}w1.o") for n in w):  # per-recipe stacks (MIXED_PART)
+        stacks = {(k, j): QuantizedTensor.from_tensors(w, f"{p}{k}.{MIXED_PART.format(j)}", o.bits, o.group_size)
+                  for k in EXPERT_KINDS for j, o in enumerate(mix.options) if mix.members(i, j)}
+        rank = {e: r for j in range(len(mix.options)) for r, e in enumerate(mix.members(i, j))}
+        return lambda e: tuple(one(stacks[k, mix.choice[i][e]], rank[e]) for k in EXPERT_KINDS)
 
     def float_expert(e: int) -> tuple:
         rows = slice(e * Fh, (e + 1) * Fh)  # hub [E*F, D]; canonical w2 is the transpose
@@ -298,21 +307,34 @@ def _quantize_experts(run: _Run, i: int, raw: dict, produced: dict, x: torch.Ten
     _, h = _attention_pass(_attention({**raw, **produced}, run, i), x, run, keep=True)
     routing = _route(raw, run, i, h)
     float_expert = _expert_getter(raw, run, i)
-    act, mq, E = _ACTIVATIONS[run.config.activation], run.qconfig.experts, run.config.num_experts
+    act, E, mix = _ACTIVATIONS[run.config.activation], run.config.num_experts, run.qconfig.expert_mix
     base = f"transformer.blocks.{i}.ffn.experts.mlp."
     records = []
     for e in tqdm(range(E), desc=f"layer {i} experts", leave=False, disable=not run.show):
         tok = routing.tokens_of(e)
         strategy = expert_strategy(tok.numel(), run.policy)
         xin = h if strategy == "route-all" else h[tok]
+        mq = run.qconfig.expert_recipe(i, e)
         qts, st = quantize_expert(*float_expert(e), xin, mq, strategy, run.policy, act)
-        for k, qt in qts.items():  # into the stacked [E, out, in] tensors of the canonical layout
-            for name, t in qt.tensors(base + k).items():
+        # into the stacked [E, out, in] tensors of the canonical layout; with per-expert recipes, into
+        # the stack of the expert's recipe, at its rank there (quantize.format.MIXED_PART)
+        if mix is None:
+            stack, at, size = "", e, E
+        else:
+            j = mix.choice[i][e]
+            members = mix.members(i, j)
+            stack, at, size = "." + MIXED_PART.format(j), members.index(e), len(members)
+        for k, qt in qts.items():
+            for name, t in qt.tensors(base + k + stack).items():
                 if name not in produced:
-                    produced[name] = torch.empty((E, *t.shape), dtype=t.dtype)
-                produced[name][e] = t
-        records.append({"expert": e, "tokens": tok.numel(), "strategy": strategy,
-                        "rare": tok.numel() < run.policy.min_tokens, **st})
+                    produced[name] = torch.empty((size, *t.shape), dtype=t.dtype)
+                produced[name][at] = t
+        record = {"expert": e, "tokens": tok.numel(), "strategy": strategy,
+                  "rare": tok.numel() < run.policy.min_tokens, **st}
+        if mix is not None:  # its recipe, the error predicted when choosing it, the one achieved (summed)
+            record.update(recipe=mq.to_dict(), predicted_error=run.predicted[i * E + e],
+                          achieved_error=sum(st[k]["output_error"] or 0.0 for k in EXPERT_KINDS))
+        records.append(record)
     return records
 
 
@@ -334,8 +356,10 @@ def _process_layer(run: _Run, i: int, x: torch.Tensor) -> torch.Tensor:
         elif step == "ffn.experts" and run.qconfig.experts.quantized:
             record["experts"] = _quantize_experts(run, i, raw, produced, x)
             t["experts"] = time.perf_counter()
+    quantized = {n.rsplit(".", 1)[0] for n in produced if n.endswith(".qweight")}
+    quantized |= {b.rsplit(".", 1)[0] for b in quantized if b.rsplit(".", 1)[1].startswith("o")}  # mixed stacks
     for name in raw:  # what is not quantized is copied as stored
-        if name.removesuffix(".weight") + ".qweight" not in produced:
+        if name.removesuffix(".weight") not in quantized:
             produced[name] = raw[name]
     del raw
     t.setdefault("attn", t["load"])
@@ -411,6 +435,28 @@ def _finish(run: _Run, calib: dict) -> dict:
     return qc
 
 
+def _target(opts: CalibrationOptions, qconfig: QuantConfig, config, source) -> tuple[dict, int] | None:
+    """(what was asked, the expert byte budget) for --target-bits / --target-size, else None."""
+    from calibration.allocation import OPTIONS, budget_from_bits, budget_from_size, expert_bytes
+    if opts.target_bits is None and opts.target_size is None:
+        return None
+    if opts.target_bits is not None and opts.target_size is not None:
+        raise QuantizationError("--target-bits and --target-size both set: give one budget")
+    if not qconfig.experts.quantized:
+        raise QuantizationError("--target-bits/--target-size choose recipes for the experts, which this recipe "
+                                "keeps in 16 bits")
+    for o in OPTIONS:
+        try:
+            expert_bytes(config, o)
+        except QuantizationError as e:
+            raise QuantizationError(f"--target-bits/--target-size choose among {len(OPTIONS)} recipes; the one of "
+                                    f"{o.bits} bits with group size {o.group_size} does not fit this model's "
+                                    f"experts (d_model {config.d_model}, ffn {config.ffn_hidden_size}): {e}") from None
+    if opts.target_bits is not None:
+        return {"bits": opts.target_bits}, budget_from_bits(config, opts.target_bits)
+    return {"size_bytes": opts.target_size}, budget_from_size(config, qconfig, source.float_dtypes(), opts.target_size)
+
+
 def _check_options(opts: CalibrationOptions, qconfig: QuantConfig, config) -> None:
     if opts.rare_strategy not in RARE_STRATEGIES:
         raise QuantizationError(f"rare expert strategy {opts.rare_strategy!r} is not one of {RARE_STRATEGIES}")
@@ -459,12 +505,27 @@ def quantize_with_calibration(src: str | Path, out: str | Path, qconfig: QuantCo
         calib = {"method": qconfig.method, **data_info, "tokens": opts.samples * opts.seq_len,
                  "rare_strategy": opts.rare_strategy, "min_expert_tokens": min_tokens, "damp": opts.damp,
                  "act_order": opts.act_order}
+        target = _target(opts, qconfig, config, source)
+        if target is not None:
+            calib["target"] = target[0]
         qdict = {k: v for k, v in qconfig.to_dict().items() if k != "calibration"}
         settings = {"format_version": FORMAT_VERSION, "quantization": qdict, "calibration": dict(calib),
                     "source": source.identity}
         remove_stale_temps(out)  # shards and manifests of killed runs, before OUT's contents are judged
         prepare_out(out, source.folder, settings, resume=resume, overwrite=overwrite, dry_run=True)
-        specs, shard = _plan(config, qconfig, source.float_dtypes())  # recipe errors before OUT changes
+        _plan(config, qconfig, source.float_dtypes())  # recipe errors before the (long) allocation pass
+        policy = ExpertPolicy(qconfig.method, opts.rare_strategy, min_tokens, opts.damp, opts.act_order,
+                              opts.chunk_tokens)
+        predicted = None
+        if target is not None:  # one float pass measures every expert, then the recipes are chosen
+            from calibration.allocation import allocate
+            probe = _Run(source, qconfig, opts, policy, out, device, None, {}, {}, progress)
+            mix, info = allocate(probe, tokens, target[1], target[0])
+            qconfig = dataclasses.replace(qconfig, expert_mix=mix)
+            predicted = info.pop("predicted")
+            info.pop("tokens")
+            calib["allocation"] = info
+        specs, shard = _plan(config, qconfig, source.float_dtypes())
         created = not out.exists()
         had_manifest = (out / MANIFEST_NAME).is_file()
         try:
@@ -475,9 +536,7 @@ def quantize_with_calibration(src: str | Path, out: str | Path, qconfig: QuantCo
             raise
         if prog is None:
             return _already_complete(out)
-        run = _Run(source, qconfig, opts, ExpertPolicy(qconfig.method, opts.rare_strategy, min_tokens, opts.damp,
-                                                       opts.act_order, opts.chunk_tokens),
-                   out, device, prog, specs, shard, progress)
+        run = _Run(source, qconfig, opts, policy, out, device, prog, specs, shard, progress, predicted)
         remaining = sum(tensor_nbytes(s, d) for part, sp in specs.items() if not prog.done(part) for _, s, d in sp)
         need = remaining + 2 * tokens.numel() * config.d_model * 4 * opts.save_activations
         try:

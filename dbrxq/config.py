@@ -149,7 +149,7 @@ class DbrxConfig:
             from quantize.config import QuantConfig  # the block's own parser checks its fields
             from .errors import QuantizationError
             try:
-                QuantConfig.from_dict(self.quantization_config)
+                QuantConfig.from_dict(self.quantization_config).check_model(self.n_layers, self.num_experts)
             except QuantizationError as e:
                 raise QuantizationError(f"{where}: {e}") from None
         if self.d_model % self.n_heads:

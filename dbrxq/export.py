@@ -401,6 +401,9 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str 
     if config.quantization_config is not None:
         from quantize.config import QuantConfig
         qcfg = QuantConfig.from_dict(config.quantization_config)
+    if qcfg is not None and qcfg.expert_mix is not None:
+        raise ConfigError(f"{src}: its experts have per-expert recipes (expert_mix); a GGUF tensor holds all of a "
+                          f"layer's experts in one GGML type, so they cannot be exported as they are")
     if qcfg is not None and type_ != "auto":
         raise ConfigError(f"--type {type_}: {src} is dbrxq-quantized and its codes map onto GGML types as they "
                           f"are; --type applies to float checkpoints (export the float source instead)")

@@ -90,7 +90,11 @@ def _check_qparams(name: str, t: torch.Tensor, qconfig, where) -> None:
     from quantize.primitives import check_qparams
     from quantize.writer import module_kind
     base = name.rsplit(".", 1)[0]
-    bits = qconfig.for_kind(module_kind(base) or module_kind(f"{base}.weight")).bits
+    part = base.rpartition(".")[2]
+    if qconfig.expert_mix is not None and ".ffn.experts.mlp." in base and part.startswith("o"):
+        bits = qconfig.expert_mix.options[int(part[1:])].bits  # a per-recipe stack (quantize.format.MIXED_PART)
+    else:
+        bits = qconfig.for_kind(module_kind(base) or module_kind(f"{base}.weight")).bits
     scales, zeros = (t, None) if name.endswith(".scales") else (None, t)
     check_qparams(scales, zeros, bits, f"{where}: tensor {name}")
 

@@ -893,6 +893,8 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
     policies on real routing)."""
     experts = [b.ffn.experts for b in model.transformer.blocks]
     assert all(hasattr(m, "expert_weights") for m in experts), "offloading needs quantized experts (QExperts)"
+    if any(getattr(m, "mixed", False) for m in experts):
+        raise ConfigError("offloading experts with per-expert recipes (expert_mix) is not supported yet")
     dev = torch.device(plan.device)
     act_dtype = model.dtype
     src = getattr(model, "source_dir", None)
@@ -969,7 +971,11 @@ def checkpoint_sizes(reader, config, backend: str | None, device: torch.device, 
             continue
         else:
             non_expert += numel * torch.empty(0, dtype=act_dtype if dt.is_floating_point else dt).element_size()
-    mq = QuantConfig.from_dict(config.quantization_config).experts
+    qc = QuantConfig.from_dict(config.quantization_config)
+    if qc.expert_mix is not None:
+        raise ConfigError(f"{reader.folder}: its experts have per-expert recipes (expert_mix), whose slots differ in "
+                          "size; offloading them is not supported yet: load it without --cpu-memory/--gpu-memory")
+    mq = qc.experts
     F_, D = config.ffn_hidden_size, config.d_model
     canonical = []
     for kind, shape in (("w1", (F_, D)), ("v1", (F_, D)), ("w2", (D, F_))):

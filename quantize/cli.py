@@ -2,7 +2,9 @@
 
 ``--method gptq`` (the default) goes through :func:`calibration.pipeline.quantize_with_calibration`
 (layer streaming, calibration data, manifest and ``--resume``); ``--method rtn`` through
-:func:`quantize.writer.quantize_checkpoint` (no calibration data, one streaming pass). Both write the
+:func:`quantize.writer.quantize_checkpoint` (no calibration data, one streaming pass), unless
+``--target-bits``/``--target-size`` asks for per-expert recipes, which are chosen on calibration data
+(calibration.allocation), so those runs take the pipeline with either method. Both write the
 canonical layout of :func:`quantize.writer.quantized_tensor_specs`.
 
 Registered by dbrxq/cli.py with ``cli.add_command(quantize_command, "quantize")``. Option values
@@ -38,8 +40,13 @@ def _choice(option: str, value, allowed: tuple) -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--method", default="gptq", show_default=True, metavar="[rtn|gptq]",
               help="gptq: calibrated, layer by layer (resumable); rtn: round to nearest, no data.")
-@click.option("--expert-bits", default=4, show_default=True, type=int, metavar="[4|8]",
+@click.option("--expert-bits", default=4, show_default=True, type=int, metavar="[2|3|4|8]",
               help="Bits of the expert weights (96% of the model's bytes).")
+@click.option("--target-bits", type=float, metavar="B",
+              help="Choose each expert's recipe (2, 3, 4 or 8 bits) to minimise the predicted error at an "
+                   "average of B bits (e.g. 3.0, 2.5); measured on the calibration data.")
+@click.option("--target-size", metavar="SIZE",
+              help="The same for a whole-checkpoint size, e.g. 48GB (the other tensors are counted first).")
 @click.option("--group-size", default=128, show_default=True, type=int, metavar="[32|64|128|-1]",
               help="Expert group size along the input dim; -1 = one scale per output channel.")
 @click.option("--attn-bits", default=8, show_default=True, type=int, metavar="[4|8|16]",
@@ -64,8 +71,8 @@ def _choice(option: str, value, allowed: tuple) -> None:
 @click.option("--revision", help="Hub revision when SRC is a repo id.")
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in OUT.")
 @click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
-def quantize_command(src, out, method, expert_bits, group_size, attn_bits, attn_group_size, lm_head_bits,
-                     asym, calib_data, calib_field, calib_samples, calib_seq_len, seed, rare_experts,
+def quantize_command(src, out, method, expert_bits, target_bits, target_size, group_size, attn_bits, attn_group_size,
+                     lm_head_bits, asym, calib_data, calib_field, calib_samples, calib_seq_len, seed, rare_experts,
                      min_expert_tokens, device, resume, revision, overwrite, threads) -> None:
     """Quantize the float DBRX checkpoint SRC (a folder, a hub repo id, or "demo": the small model
     shipped with dbrxq, unless a local folder named demo exists) into the folder OUT.
@@ -87,7 +94,14 @@ def quantize_command(src, out, method, expert_bits, group_size, attn_bits, attn_
         raise QuantizationError(f"--seed must be an integer from 0 to 2**64 - 1, got {seed}")
     from dbrxq.loading import parse_device
     parse_device(device)  # cpu, cuda, cuda:N or auto: refused here, before OUT is touched
-    if method == "rtn" and resume:
+    size = None
+    if target_size is not None:
+        from dbrxq.placement import parse_size
+        size = parse_size(target_size, "--target-size")
+    if target_bits is not None and size is not None:
+        raise QuantizationError("--target-bits and --target-size both set: give one budget")
+    targeted = target_bits is not None or size is not None  # recipes chosen on calibration data, any method
+    if method == "rtn" and resume and not targeted:
         raise QuantizationError("--resume continues a --method gptq run; an rtn run is one pass: rerun it "
                                 "with --overwrite")
     from quantize.config import ModuleQuant, QuantConfig
@@ -105,16 +119,24 @@ def quantize_command(src, out, method, expert_bits, group_size, attn_bits, attn_
         + ("" if mq.symmetric else " asym"))
     recipe = (f"  experts {describe(qconfig.experts)}, attention {describe(qconfig.attn)}, "
               f"lm_head {describe(qconfig.lm_head)}; embeddings, norms, router as stored")
-    if method == "gptq":
+    if method == "gptq" or targeted:
         from calibration.pipeline import CalibrationOptions, quantize_with_calibration
 
         opts = CalibrationOptions(data=calib_data, text_field=calib_field, samples=calib_samples,
                                   seq_len=calib_seq_len, seed=seed, rare_strategy=rare_experts,
-                                  min_expert_tokens=min_expert_tokens, device=device)
+                                  min_expert_tokens=min_expert_tokens, device=device, target_bits=target_bits,
+                                  target_size=size)
         result = quantize_with_calibration(src, out, qconfig, opts, overwrite=overwrite, resume=resume,
                                            revision=revision)
         first, _, rest = result.summary.partition("\n")
         click.echo(first)
+        alloc = result.report.get("quantization_config", {}).get("calibration", {}).get("allocation")
+        if alloc:
+            mix = ", ".join(f"{n} at {b}" for b, n in alloc["experts_per_recipe"].items() if n)
+            recipe = recipe.replace(f"experts {describe(qconfig.experts)}", f"experts per expert ({mix}; predicted "
+                                    f"error {alloc['predicted_error']:.4g}, uniform "
+                                    + ", ".join(f"{b} {e:.4g}" for b, e in alloc["uniform_predicted_error"].items())
+                                    + ")")
         click.echo(recipe)
         if rest:
             click.echo(rest)

@@ -87,6 +87,52 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
 
 
 @dataclass(frozen=True)
+class ExpertMix:
+    """Per-expert recipes, chosen under a size budget (``dbrxq quantize --target-bits/--target-size``):
+    expert e of layer i is stored as ``options[choice[i][e]]``. In config.json::
+
+        "expert_mix": {"options": [{"bits": 2, "group_size": 64, "symmetric": false}, ...],
+                       "choice": [[1, 0, 2, ...], ...]}           # n_layers rows of num_experts
+    """
+
+    options: tuple[ModuleQuant, ...]
+    choice: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        if not self.options or not all(o.quantized for o in self.options):
+            raise QuantizationError("quantization_config.expert_mix.options must list quantized recipes")
+        for i, row in enumerate(self.choice):
+            bad = next((c for c in row if not 0 <= c < len(self.options)), None)
+            if bad is not None:
+                raise QuantizationError(f"quantization_config.expert_mix.choice[{i}] holds {bad!r}; expected an "
+                                        f"index into the {len(self.options)} options")
+
+    def recipe(self, layer: int, expert: int) -> ModuleQuant:
+        return self.options[self.choice[layer][expert]]
+
+    def members(self, layer: int, option: int) -> list[int]:
+        """The experts of ``layer`` stored with ``options[option]``, in increasing id (their stack order)."""
+        return [e for e, c in enumerate(self.choice[layer]) if c == option]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"options": [o.to_dict() for o in self.options], "choice": [list(r) for r in self.choice]}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ExpertMix:
+        from dbrxq.untrusted import is_int
+        where = "quantization_config.expert_mix"
+        if not isinstance(d, dict) or set(d) != {"options", "choice"}:
+            raise QuantizationError(f"{where} must be an object with exactly the fields options and choice")
+        options, choice = d["options"], d["choice"]
+        if not isinstance(options, list) or not 1 <= len(options) <= 16:
+            raise QuantizationError(f"{where}.options must be a list of 1 to 16 recipes")
+        if not isinstance(choice, list) or not all(isinstance(r, list) and all(is_int(c) for c in r) for r in choice):
+            raise QuantizationError(f"{where}.choice must be a list (one per layer) of lists of integers")
+        return cls(tuple(ModuleQuant.from_dict(o, f"expert_mix.options[{j}]") for j, o in enumerate(options)),
+                   tuple(tuple(r) for r in choice))
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """The whole quantization recipe of a checkpoint. Defaults: docs/architecture.md ("Quantized weights and kernels").
 
@@ -102,6 +148,8 @@ class QuantConfig:
     # Free-form summary of the calibration run (data, tokens, seed, fallbacks), for humans.
     calibration: dict[str, Any] = field(default_factory=dict)
     format_version: int = field(default=FORMAT_VERSION, compare=False)  # as read; written: required_version
+    # Per-expert recipes (format_version 3); then ``experts`` is the recipe the allocation started from.
+    expert_mix: ExpertMix | None = None
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
@@ -111,9 +159,23 @@ class QuantConfig:
 
     @property
     def required_version(self) -> int:
-        """The format_version this recipe's tensors need: 2 with 2- or 3-bit codes, else 1 (so a
-        4/8-bit checkpoint stays readable by a dbrxq that knows only version 1)."""
+        """The format_version this recipe's tensors need: 3 with per-expert recipes, 2 with 2- or 3-bit
+        codes, else 1 (so a 4/8-bit checkpoint stays readable by a dbrxq that knows only version 1)."""
+        if self.expert_mix is not None:
+            return 3
         return 2 if any(self.for_kind(k).bits in (2, 3) for k in MODULE_KINDS) else 1
+
+    def expert_recipe(self, layer: int, expert: int) -> ModuleQuant:
+        """How expert ``expert`` of ``layer`` is stored."""
+        return self.experts if self.expert_mix is None else self.expert_mix.recipe(layer, expert)
+
+    def check_model(self, n_layers: int, num_experts: int) -> None:
+        """expert_mix must give every expert of the model a recipe."""
+        mix = self.expert_mix
+        if mix is not None and (len(mix.choice) != n_layers or any(len(r) != num_experts for r in mix.choice)):
+            raise QuantizationError(f"quantization_config.expert_mix.choice has {len(mix.choice)} rows of "
+                                    f"{sorted({len(r) for r in mix.choice})} experts; the model has {n_layers} "
+                                    f"layers of {num_experts}")
 
     def for_kind(self, kind: str) -> ModuleQuant:
         """The ModuleQuant of ``kind`` (one of MODULE_KINDS)."""
@@ -129,6 +191,8 @@ class QuantConfig:
         }
         for kind in MODULE_KINDS:
             d[kind] = self.for_kind(kind).to_dict()
+        if self.expert_mix is not None:
+            d["expert_mix"] = self.expert_mix.to_dict()
         if self.calibration:
             d["calibration"] = dict(self.calibration)
         return d
@@ -161,8 +225,10 @@ class QuantConfig:
         if not isinstance(calibration, dict):
             raise QuantizationError("quantization_config.calibration must be an object")
         kinds = {k: ModuleQuant.from_dict(d[k], k) for k in MODULE_KINDS if k in d}
-        cfg = cls(method=method, calibration=calibration, format_version=version, **kinds)
+        mix = ExpertMix.from_dict(d["expert_mix"]) if d.get("expert_mix") is not None else None
+        cfg = cls(method=method, calibration=calibration, format_version=version, expert_mix=mix, **kinds)
         if version < cfg.required_version:
-            raise QuantizationError(f"quantization_config.format_version={version} cannot hold 2- or 3-bit codes "
+            what = "per-expert recipes" if mix is not None else "2- or 3-bit codes"
+            raise QuantizationError(f"quantization_config.format_version={version} cannot hold {what} "
                                     f"(format_version {cfg.required_version} can); the checkpoint is damaged")
         return cfg

@@ -42,8 +42,15 @@ stay in bf16. The checkpoint's config.json carries a ``quantization_config`` blo
 (see :mod:`quantize.config`) whose ``format_version`` is :data:`FORMAT_VERSION`.
 """
 
-FORMAT_VERSION = 2  # 2: adds 2- and 3-bit codes; a version-1 checkpoint (4 and 8 bits) reads unchanged
-READABLE_FORMAT_VERSIONS = (1, 2)
+# 2: adds 2- and 3-bit codes; 3: adds per-expert recipes (quantization_config.expert_mix, expert tensors
+# stacked per recipe: MIXED_PART). Each checkpoint says the lowest version its tensors need, so a
+# uniform 4/8-bit one stays version 1 and reads unchanged in an older dbrxq.
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
+# A mixed layer stores kind k's experts of recipe j (expert_mix.options[j]), in increasing expert id,
+# as ``...ffn.experts.mlp.{k}.o{j}.qweight`` [E_j, N, packed] (+ .scales, .qzeros); no tensor for a
+# recipe the layer does not use.
+MIXED_PART = "o{}"
 
 QWEIGHT, SCALES, QZEROS = "qweight", "scales", "qzeros"
 

@@ -30,7 +30,7 @@ from dbrxq.pages import PageReleaser, trim_heap
 from dbrxq.model import _ACTIVATIONS, DbrxExperts, moe_dispatch
 from quantize import kernels
 from quantize.config import ModuleQuant, QuantConfig
-from quantize.format import QWEIGHT, QZEROS, SCALES
+from quantize.format import MIXED_PART, QWEIGHT, QZEROS, SCALES
 from quantize.primitives import QuantizedTensor, packed_k, resolve_group_size
 from quantize.rtn import EXPERT_KINDS, quantize_experts_rtn, quantize_rtn
 
@@ -155,16 +155,45 @@ class QLinear(QWeight):
 # --------------------------------------------------------------------------------------------
 # Experts
 # --------------------------------------------------------------------------------------------
+class QMixedWeight(nn.Module):
+    """One kind (w1, v1 or w2) of a layer's experts stored with several recipes (format_version 3):
+    a :class:`QWeight` stack per recipe the layer uses, named ``o{j}`` (quantize.format.MIXED_PART),
+    holding that recipe's experts in increasing id. ``quantized(e)`` finds expert e in its stack."""
+
+    def __init__(self, shape: tuple[int, int], options: tuple[ModuleQuant, ...], choice: tuple[int, ...], *,
+                 device: torch.device | None = None, name: str = "") -> None:
+        super().__init__()
+        self.where: list[tuple[str, int]] = []  # expert -> (stack, index in it)
+        members: dict[int, list[int]] = {}
+        for e, j in enumerate(choice):
+            members.setdefault(j, []).append(e)
+        for j in sorted(members):
+            part = MIXED_PART.format(j)
+            self.add_module(part, QWeight((len(members[j]), *shape), options[j], device=device, name=f"{name}.{part}"))
+        rank = {e: (MIXED_PART.format(j), r) for j, es in members.items() for r, e in enumerate(es)}
+        self.where = [rank[e] for e in range(len(choice))]
+
+    def quantized(self, index: int | None = None) -> QuantizedTensor:
+        assert index is not None, "a mixed stack has no single tensor: ask for one expert"
+        part, r = self.where[index]
+        return getattr(self, part).quantized(r)
+
+
 class QExpertGLU(nn.Module):
-    """``w1``, ``v1`` ``[E, F, D]`` and ``w2`` ``[E, D, F]``, each a :class:`QWeight`."""
+    """``w1``, ``v1`` ``[E, F, D]`` and ``w2`` ``[E, D, F]``, each a :class:`QWeight` (or, with
+    per-expert recipes, a :class:`QMixedWeight`)."""
 
     def __init__(self, num_experts: int, ffn: int, d_model: int, mq: ModuleQuant, *,
-                 device: torch.device | None = None, name: str = "") -> None:
+                 device: torch.device | None = None, name: str = "",
+                 mix: tuple[tuple[ModuleQuant, ...], tuple[int, ...]] | None = None) -> None:
         super().__init__()
         shapes = {"w1": (num_experts, ffn, d_model), "v1": (num_experts, ffn, d_model),
                   "w2": (num_experts, d_model, ffn)}
         for kind in EXPERT_KINDS:
-            setattr(self, kind, QWeight(shapes[kind], mq, device=device, name=f"{name}.{kind}"))
+            if mix is None:
+                setattr(self, kind, QWeight(shapes[kind], mq, device=device, name=f"{name}.{kind}"))
+            else:
+                setattr(self, kind, QMixedWeight(shapes[kind][1:], *mix, device=device, name=f"{name}.{kind}"))
 
 
 class QExperts(nn.Module):
@@ -176,12 +205,13 @@ class QExperts(nn.Module):
     """
 
     def __init__(self, config, mq: ModuleQuant, *, device: torch.device | None = None,
-                 name: str = "experts") -> None:
+                 name: str = "experts", mix: tuple[tuple[ModuleQuant, ...], tuple[int, ...]] | None = None) -> None:
         super().__init__()
         self.num_experts, self.ffn_hidden_size = config.num_experts, config.ffn_hidden_size
         self.act: Callable[[torch.Tensor], torch.Tensor] = _ACTIVATIONS[config.activation]
+        self.mixed = mix is not None  # per-expert recipes (format_version 3)
         self.mlp = QExpertGLU(config.num_experts, config.ffn_hidden_size, config.d_model, mq,
-                              device=device, name=f"{name}.mlp")
+                              device=device, name=f"{name}.mlp", mix=mix)
         self._prepared: list[tuple[Any, Any, Any]] | None = None
 
     def expert_weights(self, e: int) -> tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor]:
@@ -192,7 +222,8 @@ class QExperts(nn.Module):
         """Prepare the kernel weights of every expert, each from its own slices, on ``device``
         (default: the buffers')."""
         for kind in EXPERT_KINDS:
-            _check_loaded(getattr(self.mlp, kind), f"QExperts.mlp.{kind}")
+            for w in (getattr(self.mlp, kind).children() if self.mixed else [getattr(self.mlp, kind)]):
+                _check_loaded(w, f"QExperts.mlp.{kind}")
         dev = device or self.mlp.w1.qweight.device
         self._prepared = []
         release = PageReleaser()
@@ -254,9 +285,12 @@ def _targets(model: nn.Module, qc: QuantConfig):
         yield model, "lm_head", "lm_head", "lm_head"
 
 
-def _replacement(old: nn.Module, mq: ModuleQuant, config, name: str, device) -> nn.Module:
+def _replacement(old: nn.Module, mq: ModuleQuant, config, name: str, device, qc: QuantConfig | None = None) -> nn.Module:
     if isinstance(old, DbrxExperts):
-        return QExperts(config, mq, device=device, name=name)
+        mix = None
+        if qc is not None and qc.expert_mix is not None:
+            mix = (qc.expert_mix.options, qc.expert_mix.choice[int(name.split(".")[2])])
+        return QExperts(config, mq, device=device, name=name, mix=mix)
     assert isinstance(old, nn.Linear) and old.bias is None, (name, old)
     return QLinear(old.in_features, old.out_features, mq, device=device, name=name)
 
@@ -276,7 +310,7 @@ def quantize_model_modules(model: nn.Module, quantization_config: dict | QuantCo
     for parent, attr, name, kind in list(_targets(model, qc)):
         old = getattr(parent, attr)
         device = next(old.parameters()).device
-        setattr(parent, attr, _replacement(old, qc.for_kind(kind), model.config, name, device))
+        setattr(parent, attr, _replacement(old, qc.for_kind(kind), model.config, name, device, qc))
     return model
 
 
@@ -290,6 +324,9 @@ def quantize_model_rtn(model: nn.Module, qconfig: dict | QuantConfig, *,
     float weights, so the two paths give the same logits with the same backend.
     """
     qc = _as_qconfig(qconfig)
+    if qc.expert_mix is not None:
+        raise QuantizationError("quantize_model_rtn: per-expert recipes (expert_mix) come from calibration "
+                                "(calibration.pipeline); this in-memory path quantizes every expert alike")
     for parent, attr, name, kind in list(_targets(model, qc)):
         old = getattr(parent, attr)
         mq = qc.for_kind(kind)

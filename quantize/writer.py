@@ -35,7 +35,7 @@ from dbrxq.writer import check_disk_space, is_write_error, remove_stale_temps, w
 from dbrxq.writer import DEFAULT_MAX_SHARD_BYTES, ShardedCheckpointWriter, TensorSpec, tensor_nbytes, \
     write_json_atomic
 from quantize.config import ModuleQuant, QuantConfig
-from quantize.format import QWEIGHT, QZEROS, SCALES
+from quantize.format import MIXED_PART, QWEIGHT, QZEROS, SCALES
 from quantize.primitives import packed_k, resolve_group_size
 from quantize.rtn import EXPERT_KINDS, quantize_rtn
 
@@ -96,21 +96,35 @@ def quantized_tensor_specs(config: DbrxConfig, qconfig: QuantConfig, *,
             that does not divide a tensor's input dim (naming the tensor).
     """
     specs: list[TensorSpec] = []
+    mix = qconfig.expert_mix
     for name, hub_shape, mq in _quantized_plan(config, qconfig):
         if mq is None:
             dt = float_dtype if isinstance(float_dtype, torch.dtype) else float_dtype[name]
             specs.append((name, hub_shape, dt))
             continue
-        *lead, n, k = _logical_shape(name, hub_shape, module_kind(name), config)
-        try:
-            g = resolve_group_size(mq.group_size, k, mq.bits)
-        except QuantizationError as e:
-            raise QuantizationError(f"{name} (input dim {k}): {e}") from None
+        kind = module_kind(name)
+        *lead, n, k = _logical_shape(name, hub_shape, kind, config)
         base = name.removesuffix(".weight")
-        specs.append((f"{base}.{QWEIGHT}", (*lead, n, packed_k(mq.bits, k)), torch.uint8))
-        specs.append((f"{base}.{SCALES}", (*lead, n, k // g), torch.float16))
-        if not mq.symmetric:
-            specs.append((f"{base}.{QZEROS}", (*lead, n, k // g), torch.uint8))
+        if kind == "experts" and mix is not None:  # one stack per recipe the layer uses (MIXED_PART)
+            layer = int(name.split(".")[2])
+            for j, opt in enumerate(mix.options):
+                members = mix.members(layer, j)
+                if members:
+                    specs += _quantized_specs(f"{base}.{MIXED_PART.format(j)}", (len(members),), n, k, opt)
+            continue
+        specs += _quantized_specs(base, tuple(lead), n, k, mq)
+    return specs
+
+
+def _quantized_specs(base: str, lead: tuple, n: int, k: int, mq: ModuleQuant) -> list[TensorSpec]:
+    try:
+        g = resolve_group_size(mq.group_size, k, mq.bits)
+    except QuantizationError as e:
+        raise QuantizationError(f"{base} (input dim {k}): {e}") from None
+    specs = [(f"{base}.{QWEIGHT}", (*lead, n, packed_k(mq.bits, k)), torch.uint8),
+             (f"{base}.{SCALES}", (*lead, n, k // g), torch.float16)]
+    if not mq.symmetric:
+        specs.append((f"{base}.{QZEROS}", (*lead, n, k // g), torch.uint8))
     return specs
 
 
@@ -243,6 +257,9 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, qconfig:
     """
     if qconfig.method != "rtn":
         raise QuantizationError(f"method={qconfig.method!r}: quantize_checkpoint writes rtn only")
+    if qconfig.expert_mix is not None:  # chosen from calibration data: the calibration pipeline writes them
+        raise QuantizationError("per-expert recipes (expert_mix) are written by calibration.pipeline."
+                                "quantize_with_calibration (`dbrxq quantize --target-bits/--target-size`)")
     t0 = time.perf_counter()
     src_dir = resolve_model_dir(src, revision=revision)
     out = Path(out)

@@ -1,0 +1,150 @@
+"""Bits per expert under a size budget: ``dbrxq quantize --target-bits B`` / ``--target-size SIZE``.
+
+Each expert (its w1, v1, w2 together) gets one recipe from ``OPTIONS`` (2-bit g64 and 3-bit g64
+asymmetric, 4-bit g128, 8-bit per-channel), chosen to minimise the summed predicted output error
+under the byte budget (quantize.allocate: exact dynamic program, the convex-hull greedy when the
+program would be too large). The predicted error of expert e at a recipe is its RTN output error on
+its own calibration tokens, ``sum over its matrices of tr(dW H dW^T)`` with ``H = X^T X`` over the
+tokens routed to it (w2's X: the float intermediate ``act(x w1^T) * (x v1^T)``); H sums over tokens,
+so an expert's routing share weighs its error. The tokens come from one float pass over the model
+(:func:`measure`: each layer's float attention, router and experts, before any is quantized), made
+before the quantizing pass so that one budget spans every layer. That pass reads the source once
+more: a resumed run repeats it (it is deterministic, so the recipes and the resume hash are the same).
+
+Budgets: ``--target-bits B`` is the expert bytes of the uniform recipe at B bits where one exists in
+OPTIONS, interpolated linearly between the two nearest otherwise (2.5 bits: halfway between all
+experts at 2 and all at 3); ``--target-size`` is the whole checkpoint, from which the other tensors'
+bytes (the recipe's attention, embeddings, norms, router) are taken first.
+
+Measured on the demo model (``python scripts/plan_bits.py --eval``; in-memory GPTQ at the chosen
+widths, held-out text): at an average of 3.0 bits the mixed recipe's mean KL to the float model is
+6.70e-3 against 1.02e-2 for uniform 3-bit g64 GPTQ; at 2.5 bits 1.66e-2 against 5.59e-2 for uniform
+2-bit g64 GPTQ.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dbrxq.errors import QuantizationError
+from dbrxq.untrusted import check_finite
+from quantize.allocate import solve_exact, solve_greedy
+from quantize.config import ExpertMix, ModuleQuant, QuantConfig
+from quantize.primitives import packed_k, quantize_tensor, resolve_group_size
+
+log = logging.getLogger(__name__)
+
+OPTIONS = (ModuleQuant(2, 64, False), ModuleQuant(3, 64, False), ModuleQuant(4, 128, True), ModuleQuant(8, -1, True))
+
+
+def expert_bytes(config, mq: ModuleQuant) -> int:
+    """Bytes one expert (w1, v1 [F, D], w2 [D, F]) takes in the checkpoint with recipe ``mq``."""
+    total = 0
+    for n, k in ((config.ffn_hidden_size, config.d_model),) * 2 + ((config.d_model, config.ffn_hidden_size),):
+        g = resolve_group_size(mq.group_size, k, mq.bits)
+        total += n * packed_k(mq.bits, k) + n * (k // g) * (2 + (0 if mq.symmetric else 1))
+    return total
+
+
+def budget_from_bits(config, avg_bits: float, options=OPTIONS) -> int:
+    """Expert bytes for an average of ``avg_bits``: the uniform recipe's, interpolated between widths."""
+    per = {o.bits: expert_bytes(config, o) for o in options}
+    if not min(per) <= avg_bits <= max(per):
+        raise QuantizationError(f"--target-bits {avg_bits}: expected a number from {min(per)} to {max(per)}")
+    lo, hi = max(b for b in per if b <= avg_bits), min(b for b in per if b >= avg_bits)
+    each = per[lo] if lo == hi else per[lo] + (per[hi] - per[lo]) * (avg_bits - lo) / (hi - lo)
+    return int(each * config.n_layers * config.num_experts)
+
+
+def budget_from_size(config, qconfig: QuantConfig, float_dtypes, size: int, options=OPTIONS) -> int:
+    """Expert bytes left of a whole-checkpoint ``size`` once the other tensors are counted."""
+    from dbrxq.placement import format_size
+    from dbrxq.writer import tensor_nbytes
+    from quantize.writer import quantized_tensor_specs
+    other = sum(tensor_nbytes(s, d) for n, s, d in quantized_tensor_specs(config, qconfig, float_dtype=float_dtypes)
+                if ".ffn.experts." not in n)
+    least = config.n_layers * config.num_experts * min(expert_bytes(config, o) for o in options)
+    if size - other < least:
+        raise QuantizationError(f"--target-size {format_size(size)} is too small: the tensors other than the experts "
+                                f"take {format_size(other)} and every expert at its smallest recipe "
+                                f"{format_size(least)} more")
+    return size - other
+
+
+@torch.no_grad()
+def _error(w: torch.Tensor, x: torch.Tensor, h: torch.Tensor | None, mq: ModuleQuant) -> float:
+    """tr(dW H dW^T) for RTN at ``mq``: through X when it has fewer rows than H has, else through H."""
+    d = w - quantize_tensor(w, mq.bits, mq.group_size, mq.symmetric).dequantize().to(w.device)
+    if h is None:
+        return float((x @ d.T).double().pow(2).sum())
+    return float(((d @ h) * d).double().sum())
+
+
+@torch.no_grad()
+def measure(run, tokens: torch.Tensor, options=OPTIONS) -> tuple[list[list[float]], list[int]]:
+    """Per expert (layer-major): the predicted error at each option, and its routed calibration tokens.
+
+    ``run``: the pipeline's run state (config, source, device, chunking)."""
+    from calibration.pipeline import _attention, _attention_pass, _expert_getter, _moe, _route
+    from dbrxq.checkpoint import hub_tensor_shapes
+    from dbrxq.model import _ACTIVATIONS
+
+    c = run.config
+    act = _ACTIVATIONS[c.activation]
+    name = "transformer.wte.weight"
+    wte = check_finite(run.source.reader.get(name, expected_shape=(c.vocab_size, c.d_model)), name,
+                       run.source.reader.file_of(name))
+    x = wte[tokens].to(run.device, torch.float32)
+    shapes = hub_tensor_shapes(c)
+    errors, counts = [], []
+    for i in tqdm(range(c.n_layers), desc="measure experts", unit="layer", disable=not run.show):
+        run.source.fetch_layer(i)
+        raw = {n: check_finite(run.source.reader.get(n, expected_shape=shapes[n]), n, run.source.reader.file_of(n))
+               for n in shapes if n.startswith(f"transformer.blocks.{i}.")}
+        run.source.reader.close()
+        resid, h = _attention_pass(_attention(raw, run, i), x, run, keep=True)
+        routing = _route(raw, run, i, h)
+        expert = _expert_getter(raw, run, i)
+        for e in range(c.num_experts):
+            xe = h[routing.tokens_of(e)]
+            w1, v1, w2 = expert(e)
+            a = act(xe @ w1.T) * (xe @ v1.T)
+            h1 = xe.T @ xe if xe.shape[0] >= c.d_model else None
+            h2 = a.T @ a if a.shape[0] >= c.ffn_hidden_size else None
+            errors.append([_error(w1, xe, h1, o) + _error(v1, xe, h1, o) + _error(w2, a, h2, o) for o in options])
+            counts.append(int(xe.shape[0]))
+        x = resid + _moe(h, routing, expert, run).view_as(resid)
+        del raw
+    return errors, counts
+
+
+def allocate(run, tokens: torch.Tensor, budget: int, target: dict[str, Any], options=OPTIONS
+             ) -> tuple[ExpertMix, dict[str, Any]]:
+    """The recipes of every expert under ``budget`` expert bytes; and what to report about them."""
+    t0 = time.perf_counter()
+    c = run.config
+    errors, counts = measure(run, tokens, options)
+    costs = [[expert_bytes(c, o) for o in options] for _ in errors]
+    try:
+        best, solver = solve_exact(costs, errors, budget), "exact"
+    except QuantizationError as e:
+        if "too large" not in str(e):
+            raise
+        best, solver = solve_greedy(costs, errors, budget), "greedy"
+    E = c.num_experts
+    choice = tuple(tuple(best.choice[i * E:(i + 1) * E]) for i in range(c.n_layers))
+    uniform = {f"{o.bits}-bit": sum(e[j] for e in errors) for j, o in enumerate(options)}
+    info = {"target": target, "budget_bytes": budget, "expert_bytes": best.bytes, "solver": solver,
+            "predicted_error": best.error, "uniform_predicted_error": uniform,
+            "experts_per_recipe": {f"{o.bits}-bit": best.choice.count(j) for j, o in enumerate(options)},
+            "predicted": [errors[n][j] for n, j in enumerate(best.choice)], "tokens": counts}
+    # (no timing in info: it goes into config.json, which a resumed run must write byte for byte again)
+    log.info("expert recipes for %s in %.1f s: %s (predicted error %.4g; uniform %s)", target,
+             time.perf_counter() - t0, info["experts_per_recipe"], best.error,
+             {k: f"{v:.4g}" for k, v in uniform.items()})
+    return ExpertMix(tuple(options), choice), info
