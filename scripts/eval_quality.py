@@ -13,6 +13,8 @@ disk. Rows:
 - int4 RTN / GPTQ, g128 and g32: experts int4 (symmetric), attention int8 per-channel.
 - int3 RTN / GPTQ (g128 symmetric, g64 asymmetric) and int2 RTN / GPTQ (asymmetric, g64 and g32):
   experts at 3 and 2 bits (format_version 2), attention int8 per-channel.
+- mixed GPTQ at an average of 3.0 and 2.5 bits: each expert's width chosen by `dbrxq quantize
+  --target-bits` (calibration.allocation) under the byte budget of that average; attention int8.
 - int4 RTN / GPTQ g128 with int4 attention as well: the harder setting,
   where methods separate more. (Per-channel experts would repeat the g128 rows: every input
   dimension of the demo model is 128, so there g128 *is* per-channel.)
@@ -48,8 +50,8 @@ HELDOUT = REPO / "calibration" / "data" / "heldout.txt"
 INT8 = ModuleQuant(8, -1, True)
 
 
-def recipes() -> list[tuple[str, str, QuantConfig]]:
-    """(row name, method, recipe) of every checkpoint-based row."""
+def recipes() -> list[tuple]:
+    """(row name, method, recipe[, --target-bits]) of every checkpoint-based row."""
     def int4(g):
         return ModuleQuant(4, g, True)
     return [
@@ -67,6 +69,10 @@ def recipes() -> list[tuple[str, str, QuantConfig]]:
         ("int2 RTN g64 asym", "rtn", QuantConfig(method="rtn", experts=ModuleQuant(2, 64, False), attn=INT8)),
         ("int2 GPTQ g64 asym", "gptq", QuantConfig(method="gptq", experts=ModuleQuant(2, 64, False), attn=INT8)),
         ("int2 GPTQ g32 asym", "gptq", QuantConfig(method="gptq", experts=ModuleQuant(2, 32, False), attn=INT8)),
+        # format_version 3: each expert's recipe (2/3 bits g64 asym, 4 bits g128, 8 bits per channel) chosen by
+        # `dbrxq quantize --target-bits B` to minimise the predicted error at an average of B bits
+        ("mixed GPTQ, average 3.0 bits", "gptq", QuantConfig(method="gptq", attn=INT8), 3.0),
+        ("mixed GPTQ, average 2.5 bits", "gptq", QuantConfig(method="gptq", attn=INT8), 2.5),
     ]
 
 
@@ -74,12 +80,13 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def quantize(src: Path, out: Path, method: str, qc: QuantConfig, samples: int, seq_len: int) -> None:
-    if method == "rtn":
+def quantize(src: Path, out: Path, method: str, qc: QuantConfig, samples: int, seq_len: int,
+             target_bits: float | None = None) -> None:
+    if method == "rtn" and target_bits is None:
         quantize_checkpoint(src, out, qc, overwrite=True, progress=False)
         return
     from calibration.pipeline import CalibrationOptions, quantize_with_calibration
-    quantize_with_calibration(src, out, qc, CalibrationOptions(samples=samples, seq_len=seq_len),
+    quantize_with_calibration(src, out, qc, CalibrationOptions(samples=samples, seq_len=seq_len, target_bits=target_bits),
                               overwrite=True, progress=False)
 
 
@@ -147,11 +154,11 @@ def main() -> None:
 
     base_ppl = row("bf16", ref, src_bytes)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-        for name, method, qc in recipes():
+        for name, method, qc, *target in recipes():
             if args.only and not any(name.startswith(p) for p in args.only.split(",")):
                 continue
-            out = Path(tmp) / name.replace(" ", "_")
-            quantize(args.model, out, method, qc, args.calib_samples, args.calib_seq_len)
+            out = Path(tmp) / name.replace(" ", "_").replace(",", "")
+            quantize(args.model, out, method, qc, args.calib_samples, args.calib_seq_len, *target)
             row(name, load_model(out, dtype="float32"), folder_bytes(out))
     if args.only:
         return _print(rows, base_ppl)

@@ -3,6 +3,7 @@
 
     python scripts/plan_bits.py                      # average 3.0 and 2.5 bits
     python scripts/plan_bits.py --avg-bits 2.75
+    python scripts/plan_bits.py --eval               # + the quality of each allocation on held-out text
 
 The float demo model runs over calibration/data/calib.txt (64 x 256 tokens); each layer's router
 sends each expert its tokens. Per expert and per option (2-bit g64 asym, 3-bit g64 asym, 4-bit g128,
@@ -13,6 +14,14 @@ weighs its error; w2's X are the float intermediate activations). The option cos
 average of B bits (B x 3 F D / 8 bytes plus each option's scales, i.e. the byte cost of a uniform
 recipe at B bits where one exists, interpolated between 2 and 3 bits otherwise): exactly (dynamic
 program) and greedily; both totals and their ratio are printed, with the bit histogram per layer.
+
+``--eval`` then quantizes the demo model's experts with GPTQ at the widths chosen (each expert on its
+own routed calibration tokens from the float model, the rare-expert rule of `dbrxq quantize`:
+experts with fewer than d_model / 8 tokens calibrate on all tokens), attention int8 RTN as in the
+README's rows, and compares it with the float model on the held-out windows of
+scripts/eval_quality.py; next to it, the uniform recipe of the same byte cost made the same way
+(so the two differ only in the allocation). The weights are dequantized in memory: the checkpoint
+format has no per-expert widths yet.
 """
 
 from __future__ import annotations
@@ -40,10 +49,10 @@ def nbytes(qt) -> int:
 
 
 @torch.no_grad()
-def expert_errors(model, ids: list[int], seq: int, samples: int):
-    """Per expert (layer-major): (costs per option, predicted errors per option)."""
+def moe_inputs(model, ids: list[int], seq: int, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer: the MoE input (norm_2 output) of every calibration token, and its top-k experts."""
     c = model.config
-    inputs = [[] for _ in range(c.n_layers)]  # the MoE input (norm_2 output) of every token, per layer
+    inputs = [[] for _ in range(c.n_layers)]
     hooks = [b.ffn.register_forward_pre_hook(lambda m, a, i=i: inputs[i].append(a[0].reshape(-1, c.d_model)))
              for i, b in enumerate(model.transformer.blocks)]
     for s in range(samples):
@@ -53,10 +62,20 @@ def expert_errors(model, ids: list[int], seq: int, samples: int):
         model(torch.tensor([chunk]), use_cache=False)
     for h in hooks:
         h.remove()
-    costs, errors, shares = [], [], []
+    out = []
     for i, block in enumerate(model.transformer.blocks):
         x = torch.cat(inputs[i]).float()
-        _, top = route(block.ffn.router(x), c.top_k, c.ffn_config.moe_normalize_expert_weights)
+        out.append((x, route(block.ffn.router(x), c.top_k, c.ffn_config.moe_normalize_expert_weights)[1]))
+    return out
+
+
+@torch.no_grad()
+def expert_errors(model, routed: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Per expert (layer-major): (costs per option, predicted errors per option, routed tokens)."""
+    c = model.config
+    costs, errors, shares = [], [], []
+    for i, block in enumerate(model.transformer.blocks):
+        x, top = routed[i]
         mlp = block.ffn.experts.mlp
         E = c.num_experts
         w = {k: experts_to_canonical(getattr(mlp, k).data.float(), k, E) for k in ("w1", "v1", "w2")}
@@ -81,16 +100,50 @@ def expert_errors(model, ids: list[int], seq: int, samples: int):
     return costs, errors, shares
 
 
+@torch.no_grad()
+def gptq_model(choice: list[int], routed: list[tuple[torch.Tensor, torch.Tensor]]):
+    """The float demo model with expert n quantized by GPTQ at OPTIONS[choice[n]] (dequantized in
+    place), attention int8 RTN."""
+    from calibration.experts import ExpertPolicy, default_min_tokens, expert_strategy, quantize_expert
+    from dbrxq.loading import load_model
+    from eval_quality import INT8
+    from quantize.config import ModuleQuant, QuantConfig
+    from quantize.modules import quantize_model_rtn
+    from quantize.rtn import experts_to_hub
+
+    model = load_model(dbrxq.default_model_dir(), dtype="float32")
+    c = model.config
+    policy = ExpertPolicy(min_tokens=default_min_tokens(c.d_model))
+    for i, block in enumerate(model.transformer.blocks):
+        x, top = routed[i]
+        mlp, E = block.ffn.experts.mlp, c.num_experts
+        w = {k: experts_to_canonical(getattr(mlp, k).data.float(), k, E) for k in ("w1", "v1", "w2")}
+        for e in range(E):
+            xe = x[(top == e).any(-1)]
+            strategy = expert_strategy(xe.shape[0], policy)
+            bits, g, sym = OPTIONS[choice[i * E + e]]
+            q, _ = quantize_expert(w["w1"][e], w["v1"][e], w["w2"][e], x if strategy == "route-all" else xe,
+                                   ModuleQuant(bits, g, sym), strategy, policy, block.ffn.experts.act)
+            for k in w:
+                w[k][e] = q[k].dequantize()
+        for k in w:
+            getattr(mlp, k).data.copy_(experts_to_hub(w[k], k))
+    return quantize_model_rtn(model, QuantConfig(method="rtn", experts=ModuleQuant(None), attn=INT8))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--avg-bits", default="3.0,2.5")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--eval", action="store_true", help="measure each allocation's quality (see above)")
     a = ap.parse_args()
     runner = dbrxq.load(dtype="float32")
     ids = runner.tokenizer.encode(CALIB.read_text())
     t0 = time.perf_counter()
-    costs, errors, shares = expert_errors(runner.model, ids, a.seq_len, a.samples)
+    routed = moe_inputs(runner.model, ids, a.seq_len, a.samples)
+    costs, errors, shares = expert_errors(runner.model, routed)
+    evals = []
     n, L = len(costs), runner.config.n_layers
     print(f"{n} experts, predicted errors in {time.perf_counter() - t0:.1f} s; option bytes per expert "
           f"{dict(zip(['2b g64a', '3b g64a', '4b g128', '8b pc'], costs[0]))}")
@@ -114,7 +167,32 @@ def main() -> int:
             print(f"  layer {layer}: bits {hist}; the most-routed expert ({max(tok)} tokens) gets "
                   f"{OPTIONS[got[tok.index(max(tok))]][0]} bits, the least ({min(tok)}) "
                   f"{OPTIONS[got[tok.index(min(tok))]][0]}")
+        if a.eval:
+            evals += [(f"uniform int{lo} GPTQ g64 asym", [uni] * n, sum(c[uni] for c in costs)),
+                      (f"mixed, average {avg} bits", exact.choice, exact.bytes)]
+    if evals:
+        evaluate(runner.model, evals, routed)
     return 0
+
+
+def evaluate(ref, rows: list[tuple[str, list[int], int]], routed) -> None:
+    """Each (name, choice, expert bytes) against the float model on eval_quality.py's held-out windows."""
+    from dbrxq.evaluate import compare
+    from eval_quality import HELDOUT
+
+    ids = dbrxq.load(dtype="float32").tokenizer.encode(HELDOUT.read_text())
+    base = None
+    print("\n| experts | expert bytes | perplexity | vs bf16 | mean KL (nats) | top-1 agreement |")
+    print("|---|---:|---:|---:|---:|---:|")
+    seen = set()
+    for name, choice, nbytes in rows:
+        if name in seen:
+            continue
+        seen.add(name)
+        r = compare(ref, gptq_model(choice, routed), ids, window=512, stride=256)
+        base = r["ppl_a"]
+        print(f"| {name} | {nbytes / 1e6:.3f} MB | {r['ppl_b']:.3f} | {r['ppl_b'] / base - 1:+.2%} | "
+              f"{r['mean_kl']:.2e} | {r['top1_agreement']:.2%} |", flush=True)
 
 
 if __name__ == "__main__":
