@@ -6,9 +6,10 @@
 
 Every tensor's bytes come from quantize.writer.quantized_tensor_specs (what `dbrxq quantize` would
 write) for scripts/make_checkpoint.py's "dbrx" preset: 40 layers, 16 experts of 10752 x 6144, vocab
-100352, embedding and lm_head bf16. With --target-size, the mixed recipe: how many of the 640
-experts can be 3-bit (the rest 2-bit, both g64 with zero points) within the size; which experts
-get which width is the allocator's job (quantize.allocate), from their measured errors.
+100352, embedding and lm_head bf16. With --target-size, the expert budget that `dbrxq quantize
+--target-size` computes (calibration.allocation.budget_from_size) and, for scale, how many of the 640
+experts could be 3-bit with the rest 2-bit; which experts get which width is the allocator's
+choice, from their measured errors.
 """
 
 from __future__ import annotations
@@ -61,16 +62,20 @@ def main() -> int:
         per_bits[(mq.bits, mq.group_size, mq.symmetric)] = p
         print(f"| {name} | {p['experts'] / 1e9:.1f} GB | {p['attention'] / 1e9:.2f} GB | {p['other'] / 1e9:.2f} GB "
               f"| {sum(p.values()) / 1e9:.1f} GB |")
+    import torch
+    from calibration.allocation import OPTIONS, budget_from_size, expert_bytes
     target = parse_size(a.target_size, "--target-size")
     n = config.n_layers * config.num_experts
-    fixed = {k: v["attention"] + v["other"] for k, v in per_bits.items()}
-    e2, e3 = (per_bits[k]["experts"] / n for k in ((2, 64, False), (3, 64, False)))
-    base = fixed[(3, 64, False)]
-    k3 = max(0, min(n, int((target - base - n * e2) // (e3 - e2))))  # the rest at 2 bits
-    total = base + k3 * e3 + (n - k3) * e2
-    print(f"\n--target-size {a.target_size} ({target / 1e9:.1f} GB, {(target - base) / 1e9:.1f} GB for experts): "
-          f"{k3} of the {n} experts at int3 g64 asym and {n - k3} at int2 g64 asym (average "
-          f"{(3 * k3 + 2 * (n - k3)) / n:.2f} bits) -> {total / 1e9:.2f} GB, fits: {total <= target}")
+    budget = budget_from_size(config, QuantConfig(attn=INT8), torch.bfloat16, target)  # what --target-size uses
+    per = {o.bits: expert_bytes(config, o) for o in OPTIONS}
+    k3 = max(0, min(n, (budget - n * per[2]) // (per[3] - per[2])))  # e.g. this many at 3 bits, the rest at 2
+    print(f"\n`dbrxq quantize --target-size {a.target_size}` ({target / 1e9:.1f} GB): {budget / 1e9:.2f} GB for the "
+          f"{n} experts once attention (int8) and the rest are counted; one expert takes "
+          + ", ".join(f"{b}-bit {v / 1e6:.1f} MB" for b, v in per.items())
+          + f". Which experts get which width is the allocator's choice from their measured errors (it never "
+          f"exceeds the budget); for scale: {k3} experts at 3 bits and {n - k3} at 2 bits -> "
+          f"{(target - budget + k3 * per[3] + (n - k3) * per[2]) / 1e9:.2f} GB, fits: "
+          f"{k3 * per[3] + (n - k3) * per[2] <= budget}")
     return 0
 
 
