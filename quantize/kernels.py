@@ -44,7 +44,7 @@ SUPPORTS = {
     "torch_int8": "bits=8, per-channel (group_size=-1), symmetric; CPU (torch's int8 kernel) or CUDA "
                   "(bf16 codes, cuBLAS)",
     "bnb": "bits 4 (NF4) or 8 (int8) where bitsandbytes runs",
-    "cpu_q4": "bits=4 (or 2, 3: widened to int4) on CPU, K % 64 == 0, group size a multiple of 32 (incl. per-channel)",
+    "cpu_q4": "bits=4, 3 or 2 on CPU, K % 64 == 0, group size a multiple of 32 (incl. per-channel)",
     "cpu_q8": "bits=8 on CPU, K % 32 == 0, group size a multiple of 32 (incl. per-channel)",
 }
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -135,7 +135,7 @@ def backend_support(
         if dev.type != "cpu" and not torch.cuda.is_available():
             return "CUDA is not available"
         return _bnb_reason() if dev.type == "cpu" else None
-    # cpu_q4 / cpu_q8 (cpu_q4 also runs 2- and 3-bit codes, widened to int4 at load: widen_to_int4)
+    # cpu_q4 / cpu_q8 (cpu_q4 also runs 2- and 3-bit codes, in their own layouts)
     want = 4 if backend == "cpu_q4" else 8
     if dev.type != "cpu":
         return f"device {dev.type}: only CPU"
@@ -337,7 +337,7 @@ class CpuQWeight(PreparedWeight):
 
     def __init__(self, qt, device, cpu_path: str | None = None):
         super().__init__(qt, device)
-        self.backend = "cpu_q4" if qt.bits == 4 else "cpu_q8"
+        self.backend = "cpu_q8" if qt.bits == 8 else "cpu_q4"  # cpu_q4: 2, 3 and 4 bits
         self.lib = cext.load()
         self.path = cpu_path or cext.cpu_path()
         n, k = self.shape
@@ -383,7 +383,7 @@ def prepare(qt: QuantizedTensor, backend: str = "auto", device: torch.device | s
         backend = choose_backend(device, qt.bits, qt.group_size, dtype, shape=shape, symmetric=qt.symmetric)
     else:
         _check(backend, device, qt.bits, qt.group_size, dtype, shape, qt.symmetric)
-    if backend in ("cpu_q4", "cpu_q8", "torch_int4") and qt.bits in (2, 3):
+    if backend == "torch_int4" and qt.bits in (2, 3):
         qt = widen_to_int4(qt)
     if backend in ("cpu_q4", "cpu_q8"):
         return CpuQWeight(qt, device, cpu_path)
@@ -392,9 +392,9 @@ def prepare(qt: QuantizedTensor, backend: str = "auto", device: torch.device | s
 
 def widen_to_int4(qt: QuantizedTensor) -> QuantizedTensor:
     """A 2- or 3-bit weight as the same numbers in int4 with zero points: code and scale unchanged,
-    zero = the stored one or the implicit 2**(bits-1). Exact, so the int4 kernels (dbrxq's C kernel on
-    CPU, torch's on CUDA) run 2/3-bit checkpoints at int4 speed, holding int4's bytes in memory (a
-    native 2/3-bit kernel, which would read 25-50% fewer bytes per token, is still to come)."""
+    zero = the stored one or the implicit 2**(bits-1). Exact, so torch's int4 kernel (the CUDA path)
+    runs 2/3-bit checkpoints, holding int4's bytes in memory; on CPU dbrxq's C kernel reads them
+    natively (fewer bytes)."""
     from quantize.primitives import pack_codes
     zeros = qt.qzeros if qt.qzeros is not None else torch.full_like(qt.scales, 2 ** (qt.bits - 1), dtype=torch.uint8)
     return QuantizedTensor(pack_codes(qt.codes(), 4), qt.scales, zeros, 4, qt.group_size, qt.shape)

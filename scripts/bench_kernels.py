@@ -3,8 +3,8 @@
     python scripts/bench_kernels.py            # w1, v1: 10752 x 6144, w2: 6144 x 10752
     python scripts/bench_kernels.py --quick    # a quarter-width run, fewer turns
 
-For each backend (quantize/kernels.py) and for float32/bf16 matmul, and for 2/3-bit experts on the
-int4 kernel (widened at load; their bound is their own, smaller, bytes): ms per GLU call at batch 1
+For each backend (quantize/kernels.py) and for float32/bf16 matmul, and for 2/3-bit experts on
+dbrxq's C kernel (their own layouts, so their own smaller bytes): ms per GLU call at batch 1
 and 16, the weight bytes one call reads, and the ratio to the bandwidth bound
 (time / (bytes / read bandwidth)). The read-only bandwidth is measured in the same run as a sum
 over a 512 MiB float32 tensor with the same thread count.
@@ -77,18 +77,16 @@ def variants(floats, d, f):
                 slow = backend in ("torch", "bnb", "torch_int8") or (backend == "torch_int4" and dt == torch.float32)
                 out.append((f"{label} {backend}{extra}{act}", nbytes, lambda x, pws=pws: kernels.glu(x, *pws),
                             dt, slow, None))
-    # 2- and 3-bit (format_version 2): the int4 kernel, on codes widened to int4 at load. Their bound
-    # is the 2/3-bit checkpoint's bytes (what a native kernel would read), so the ratio shows the cost
-    # of reading int4's bytes instead.
+    # 2- and 3-bit (format_version 2): dbrxq's C kernel on their own layouts (qmatmul.c: 2-bit
+    # fields, 3-bit as a 2-bit plane + a 1-bit plane), each SIMD path; bound = the bytes it reads
     for bits, gs, label in ((3, 64, "int3 g64 asym"), (2, 64, "int2 g64 asym")):
         qts = [quantize_tensor(w, bits, gs, False) for w in floats]
         if "cpu_q4" not in kernels.available_backends("cpu", bits, gs, shape=(f, d), symmetric=False):
             continue
-        nbytes = sum(t.numel() * t.element_size() for q in qts for t in (q.qweight, q.scales, q.qzeros))
-        path = cext.cpu_path()
-        pws = [kernels.prepare(q, "cpu_q4", "cpu", cpu_path=path) for q in qts]
-        out.append((f"{label} cpu_q4 ({path}, widened to int4)", nbytes,
-                    lambda x, pws=pws: kernels.glu(x, *pws), torch.float32, False, path))
+        for path in [p for p in cext.runnable_paths() if p != "generic"]:
+            pws = [kernels.prepare(q, "cpu_q4", "cpu", cpu_path=path) for q in qts]
+            out.append((f"{label} cpu_q4 ({path})", sum(p.nbytes for p in pws),
+                        lambda x, pws=pws: kernels.glu(x, *pws), torch.float32, False, path))
     return out
 
 
@@ -96,6 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="quarter-width matrices, fewer turns")
     ap.add_argument("--turns", type=int, default=None, help="turns (default 15, --quick 3)")
+    ap.add_argument("--only", default=None, help="comma-separated variant-name prefixes (e.g. 'int4 g128 cpu_q4,int3,int2')")
     args = ap.parse_args()
     d, f = (1536, 2688) if args.quick else (6144, 10752)
     turns = args.turns or (3 if args.quick else 15)
@@ -107,6 +106,8 @@ def main() -> None:
 
     floats = [torch.randn(f, d) * 0.02, torch.randn(f, d) * 0.02, torch.randn(d, f) * 0.02]
     vs = variants(floats, d, f)
+    if args.only:
+        vs = [v for v in vs if v[0] == "bf16 matmul" or any(v[0].startswith(p) for p in args.only.split(","))]
     del floats
     xs = {m: torch.randn(m, d) for m in BATCHES}
     probe = torch.ones(1 << 27)  # 512 MiB float32: far larger than every cache

@@ -65,9 +65,12 @@
 /* ------------------------------------------------------------------ layout */
 
 /* The layout generation: part of the prepared-expert file key (dbrxq/offload.py). */
-int dbrxq_layout_version(void) { return 2; }
+int dbrxq_layout_version(void) { return 3; } /* 3: native 2- and 3-bit blocks */
 
-static int64_t codes_bytes(int bits, int K) { return (int64_t)RB * (bits == 4 ? K / 2 : K); }
+/* Code bytes of one block: K/2 per row at 4 bits, K at 8, K/4 at 2, 3K/8 at 3 (two planes). */
+static int64_t codes_bytes(int bits, int K) {
+    return (int64_t)RB * (bits == 4 ? K / 2 : bits == 8 ? K : bits == 2 ? K / 4 : 3 * K / 8);
+}
 
 /* Bytes of one block of RB rows (codes, scales, zeros), a multiple of 64. */
 static int64_t block_bytes(int bits, int K, int G, int asym) {
@@ -98,6 +101,26 @@ void dbrxq_repack(const uint8_t *codes, const uint16_t *scales, const uint8_t *z
             for (int k0 = 0; k0 < K; k0 += 8)
                 for (int j = 0; j < 4; j++)
                     blk[(k0 / 8) * (RB * 4) + r * 4 + j] = (uint8_t)(c[k0 + j] | c[k0 + 4 + j] << 4);
+        } else if (bits == 2) { /* per 16 columns: byte j of row r = c[k0+j] | c[k0+4+j] << 2 | ... << 6 */
+            for (int k0 = 0; k0 < K; k0 += 16)
+                for (int j = 0; j < 4; j++)
+                    blk[(k0 / 16) * (RB * 4) + r * 4 + j] =
+                        (uint8_t)(c[k0 + j] | c[k0 + 4 + j] << 2 | c[k0 + 8 + j] << 4 | c[k0 + 12 + j] << 6);
+        } else if (bits == 3) { /* per 32 columns, 3 x 64 bytes: the low 2 bits of columns 0-15 and 16-31
+                                   (as at 2 bits), then the high bits: bit u of byte j of row r = column 4u + j */
+            for (int k0 = 0; k0 < K; k0 += 32) {
+                uint8_t *o = blk + (k0 / 32) * (RB * 4 * 3);
+                for (int j = 0; j < 4; j++) {
+                    for (int half = 0; half < 2; half++) {
+                        const uint8_t *ch = c + k0 + 16 * half;
+                        o[half * (RB * 4) + r * 4 + j] = (uint8_t)((ch[j] & 3) | (ch[4 + j] & 3) << 2 |
+                                                                   (ch[8 + j] & 3) << 4 | (ch[12 + j] & 3) << 6);
+                    }
+                    uint8_t hb = 0;
+                    for (int u = 0; u < 8; u++) hb |= (uint8_t)(((c[k0 + 4 * u + j] >> 2) & 1) << u);
+                    o[2 * (RB * 4) + r * 4 + j] = hb;
+                }
+            }
         } else {
             for (int k0 = 0; k0 < K; k0 += 4)
                 for (int j = 0; j < 4; j++) blk[(k0 / 4) * (RB * 4) + r * 4 + j] = (uint8_t)(c[k0 + j] ^ 0x80);
@@ -246,8 +269,17 @@ static blk_t block_at(const uint8_t *w, int b, int bits, int K, int G, int asym)
 
 /* zc_g of row r: what the integer dot products leave to the correction term. */
 static inline float zero_code(const blk_t *w, int g, int r) {
-    if (w->bits == 4) return (float)(w->zeros ? w->zeros[g * RB + r] : 8);
+    if (w->bits != 8) return (float)(w->zeros ? w->zeros[g * RB + r] : 1 << (w->bits - 1));
     return w->zeros ? (float)((int)w->zeros[g * RB + r] - 128) : 0.f;
+}
+
+/* Code of row r at column k of a 2- or 3-bit block (the generic path's decoder; the layouts in dbrxq_repack). */
+static inline int low_code(const blk_t *w, int r, int k) {
+    if (w->bits == 2) return w->codes[(k / 16) * (RB * 4) + r * 4 + (k & 3)] >> (2 * ((k >> 2) & 3)) & 3;
+    const uint8_t *o = w->codes + (k / 32) * (RB * 4 * 3);
+    int lo = o[((k % 32) / 16) * (RB * 4) + r * 4 + (k & 3)] >> (2 * ((k >> 2) & 3)) & 3;
+    int hi = o[2 * (RB * 4) + r * 4 + (k & 3)] >> ((k % 32) >> 2) & 1;
+    return lo | hi << 2;
 }
 
 /* Store rows r < nrows of the block's 16 results for activation row m. */
@@ -286,6 +318,8 @@ static void block_generic(const blk_t *w, const acts_t *a, int m0, int mt, float
                     if (w->bits == 4) {
                         uint8_t byte = w->codes[(k / 8) * (RB * 4) + r * 4 + (k & 3)];
                         c = (k & 4) ? byte >> 4 : byte & 15;
+                    } else if (w->bits < 4) {
+                        c = low_code(w, r, k);
                     } else {
                         c = (int8_t)w->codes[(k / 4) * (RB * 4) + r * 4 + (k & 3)];
                     }
@@ -348,6 +382,47 @@ TGT5 INL void blk512(const blk_t *w, const acts_t *a, int m0, const int nt, cons
             s1[i] = _mm512_setzero_si512();
             _Pragma("GCC unroll 2") for (int b = 0; b < nb; b++) s[b][i] = _mm512_setzero_si512();
         }
+        if (w->bits < 4) { /* one block (run_blocks): 2 bits, 16 columns per 64-byte line; 3 bits, 32 per 3 lines */
+            const __m512i m2 = _mm512_set1_epi8(0x03), b2 = _mm512_set1_epi8(0x04);
+            if (w->bits == 2) {
+                const uint8_t *cp = w->codes + (int64_t)(k0 / 16) * 64;
+                for (int k = k0; k < k0 + span; k += 16, cp += 64) {
+                    prefetch_line(cp);
+                    __m512i v = _mm512_loadu_si512((const void *)cp);
+                    __m512i c0 = _mm512_and_si512(v, m2), c1 = _mm512_and_si512(_mm512_srli_epi16(v, 2), m2);
+                    __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(v, 4), m2);
+                    __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(v, 6), m2);
+                    _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) {
+                        DPBUSD(s[0][i], c0, bcast_quad(q[i] + k));
+                        DPBUSD(s1[i], c1, bcast_quad(q[i] + k + 4));
+                        DPBUSD(s[0][i], c2, bcast_quad(q[i] + k + 8));
+                        DPBUSD(s1[i], c3, bcast_quad(q[i] + k + 12));
+                    }
+                }
+            } else {
+                const uint8_t *cp = w->codes + (int64_t)(k0 / 32) * 192;
+                for (int k = k0; k < k0 + span; k += 32, cp += 192) {
+                    prefetch_line(cp);
+                    prefetch_line(cp + 64);
+                    prefetch_line(cp + 128);
+                    __m512i l0 = _mm512_loadu_si512((const void *)cp), l1 = _mm512_loadu_si512((const void *)(cp + 64));
+                    __m512i hb = _mm512_loadu_si512((const void *)(cp + 128));
+                    /* quad u (columns 4u..4u+3): low bits from l0/l1, bit u of hb moved to bit 2 */
+#define Q3(u)                                                                                              \
+    do {                                                                                                   \
+        __m512i c = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16((u) < 4 ? l0 : l1, 2 * ((u) & 3)), m2), \
+                                    _mm512_and_si512((u) >= 2 ? _mm512_srli_epi16(hb, (u) - 2)             \
+                                                              : _mm512_slli_epi16(hb, 2 - (u)), b2));      \
+        _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) {                                            \
+            if ((u) & 1) DPBUSD(s1[i], c, bcast_quad(q[i] + k + 4 * (u)));                                \
+            else DPBUSD(s[0][i], c, bcast_quad(q[i] + k + 4 * (u)));                                      \
+        }                                                                                                  \
+    } while (0)
+                    Q3(0); Q3(1); Q3(2); Q3(3); Q3(4); Q3(5); Q3(6); Q3(7);
+#undef Q3
+                }
+            }
+        } else {
         const int step = w->bits == 4 ? 64 : 128; /* code bytes per 8 columns of a block */
         const uint8_t *cp[2];
         _Pragma("GCC unroll 2") for (int b = 0; b < nb; b++) cp[b] = w[b].codes + (int64_t)(k0 / 8) * step;
@@ -385,6 +460,7 @@ TGT5 INL void blk512(const blk_t *w, const acts_t *a, int m0, const int nt, cons
                 }
             }
         }
+        }
         _Pragma("GCC unroll 2") for (int b = 0; b < nb; b++) {
             __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w[b].scales + (k0 / G) * RB)));
             _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++) {
@@ -403,7 +479,7 @@ TGT5 INL void blk512(const blk_t *w, const acts_t *a, int m0, const int nt, cons
                 zc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w[b].zeros + g * RB))));
                 if (w->bits == 8) zc = _mm512_sub_ps(zc, _mm512_set1_ps(128.f)); /* exact: small integers */
             } else {
-                zc = _mm512_set1_ps(w->bits == 4 ? 8.f : 0.f);
+                zc = _mm512_set1_ps(w->bits == 8 ? 0.f : (float)(1 << (w->bits - 1)));
             }
             __m512 sz = _mm512_mul_ps(sv, zc);
             _Pragma("GCC unroll 8") for (int i = 0; i < nt; i++)
@@ -479,6 +555,52 @@ TGT INL void blk2(const blk_t *w, const acts_t *a, int m0, const int nt, const i
                     _Pragma("GCC unroll 2") for (int j = 0; j < nh; j++)
                         s32[j][i] = _mm256_add_epi32(s32[j][i], _mm256_madd_epi16(s16[j][i], ones));
             }
+        } else if (w->bits < 4) {
+            /* span 32 (dbrxq_act_span): at most 8 maddubs per span, each lane pair <= 2 * 7 * 127, so the
+             * int16 sums stay <= 14224 before madd(ones) widens them */
+            const __m256i m2 = _mm256_set1_epi8(0x03), b2 = _mm256_set1_epi8(0x04);
+            __m256i s16[2][MT2];
+            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++)
+                _Pragma("GCC unroll 2") for (int j = 0; j < nh; j++) s16[j][i] = _mm256_setzero_si256();
+            if (w->bits == 2) {
+                const uint8_t *cp = w->codes + (int64_t)(k0 / 16) * 64 + 32 * h0;
+                for (int k = k0; k < k0 + span; k += 16, cp += 64) {
+                    if (h0 == 0) prefetch_line(cp);
+                    _Pragma("GCC unroll 2") for (int j = 0; j < nh; j++) {
+                        __m256i v = _mm256_loadu_si256((const __m256i *)(cp + 32 * j));
+                        _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {
+                            __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, 2 * u), m2);
+                            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++)
+                                s16[j][i] = _mm256_add_epi16(s16[j][i],
+                                                             _mm256_maddubs_epi16(c, _mm256_set1_epi32(quad(q[i] + k + 4 * u))));
+                        }
+                    }
+                }
+            } else {
+                const uint8_t *cp = w->codes + (int64_t)(k0 / 32) * 192 + 32 * h0;
+                for (int k = k0; k < k0 + span; k += 32, cp += 192) {
+                    if (h0 == 0) {
+                        prefetch_line(cp);
+                        prefetch_line(cp + 64);
+                        prefetch_line(cp + 128);
+                    }
+                    _Pragma("GCC unroll 2") for (int j = 0; j < nh; j++) {
+                        __m256i l0 = _mm256_loadu_si256((const __m256i *)(cp + 32 * j));
+                        __m256i l1 = _mm256_loadu_si256((const __m256i *)(cp + 64 + 32 * j));
+                        __m256i hb = _mm256_loadu_si256((const __m256i *)(cp + 128 + 32 * j));
+                        _Pragma("GCC unroll 8") for (int u = 0; u < 8; u++) {
+                            __m256i lo = _mm256_and_si256(_mm256_srli_epi16(u < 4 ? l0 : l1, 2 * (u & 3)), m2);
+                            __m256i hi = _mm256_and_si256(u >= 2 ? _mm256_srli_epi16(hb, u - 2) : _mm256_slli_epi16(hb, 2 - u), b2);
+                            __m256i c = _mm256_or_si256(lo, hi);
+                            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++)
+                                s16[j][i] = _mm256_add_epi16(s16[j][i],
+                                                             _mm256_maddubs_epi16(c, _mm256_set1_epi32(quad(q[i] + k + 4 * u))));
+                        }
+                    }
+                }
+            }
+            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++)
+                _Pragma("GCC unroll 2") for (int j = 0; j < nh; j++) s32[j][i] = _mm256_madd_epi16(s16[j][i], ones);
         } else {
             const uint8_t *cp = w->codes + (int64_t)(k0 / 4) * 64 + 32 * h0;
             for (int k = k0; k < k0 + span; k += 4, cp += 64) {
@@ -509,7 +631,7 @@ TGT INL void blk2(const blk_t *w, const acts_t *a, int m0, const int nt, const i
                 zc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w->zeros + g * RB + 8 * h))));
                 if (w->bits == 8) zc = _mm256_sub_ps(zc, _mm256_set1_ps(128.f));
             } else {
-                zc = _mm256_set1_ps(w->bits == 4 ? 8.f : 0.f);
+                zc = _mm256_set1_ps(w->bits == 8 ? 0.f : (float)(1 << (w->bits - 1)));
             }
             __m256 sz = _mm256_mul_ps(sv, zc);
             _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++)
@@ -551,7 +673,7 @@ TGT static void block_avx2(const blk_t *w, const acts_t *a, int m0, int mt, floa
 static void run_blocks(const acts_t *a, const uint8_t *w, int asym, int N, int b0, int b1, float *y, int64_t ldy) {
     for (int b = b0; b < b1;) {
         /* AVX-512 batches take two blocks at a time (each activation load feeds 32 rows) */
-        int nb = a->path == 2 && a->M > 1 && b + 1 < b1 ? 2 : 1;
+        int nb = a->path == 2 && a->M > 1 && b + 1 < b1 && a->bits >= 4 ? 2 : 1;
         blk_t blk[2] = {block_at(w, b, a->bits, a->K, a->G, asym), block_at(w, b + nb - 1, a->bits, a->K, a->G, asym)};
         int n0 = b * RB, nrows = N - n0;
         for (int m0 = 0; m0 < a->M; m0 += MT) {

@@ -23,6 +23,11 @@ U = 2.0**-24
 NF4_HALF_GAP = 0.152
 
 
+def _cpu(bits: int) -> str:
+    """dbrxq's C backend for ``bits``: cpu_q8, else cpu_q4 (2-, 3- and 4-bit codes, each in its own layout)."""
+    return "cpu_q8" if bits == 8 else "cpu_q4"
+
+
 def _qt(bits, group_size, symmetric, n=N, k=K, seed=0):
     g = torch.Generator().manual_seed(seed)
     return quantize_tensor(torch.randn(n, k, generator=g), bits, group_size, symmetric)
@@ -47,13 +52,23 @@ def _act_quant_bound(x, w, span=32):
     return half.double() @ w.abs().double().t()
 
 
-def _tolerance(backend, x, w, y_ref, dtype, bits, span=32):
+def _int4_terms(qt) -> torch.Tensor:
+    """[N, K] |q - 8| s + |8 - z| s: the two terms torch's int4 kernel adds, (q - 8) s + (8 - z) s, each
+    rounded to bf16 (2- and 3-bit codes widened: z is their zero, so the terms can far exceed |W|)."""
+    q = qt.codes().double()
+    z = (qt.qzeros.double() if qt.qzeros is not None else torch.full_like(qt.scales.double(), 2 ** (qt.bits - 1)))
+    g = qt.shape[-1] // qt.scales.shape[-1]
+    s, z = qt.scales.double().repeat_interleave(g, 1), z.repeat_interleave(g, 1)
+    return ((q - 8).abs() + (8 - z).abs()) * s
+
+
+def _tolerance(backend, x, w, y_ref, dtype, bits, span=32, qt=None):
     s = x.abs().double() @ w.abs().double().t()  # S [M, N]
     gamma = 4 * K * U * s + 1e-6
     if backend in ("torch", "torch_int8", "torch_int4") and dtype == torch.float32:
         return gamma  # exact dequantization, float32 accumulation only
-    if backend == "torch_int4":  # bf16: scale/zero and the dequantized weight rounded to bf16
-        return 2.0**-7 * s + 2.0**-8 * y_ref.abs() + gamma  # (2^-8 each) + bf16 output rounding
+    if backend == "torch_int4":  # bf16: x, both terms of the dequantized weight, the weight and the output rounded
+        return 2.0**-8 * (s + x.abs().double() @ _int4_terms(qt).t() + s) + 2.0**-8 * y_ref.abs() + gamma
     if backend in ("cpu_q4", "cpu_q8"):
         extra = 2.0**-8 * y_ref.abs() if dtype == torch.bfloat16 else 0.0  # bf16 output
         return _act_quant_bound(x, w, span) + gamma + extra
@@ -68,7 +83,7 @@ def _tolerance(backend, x, w, y_ref, dtype, bits, span=32):
     return xs * sw / 2 + ws * sx / 2 + K * sx * sw / 4 + 2.0**-10 * y_ref.abs() + gamma
 
 
-@pytest.mark.parametrize("bits", (4, 8))
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
 @pytest.mark.parametrize("group_size", (32, 64, 128, -1))
 @pytest.mark.parametrize("symmetric", (True, False))
 @pytest.mark.parametrize("backend", kernels.BACKENDS)
@@ -91,11 +106,11 @@ def test_backend_matches_reference(bits, group_size, symmetric, backend):
             xf = x.float()
             y_ref = xf.double() @ w.double().t()
             err = (y.double() - y_ref).abs()
-            tol = _tolerance(backend, xf, w, y_ref, dtype, bits, getattr(pw, "act_span", 32))
+            tol = _tolerance(backend, xf, w, y_ref, dtype, bits, getattr(pw, "act_span", 32), qt)
             assert (err <= tol).all(), (backend, dtype, m, float((err - tol).max()), float(err.max()))
 
 
-@pytest.mark.parametrize("bits", (4, 8))
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
 def test_cpu_kernel_exact_emulation_and_paths_agree(bits):
     """The C kernel equals (dequantized int8 activations) @ W^T up to float rounding, on the
     generic scalar path and on the SIMD paths this CPU has (avx2, avx512), for odd row counts. The
@@ -103,7 +118,7 @@ def test_cpu_kernel_exact_emulation_and_paths_agree(bits):
     per-channel G = 384 below), which takes the AVX2 path's line-at-a-time loop."""
     if cext.unavailable_reason():
         pytest.skip(cext.unavailable_reason())
-    backend = f"cpu_q{bits}"
+    backend = _cpu(bits)
     # K = 192: 3 superblocks; N = 40: not a multiple of 16
     for gs, sym, k in ((32, False, 192), (64, True, 192), (-1, False, 192), (128, False, 384), (-1, True, 384)):
         qt = _qt(bits, gs, sym, n=40, k=k)
@@ -125,7 +140,7 @@ def test_cpu_kernel_exact_emulation_and_paths_agree(bits):
             assert ((outs[0] - y).double().abs() <= 4 * k * U * s + 1e-6).all()
 
 
-@pytest.mark.parametrize("bits", (4, 8))
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
 def test_cpu_kernel_rounds_activation_ties_half_to_even(bits):
     """Activation quantization on both C paths rounds x / d half to even, like torch.round.
     Every block holds 127 (so d = 1 exactly) and half-integers, so each value is a tie: a path
@@ -145,7 +160,7 @@ def test_cpu_kernel_rounds_activation_ties_half_to_even(bits):
         s = x.abs().double() @ w.abs().t()
         paths = cext.runnable_paths()
         for p in paths:
-            y = kernels.prepare(qt, f"cpu_q{bits}", "cpu", cpu_path=p).matmul(x).double()
+            y = kernels.prepare(qt, _cpu(bits), "cpu", cpu_path=p).matmul(x).double()
             assert ((y - y_emul).abs() <= 4 * k * U * s + 1e-6).all(), (p, gs)
 
 
@@ -164,7 +179,7 @@ def test_leading_dims_and_glu():
         assert torch.allclose(y.double(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item()), backend
 
 
-@pytest.mark.parametrize("bits", (4, 8))
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
 @pytest.mark.parametrize("group_size, symmetric", ((32, False), (128, True), (-1, True)))
 def test_fused_glu_matches_three_matmuls_and_the_float_expert(bits, group_size, symmetric):
     """kernels.glu with three cpu_q* weights runs ONE C call (dbrxq_glu). Against the three
@@ -180,7 +195,7 @@ def test_fused_glu_matches_three_matmuls_and_the_float_expert(bits, group_size, 
     w1, v1, w2 = (q.dequantize(torch.float32) for q in qts)
     paths = cext.runnable_paths()
     for path in paths:
-        pws = [kernels.prepare(q, f"cpu_q{bits}", "cpu", cpu_path=path) for q in qts]
+        pws = [kernels.prepare(q, _cpu(bits), "cpu", cpu_path=path) for q in qts]
         assert kernels._fusable(*pws)
         with pytest.raises(QuantizationError, match="expected d_model=128"):
             kernels.glu(_x(2, k=64), *pws)
@@ -211,12 +226,12 @@ def test_fused_glu_matches_three_matmuls_and_the_float_expert(bits, group_size, 
 
 
 def test_dispatcher():
-    for bits in (4, 8):
+    for bits in (2, 3, 4, 8):
         for gs in (32, 128, -1):
             b = kernels.choose_backend("cpu", bits, gs, shape=(N, K))
             assert b in kernels.available_backends("cpu", bits, gs, shape=(N, K)) and b != "bnb"
             if cext.unavailable_reason() is None:
-                assert b == f"cpu_q{bits}"
+                assert b == _cpu(bits)
     assert kernels.choose_backend("cpu", 4, 128, shape=(N, K), override="torch") == "torch"
     with pytest.raises(QuantizationError, match="torch_int8"):
         kernels.choose_backend("cpu", 4, 128, shape=(N, K), override="torch_int8")
@@ -243,7 +258,7 @@ GEMM_ROWS = (2, 3, 16, 77, 512)  # the batched (M > 1) tiles: partial and full t
 
 
 def _gemm_cases():
-    for bits in (4, 8):
+    for bits in (2, 3, 4, 8):
         for gs in (32, 64, 128, -1):
             for sym in (True, False):
                 yield bits, gs, sym
@@ -264,7 +279,8 @@ def test_gemm_path_matches_reference_and_is_row_independent(path):
     for bits, gs, sym in _gemm_cases():
         qt = _qt(bits, gs, sym, n=n, k=k, seed=bits + gs)
         w = qt.dequantize(torch.float32)
-        pw = kernels.prepare(qt, f"cpu_q{bits}", "cpu", cpu_path=path)
+        pw = kernels.prepare(qt, _cpu(bits), "cpu", cpu_path=path)
+        assert pw.nbytes <= qt.qweight.numel() + 4 * qt.scales.numel()  # native codes: no widening to int4
         for m in GEMM_ROWS:
             x = _x(m, k=k, seed=m)
             y = pw.matmul(x)
@@ -288,17 +304,17 @@ def test_every_path_gives_the_same_bits():
         pytest.skip("this CPU runs only the generic path: nothing to compare it with")
     for bits, gs, sym in _gemm_cases():
         qt = _qt(bits, gs, sym, n=45, k=384, seed=3)
-        pws = [kernels.prepare(qt, f"cpu_q{bits}", "cpu", cpu_path=p) for p in paths]
+        pws = [kernels.prepare(qt, _cpu(bits), "cpu", cpu_path=p) for p in paths]
         for m in GEMM_ROWS:
             x = _x(m, k=384, seed=m)
             ys = [pw.matmul(x) for pw in pws]
             for p, y in zip(paths[1:], ys[1:]):
                 assert torch.equal(ys[0], y), (p, bits, gs, sym, m)
     d, f = 128, 384
-    for bits, gs, sym in ((4, 128, True), (4, 32, False), (8, -1, True), (8, 64, False)):
+    for bits, gs, sym in ((4, 128, True), (4, 32, False), (8, -1, True), (8, 64, False), (3, 64, False), (2, 32, True)):
         qts = [_qt(bits, gs, sym, n=f, k=d, seed=1), _qt(bits, gs, sym, n=f, k=d, seed=2), _qt(bits, gs, sym, n=d, k=f, seed=3)]
         x = _x(37, k=d)
-        ys = [kernels.glu(x, *(kernels.prepare(q, f"cpu_q{bits}", "cpu", cpu_path=p) for q in qts)) for p in paths]
+        ys = [kernels.glu(x, *(kernels.prepare(q, _cpu(bits), "cpu", cpu_path=p) for q in qts)) for p in paths]
         for p, y in zip(paths[1:], ys[1:]):
             assert torch.equal(ys[0], y), (p, bits, gs, sym)
 
