@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -105,6 +105,44 @@ class SlotLayout:
         assert len(order) == len(self.entries), (len(order), len(self.entries))
         for i, t in enumerate(order):
             self._view(storage, i).copy_(t.reshape(self.entries[i][1]))
+
+    # one class: every expert has this layout (MixedLayout has several)
+    def layout_of(self, layer: int, expert: int) -> SlotLayout:
+        return self
+
+    def nbytes_of(self, layer: int, expert: int) -> int:
+        return self.nbytes
+
+    @property
+    def mixed(self) -> bool:
+        return False
+
+
+class MixedLayout:
+    """The slot layouts of experts stored with different recipes (format_version 3): one
+    :class:`SlotLayout` per recipe (a size class), ``of[layer][expert]`` the class of each expert.
+    Every slot is as large as the largest class (``nbytes``), so any slot holds any expert; an expert
+    occupies the first ``nbytes_of`` bytes of its slot, and only those are read, copied and counted."""
+
+    mixed = True
+
+    def __init__(self, layouts: list[SlotLayout], of: list[list[int]]):
+        self.layouts, self.of = list(layouts), [list(r) for r in of]
+        self.nbytes = max(lay.nbytes for lay in self.layouts)
+        self.template = tuple(w for lay in self.layouts for w in lay.template)  # every class's kernel weights
+
+    def layout_of(self, layer: int, expert: int) -> SlotLayout:
+        return self.layouts[self.of[layer][expert]]
+
+    def nbytes_of(self, layer: int, expert: int) -> int:
+        return self.layout_of(layer, expert).nbytes
+
+    def sizes(self) -> list[int]:
+        """Each expert's bytes, layer-major (the prepared file's per-expert lengths)."""
+        return [self.layouts[c].nbytes for row in self.of for c in row]
+
+    def describe(self) -> str:
+        return "/".join(str(lay.nbytes) for lay in self.layouts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,6 +285,14 @@ class Slot:
     released: Any = None  # CUDA event: the last computation reading the slot has finished
     buffer: torch.Tensor | None = None  # CPU: page-aligned [stride] whose first nbytes are `storage`
     pending: Any = None  # CPU: the background read filling it (dbrxq.offload.ReadJob), until waited for
+    by_class: dict = field(default_factory=dict)  # MixedLayout: class layout -> kernel weights viewing storage
+
+    def weights_for(self, layout: SlotLayout) -> tuple:
+        """The kernel weights of an expert of ``layout`` (one size class) in this slot."""
+        w = self.by_class.get(id(layout))
+        if w is None:
+            w = self.by_class[id(layout)] = layout.views(self.storage[: layout.nbytes])
+        return w
 
 
 @dataclass
@@ -282,13 +328,17 @@ class ExpertCache:
         self.counters = CacheCounters()
 
     def new_slot(self) -> Slot:
+        """An empty slot; its weights are views for the uniform layout (a MixedLayout's slots make
+        views per class when an expert is in them: :meth:`Slot.weights_for`)."""
+        def views(storage):
+            return None if self.layout.mixed else self.layout.views(storage)
         if self.stride is not None and self.device.type == "cpu" and not self.pin_memory:
             buffer = aligned_empty(self.stride)
             storage = buffer[: self.layout.nbytes]
-            return Slot(storage, self.layout.views(storage), buffer=buffer)
+            return Slot(storage, views(storage), buffer=buffer)
         storage = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self.device,
                               pin_memory=self.pin_memory)
-        return Slot(storage, self.layout.views(storage))
+        return Slot(storage, views(storage))
 
     def resident_bytes(self) -> int:
         return sum(self.allocated) * self.layout.nbytes  # (+ < 8 KiB per CPU slot: page padding and alignment)

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, DbrxqError
-from .expert_cache import LRU, DecayedLFU, ExpertCache, SlotLayout
+from .expert_cache import LRU, DecayedLFU, ExpertCache, MixedLayout, SlotLayout
 from .model import moe_dispatch, route
 from .pages import PageReleaser
 from .placement import PlacementPlan, format_size
@@ -74,6 +74,26 @@ def prepare_expert(canonical: tuple, backend: str | None, device: torch.device, 
 def expert_layout(canonical: tuple, backend: str | None, device: torch.device, act_dtype: torch.dtype) -> SlotLayout:
     """The slot layout of every expert (all share shapes): made from one expert."""
     return SlotLayout(prepare_expert(canonical, backend, device, act_dtype))
+
+
+def model_layout(experts: list, backend: str | None, device: torch.device, act_dtype: torch.dtype):
+    """The slot layout of a model's experts (QExperts per layer): a :class:`SlotLayout` when they share
+    a recipe, else a :class:`MixedLayout` with one class per recipe (made from its first expert)."""
+    def recipe(qts):
+        return tuple((qt.bits, qt.group_size, qt.qzeros is None) for qt in qts)
+    classes: dict = {}
+    of = []
+    for mod in experts:
+        row = []
+        for e in range(mod.num_experts):
+            qts = mod.expert_weights(e)
+            key = recipe(qts)
+            if key not in classes:
+                classes[key] = (len(classes), expert_layout(qts, backend, device, act_dtype))
+            row.append(classes[key][0])
+        of.append(row)
+    layouts = [lay for _, lay in sorted(classes.values(), key=lambda c: c[0])]
+    return layouts[0] if len(layouts) == 1 else MixedLayout(layouts, of)
 
 
 def canonical_nbytes(canonical: tuple) -> int:
@@ -98,8 +118,9 @@ class PreparedExpertFile:
     ALIGN = 4096
 
     def __init__(self, path: Path, nbytes: int, num_experts: int, *, crcs: list[int] | None = None,
-                 drop_page_cache: bool = False, direct: bool = False):
+                 drop_page_cache: bool = False, direct: bool = False, sizes: list[int] | None = None):
         self.path, self.nbytes, self.num_experts = Path(path), nbytes, num_experts
+        self.sizes = sizes  # per expert (layer-major) when they differ (MixedLayout), else every one nbytes
         self.stride = stride_of(nbytes)
         self.drop_page_cache = drop_page_cache
         self.crcs = crcs
@@ -124,24 +145,29 @@ class PreparedExpertFile:
         """dst: CPU uint8, at least nbytes (a slot in RAM, or pinned staging for a GPU). A page-aligned
         dst of ``stride`` bytes is read with O_DIRECT when the file was opened with ``direct``."""
         idx = layer * self.num_experts + expert
-        off = idx * self.stride
+        off, n = idx * self.stride, self.size(idx)
         if self.dfd >= 0 and dst.numel() >= self.stride and dst.data_ptr() % self.ALIGN == 0:
+            whole = -(-n // self.ALIGN) * self.ALIGN  # O_DIRECT reads whole pages
             try:
-                got = os.preadv(self.dfd, [memoryview(dst[: self.stride].numpy()).cast("B")], off)
+                got = os.preadv(self.dfd, [memoryview(dst[:whole].numpy()).cast("B")], off)
             except OSError as e:  # a file system that opens O_DIRECT but refuses the read
                 self._no_direct(e)
                 return self.read_into(layer, expert, dst)
-            got = min(got, self.nbytes)
+            got = min(got, n)
         else:
-            got = os.preadv(self.fd, [memoryview(dst[: self.nbytes].numpy()).cast("B")], off)
+            got = os.preadv(self.fd, [memoryview(dst[:n].numpy()).cast("B")], off)
             if self.drop_page_cache:
                 os.posix_fadvise(self.fd, off, self.stride, os.POSIX_FADV_DONTNEED)
-        if got != self.nbytes:
-            self._damaged(layer, expert, f"short read ({got} of {self.nbytes} bytes)")
+        if got != n:
+            self._damaged(layer, expert, f"short read ({got} of {n} bytes)")
         if self.crcs is not None and idx not in self.verified:
-            if zlib.crc32(memoryview(dst[: self.nbytes].numpy()).cast("B")) != self.crcs[idx]:
+            if zlib.crc32(memoryview(dst[:n].numpy()).cast("B")) != self.crcs[idx]:
                 self._damaged(layer, expert, "its CRC-32 differs from the one recorded when the file was written")
             self.verified.add(idx)
+
+    def size(self, idx: int) -> int:
+        """Bytes of expert ``idx`` (layer-major) in the file."""
+        return self.nbytes if self.sizes is None else self.sizes[idx]
 
     def _damaged(self, layer: int, expert: int, why: str) -> None:
         for p in (self.path, sidecar_path(self.path)):
@@ -157,9 +183,10 @@ class PreparedExpertFile:
         if getattr(self, "mm", None) is None:
             self.mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)  # private: never written, never copied
         idx = layer * self.num_experts + expert
-        t = torch.frombuffer(self.mm, dtype=torch.uint8, count=self.nbytes, offset=idx * self.stride)
+        n = self.size(idx)
+        t = torch.frombuffer(self.mm, dtype=torch.uint8, count=n, offset=idx * self.stride)
         if self.crcs is not None and idx not in self.verified:
-            if zlib.crc32(memoryview(self.mm)[idx * self.stride: idx * self.stride + self.nbytes]) != self.crcs[idx]:
+            if zlib.crc32(memoryview(self.mm)[idx * self.stride: idx * self.stride + n]) != self.crcs[idx]:
                 self._damaged(layer, expert, "its CRC-32 differs from the one recorded when the file was written")
             self.verified.add(idx)
         return t
@@ -200,10 +227,13 @@ class PreparedExpertFile:
                         canonical = mod.expert_weights(e)
                         for qt in canonical:  # the checkpoint's numbers, checked once, here
                             check_qparams(qt.scales, qt.qzeros, qt.bits, f"layer {layer} expert {e}")
-                        layout.pack(prepare_expert(canonical, backend, device, act_dtype), buf)
+                        lay = layout.layout_of(layer, e)  # its size class (MixedLayout), first bytes of a stride
+                        if layout.mixed:
+                            buf.zero_()  # a smaller class leaves the end of the stride: the same file bytes every build
+                        lay.pack(prepare_expert(canonical, backend, device, act_dtype), buf[: lay.nbytes])
                         f.write(memoryview(buf.numpy()))
                         f.write(pad)
-                        crcs.append(zlib.crc32(memoryview(buf.numpy())))
+                        crcs.append(zlib.crc32(memoryview(buf[: lay.nbytes].numpy())))
                         for qt in canonical:  # the checkpoint's pages are not needed any more
                             for t in (qt.qweight, qt.scales, qt.qzeros):
                                 if t is not None:
@@ -216,7 +246,7 @@ class PreparedExpertFile:
             raise
         if identity is not None:
             write_json_atomic({**identity, "crc32": crcs}, sidecar_path(path))
-        return cls(path, layout.nbytes, E, crcs=crcs, **kw)
+        return cls(path, layout.nbytes, E, crcs=crcs, sizes=layout.sizes() if layout.mixed else None, **kw)
 
 
 def stride_of(nbytes: int) -> int:
@@ -239,7 +269,8 @@ def prepared_identity(source_dir: Path | None, backend: str | None, device: torc
     return {"format": PreparedExpertFile.FORMAT, "source": str(Path(source_dir).resolve()), "files": files,
             "backend": str(backend), "device": device.type, "act_dtype": str(act_dtype),
             "kernel_layout": lib.dbrxq_layout_version() if lib is not None else 0, "cpu_path": str(cext.cpu_path()),
-            "torch": torch.__version__, "slot_bytes": layout.nbytes, "n_layers": n_layers, "num_experts": num_experts}
+            "torch": torch.__version__, "slot_bytes": layout.nbytes, "n_layers": n_layers, "num_experts": num_experts,
+            **({"size_classes": [lay.nbytes for lay in layout.layouts], "class_of": layout.of} if layout.mixed else {})}
 
 
 def read_prepared_sidecar(path: Path, identity: dict) -> list[int] | None:
@@ -285,6 +316,8 @@ def prepared_file_key(source_dir: Path | None, backend: str | None, device: torc
     kernel_layout = lib.dbrxq_layout_version() if lib is not None else 0  # the C kernel's byte layout
     h.update(f"{backend}:{device.type}:{act_dtype}:{layout.nbytes}:{torch.__version__}:{cext.cpu_path()}:"
              f"{kernel_layout}".encode())
+    if layout.mixed:
+        h.update(f"{layout.describe()}:{layout.of}".encode())
     return h.hexdigest()[:20]
 
 
@@ -505,7 +538,7 @@ class OffloadRuntime:
             self.staging_done = torch.cuda.Event()
             for layer, es in enumerate(plan.host_experts):
                 for e in es:
-                    t = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=True)
+                    t = torch.empty(layout.nbytes_of(layer, e), dtype=torch.uint8, pin_memory=True)
                     file.read_into(layer, e, t)
                     self.host[layer, e] = t
             self.miss_policy = miss_policy or MeasuredMissPolicy(self._time_move, self._time_local)
@@ -542,7 +575,8 @@ class OffloadRuntime:
     # -- moving bytes --
     def _fill(self, layer: int, e: int, slot) -> None:
         """Bring expert (layer, e) into ``slot``: async on CUDA (side stream), sync on CPU."""
-        self.stats.phases[self.phase].bytes_moved += self.layout.nbytes
+        n = self.layout.nbytes_of(layer, e)
+        self.stats.phases[self.phase].bytes_moved += n
         if not self.cuda:
             self.file.read_into(layer, e, slot.storage)
             return
@@ -554,17 +588,21 @@ class OffloadRuntime:
         with torch.cuda.stream(self.copy_stream):
             if slot.released is not None:
                 self.copy_stream.wait_event(slot.released)  # nobody still reads the old bytes
-            slot.storage.copy_(src, non_blocking=True)
+            slot.storage[:n].copy_(src[:n], non_blocking=True)
             slot.ready = torch.cuda.Event()
             slot.ready.record(self.copy_stream)
             if src is self.staging:
                 self.staging_done.record(self.copy_stream)
 
-    def _compute(self, slot, x: torch.Tensor) -> torch.Tensor:
+    def _weights(self, slot, layer: int, e: int) -> tuple:
+        """The kernel weights of expert (layer, e), which is in ``slot``."""
+        return slot.weights if not self.layout.mixed else slot.weights_for(self.layout.layout_of(layer, e))
+
+    def _compute(self, slot, x: torch.Tensor, layer: int, e: int) -> torch.Tensor:
         if self.cuda:
             if slot.ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(slot.ready)
-        w1, v1, w2 = slot.weights
+        w1, v1, w2 = self._weights(slot, layer, e)
         y = self.glu(x, w1, v1, w2, self.act)  # same call as QExperts.expert: (n, D)
         if self.cuda:
             slot.released = torch.cuda.Event()
@@ -582,7 +620,7 @@ class OffloadRuntime:
         torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         self._fill(0, 0, self.scratch)
-        self._compute(self.scratch, x)
+        self._compute(self.scratch, x, 0, 0)
         torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
@@ -618,7 +656,7 @@ class OffloadRuntime:
             slot, job = planned[e]
             if slot == "mapped":
                 storage = self.file.mapped(layer, e)
-                y = self.glu(xe, *self.layout.views(storage), self.act)
+                y = self.glu(xe, *self.layout.layout_of(layer, e).views(storage), self.act)
                 self.file.unmap(layer, e)
                 ph.missed_s += time.perf_counter() - t0
                 return y
@@ -626,7 +664,7 @@ class OffloadRuntime:
                 slot = job.wait()
             elif slot.pending is not None:  # a prefetch still under way
                 slot.pending.wait()
-            y = self._compute(slot, xe)
+            y = self._compute(slot, xe, layer, e)
             if job is not None and job.staging:
                 planned[e] = (None, None)
                 self.reader.release(slot)
@@ -689,7 +727,7 @@ class OffloadRuntime:
                 if slot is None:
                     slot = self.scratch
                     self._fill(layer, e, slot)  # waits (on the side stream) for the scratch's last reader
-                y = self._compute(slot, xe)
+                y = self._compute(slot, xe, layer, e)
             self._sync()
             if e in misses:
                 ph.missed_s += time.perf_counter() - t0
@@ -713,7 +751,7 @@ class OffloadRuntime:
             if e in out:
                 continue
             ph.misses += 1
-            ph.bytes_moved += self.layout.nbytes
+            ph.bytes_moved += self.layout.nbytes_of(layer, e)
             if self.mapped:  # computed from the file's pages in place: nothing to read ahead, nothing cached
                 out[e] = ("mapped", None)
                 continue
@@ -771,7 +809,7 @@ class OffloadRuntime:
                 if self.reader is None:
                     self._fill(layer, e, slot)
                 else:  # in the background; the layer waits for it only if it uses it
-                    self.stats.phases[self.phase].bytes_moved += self.layout.nbytes
+                    self.stats.phases[self.phase].bytes_moved += self.layout.nbytes_of(layer, e)
                     slot.pending = self.reader.submit(layer, e, slot)
                 n += 1
         self.note_peak()
@@ -893,8 +931,6 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
     policies on real routing)."""
     experts = [b.ffn.experts for b in model.transformer.blocks]
     assert all(hasattr(m, "expert_weights") for m in experts), "offloading needs quantized experts (QExperts)"
-    if any(getattr(m, "mixed", False) for m in experts):
-        raise ConfigError("offloading experts with per-expert recipes (expert_mix) is not supported yet")
     dev = torch.device(plan.device)
     act_dtype = model.dtype
     src = getattr(model, "source_dir", None)
@@ -972,28 +1008,46 @@ def checkpoint_sizes(reader, config, backend: str | None, device: torch.device, 
         else:
             non_expert += numel * torch.empty(0, dtype=act_dtype if dt.is_floating_point else dt).element_size()
     qc = QuantConfig.from_dict(config.quantization_config)
-    if qc.expert_mix is not None:
-        raise ConfigError(f"{reader.folder}: its experts have per-expert recipes (expert_mix), whose slots differ in "
-                          "size; offloading them is not supported yet: load it without --cpu-memory/--gpu-memory")
-    mq = qc.experts
+    mix = qc.expert_mix
     F_, D = config.ffn_hidden_size, config.d_model
-    canonical = []
-    for kind, shape in (("w1", (F_, D)), ("v1", (F_, D)), ("w2", (D, F_))):
-        base = f"transformer.blocks.0.ffn.experts.mlp.{kind}"
-        z = reader.get(f"{base}.qzeros")[0] if f"{base}.qzeros" in reader else None
-        canonical.append(QuantizedTensor(reader.get(f"{base}.qweight")[0], reader.get(f"{base}.scales")[0], z,
-                                         mq.bits, mq.group_size, shape))
-    canonical = tuple(canonical)
-    layout = expert_layout(canonical, backend, device, act_dtype)
-    # The repack read expert 0's canonical pages through a mapping the loaded model keeps open: give
-    # them back, or they stay in RSS outside every budget (97 MiB at real width, measured with
-    # tests/dbrxq/test_offload.py's real-width RSS test before this release).
-    release = PageReleaser()
-    for qt in canonical:
-        for t in (qt.qweight, qt.scales, qt.qzeros):
-            if t is not None:
-                release(t)
-    return non_expert, canonical_nbytes(canonical), layout
+
+    def first_expert(layer: int, stack: str, index: int, mq) -> tuple:
+        """One expert's canonical tensors from the headers' tensors (mapped, read for the repack)."""
+        canonical = []
+        for kind, shape in (("w1", (F_, D)), ("v1", (F_, D)), ("w2", (D, F_))):
+            base = f"transformer.blocks.{layer}.ffn.experts.mlp.{kind}{stack}"
+            z = reader.get(f"{base}.qzeros")[index] if f"{base}.qzeros" in reader else None
+            canonical.append(QuantizedTensor(reader.get(f"{base}.qweight")[index], reader.get(f"{base}.scales")[index],
+                                             z, mq.bits, mq.group_size, shape))
+        return tuple(canonical)
+
+    def layout_of(canonical: tuple) -> SlotLayout:
+        layout = expert_layout(canonical, backend, device, act_dtype)
+        # The repack read the expert's canonical pages through a mapping the loaded model keeps open: give
+        # them back, or they stay in RSS outside every budget (97 MiB at real width, measured with
+        # tests/dbrxq/test_offload.py's real-width RSS test before this release). (A PageReleaser made
+        # now, after the reads: it knows only the file mappings that exist when it is made.)
+        release = PageReleaser()
+        for qt in canonical:
+            for t in (qt.qweight, qt.scales, qt.qzeros):
+                if t is not None:
+                    release(t)
+        return layout
+    if mix is None:
+        canonical = first_expert(0, "", 0, qc.experts)
+        return non_expert, canonical_nbytes(canonical), layout_of(canonical)
+    # per-expert recipes: one layout per recipe in use (a size class), from its first expert
+    from quantize.format import MIXED_PART
+    layouts, index, most = [], {}, 0
+    for j, opt in enumerate(mix.options):
+        where = next(((i, mix.members(i, j)) for i in range(config.n_layers) if mix.members(i, j)), None)
+        if where is None:
+            continue
+        canonical = first_expert(where[0], "." + MIXED_PART.format(j), 0, opt)
+        most = max(most, canonical_nbytes(canonical))
+        index[j] = len(layouts)
+        layouts.append(layout_of(canonical))
+    return non_expert, most, MixedLayout(layouts, [[index[j] for j in row] for row in mix.choice])
 
 
 def offload_model(model: nn.Module, *, device: torch.device | str | None = None, gpu_memory=None, cpu_memory=None,
@@ -1003,9 +1057,9 @@ def offload_model(model: nn.Module, *, device: torch.device | str | None = None,
     dbrxq.load. ``kw`` goes to :func:`enable_offloading`."""
     from .placement import make_plan, parse_size
     dev = torch.device(device) if device is not None else model.device
-    inner = model.transformer.blocks[0].ffn.experts
-    canonical = inner.expert_weights(0)
-    layout = expert_layout(canonical, backend, dev, model.dtype)
+    experts = [b.ffn.experts for b in model.transformer.blocks]
+    canonical = max((m.expert_weights(e) for m in experts for e in range(m.num_experts)), key=canonical_nbytes)
+    layout = model_layout(experts, backend, dev, model.dtype)
     non_expert = non_expert_bytes_of(model)
     plan = make_plan(model.config, device=dev,
                      gpu_memory=None if gpu_memory is None else parse_size(gpu_memory, "gpu_memory"),

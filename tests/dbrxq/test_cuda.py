@@ -300,6 +300,36 @@ def test_measured_miss_policy_on_the_device_picks_and_stays_close(qdir, resident
         assert ok, err
 
 
+@pytest.fixture(scope="module")
+def mixed_dir(qdir, tmp_path_factory):
+    """The same random model with per-expert recipes (format_version 3) at an average of 2.5 bits."""
+    from calibration.pipeline import CalibrationOptions, quantize_with_calibration
+    src = make_random_checkpoint(tmp_path_factory.mktemp("msrc"), preset_config(
+        "tiny", d_model=128, ffn_hidden_size=128, vocab_size=1536), seed=1, progress=False,
+        tokenizer_dir=dbrxq.default_model_dir())
+    shutil.copy(dbrxq.default_model_dir() / "tokenizer.tiktoken.json", src)
+    out = tmp_path_factory.mktemp("mixed") / "q"
+    quantize_with_calibration(src, out, QuantConfig(method="rtn"),
+                              CalibrationOptions(samples=8, seq_len=64, target_bits=2.5), progress=False)
+    return out
+
+
+def test_mixed_recipes_on_the_device_resident_and_offloaded(mixed_dir, tmp_path):
+    """Per-expert recipes (2/3/4-bit experts in one layer) on the device: within bf16 precision of the
+    CPU's float32 reference (3e-2 of the largest logit, as above), and offloaded with slots of the
+    largest class, bit for bit the resident model's."""
+    cpu = steps(load_model(mixed_dir, device="cpu", dtype="float32", backend="torch"), n=1)[0]
+    resident = steps(load_model(mixed_dir, device=DEV))
+    ok, err = _close(cpu, resident[0], 3e-2)
+    assert ok, err
+    kw, _ = _budget(mixed_dir, 2)
+    runner = dbrxq.load(mixed_dir, device=DEV, context=32, **kw,
+                        offload_options={"cache_dir": tmp_path, "miss_policy": AlwaysMove()})
+    assert runner.offload.layout.mixed and runner.offload.plan.slots_per_layer == [2, 2]
+    for a, b in zip(steps(runner.model, cache=runner.offload.kv_factory(1, 32)), resident):
+        assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- generation and serving
 @pytest.fixture(scope="module")
 def demo_pair():

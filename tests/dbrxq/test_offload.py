@@ -446,10 +446,11 @@ def test_a_slow_reader_never_hands_compute_an_expert_early(reference, tmp_path):
     layer_now = []
     compute, moe = rt._compute, rt.moe
 
-    def checked_compute(slot, x):
-        idx = layer_now[-1] * rt.plan.num_experts + slot.expert
-        assert slot.storage.numpy().tobytes() == data[idx * stride: idx * stride + n], (layer_now[-1], slot.expert)
-        return compute(slot, x)
+    def checked_compute(slot, x, layer, e):
+        idx = layer * rt.plan.num_experts + e
+        assert layer == layer_now[-1]
+        assert slot.storage.numpy().tobytes() == data[idx * stride: idx * stride + n], (layer, e)
+        return compute(slot, x, layer, e)
 
     def tracked_moe(layer, *a):
         layer_now.append(layer)
