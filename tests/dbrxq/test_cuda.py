@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 
 import pytest
 import torch
@@ -350,29 +349,13 @@ def test_demo_generates_the_cpus_tokens_on_the_device(demo_pair, kv):
 def test_engine_on_the_device_equals_generate_alone(demo_pair):
     """Continuous batching on the device (float weights applied row by row under batch invariance):
     each request's greedy tokens are those of generate alone, with one request joining mid-run."""
-    from dbrxq.engine import Engine, Request
+    from dbrxq.engine import Engine
+    from tests.dbrxq.engine_helpers import collect
     dev = demo_pair[1]
     prompts = [dev.tokenizer.encode(t) for t in ("The function returns", "If the file", "def")]
     engine = Engine(dev, max_batch=4, context=128)
-    out = [[] for _ in prompts]
-    done = threading.Semaphore(0)
-    first = threading.Event()
-
-    def emit_for(i):
-        def emit(ev):
-            if ev.token is not None:
-                out[i].append(ev.token)
-                first.set()
-            else:
-                done.release()
-        return emit
     try:
-        for i, p in enumerate(prompts[:2]):
-            engine.submit(Request(prompt=p, max_tokens=12, emit=emit_for(i)))
-        assert first.wait(120)
-        engine.submit(Request(prompt=prompts[2], max_tokens=12, emit=emit_for(2)))
-        for _ in prompts:
-            assert done.acquire(timeout=120)
+        out, _ = collect(engine, [dict(prompt=p, max_tokens=12) for p in prompts], stagger=1)
     finally:
         engine.shutdown()
     for p, got in zip(prompts, out):

@@ -17,6 +17,7 @@ from dbrxq.server import StopMatcher
 from quantize import cext
 from quantize.config import QuantConfig
 from quantize.modules import quantize_model_rtn
+from tests.dbrxq.engine_helpers import collect
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 7, 8], [12, 4], [300, 301, 302, 5, 6], [9]]
 STEPS = 6
@@ -164,33 +165,6 @@ def test_offloaded_batch_loads_each_expert_once_per_step(tmp_path):
 @pytest.fixture(scope="module")
 def demo():
     return dbrxq.load()
-
-
-def collect(engine, reqs_kw, stagger: int = 0):
-    """Submit requests (the last ``stagger`` after the first tokens of the others); their tokens and ends."""
-    out = [[] for _ in reqs_kw]
-    ends = [None] * len(reqs_kw)
-    done = threading.Semaphore(0)
-    first = threading.Event()
-
-    def emit_for(i):
-        def emit(ev):
-            if ev.token is not None:
-                out[i].append(ev.token)
-                first.set()
-            else:
-                ends[i] = ev.finish
-                done.release()
-        return emit
-    n = len(reqs_kw) - stagger
-    for i, kw in enumerate(reqs_kw[:n]):
-        engine.submit(Request(emit=emit_for(i), **kw))
-    assert first.wait(60)
-    for i, kw in enumerate(reqs_kw[n:], start=n):
-        engine.submit(Request(emit=emit_for(i), **kw))
-    for _ in reqs_kw:
-        assert done.acquire(timeout=120)
-    return out, ends
 
 
 TEXTS = ["The function returns", "A list of", "If the file", "Return the value of the", "This module provides",
