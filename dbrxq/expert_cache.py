@@ -309,39 +309,56 @@ class CacheCounters:
 
 
 class ExpertCache:
-    """``capacity[layer]`` slots per layer on ``device``, each ``layout.nbytes`` bytes.
+    """``capacity[layer]`` slots per layer on ``device``, each ``layout.nbytes`` bytes; with a
+    :class:`MixedLayout` (experts of different sizes), ``class_capacity[layer][c]`` slots of each
+    size class c, each that class's bytes, an expert going only into a slot of its own class.
 
     Slots are allocated on first use and then reused, so :meth:`resident_bytes` (what is
-    allocated) never exceeds ``sum(capacity) * layout.nbytes``. ``lookup`` counts a hit or a miss;
-    ``admit`` returns the slot to fill for a missing expert, evicting per the layer's policy.
+    allocated) never exceeds the capacities times the slot sizes. ``lookup`` counts a hit or a miss;
+    ``admit`` returns the slot to fill for a missing expert, evicting per the layer's policy (among
+    the residents of the expert's class).
     """
 
     def __init__(self, layout: SlotLayout, capacity: list[int], device: torch.device, *,
-                 policy: Callable[[], EvictionPolicy] = LRU, pin_memory: bool = False, stride: int | None = None):
+                 policy: Callable[[], EvictionPolicy] = LRU, pin_memory: bool = False, stride: int | None = None,
+                 class_capacity: list[list[int]] | None = None):
         self.layout, self.capacity, self.device = layout, list(capacity), torch.device(device)
-        self.stride = stride  # CPU: each slot is a page-aligned buffer of stride >= nbytes bytes
+        self.stride = stride  # CPU: each slot is a page-aligned buffer of whole pages (>= its bytes)
         self.pin_memory = pin_memory and self.device.type == "cpu"
         self.policies = [policy() for _ in capacity]
         self.where: list[dict[int, Slot]] = [{} for _ in capacity]  # layer -> expert -> slot
-        self.free: list[list[Slot]] = [[] for _ in capacity]
-        self.allocated = [0] * len(capacity)
+        if layout.mixed:
+            assert class_capacity is not None and [sum(r) for r in class_capacity] == self.capacity
+            self.sizes = [lay.nbytes for lay in layout.layouts]
+        else:
+            class_capacity, self.sizes = [[c] for c in self.capacity], [layout.nbytes]
+        self.class_capacity = [list(r) for r in class_capacity]
+        self.free: list[list[list[Slot]]] = [[[] for _ in r] for r in self.class_capacity]  # layer, class
+        self.allocated = [[0] * len(r) for r in self.class_capacity]
         self.counters = CacheCounters()
 
-    def new_slot(self) -> Slot:
-        """An empty slot; its weights are views for the uniform layout (a MixedLayout's slots make
-        views per class when an expert is in them: :meth:`Slot.weights_for`)."""
+    def class_of(self, layer: int, expert: int) -> int:
+        return self.layout.of[layer][expert] if self.layout.mixed else 0
+
+    def new_slot(self, cls: int | None = None) -> Slot:
+        """An empty slot of size class ``cls`` (None: the largest; the staging and scratch slots).
+        Its weights are views for the uniform layout (a MixedLayout's slots make them per class when
+        an expert is in them: :meth:`Slot.weights_for`)."""
+        n = self.layout.nbytes if cls is None else self.sizes[cls]
+
         def views(storage):
             return None if self.layout.mixed else self.layout.views(storage)
         if self.stride is not None and self.device.type == "cpu" and not self.pin_memory:
-            buffer = aligned_empty(self.stride)
-            storage = buffer[: self.layout.nbytes]
+            from dbrxq.offload import stride_of
+            buffer = aligned_empty(stride_of(n))
+            storage = buffer[:n]
             return Slot(storage, views(storage), buffer=buffer)
-        storage = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self.device,
-                              pin_memory=self.pin_memory)
+        storage = torch.empty(n, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
         return Slot(storage, views(storage))
 
     def resident_bytes(self) -> int:
-        return sum(self.allocated) * self.layout.nbytes  # (+ < 8 KiB per CPU slot: page padding and alignment)
+        # (+ < 8 KiB per CPU slot: page padding and alignment)
+        return sum(n * size for row in self.allocated for n, size in zip(row, self.sizes))
 
     def contains(self, layer: int, expert: int) -> bool:
         return expert in self.where[layer]
@@ -358,17 +375,21 @@ class ExpertCache:
         return slot
 
     def admit(self, layer: int, expert: int, exclude=()) -> Slot | None:
-        """The slot that will hold ``expert`` (caller fills it); None when the layer has no slots, or
-        when every resident expert is in ``exclude`` (still needed, e.g. by the step under way)."""
+        """The slot that will hold ``expert`` (caller fills it); None when its class has no slots in the
+        layer, or when every resident expert of its class is in ``exclude`` (still needed, e.g. by the
+        step under way)."""
         assert expert not in self.where[layer], (layer, expert)
-        if self.capacity[layer] == 0:
+        c = self.class_of(layer, expert)
+        if self.class_capacity[layer][c] == 0:
             return None
-        if self.free[layer]:
-            slot = self.free[layer].pop()
-        elif self.allocated[layer] < self.capacity[layer]:
-            slot = self.new_slot()
-            self.allocated[layer] += 1
+        if self.free[layer][c]:
+            slot = self.free[layer][c].pop()
+        elif self.allocated[layer][c] < self.class_capacity[layer][c]:
+            slot = self.new_slot(c if self.layout.mixed else None)
+            self.allocated[layer][c] += 1
         else:
+            if self.layout.mixed:  # the victim comes from the expert's own class
+                exclude = set(exclude) | {x for x in self.where[layer] if self.class_of(layer, x) != c}
             old = self.policies[layer].victim(exclude)
             if old is None or not self.policies[layer].admits(expert, old):
                 return None

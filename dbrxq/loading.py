@@ -198,7 +198,7 @@ def plan_offload(reader: CheckpointReader, config: DbrxConfig, *, device: torch.
                  kv_cache: str):
     """(PlacementPlan, SlotLayout) for a quantized checkpoint, from headers and one expert's bytes."""
     from .kv_cache import check_flavour
-    from .offload import checkpoint_sizes
+    from .offload import checkpoint_sizes, layout_classes
     from .placement import make_plan, parse_size
 
     if config.quantization_config is None:
@@ -211,6 +211,7 @@ def plan_offload(reader: CheckpointReader, config: DbrxConfig, *, device: torch.
         raise ConfigError(f"--context {context}: must be between 1 and the model's max_seq_len {config.max_seq_len}")
     non_expert, expert_bytes, layout = checkpoint_sizes(reader, config, backend, device, dtype)
     plan = make_plan(config, device=device, gpu_memory=gpu, cpu_memory=cpu, non_expert_bytes=non_expert,
+                     classes=layout_classes(layout),
                      expert_bytes=expert_bytes, slot_bytes=layout.nbytes, context=context,
                      batch_size=batch_size, kv_flavour=check_flavour(kv_cache), dtype=dtype)
     return plan, layout

@@ -76,6 +76,11 @@ def expert_layout(canonical: tuple, backend: str | None, device: torch.device, a
     return SlotLayout(prepare_expert(canonical, backend, device, act_dtype))
 
 
+def layout_classes(layout) -> tuple[list[int], list[list[int]]] | None:
+    """make_plan's ``classes`` for a MixedLayout (each class's bytes, each expert's class); None for one size."""
+    return ([lay.nbytes for lay in layout.layouts], layout.of) if layout.mixed else None
+
+
 def model_layout(experts: list, backend: str | None, device: torch.device, act_dtype: torch.dtype):
     """The slot layout of a model's experts (QExperts per layer): a :class:`SlotLayout` when they share
     a recipe, else a :class:`MixedLayout` with one class per recipe (made from its first expert)."""
@@ -146,8 +151,8 @@ class PreparedExpertFile:
         dst of ``stride`` bytes is read with O_DIRECT when the file was opened with ``direct``."""
         idx = layer * self.num_experts + expert
         off, n = idx * self.stride, self.size(idx)
-        if self.dfd >= 0 and dst.numel() >= self.stride and dst.data_ptr() % self.ALIGN == 0:
-            whole = -(-n // self.ALIGN) * self.ALIGN  # O_DIRECT reads whole pages
+        whole = -(-n // self.ALIGN) * self.ALIGN  # O_DIRECT reads whole pages
+        if self.dfd >= 0 and dst.numel() >= whole and dst.data_ptr() % self.ALIGN == 0:
             try:
                 got = os.preadv(self.dfd, [memoryview(dst[:whole].numpy()).cast("B")], off)
             except OSError as e:  # a file system that opens O_DIRECT but refuses the read
@@ -517,10 +522,10 @@ class OffloadRuntime:
             priors = iter([_prior(c, plan.num_experts) for c in routing_counts] if routing_counts else [])
             factory = lambda: DecayedLFU(prior=next(priors, None))  # noqa: E731 (one per layer, in order)
         self.cache = ExpertCache(layout, plan.slots_per_layer, self.device, policy=factory,
-                                 stride=None if self.cuda else file.stride)
+                                 stride=None if self.cuda else file.stride, class_capacity=plan.class_slots)
         # static: the hottest experts fill the slots and stay; other experts go through the scratch slot
-        self.pinned = [set(self.hot[i][:n]) if self.hot and policy == "static" else None
-                       for i, n in enumerate(plan.slots_per_layer)]
+        self.pinned = [self._hottest(i) if self.hot and policy == "static" else None
+                       for i in range(len(plan.slots_per_layer))]
         self.speculate: list | None = None  # CPU: per layer, (norm_2, router, top_k, norm_p) to guess the next layer
         self._resid: dict[int, torch.Tensor] = {}  # CPU: block i's residual after attention, to guess block i+1
         if self.cuda:
@@ -545,6 +550,17 @@ class OffloadRuntime:
         else:
             self.miss_policy = miss_policy or AlwaysMove()
         self.note_peak()
+
+    def _hottest(self, layer: int) -> set[int]:
+        """The most-routed experts of ``layer`` that fill its slots (per size class, with several)."""
+        cap = list(self.cache.class_capacity[layer])
+        out = set()
+        for e in self.hot[layer]:
+            c = self.cache.class_of(layer, e)
+            if cap[c] > 0:
+                cap[c] -= 1
+                out.add(e)
+        return out
 
     # -- memory accounting --
     def tracked_bytes(self) -> dict[str, int]:
@@ -801,7 +817,12 @@ class OffloadRuntime:
 
     def _bring(self, layer: int, experts: list[int]) -> int:
         n = 0
-        for e in experts[: self.cache.capacity[layer]]:
+        room = list(self.cache.class_capacity[layer])  # the first experts of each size class that fit
+        for e in experts:
+            c = self.cache.class_of(layer, e)
+            if room[c] <= 0:
+                continue
+            room[c] -= 1
             if not self.cache.contains(layer, e):
                 slot = self.cache.admit(layer, e)
                 if slot is None:  # the policy keeps what it has (decayed LFU's admission)
@@ -1061,7 +1082,7 @@ def offload_model(model: nn.Module, *, device: torch.device | str | None = None,
     canonical = max((m.expert_weights(e) for m in experts for e in range(m.num_experts)), key=canonical_nbytes)
     layout = model_layout(experts, backend, dev, model.dtype)
     non_expert = non_expert_bytes_of(model)
-    plan = make_plan(model.config, device=dev,
+    plan = make_plan(model.config, device=dev, classes=layout_classes(layout),
                      gpu_memory=None if gpu_memory is None else parse_size(gpu_memory, "gpu_memory"),
                      cpu_memory=None if cpu_memory is None else parse_size(cpu_memory, "cpu_memory"),
                      non_expert_bytes=non_expert, expert_bytes=canonical_nbytes(canonical),

@@ -104,6 +104,9 @@ class PlacementPlan:
     slot_bytes: int  # kernel-ready bytes of one expert on the compute device
     slots_per_layer: list[int]  # device LRU capacity per layer
     host_experts: list[list[int]] = field(default_factory=list)  # CUDA: experts pinned in host RAM
+    # experts of different sizes (per-expert recipes): each size class's bytes, and slots per layer per class
+    class_bytes: list[int] | None = None
+    class_slots: list[list[int]] | None = None
 
     @property
     def on_cuda(self) -> bool:
@@ -113,9 +116,15 @@ class PlacementPlan:
     def device_fixed_bytes(self) -> int:
         return self.non_expert_bytes + self.kv_bytes[self.kv_flavour] + self.workspace_bytes
 
+    def cache_bytes(self) -> int:
+        """The expert cache's bytes on the compute device."""
+        if self.class_slots is None:
+            return sum(self.slots_per_layer) * self.slot_bytes
+        return sum(k * b for row in self.class_slots for k, b in zip(row, self.class_bytes))
+
     def tier_bytes(self) -> dict[str, int]:
         """Planned resident bytes per tier (at most the budgets, by construction)."""
-        out = {"device": self.device_fixed_bytes + sum(self.slots_per_layer) * self.slot_bytes}
+        out = {"device": self.device_fixed_bytes + self.cache_bytes()}
         if self.on_cuda:
             out["host"] = (sum(len(h) for h in self.host_experts) + 1) * self.slot_bytes  # + staging
         out["disk"] = self.n_layers * self.num_experts * self.slot_bytes
@@ -139,6 +148,10 @@ class PlacementPlan:
         lines.append(f"  experts: {format_size(self.expert_bytes)} each in the checkpoint, "
                      f"{format_size(self.slot_bytes)} kernel-ready; {cached}/{total} cached on the "
                      f"{dev} ({cached / total:.0%}), per layer {_runs(self.slots_per_layer)}")
+        if self.class_slots is not None:
+            per = [sum(row[c] for row in self.class_slots) for c in range(len(self.class_bytes))]
+            lines.append("  size classes (per-expert recipes): " + ", ".join(
+                f"{format_size(b)} x{k}" for b, k in zip(self.class_bytes, per)))
         if self.on_cuda:
             pinned = sum(len(h) for h in self.host_experts)
             lines.append(f"  host: {pinned}/{total} experts pinned in RAM; the rest read from disk")
@@ -165,10 +178,27 @@ def _spread(total: int, n_layers: int, per_layer_max: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(n_layers)]
 
 
+def split_by_class(nbytes: int, sizes: list[int], counts: list[int]) -> list[int]:
+    """Slots per size class within ``nbytes``: one at a time to the class whose experts are least
+    covered (slots / experts), while one of its slots still fits; never more slots than experts."""
+    k = [0] * len(sizes)
+    left = nbytes
+    while True:
+        open_ = [c for c in range(len(sizes)) if k[c] < counts[c] and sizes[c] <= left]
+        if not open_:
+            return k
+        c = min(open_, key=lambda c: (k[c] / counts[c], -counts[c]))
+        k[c] += 1
+        left -= sizes[c]
+
+
 def make_plan(config, *, device: torch.device, gpu_memory: int | None, cpu_memory: int | None,
               non_expert_bytes: int, expert_bytes: int, slot_bytes: int, context: int, batch_size: int,
-              kv_flavour: str, dtype: torch.dtype, prefill_chunk: int = 512) -> PlacementPlan:
-    """Fill the tiers in order (see the module doc).
+              kv_flavour: str, dtype: torch.dtype, prefill_chunk: int = 512,
+              classes: tuple[list[int], list[list[int]]] | None = None) -> PlacementPlan:
+    """Fill the tiers in order (see the module doc). ``classes``: for experts of different sizes, each
+    size class's kernel-ready bytes and the class of every expert (per layer); the cache then holds
+    a pool of slots per class and per layer (:func:`split_by_class`), ``slot_bytes`` being the largest.
 
     Raises:
         BudgetError: a budget below what must be resident on its tier, naming the option and the
@@ -196,6 +226,16 @@ def make_plan(config, *, device: torch.device, gpu_memory: int | None, cpu_memor
                 f"(non-expert weights {format_size(non_expert_bytes)} + KV cache {format_size(kv[kv_flavour])} "
                 f"for {context} tokens + workspace {format_size(ws)})")
         slots = _spread((dev_budget - fixed) // slot_bytes, L, E)
+    class_slots = None
+    if classes is not None:
+        sizes, of = classes
+        counts = [[row.count(c) for c in range(len(sizes))] for row in of]
+        if dev_budget is None:
+            class_slots = counts
+        else:
+            per_layer = _spread(dev_budget - fixed, L, 1 << 62)  # bytes, as evenly as the slots were
+            class_slots = [split_by_class(b, sizes, n) for b, n in zip(per_layer, counts)]
+        slots = [sum(row) for row in class_slots]
     host: list[list[int]] = []
     if cuda:
         if cpu_memory is None:
@@ -213,4 +253,5 @@ def make_plan(config, *, device: torch.device, gpu_memory: int | None, cpu_memor
                          non_expert_bytes=non_expert_bytes, kv_flavour=kv_flavour, kv_bytes=kv,
                          context=context, batch_size=batch_size, workspace_bytes=ws,
                          expert_bytes=expert_bytes, slot_bytes=slot_bytes, slots_per_layer=slots,
-                         host_experts=host)
+                         host_experts=host, class_bytes=None if classes is None else list(classes[0]),
+                         class_slots=class_slots)

@@ -172,9 +172,10 @@ def test_hostile_expert_mix_is_refused_in_one_line(mixed, tmp_path, edit, match)
 
 @pytest.mark.parametrize("slots, options", [(1, {}), (5, {}), (3, {"mmap": True}), (2, {"direct": True})])
 def test_mixed_experts_offload_to_the_resident_logits(mixed, tmp_path, slots, options):
-    """Experts of different sizes share the cache: every slot is as large as the largest class, an
-    expert uses its own class's bytes and views; the logits are the resident model's, bit for bit,
-    and the bytes moved are the missed experts' own sizes."""
+    """Experts of different sizes: a pool of slots per size class and layer, each slot its class's
+    bytes, within the budget of ``slots`` largest-class slots per layer (so at least that many experts
+    stay); the logits are the resident model's, bit for bit, and the bytes moved are the missed
+    experts' own sizes."""
     from dbrxq.expert_cache import MixedLayout
     from tests.dbrxq.test_offload import _budget, run_steps
     out = mixed[0]
@@ -183,12 +184,25 @@ def test_mixed_experts_offload_to_the_resident_logits(mixed, tmp_path, slots, op
                         offload_options={"cache_dir": tmp_path, **options})
     rt = runner.offload
     assert isinstance(rt.layout, MixedLayout) and len({lay.nbytes for lay in rt.layout.layouts}) >= 2
-    assert rt.plan.slots_per_layer == [slots, slots]
+    assert all(n >= slots for n in rt.plan.slots_per_layer) and rt.plan.class_slots is not None
+    assert rt.plan.tier_bytes()["device"] <= _budget(out, slots * 2)
     for a, b in zip(run_steps(runner.model, kv_factory=rt.kv_factory, steps=4), ref):
         assert torch.equal(a, b)
     d = rt.stats.phases["decode"]
     assert d.misses > 0 and d.bytes_moved < d.misses * rt.layout.nbytes  # smaller classes move fewer bytes
     assert rt.stats.peak["device"] <= _budget(out, slots * 2)
+
+
+def test_size_class_pools_hold_more_experts_than_largest_slots():
+    """The split of a layer's bytes over size classes: within the bytes, never more slots than a class
+    has experts, coverage balanced, and more experts cached than slots of the largest size would hold."""
+    from dbrxq.placement import split_by_class
+    sizes, counts = [59, 84, 102], [8, 6, 2]
+    k = split_by_class(408, sizes, counts)
+    assert sum(a * b for a, b in zip(k, sizes)) <= 408 and all(a <= n for a, n in zip(k, counts))
+    assert sum(k) > 408 // 102 and min(k) >= 1
+    assert split_by_class(10_000, sizes, counts) == counts  # room for all: every expert
+    assert split_by_class(58, sizes, counts) == [0, 0, 0]
 
 
 def test_what_cannot_take_mixed_experts_says_so(mixed, src, tmp_path):

@@ -315,8 +315,8 @@ def mixed_dir(qdir, tmp_path_factory):
 
 def test_mixed_recipes_on_the_device_resident_and_offloaded(mixed_dir, tmp_path):
     """Per-expert recipes (2/3/4-bit experts in one layer) on the device: within bf16 precision of the
-    CPU's float32 reference (3e-2 of the largest logit, as above), and offloaded with slots of the
-    largest class, bit for bit the resident model's."""
+    CPU's float32 reference (3e-2 of the largest logit, as above), and offloaded with a pool of slots
+    per size class, bit for bit the resident model's."""
     cpu = steps(load_model(mixed_dir, device="cpu", dtype="float32", backend="torch"), n=1)[0]
     resident = steps(load_model(mixed_dir, device=DEV))
     ok, err = _close(cpu, resident[0], 3e-2)
@@ -324,7 +324,8 @@ def test_mixed_recipes_on_the_device_resident_and_offloaded(mixed_dir, tmp_path)
     kw, _ = _budget(mixed_dir, 2)
     runner = dbrxq.load(mixed_dir, device=DEV, context=32, **kw,
                         offload_options={"cache_dir": tmp_path, "miss_policy": AlwaysMove()})
-    assert runner.offload.layout.mixed and runner.offload.plan.slots_per_layer == [2, 2]
+    assert runner.offload.layout.mixed and runner.offload.plan.class_slots is not None
+    assert all(n >= 2 for n in runner.offload.plan.slots_per_layer)
     for a, b in zip(steps(runner.model, cache=runner.offload.kv_factory(1, 32)), resident):
         assert torch.equal(a, b)
 
