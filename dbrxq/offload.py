@@ -45,6 +45,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,6 +361,44 @@ def routing_counts(folder: Path | None, n_layers: int, num_experts: int) -> list
     return counts
 
 
+ROUTING_FORMAT = "dbrxq-observed-routing-v1"
+ROUTING_SAVE_EVERY = 64  # forward passes between saves of the observed routing counts
+
+
+def routing_path(prepared: Path) -> Path:
+    """Where the routing counts observed while running from ``prepared`` (a prepared-expert file) are kept."""
+    return Path(prepared).with_suffix(".routing.json")
+
+
+def _save_routing(path: Path, observed: list[list[int]]) -> bool:
+    try:
+        write_json_atomic({"format": ROUTING_FORMAT, "counts": observed}, path)
+    except OSError as e:
+        log.warning("%s: could not save the observed routing counts (%s)", path, e)
+        return False
+    return True
+
+
+def read_observed_routing(path: Path, n_layers: int, num_experts: int) -> list[list[int]] | None:
+    """Counts written by :meth:`OffloadRuntime.save_routing`, checked (shape, non-negative integers);
+    None when absent or unusable (with a warning: the cache then starts as it would without them)."""
+    from .untrusted import MAX_INDEX_BYTES, is_int, read_json
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path, MAX_INDEX_BYTES, folder=path.parent)
+        counts = data["counts"]
+        ok = (data.get("format") == ROUTING_FORMAT and isinstance(counts, list) and len(counts) == n_layers
+              and all(isinstance(r, list) and len(r) == num_experts and all(is_int(c) and c >= 0 for c in r)
+                      for r in counts))
+    except (DbrxqError, TypeError, KeyError, AttributeError):
+        ok = False
+    if not ok:
+        log.warning("%s: not usable routing counts; ignored (they are rewritten as this run observes routing)", path)
+        return None
+    return counts
+
+
 # --------------------------------------------------------------------------------------------
 # Miss policies
 # --------------------------------------------------------------------------------------------
@@ -514,6 +553,10 @@ class OffloadRuntime:
         if policy not in POLICIES:
             raise ConfigError(f"expert policy {policy!r}: expected one of {', '.join(POLICIES)}")
         self.policy = policy
+        # routing seen by this runtime (added to what earlier runs saw), saved beside the prepared file
+        self.observed = [[0] * plan.num_experts for _ in range(plan.n_layers)]
+        self.routing_file: Path | None = None
+        self.forwards_since_save = 0
         # per layer, experts by routing count (most routed first), when the checkpoint's quantize report has them
         self.hot = ([sorted(range(plan.num_experts), key=lambda e, c=c: -c[e]) for c in routing_counts]
                     if routing_counts else None)
@@ -662,6 +705,7 @@ class OffloadRuntime:
             return self._moe_cuda(layer, x, expert_ids, weights, independent)
         ph = self.stats.phases[self.phase]
         counts = torch.bincount(expert_ids.reshape(-1), minlength=self.plan.num_experts).tolist()
+        self.observe(layer, counts)
         used = [e for e, n in enumerate(counts) if n]
         planned = self._plan_reads(layer, used)
         self._speculate(layer)
@@ -709,6 +753,7 @@ class OffloadRuntime:
         once its own copy's event has fired. Misses the policy keeps on the host compute there."""
         ph = self.stats.phases[self.phase]
         counts = torch.bincount(expert_ids.reshape(-1), minlength=self.plan.num_experts).tolist()
+        self.observe(layer, counts)
         used = [e for e, n in enumerate(counts) if n]
         slots: dict[int, object] = {}
         for e in used:
@@ -791,7 +836,19 @@ class OffloadRuntime:
         score = torch.zeros(self.plan.num_experts).index_add_(0, ids.reshape(-1), w.reshape(-1).float())
         self.prefetch(layer + 1, [e for e in torch.argsort(score, descending=True).tolist() if score[e] > 0])
 
+    def observe(self, layer: int, counts: list[int]) -> None:
+        row = self.observed[layer]
+        for e, n in enumerate(counts):
+            row[e] += n
+
+    def save_routing(self) -> None:
+        """Write the routing counts observed so far (with earlier runs') beside the prepared file, so a
+        checkpoint without a quantize report starts warm next time (an OSError only warns)."""
+        if self.routing_file is not None and not _save_routing(self.routing_file, self.observed):
+            self.routing_file = None
+
     def close(self) -> None:
+        self.save_routing()
         if self.reader is not None:
             self.reader.close()
             self.reader = None
@@ -874,6 +931,10 @@ def _install_hooks(model: nn.Module, rt: OffloadRuntime, prefetch: bool) -> None
         ph = rt.stats.phases[rt.phase]
         ph.forwards += 1
         ph.tokens += x.shape[0] * x.shape[1]
+        rt.forwards_since_save += 1
+        if rt.forwards_since_save >= ROUTING_SAVE_EVERY:
+            rt.forwards_since_save = 0
+            rt.save_routing()
 
     model.register_forward_pre_hook(begin, with_kwargs=True)
     blocks = model.transformer.blocks
@@ -983,9 +1044,19 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
             os.unlink(path)  # anonymous: the open descriptor keeps it readable until closed
             os.rmdir(path.parent)
     counts = routing_counts(src, plan.n_layers, plan.num_experts)
+    observed = read_observed_routing(routing_path(path), plan.n_layers, plan.num_experts) if key else None
+    if counts is None and observed is not None:  # no quantize report: what earlier runs of it routed
+        log.info("expert placement from the routing observed in earlier runs (%s)", routing_path(path))
+        counts = observed
     rt = OffloadRuntime(plan, layout, file, experts, act=experts[0].act, act_dtype=act_dtype,
                         non_expert_bytes=non_expert_bytes, miss_policy=miss_policy, timing=timing, policy=policy,
                         routing_counts=counts, mapped=mmap)
+    if key:
+        rt.routing_file = routing_path(path)
+        if observed is not None:
+            rt.observed = [list(r) for r in observed]
+        # also at exit (a run of fewer than ROUTING_SAVE_EVERY forwards that never closes the runtime)
+        weakref.finalize(rt, _save_routing, rt.routing_file, rt.observed)
     if warm_start or policy == "static":
         rt.place_hot()
     rt.model_config = model.config

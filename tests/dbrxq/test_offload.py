@@ -576,3 +576,29 @@ def test_peak_rss_stays_within_the_budget_plus_the_bare_process(qdir, tmp_path, 
                           str(_budget(qdir, 2)), str(tmp_path)], capture_output=True, text=True, check=True).stdout
     bare, peak = json.loads(out.strip().splitlines()[-1])
     assert peak - bare <= budget + PER_MODEL_OVERHEAD, (bare, peak, budget)
+
+
+def test_routing_observed_in_one_run_places_the_next(qdir, tmp_path, caplog):
+    """A checkpoint without a quantize report (qdir is RTN) starts cold; the routing its runs observe
+    is saved beside the prepared file (periodically and at close), and the next load starts with each
+    layer's most-routed experts resident and goes on counting from there. A damaged file is ignored
+    with a warning."""
+    import json
+    budget = _budget(qdir, 2)
+    runner = dbrxq.load(qdir, cpu_memory=budget, context=32, offload_options={"cache_dir": tmp_path})
+    rt = runner.offload
+    assert rt.hot is None and rt.routing_file is not None
+    runner.generate_ids(PROMPT, max_new_tokens=6)
+    rt.close()
+    saved = json.loads(rt.routing_file.read_text())["counts"]
+    # 8 prompt tokens + 5 decoded ones, each routed to top_k experts in every layer
+    assert [sum(r) for r in saved] == [13 * CFG.top_k] * CFG.n_layers
+    again = dbrxq.load(qdir, cpu_memory=budget, context=32, offload_options={"cache_dir": tmp_path}).offload
+    for layer, counts in enumerate(saved):
+        cap = again.cache.capacity[layer]
+        assert cap >= 1 and again.hot[layer] == sorted(range(CFG.num_experts), key=lambda e: -counts[e])
+        assert sorted(again.cache.cached(layer)) == sorted(again.hot[layer][:cap])  # warm start
+    assert again.observed == saved
+    rt.routing_file.write_text('{"format": "dbrxq-observed-routing-v1", "counts": [[-1]]}')
+    third = dbrxq.load(qdir, cpu_memory=budget, context=32, offload_options={"cache_dir": tmp_path}).offload
+    assert third.hot is None and "not usable routing counts" in caplog.text
