@@ -121,8 +121,9 @@ class SlotLayout:
 class MixedLayout:
     """The slot layouts of experts stored with different recipes (format_version 3): one
     :class:`SlotLayout` per recipe (a size class), ``of[layer][expert]`` the class of each expert.
-    Every slot is as large as the largest class (``nbytes``), so any slot holds any expert; an expert
-    occupies the first ``nbytes_of`` bytes of its slot, and only those are read, copied and counted."""
+    The cache keeps a pool of slots per class (:class:`ExpertCache`); the staging and scratch slots
+    are as large as the largest class (``nbytes``), so they take any expert. An expert occupies the
+    first ``nbytes_of`` bytes of its slot, and only those are read, copied and counted."""
 
     mixed = True
 
