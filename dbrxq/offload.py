@@ -1027,7 +1027,7 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
     if crcs is not None:
         log.info("reusing prepared experts %s", path)
         file = PreparedExpertFile(path, layout.nbytes, plan.num_experts, crcs=crcs, drop_page_cache=drop_page_cache,
-                                  direct=direct)
+                                  direct=direct, sizes=layout.sizes() if layout.mixed else None)
     else:
         root.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(root)  # halves of files whose builder was killed

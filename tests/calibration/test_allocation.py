@@ -191,6 +191,12 @@ def test_mixed_experts_offload_to_the_resident_logits(mixed, tmp_path, slots, op
     d = rt.stats.phases["decode"]
     assert d.misses > 0 and d.bytes_moved < d.misses * rt.layout.nbytes  # smaller classes move fewer bytes
     assert rt.stats.peak["device"] <= _budget(out, slots * 2)
+    # a second load reuses the prepared file (each expert's own length read back from the sidecar's shape)
+    again = dbrxq.load(out, cpu_memory=_budget(out, slots * 2), context=32,
+                       offload_options={"cache_dir": tmp_path, **options})
+    assert len(list((tmp_path / "prepared").glob("*.bin"))) == 1
+    for a, b in zip(run_steps(again.model, kv_factory=again.offload.kv_factory, steps=4), ref):
+        assert torch.equal(a, b)
 
 
 def test_size_class_pools_hold_more_experts_than_largest_slots():

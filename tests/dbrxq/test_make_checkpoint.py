@@ -143,3 +143,24 @@ def test_random_quantized_checkpoint_loads_with_the_float_spread(tmp_path, bits,
     assert abs(w.std().item() / config.initializer_range - 1) < 0.15
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_random_quantized_checkpoint_with_per_expert_recipes(tmp_path):
+    """With an expert_mix each expert is written in its recipe's stack and loads with its recipe."""
+    from dbrxq.make_checkpoint import make_random_quantized_checkpoint
+    from dbrxq.model import DbrxForCausalLM
+    from quantize.config import ExpertMix, ModuleQuant, QuantConfig
+
+    config = preset_config("tiny", d_model=128, ffn_hidden_size=128)
+    options = (ModuleQuant(2, 64, False), ModuleQuant(3, 64, False), ModuleQuant(4, 128, True))
+    choice = tuple(tuple((e + i) % 3 for e in range(16)) for i in range(2))
+    out = make_random_quantized_checkpoint(tmp_path / "q", config, QuantConfig(expert_mix=ExpertMix(options, choice)),
+                                           progress=False)
+    model = DbrxForCausalLM.from_pretrained(out)
+    for i, block in enumerate(model.transformer.blocks):
+        for e in range(16):
+            qt = block.ffn.experts.expert_weights(e)[0]
+            assert qt.bits == options[choice[i][e]].bits
+            w = qt.dequantize(torch.float32)
+            assert abs(w.std().item() / config.initializer_range - 1) < 0.2
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
