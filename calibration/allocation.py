@@ -35,7 +35,7 @@ from dbrxq.errors import QuantizationError
 from dbrxq.untrusted import check_finite
 from quantize.allocate import solve_exact, solve_greedy
 from quantize.config import ExpertMix, ModuleQuant, QuantConfig
-from quantize.primitives import packed_k, quantize_tensor, resolve_group_size
+from quantize.primitives import quantize_tensor
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,13 @@ OPTIONS = (ModuleQuant(2, 64, False), ModuleQuant(3, 64, False), ModuleQuant(4, 
 
 
 def expert_bytes(config, mq: ModuleQuant) -> int:
-    """Bytes one expert (w1, v1 [F, D], w2 [D, F]) takes in the checkpoint with recipe ``mq``."""
-    total = 0
-    for n, k in ((config.ffn_hidden_size, config.d_model),) * 2 + ((config.d_model, config.ffn_hidden_size),):
-        g = resolve_group_size(mq.group_size, k, mq.bits)
-        total += n * packed_k(mq.bits, k) + n * (k // g) * (2 + (0 if mq.symmetric else 1))
-    return total
+    """Bytes one expert (w1, v1 [F, D], w2 [D, F]) takes in the checkpoint with recipe ``mq``: the
+    tensors quantize.writer's canonical specs give it."""
+    from dbrxq.writer import tensor_nbytes
+    from quantize.writer import _quantized_specs
+    F_, D = config.ffn_hidden_size, config.d_model
+    return sum(tensor_nbytes(shape, dtype) for k, (n, kk) in (("w1", (F_, D)), ("v1", (F_, D)), ("w2", (D, F_)))
+               for _, shape, dtype in _quantized_specs(k, (), n, kk, mq))
 
 
 def budget_from_bits(config, avg_bits: float, options=OPTIONS) -> int:

@@ -86,7 +86,7 @@ from dbrxq.tokenizer import DbrxTokenizer
 from dbrxq.writer import (TensorSpec, is_write_error, remove_stale_temps, save_file_atomic, tensor_nbytes,
                           write_error, write_json_atomic)
 from quantize.config import ModuleQuant, QuantConfig
-from quantize.format import FORMAT_VERSION, MIXED_PART
+from quantize.format import FORMAT_VERSION, MIXED_PART, mixed_option
 from quantize.gptq import GPTQ
 from quantize.primitives import QuantizedTensor, quantize_tensor
 from quantize.rtn import EXPERT_KINDS
@@ -215,7 +215,7 @@ def _expert_getter(w: dict[str, torch.Tensor], run: _Run, i: int) -> Callable[[i
     if f"{p}w1.qweight" in w:
         qts = {k: QuantizedTensor.from_tensors(w, p + k, mq.bits, mq.group_size) for k in EXPERT_KINDS}
         return lambda e: tuple(one(qts[k], e) for k in EXPERT_KINDS)
-    if mix is not None and any(n.startswith(f"{p}w1.o") for n in w):  # per-recipe stacks (MIXED_PART)
+    if mix is not None and any(mixed_option(n.rsplit(".", 1)[0]) is not None for n in w):  # per-recipe stacks
         stacks = {(k, j): QuantizedTensor.from_tensors(w, f"{p}{k}.{MIXED_PART.format(j)}", o.bits, o.group_size)
                   for k in EXPERT_KINDS for j, o in enumerate(mix.options) if mix.members(i, j)}
         rank = {e: r for j in range(len(mix.options)) for r, e in enumerate(mix.members(i, j))}
@@ -357,7 +357,7 @@ def _process_layer(run: _Run, i: int, x: torch.Tensor) -> torch.Tensor:
             record["experts"] = _quantize_experts(run, i, raw, produced, x)
             t["experts"] = time.perf_counter()
     quantized = {n.rsplit(".", 1)[0] for n in produced if n.endswith(".qweight")}
-    quantized |= {b.rsplit(".", 1)[0] for b in quantized if b.rsplit(".", 1)[1].startswith("o")}  # mixed stacks
+    quantized |= {b.rsplit(".", 1)[0] for b in quantized if mixed_option(b) is not None}  # a stack's hub name
     for name in raw:  # what is not quantized is copied as stored
         if name.removesuffix(".weight") not in quantized:
             produced[name] = raw[name]

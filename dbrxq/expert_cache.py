@@ -269,7 +269,15 @@ def simulate(trace: list[list[int]], capacity: int, policy: EvictionPolicy,
 # --------------------------------------------------------------------------------------------
 # The cache
 # --------------------------------------------------------------------------------------------
-def aligned_empty(nbytes: int, align: int = 4096) -> torch.Tensor:
+PAGE = 4096  # O_DIRECT's alignment: reads of whole pages into page-aligned buffers
+
+
+def whole_pages(nbytes: int) -> int:
+    """``nbytes`` rounded up to whole pages."""
+    return -(-nbytes // PAGE) * PAGE
+
+
+def aligned_empty(nbytes: int, align: int = PAGE) -> torch.Tensor:
     """A CPU uint8 tensor of ``nbytes`` whose first byte sits on an ``align`` boundary (what
     O_DIRECT reads need); a view of a slightly larger allocation."""
     base = torch.empty(nbytes + align, dtype=torch.uint8)
@@ -284,7 +292,7 @@ class Slot:
     expert: int = -1  # which expert's bytes are in it (-1: none)
     ready: Any = None  # CUDA event: the copy into the slot has finished
     released: Any = None  # CUDA event: the last computation reading the slot has finished
-    buffer: torch.Tensor | None = None  # CPU: page-aligned [stride] whose first nbytes are `storage`
+    buffer: torch.Tensor | None = None  # CPU: page-aligned, whole pages, whose first bytes are `storage`
     pending: Any = None  # CPU: the background read filling it (dbrxq.offload.ReadJob), until waited for
     by_class: dict = field(default_factory=dict)  # MixedLayout: class layout -> kernel weights viewing storage
 
@@ -321,10 +329,10 @@ class ExpertCache:
     """
 
     def __init__(self, layout: SlotLayout, capacity: list[int], device: torch.device, *,
-                 policy: Callable[[], EvictionPolicy] = LRU, pin_memory: bool = False, stride: int | None = None,
+                 policy: Callable[[], EvictionPolicy] = LRU, pin_memory: bool = False, aligned: bool = False,
                  class_capacity: list[list[int]] | None = None):
         self.layout, self.capacity, self.device = layout, list(capacity), torch.device(device)
-        self.stride = stride  # CPU: each slot is a page-aligned buffer of whole pages (>= its bytes)
+        self.aligned = aligned  # CPU: each slot is a page-aligned buffer of whole pages (O_DIRECT reads)
         self.pin_memory = pin_memory and self.device.type == "cpu"
         self.policies = [policy() for _ in capacity]
         self.where: list[dict[int, Slot]] = [{} for _ in capacity]  # layer -> expert -> slot
@@ -349,9 +357,8 @@ class ExpertCache:
 
         def views(storage):
             return None if self.layout.mixed else self.layout.views(storage)
-        if self.stride is not None and self.device.type == "cpu" and not self.pin_memory:
-            from dbrxq.offload import stride_of
-            buffer = aligned_empty(stride_of(n))
+        if self.aligned and self.device.type == "cpu" and not self.pin_memory:
+            buffer = aligned_empty(whole_pages(n))
             storage = buffer[:n]
             return Slot(storage, views(storage), buffer=buffer)
         storage = torch.empty(n, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)

@@ -87,12 +87,13 @@ def _checkpoint_float_dtype(reader: CheckpointReader) -> torch.dtype:
 
 
 def _check_qparams(name: str, t: torch.Tensor, qconfig, where) -> None:
+    from quantize.format import mixed_option
     from quantize.primitives import check_qparams
     from quantize.writer import module_kind
     base = name.rsplit(".", 1)[0]
-    part = base.rpartition(".")[2]
-    if qconfig.expert_mix is not None and ".ffn.experts.mlp." in base and part.startswith("o"):
-        bits = qconfig.expert_mix.options[int(part[1:])].bits  # a per-recipe stack (quantize.format.MIXED_PART)
+    j = mixed_option(base)
+    if qconfig.expert_mix is not None and j is not None:
+        bits = qconfig.expert_mix.options[j].bits  # a per-recipe stack (quantize.format.MIXED_PART)
     else:
         bits = qconfig.for_kind(module_kind(base) or module_kind(f"{base}.weight")).bits
     scales, zeros = (t, None) if name.endswith(".scales") else (None, t)

@@ -170,7 +170,7 @@ def make_random_quantized_checkpoint(out_dir: str | os.PathLike, config: DbrxCon
     A kernel reads the same bytes whatever their values, so this stands in for an RTN checkpoint in
     timings, not in quality measurements. ``qconfig``: a quantize.config.QuantConfig (with an
     ``expert_mix``, each expert gets its recipe's codes)."""
-    from quantize.format import QWEIGHT, QZEROS, SCALES
+    from quantize.format import QWEIGHT, QZEROS, SCALES, mixed_option
     from quantize.writer import _quantized_plan, quantized_tensor_specs
 
     out = Path(out_dir)
@@ -184,9 +184,8 @@ def make_random_quantized_checkpoint(out_dir: str | os.PathLike, config: DbrxCon
         for name, shape, dt in specs:
             base, _, part = name.rpartition(".")
             mq = recipe.get(base)
-            stack = base.rpartition(".")[2]
-            if mq is None and qconfig.expert_mix is not None and ".ffn.experts.mlp." in base and stack[:1] == "o":
-                mq = qconfig.expert_mix.options[int(stack[1:])]  # a per-recipe stack (format_version 3)
+            if mq is None and qconfig.expert_mix is not None and mixed_option(base) is not None:
+                mq = qconfig.expert_mix.options[mixed_option(base)]  # a per-recipe stack (format_version 3)
             if mq is None:
                 chunks = _chunks(name, shape, config, seed=seed, dtype=dtype, chunk_bytes=DEFAULT_CHUNK_BYTES)
             else:

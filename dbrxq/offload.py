@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, DbrxqError
-from .expert_cache import LRU, DecayedLFU, ExpertCache, MixedLayout, SlotLayout
+from .expert_cache import PAGE, LRU, DecayedLFU, ExpertCache, MixedLayout, SlotLayout, whole_pages
 from .model import moe_dispatch, route
 from .pages import PageReleaser
 from .placement import PlacementPlan, format_size
@@ -121,7 +121,7 @@ class PreparedExpertFile:
     """
 
     FORMAT = "dbrxq-prepared-experts-v2"  # v2: experts at a stride of whole 4 KiB pages (O_DIRECT)
-    ALIGN = 4096
+    ALIGN = PAGE
 
     def __init__(self, path: Path, nbytes: int, num_experts: int, *, crcs: list[int] | None = None,
                  drop_page_cache: bool = False, direct: bool = False, sizes: list[int] | None = None):
@@ -152,7 +152,7 @@ class PreparedExpertFile:
         dst of ``stride`` bytes is read with O_DIRECT when the file was opened with ``direct``."""
         idx = layer * self.num_experts + expert
         off, n = idx * self.stride, self.size(idx)
-        whole = -(-n // self.ALIGN) * self.ALIGN  # O_DIRECT reads whole pages
+        whole = whole_pages(n)  # O_DIRECT reads whole pages
         if self.dfd >= 0 and dst.numel() >= whole and dst.data_ptr() % self.ALIGN == 0:
             try:
                 got = os.preadv(self.dfd, [memoryview(dst[:whole].numpy()).cast("B")], off)
@@ -257,8 +257,7 @@ class PreparedExpertFile:
 
 def stride_of(nbytes: int) -> int:
     """Bytes between experts in a prepared file (and of a CPU slot's buffer): whole 4 KiB pages."""
-    a = PreparedExpertFile.ALIGN
-    return -(-nbytes // a) * a
+    return whole_pages(nbytes)
 
 
 def sidecar_path(path: Path) -> Path:
@@ -481,8 +480,9 @@ class ReadJob:
 class Reader:
     """One thread reading prepared experts in the order they are asked for, while the caller
     computes. Why a thread with preadv (and not io_uring or a pool): a DBRX expert is one contiguous
-    100 MB read, which one preadv streams at the device's rate (1.4 GB/s with O_DIRECT on this
-    project's VM disk, 4.5 GB/s from the page cache), and the syscall releases the GIL, so compute
+    100 MB read, which one preadv streams at the device's rate (1.0-1.4 GB/s with O_DIRECT on this
+    project's VM disk, 2.8-3.6 GB/s from the page cache, as scripts/bench_offload.py measures each
+    run), and the syscall releases the GIL, so compute
     goes on; the order matters more than the depth, because the layer computes its experts one
     after another. A job without a slot takes one of the staging slots (misses that no cache slot
     may take), waiting until compute hands one back (:meth:`release`), so at most
@@ -565,7 +565,7 @@ class OffloadRuntime:
             priors = iter([_prior(c, plan.num_experts) for c in routing_counts] if routing_counts else [])
             factory = lambda: DecayedLFU(prior=next(priors, None))  # noqa: E731 (one per layer, in order)
         self.cache = ExpertCache(layout, plan.slots_per_layer, self.device, policy=factory,
-                                 stride=None if self.cuda else file.stride, class_capacity=plan.class_slots)
+                                 aligned=not self.cuda, class_capacity=plan.class_slots)
         # static: the hottest experts fill the slots and stay; other experts go through the scratch slot
         self.pinned = [self._hottest(i) if self.hot and policy == "static" else None
                        for i in range(len(plan.slots_per_layer))]

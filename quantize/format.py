@@ -42,6 +42,8 @@ stay in bf16. The checkpoint's config.json carries a ``quantization_config`` blo
 (see :mod:`quantize.config`) whose ``format_version`` is :data:`FORMAT_VERSION`.
 """
 
+import re
+
 # 2: adds 2- and 3-bit codes; 3: adds per-expert recipes (quantization_config.expert_mix, expert tensors
 # stacked per recipe: MIXED_PART). Each checkpoint says the lowest version its tensors need, so a
 # uniform 4/8-bit one stays version 1 and reads unchanged in an older dbrxq.
@@ -51,6 +53,14 @@ READABLE_FORMAT_VERSIONS = (1, 2, 3)
 # as ``...ffn.experts.mlp.{k}.o{j}.qweight`` [E_j, N, packed] (+ .scales, .qzeros); no tensor for a
 # recipe the layer does not use.
 MIXED_PART = "o{}"
+_MIXED_RE = re.compile(r"\.ffn\.experts\.mlp\.(w1|v1|w2)\.o(\d+)$")
+
+
+def mixed_option(base: str) -> int | None:
+    """The recipe index j of a per-recipe expert stack ``...ffn.experts.mlp.{k}.o{j}`` (a tensor name
+    without its qweight/scales/qzeros suffix), else None."""
+    m = _MIXED_RE.search(base)
+    return int(m.group(2)) if m else None
 
 QWEIGHT, SCALES, QZEROS = "qweight", "scales", "qzeros"
 

@@ -163,7 +163,6 @@ class QMixedWeight(nn.Module):
     def __init__(self, shape: tuple[int, int], options: tuple[ModuleQuant, ...], choice: tuple[int, ...], *,
                  device: torch.device | None = None, name: str = "") -> None:
         super().__init__()
-        self.where: list[tuple[str, int]] = []  # expert -> (stack, index in it)
         members: dict[int, list[int]] = {}
         for e, j in enumerate(choice):
             members.setdefault(j, []).append(e)
@@ -171,7 +170,7 @@ class QMixedWeight(nn.Module):
             part = MIXED_PART.format(j)
             self.add_module(part, QWeight((len(members[j]), *shape), options[j], device=device, name=f"{name}.{part}"))
         rank = {e: (MIXED_PART.format(j), r) for j, es in members.items() for r, e in enumerate(es)}
-        self.where = [rank[e] for e in range(len(choice))]
+        self.where: list[tuple[str, int]] = [rank[e] for e in range(len(choice))]  # expert -> (stack, index in it)
 
     def quantized(self, index: int | None = None) -> QuantizedTensor:
         assert index is not None, "a mixed stack has no single tensor: ask for one expert"

@@ -3,9 +3,15 @@
 
     python scripts/make_checkpoint.py OUT --preset tiny
     python scripts/make_checkpoint.py OUT --preset dbrx --layers 2 --vocab-size 1024   # real width, ~13 GB
+    python scripts/make_checkpoint.py OUT --preset dbrx --layers 1 --random-codes 4     # quantized directly
+    python scripts/make_checkpoint.py OUT --preset dbrx --layers 1 --random-codes 4:4,3:6,2:6   # mixed
 
-A thin CLI over :func:`dbrxq.make_checkpoint.make_random_checkpoint`; presets and overrides are
-:func:`dbrxq.make_checkpoint.preset_config`'s.
+A thin CLI over :func:`dbrxq.make_checkpoint.make_random_checkpoint` and, with ``--random-codes``,
+:func:`~dbrxq.make_checkpoint.make_random_quantized_checkpoint` (random codes written straight into
+dbrxq's quantized format, for speed benchmarks): ``B`` gives every expert the recipe of B bits of
+calibration.allocation.OPTIONS (2 and 3 bits g64 with zero points, 4 bits g128, 8 bits per channel),
+``B:N,B:N,...`` the first N experts of every layer B bits, the next N the next width, and so on
+(format_version 3). Presets and overrides are :func:`dbrxq.make_checkpoint.preset_config`'s.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import time
 import torch
 
 from dbrxq.errors import DbrxqError
-from dbrxq.make_checkpoint import PRESETS, make_random_checkpoint, preset_config
+from dbrxq.make_checkpoint import (PRESETS, copy_tokenizer_files, make_random_checkpoint,
+                                   make_random_quantized_checkpoint, preset_config)
 from dbrxq.writer import DEFAULT_MAX_SHARD_BYTES
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -34,6 +41,25 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).upper() not in _UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GiB, 512MB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def random_codes_recipe(spec: str, config):
+    """``--random-codes`` -> a QuantConfig: one recipe for every expert, or per-expert recipes in expert order."""
+    from calibration.allocation import OPTIONS
+    from quantize.config import ExpertMix, QuantConfig
+    by_bits = {o.bits: j for j, o in enumerate(OPTIONS)}
+    try:
+        parts = [(int(b), int(n)) for b, n in (x.split(":") for x in spec.split(","))] if ":" in spec \
+            else [(int(spec), config.num_experts)]
+    except ValueError:
+        raise DbrxqError(f"--random-codes {spec!r}: expected B or B:N,B:N,... with B in {sorted(by_bits)}") from None
+    if any(b not in by_bits or n < 0 for b, n in parts) or sum(n for _, n in parts) != config.num_experts:
+        raise DbrxqError(f"--random-codes {spec!r}: bits in {sorted(by_bits)}, counts summing to the "
+                         f"{config.num_experts} experts of a layer")
+    if len(parts) == 1:
+        return QuantConfig(experts=OPTIONS[by_bits[parts[0][0]]])
+    row = tuple(by_bits[b] for b, n in parts for _ in range(n))
+    return QuantConfig(expert_mix=ExpertMix(OPTIONS, (row,) * config.n_layers))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
                    help="shard size limit, e.g. 5GiB (default: 5GiB)")
     p.add_argument("--tokenizer-dir", help="copy tokenizer files from this folder")
+    p.add_argument("--random-codes", metavar="SPEC", help="write a quantized checkpoint of random codes: B or "
+                   "B:N,B:N,... (bits per expert, in expert order; see above)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -62,9 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         config = preset_config(args.preset, **overrides)
-        out = make_random_checkpoint(args.out, config, seed=args.seed, dtype=_DTYPES[args.dtype],
-                                     max_shard_bytes=args.max_shard_size, tokenizer_dir=args.tokenizer_dir,
-                                     progress=not args.no_progress)
+        if args.random_codes:
+            out = make_random_quantized_checkpoint(args.out, config, random_codes_recipe(args.random_codes, config),
+                                                   seed=args.seed, dtype=_DTYPES[args.dtype],
+                                                   max_shard_bytes=args.max_shard_size, progress=not args.no_progress)
+            if args.tokenizer_dir:
+                copy_tokenizer_files(args.tokenizer_dir, out)
+        else:
+            out = make_random_checkpoint(args.out, config, seed=args.seed, dtype=_DTYPES[args.dtype],
+                                         max_shard_bytes=args.max_shard_size, tokenizer_dir=args.tokenizer_dir,
+                                         progress=not args.no_progress)
     except DbrxqError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
