@@ -31,11 +31,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dbrxq.errors import QuantizationError
-from dbrxq.untrusted import check_finite
+from calibration.forward import (
+    attention_module,
+    attention_pass,
+    expert_getter,
+    moe_float,
+    route_layer,
+)
+from dbrxq.core.errors import QuantizationError
+from dbrxq.core.units import format_size
+from dbrxq.core.untrusted import check_finite
+from dbrxq.formats.checkpoint import hub_tensor_shapes
+from dbrxq.formats.shards import tensor_nbytes
+from dbrxq.model.moe import ACTIVATIONS
 from quantize.allocate import solve_exact, solve_greedy
 from quantize.config import ExpertMix, ModuleQuant, QuantConfig
 from quantize.primitives import quantize_tensor
+from quantize.specs import quantized_tensor_specs, weight_specs
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +57,9 @@ OPTIONS = (ModuleQuant(2, 64, False), ModuleQuant(3, 64, False), ModuleQuant(4, 
 def expert_bytes(config, mq: ModuleQuant) -> int:
     """Bytes one expert (w1, v1 [F, D], w2 [D, F]) takes in the checkpoint with recipe ``mq``: the
     tensors quantize.writer's canonical specs give it."""
-    from dbrxq.writer import tensor_nbytes
-    from quantize.writer import _quantized_specs
     F_, D = config.ffn_hidden_size, config.d_model
     return sum(tensor_nbytes(shape, dtype) for k, (n, kk) in (("w1", (F_, D)), ("v1", (F_, D)), ("w2", (D, F_)))
-               for _, shape, dtype in _quantized_specs(k, (), n, kk, mq))
+               for _, shape, dtype in weight_specs(k, (), n, kk, mq))
 
 
 def budget_from_bits(config, avg_bits: float, options=OPTIONS) -> int:
@@ -64,9 +74,6 @@ def budget_from_bits(config, avg_bits: float, options=OPTIONS) -> int:
 
 def budget_from_size(config, qconfig: QuantConfig, float_dtypes, size: int, options=OPTIONS) -> int:
     """Expert bytes left of a whole-checkpoint ``size`` once the other tensors are counted."""
-    from dbrxq.placement import format_size
-    from dbrxq.writer import tensor_nbytes
-    from quantize.writer import quantized_tensor_specs
     other = sum(tensor_nbytes(s, d) for n, s, d in quantized_tensor_specs(config, qconfig, float_dtype=float_dtypes)
                 if ".ffn.experts." not in n)
     least = config.n_layers * config.num_experts * min(expert_bytes(config, o) for o in options)
@@ -91,12 +98,9 @@ def measure(run, tokens: torch.Tensor, options=OPTIONS) -> tuple[list[list[float
     """Per expert (layer-major): the predicted error at each option, and its routed calibration tokens.
 
     ``run``: the pipeline's run state (config, source, device, chunking)."""
-    from calibration.pipeline import _attention, _attention_pass, _expert_getter, _moe, _route
-    from dbrxq.checkpoint import hub_tensor_shapes
-    from dbrxq.model import _ACTIVATIONS
 
     c = run.config
-    act = _ACTIVATIONS[c.activation]
+    act = ACTIVATIONS[c.activation]
     name = "transformer.wte.weight"
     wte = check_finite(run.source.reader.get(name, expected_shape=(c.vocab_size, c.d_model)), name,
                        run.source.reader.file_of(name))
@@ -108,9 +112,9 @@ def measure(run, tokens: torch.Tensor, options=OPTIONS) -> tuple[list[list[float
         raw = {n: check_finite(run.source.reader.get(n, expected_shape=shapes[n]), n, run.source.reader.file_of(n))
                for n in shapes if n.startswith(f"transformer.blocks.{i}.")}
         run.source.reader.close()
-        resid, h = _attention_pass(_attention(raw, run, i), x, run, keep=True)
-        routing = _route(raw, run, i, h)
-        expert = _expert_getter(raw, run, i)
+        resid, h = attention_pass(attention_module(raw, run, i), x, run, keep=True)
+        routing = route_layer(raw, run, i, h)
+        expert = expert_getter(raw, run, i)
         for e in range(c.num_experts):
             xe = h[routing.tokens_of(e)]
             w1, v1, w2 = expert(e)
@@ -119,7 +123,7 @@ def measure(run, tokens: torch.Tensor, options=OPTIONS) -> tuple[list[list[float
             h2 = a.T @ a if a.shape[0] >= c.ffn_hidden_size else None
             errors.append([_error(w1, xe, h1, o) + _error(v1, xe, h1, o) + _error(w2, a, h2, o) for o in options])
             counts.append(int(xe.shape[0]))
-        x = resid + _moe(h, routing, expert, run).view_as(resid)
+        x = resid + moe_float(h, routing, expert, run).view_as(resid)
         del raw
     return errors, counts
 

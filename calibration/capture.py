@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from dbrxq.model import group_by_expert, route
+from dbrxq.model.moe import group_by_expert, route
 from quantize.gptq import GPTQ
 
 
@@ -48,7 +48,7 @@ class Routing:
 
     ids, weights: (N*L, k) expert ids and normalised weights (float32) from the float router;
     counts: tokens routed to each expert (a token counts once per expert it visits);
-    order, token_of: :func:`dbrxq.model.group_by_expert`'s grouping of the (token, slot) pairs.
+    order, token_of: :func:`dbrxq.model.moe.group_by_expert`'s grouping of the (token, slot) pairs.
     """
 
     ids: torch.Tensor
@@ -59,7 +59,7 @@ class Routing:
 
     @classmethod
     def of(cls, router_logits: torch.Tensor, top_k: int, norm_p: float | None, num_experts: int) -> Routing:
-        """router_logits (N*L, E) -> the model's own routing (dbrxq.model.route)."""
+        """router_logits (N*L, E) -> the model's own routing (dbrxq.model.moe.route)."""
         weights, ids = route(router_logits, top_k, norm_p)
         order, token_of, counts = group_by_expert(ids, num_experts)
         return cls(ids, weights, counts, order, token_of)

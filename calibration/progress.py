@@ -33,16 +33,17 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from dbrxq.checkpoint import INDEX_NAME
-from dbrxq.writer import check_disk_space, save_file_atomic, temp_path, write_json_atomic  # noqa: F401 (re-exported)
-from dbrxq.errors import QuantizationError
-from dbrxq.untrusted import MAX_INDEX_BYTES, confine, is_int, read_json
+from dbrxq.core.errors import QuantizationError
+from dbrxq.core.files import check_disk_space, temp_path, write_json_atomic
+from dbrxq.core.untrusted import MAX_INDEX_BYTES, confine, is_int, read_json
+from dbrxq.formats.checkpoint import INDEX_NAME
+from dbrxq.formats.shards import save_file_atomic  # noqa: F401 (re-exported)
+from quantize.format import REPORT_NAME
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "quantize_progress.json"
 ACTIVATIONS_NAME = "quantize_activations.safetensors"
-REPORT_NAME = "quantize_report.json"
 MANIFEST_FORMAT = "dbrxq-quantize-progress-v1"
 _SHARD_FILE_RE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 
@@ -120,7 +121,7 @@ def _content_sha256(data: dict[str, Any]) -> str:
 
 
 def read_manifest(manifest: Path) -> dict[str, Any]:
-    """The progress manifest, checked like any untrusted JSON (dbrxq.untrusted): a bounded regular file
+    """The progress manifest, checked like any untrusted JSON (dbrxq.core.untrusted): a bounded regular file
     inside OUT, strict JSON, the fields resume relies on present with their types, and every part's
     file a shard name of OUT (nothing else is ever opened through it)."""
     redo = "rerun with --overwrite to start over"

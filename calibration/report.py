@@ -24,8 +24,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dbrxq.placement import format_rate, format_size
-from dbrxq.writer import write_json_atomic
+from dbrxq.core.files import write_json_atomic
+from dbrxq.core.units import format_rate, format_size
 
 __all__ = ["error_table", "build_report", "write_report", "format_summary"]
 

@@ -1,6 +1,6 @@
 """The float checkpoint being quantized (SRC), opened lazily: a local folder or a hub repo id.
 
-- A local folder is read with :class:`dbrxq.checkpoint.CheckpointReader`, which validates every
+- A local folder is read with :class:`dbrxq.formats.checkpoint.CheckpointReader`, which validates every
   shard's header before a byte of output is written.
 - A hub repo id first fetches only ``config.json``, the index and the tokenizer files; the
   pipeline then calls :meth:`Source.fetch_layer` as it reaches each layer, which downloads (with
@@ -25,12 +25,20 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from dbrxq.untrusted import MAX_INDEX_BYTES, confine, read_json
-from dbrxq.checkpoint import (INDEX_NAME, SINGLE_NAME, TOKENIZER_PATTERNS, CheckpointReader, check_float_checkpoint,
-                              hub_tensor_shapes, read_config, read_safetensors_header, resolve_model_dir,
-                              SAFETENSORS_DTYPES)
-from dbrxq.config import DbrxConfig
-from dbrxq.errors import CheckpointError, QuantizationError
+from dbrxq.core.errors import CheckpointError, QuantizationError
+from dbrxq.core.untrusted import MAX_INDEX_BYTES, confine, read_json
+from dbrxq.formats.checkpoint import (
+    INDEX_NAME,
+    SAFETENSORS_DTYPES,
+    SINGLE_NAME,
+    CheckpointReader,
+    check_float_checkpoint,
+    hub_tensor_shapes,
+    read_config,
+    read_safetensors_header,
+)
+from dbrxq.formats.hub import TOKENIZER_PATTERNS, resolve_model_dir
+from dbrxq.model.config import DbrxConfig
 
 log = logging.getLogger(__name__)
 

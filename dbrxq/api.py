@@ -6,7 +6,7 @@
     >>> m.chat([{"role": "user", "content": "Hi"}])
 
 ``m.model`` is the :class:`dbrxq.DbrxForCausalLM` (forward like transformers'), ``m.tokenizer``
-the :class:`dbrxq.tokenizer.DbrxTokenizer`.
+the :class:`dbrxq.text.tokenizer.DbrxTokenizer`.
 """
 
 from __future__ import annotations
@@ -17,29 +17,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from .generate import GenerationOutput, generate
-from .loading import load_model
-from .model import DbrxForCausalLM
-from .errors import TokenizerError
-from .tokenizer import DbrxTokenizer
-
-DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "tiny"
-
-
-DEMO_NAME = "demo"
-
-
-def resolve_model_name(path_or_repo_id: str | Path | None) -> str | Path:
-    """The embedded demo model's folder for None or the name "demo" (unless a local folder of that
-    name exists, which wins); anything else unchanged (a folder or a hub repo id)."""
-    if path_or_repo_id is None or (str(path_or_repo_id) == DEMO_NAME and not Path(DEMO_NAME).exists()):
-        return default_model_dir()
-    return path_or_repo_id
-
-
-def default_model_dir() -> Path:
-    """The small DBRX-architecture checkpoint shipped inside the package."""
-    return DEFAULT_MODEL_DIR
+from dbrxq.core.errors import TokenizerError
+from dbrxq.core.sysinfo import set_threads
+from dbrxq.formats.hub import resolve_model_name
+from dbrxq.loading.loader import load_model
+from dbrxq.model.dbrx import DbrxForCausalLM
+from dbrxq.model.kv_cache import check_flavour
+from dbrxq.runtime.generate import GenerationOutput, generate
+from dbrxq.text.tokenizer import DbrxTokenizer, StreamDecoder
 
 
 @dataclass
@@ -47,7 +32,7 @@ class DbrxRunner:
     model: DbrxForCausalLM
     tokenizer: DbrxTokenizer
 
-    kv_cache: str = "bf16"  # KV cache flavour (dbrxq.kv_cache.KV_FLAVOURS)
+    kv_cache: str = "bf16"  # KV cache flavour (dbrxq.model.kv_cache.KV_FLAVOURS)
 
     @property
     def config(self):
@@ -55,11 +40,11 @@ class DbrxRunner:
 
     @property
     def offload(self):
-        """The dbrxq.offload.OffloadRuntime when experts are offloaded (stats, cache), else None."""
+        """The dbrxq.runtime.offload.OffloadRuntime when experts are offloaded (stats, cache), else None."""
         return getattr(self.model, "offload", None)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], **kwargs) -> GenerationOutput:
-        """Token-level generation for a batch of prompts (see dbrxq.generate.generate)."""
+        """Token-level generation for a batch of prompts (see dbrxq.runtime.generate.generate)."""
         kwargs.setdefault("stop_tokens", self.stop_tokens)
         kwargs.setdefault("pad_token_id", self.pad_token_id)
         # With offloading the runtime makes the KV cache, within the memory plan.
@@ -97,7 +82,6 @@ class DbrxRunner:
         if on_text is not None:
             if len(ids) != 1:
                 raise ValueError("streaming (on_text) takes a single prompt")
-            from .tokenizer import StreamDecoder
             dec = StreamDecoder(self.tokenizer)
             stops = set(self.stop_tokens)
 
@@ -126,17 +110,15 @@ def load(path_or_repo_id: str | Path | None = None, *, device: str | torch.devic
         dtype: float32, bfloat16, float16 or auto/None (the checkpoint's).
         backend: force a quantized-kernel backend (default: the fastest for the device).
         gpu_memory, cpu_memory: memory budgets ("20GiB", "512MiB", "1.5GB" or bytes); either one
-            offloads the experts of a quantized checkpoint (dbrxq.offload). Float checkpoints refuse.
+            offloads the experts of a quantized checkpoint (dbrxq.runtime.offload). Float checkpoints refuse.
         context: the tokens (prompt + new) the KV cache is planned for when offloading
             (default min(max_seq_len, 4096)).
         batch_size: the prompts generated together that the offloading memory plan reserves KV
             cache for (like context; without offloading the cache is sized per request).
-        kv_cache: "bf16" (the model's dtype) or "int8" (about half the bytes; dbrxq.kv_cache).
+        kv_cache: "bf16" (the model's dtype) or "int8" (about half the bytes; dbrxq.model.kv_cache).
         offload_options: prefetch, cache_dir, drop_page_cache, timing (see enable_offloading).
         threads: CPU threads (default: torch's, the physical cores); set for the whole process.
     """
-    from .kv_cache import check_flavour
-    from .sysinfo import set_threads
     set_threads(threads)
     src = resolve_model_name(path_or_repo_id)
     model = load_model(src, device=device, dtype=dtype, revision=revision, backend=backend,

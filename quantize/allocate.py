@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dbrxq.errors import QuantizationError
+from dbrxq.core.errors import QuantizationError
 
 MAX_UNITS = 50_000_000  # items x budget units the exact program may take (memory: one int8 choice each)
 

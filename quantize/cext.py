@@ -24,8 +24,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from dbrxq.errors import QuantizationError
-from dbrxq.sysinfo import cpu_flags
+from dbrxq.core.errors import QuantizationError
+from dbrxq.core.files import cache_dir
+from dbrxq.core.sysinfo import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,6 @@ PATH_FLAGS = {"generic": frozenset(), "avx2": frozenset({"avx2", "fma", "f16c"})
               "avx512": frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})}
 
 _c_int, _c_i64, _vp = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DBRXQ_CACHE") or Path.home() / ".cache" / "dbrxq")
 
 
 def cpu_path() -> str:

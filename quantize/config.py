@@ -15,11 +15,18 @@ plus an optional free-form ``"calibration"`` summary (data set, token count, see
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbrxq.errors import QuantizationError
-from quantize.format import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from dbrxq.core.errors import QuantizationError
+from dbrxq.core.untrusted import is_int
+from quantize.format import (
+    FORMAT_VERSION,
+    READABLE_FORMAT_VERSIONS,
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+)
 
 QUANT_METHOD = "dbrxq"
 METHODS = ("rtn", "gptq")
@@ -66,7 +73,6 @@ class ModuleQuant:
             raise QuantizationError(
                 f"quantization_config.{kind} has unknown field(s) {sorted(unknown)}"
             )
-        from dbrxq.untrusted import is_int
         bits, group, sym = d.get("bits"), d.get("group_size", -1), d.get("symmetric", True)
         # exact JSON types: 4.0 == 4 in Python, but a float here reaches ctypes and the kernels
         for name, value, ok in (("bits", bits, bits is None or is_int(bits)), ("group_size", group, is_int(group)),
@@ -119,7 +125,6 @@ class ExpertMix:
 
     @classmethod
     def from_dict(cls, d: Any) -> ExpertMix:
-        from dbrxq.untrusted import is_int
         where = "quantization_config.expert_mix"
         if not isinstance(d, dict) or set(d) != {"options", "choice"}:
             raise QuantizationError(f"{where} must be an object with exactly the fields options and choice")
@@ -200,7 +205,6 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         """Parse a ``quantization_config`` block; QuantizationError names the bad field."""
-        from dbrxq.untrusted import is_int
         if not isinstance(d, dict):
             raise QuantizationError(
                 f"quantization_config must be an object, got {type(d).__name__}"
@@ -232,3 +236,22 @@ class QuantConfig:
             raise QuantizationError(f"quantization_config.format_version={version} cannot hold {what} "
                                     f"(format_version {cfg.required_version} can); the checkpoint is damaged")
         return cfg
+
+
+def quantization_of(config, where: str | os.PathLike) -> QuantConfig | None:
+    """The ``quantization_config`` block of a model config (a dbrxq.model.config.DbrxConfig) parsed and
+    checked against the model (every expert of expert_mix has a recipe), or None for a float checkpoint.
+    The model's config only knows the block is an object: its fields are checked here, by the
+    quantizer that owns them, before any weight is read (transformers' quantizers do the same).
+
+    Raises:
+        QuantizationError: one line starting with ``where`` (the config file), naming the field.
+    """
+    if config.quantization_config is None:
+        return None
+    try:
+        qc = QuantConfig.from_dict(config.quantization_config)
+        qc.check_model(config.n_layers, config.num_experts)
+    except QuantizationError as e:
+        raise QuantizationError(f"{where}: {e}") from None
+    return qc

@@ -68,3 +68,6 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 # Group sizes a user may ask for; -1 (or K itself) means per-channel.
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 SCALE_DTYPE_NAME = "float16"
+
+
+REPORT_NAME = "quantize_report.json"

@@ -30,9 +30,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dbrxq.errors import QuantizationError
-
-from .primitives import QuantizedTensor, quantize_tensor
+from dbrxq.core.errors import QuantizationError
+from quantize.primitives import QuantizedTensor, quantize_tensor
 
 BLOCK = 32
 # bytes per 32-value block

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from dbrxq.errors import QuantizationError
+from dbrxq.core.errors import QuantizationError
 from quantize.primitives import (
     QuantizedTensor,
     compute_qparams,

@@ -29,9 +29,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from dbrxq.errors import QuantizationError
+from dbrxq.core.errors import QuantizationError
 from quantize import cext
-from quantize.primitives import QuantizedTensor
+from quantize.primitives import QuantizedTensor, pack_codes
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +395,6 @@ def widen_to_int4(qt: QuantizedTensor) -> QuantizedTensor:
     zero = the stored one or the implicit 2**(bits-1). Exact, so torch's int4 kernel (the CUDA path)
     runs 2/3-bit checkpoints, holding int4's bytes in memory; on CPU dbrxq's C kernel reads them
     natively (fewer bytes)."""
-    from quantize.primitives import pack_codes
     zeros = qt.qzeros if qt.qzeros is not None else torch.full_like(qt.scales, 2 ** (qt.bits - 1), dtype=torch.uint8)
     return QuantizedTensor(pack_codes(qt.codes(), 4), qt.scales, zeros, 4, qt.group_size, qt.shape)
 

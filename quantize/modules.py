@@ -2,7 +2,7 @@
 
 - :class:`QLinear` replaces a bias-free ``nn.Linear`` (attention ``Wqkv`` / ``out_proj``, optionally
   ``lm_head``): buffers ``qweight``, ``scales`` (``qzeros``) in :mod:`quantize.format`'s layout.
-- :class:`QExperts` replaces ``dbrxq.model.DbrxExperts``: ``mlp.{w1,v1,w2}`` each hold
+- :class:`QExperts` replaces ``dbrxq.model.moe.DbrxExperts``: ``mlp.{w1,v1,w2}`` each hold
   ``qweight``/``scales``/(``qzeros``) with a leading expert dim, w1/v1 ``[E, F, D]``, w2
   ``[E, D, F]``, so one expert's bytes are ``t[e]`` of each tensor.
 - :func:`quantize_model_modules` swaps them in (on meta, before a quantized checkpoint is
@@ -25,9 +25,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dbrxq.errors import QuantizationError
-from dbrxq.pages import PageReleaser, trim_heap
-from dbrxq.model import _ACTIVATIONS, DbrxExperts, moe_dispatch
+from dbrxq.core.errors import QuantizationError
+from dbrxq.core.pages import PageReleaser, trim_heap
+from dbrxq.model.moe import ACTIVATIONS, DbrxExperts, moe_dispatch
 from quantize import kernels
 from quantize.config import ModuleQuant, QuantConfig
 from quantize.format import MIXED_PART, QWEIGHT, QZEROS, SCALES
@@ -148,7 +148,7 @@ class QLinear(QWeight):
 
     @property
     def row_independent(self) -> bool:
-        """dbrxq's C kernels compute each row alone, bit for bit (dbrxq.model.batch_invariant)."""
+        """dbrxq's C kernels compute each row alone, bit for bit (dbrxq.model.batch.batch_invariant)."""
         return isinstance(self._prepared, kernels.CpuQWeight)
 
 
@@ -207,7 +207,7 @@ class QExperts(nn.Module):
                  name: str = "experts", mix: tuple[tuple[ModuleQuant, ...], tuple[int, ...]] | None = None) -> None:
         super().__init__()
         self.num_experts, self.ffn_hidden_size = config.num_experts, config.ffn_hidden_size
-        self.act: Callable[[torch.Tensor], torch.Tensor] = _ACTIVATIONS[config.activation]
+        self.act: Callable[[torch.Tensor], torch.Tensor] = ACTIVATIONS[config.activation]
         self.mixed = mix is not None  # per-expert recipes (format_version 3)
         self.mlp = QExpertGLU(config.num_experts, config.ffn_hidden_size, config.d_model, mq,
                               device=device, name=f"{name}.mlp", mix=mix)
@@ -249,7 +249,7 @@ class QExperts(nn.Module):
 
     @property
     def row_independent(self) -> bool:
-        """Every expert on dbrxq's C kernels, which compute each row alone (dbrxq.model.batch_invariant)."""
+        """Every expert on dbrxq's C kernels, which compute each row alone (dbrxq.model.batch.batch_invariant)."""
         return self._prepared is not None and all(isinstance(w, kernels.CpuQWeight) for p in self._prepared for w in p)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

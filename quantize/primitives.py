@@ -26,8 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
-from dbrxq.errors import QuantizationError
-from quantize.format import QWEIGHT, QZEROS, SCALES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from dbrxq.core.errors import CheckpointError, QuantizationError
+from quantize.format import (
+    QWEIGHT,
+    QZEROS,
+    SCALES,
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+)
 
 __all__ = [
     "QuantizedTensor",
@@ -466,7 +472,6 @@ def check_qparams(scales: torch.Tensor | None, qzeros: torch.Tensor | None, bits
     """Refuse (CheckpointError, one line naming ``what``) scales that are not finite and positive, or
     zero points beyond the code range: such codes dequantize to NaN or garbage. One pass over small
     tensors (1/32 of the codes' bytes at int4 g128: 2 bytes of scale per 64 bytes of codes)."""
-    from dbrxq.errors import CheckpointError
     if scales is not None and scales.numel():
         if scales.dtype == torch.float16:
             # one reduction, no temporaries: a positive finite half is a bit pattern in (0, 0x7C00)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from dbrxq.errors import QuantizationError
+from dbrxq.core.errors import QuantizationError
 from quantize.primitives import QuantizedTensor, quantize_tensor
 
 EXPERT_KINDS = ("w1", "v1", "w2")

@@ -5,7 +5,7 @@ the hub's order, each quantized weight replaced by ``<name>.qweight``, ``.scales
 unquantized tensors copied byte for byte in their stored dtype, then tokenizer files, then
 ``config.json`` (SRC's config plus ``quantization_config``) LAST, atomically. A folder with a
 config.json is therefore complete; a failure at any point leaves none (the shards written so far
-are removed by :class:`~dbrxq.writer.ShardedCheckpointWriter`).
+are removed by :class:`~dbrxq.formats.shards.ShardedCheckpointWriter`).
 
 Memory is bounded by one row chunk of one source tensor (``chunk_bytes`` of float32, 64 MiB by
 default) plus one expert's codes and one tensor's scales, whatever the model size: rows are
@@ -20,24 +20,43 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from dbrxq.checkpoint import (INDEX_NAME, CheckpointReader, check_float_checkpoint, hub_tensor_shapes, read_config,
-                              resolve_model_dir)
-from dbrxq.config import DbrxConfig
-from dbrxq.errors import QuantizationError
-from dbrxq.make_checkpoint import copy_tokenizer_files
-from dbrxq.untrusted import check_finite
-from dbrxq.writer import check_disk_space, is_write_error, remove_stale_temps, write_error
-from dbrxq.writer import DEFAULT_MAX_SHARD_BYTES, ShardedCheckpointWriter, TensorSpec, tensor_nbytes, \
-    write_json_atomic
+from dbrxq.core.errors import QuantizationError
+from dbrxq.core.files import (
+    check_disk_space,
+    is_write_error,
+    remove_stale_temps,
+    write_error,
+    write_json_atomic,
+)
+from dbrxq.core.untrusted import check_finite
+from dbrxq.formats.checkpoint import (
+    INDEX_NAME,
+    CheckpointReader,
+    check_float_checkpoint,
+    read_config,
+)
+from dbrxq.formats.hub import copy_tokenizer_files, resolve_model_dir, tokenizer_files
+from dbrxq.formats.shards import (
+    DEFAULT_MAX_SHARD_BYTES,
+    ShardedCheckpointWriter,
+    tensor_nbytes,
+)
+from dbrxq.model.config import DbrxConfig
+from dbrxq.text.tokenizer import DbrxTokenizer
 from quantize.config import ModuleQuant, QuantConfig
-from quantize.format import MIXED_PART, QWEIGHT, QZEROS, SCALES
-from quantize.primitives import packed_k, resolve_group_size
-from quantize.rtn import EXPERT_KINDS, quantize_rtn
+from quantize.format import QWEIGHT, QZEROS, SCALES
+from quantize.rtn import quantize_rtn
+from quantize.specs import (
+    logical_shape,
+    module_kind,
+    quantized_plan,
+    quantized_tensor_specs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,82 +69,6 @@ _SHARD_FILE_RE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 # --------------------------------------------------------------------------------------------
 # What goes where
 # --------------------------------------------------------------------------------------------
-def module_kind(name: str) -> str | None:
-    """The QuantConfig kind of hub tensor ``name`` (experts, attn, lm_head, embed) or None."""
-    if name.endswith((".attn.Wqkv.weight", ".attn.out_proj.weight")):
-        return "attn"
-    if name.rsplit(".", 1)[-1] in EXPERT_KINDS and ".ffn.experts.mlp." in name:
-        return "experts"
-    if name == "lm_head.weight":
-        return "lm_head"
-    if name == "transformer.wte.weight":
-        return "embed"
-    return None
-
-
-def _logical_shape(name: str, hub_shape: tuple[int, ...], kind: str, config: DbrxConfig) -> tuple[int, ...]:
-    """The canonical (out, in) shape: experts [E, F, D] (w1, v1) / [E, D, F] (w2); else the hub's."""
-    if kind != "experts":
-        return hub_shape
-    e, f, d = config.num_experts, config.ffn_hidden_size, config.d_model
-    return (e, d, f) if name.endswith(".w2") else (e, f, d)
-
-
-def _quantized_plan(config: DbrxConfig, qconfig: QuantConfig) -> Iterator[tuple[str, tuple, ModuleQuant | None]]:
-    """Yield (hub name, hub shape, ModuleQuant or None for a plain copy) in the hub's order."""
-    if qconfig.embed.quantized:
-        raise QuantizationError("embed: quantized embeddings are not supported yet; keep them at 16 bits")
-    if qconfig.lm_head.quantized and config.tie_word_embeddings:
-        raise QuantizationError("lm_head: this model ties lm_head to the embeddings, which stay "
-                                "unquantized; keep lm_head at 16 bits")
-    for name, shape in hub_tensor_shapes(config).items():
-        kind = module_kind(name)
-        mq = qconfig.for_kind(kind) if kind else None
-        yield name, shape, (mq if mq is not None and mq.quantized else None)
-
-
-def quantized_tensor_specs(config: DbrxConfig, qconfig: QuantConfig, *,
-                           float_dtype: torch.dtype | Mapping[str, torch.dtype] = torch.bfloat16
-                           ) -> list[TensorSpec]:
-    """Every tensor of the quantized checkpoint as ``(name, shape, dtype)``, in write order.
-
-    Args:
-        float_dtype: dtype of the unquantized tensors, one for all or per hub name.
-    Raises:
-        QuantizationError: quantized embeddings, a quantized lm_head tied to them, or a group size
-            that does not divide a tensor's input dim (naming the tensor).
-    """
-    specs: list[TensorSpec] = []
-    mix = qconfig.expert_mix
-    for name, hub_shape, mq in _quantized_plan(config, qconfig):
-        if mq is None:
-            dt = float_dtype if isinstance(float_dtype, torch.dtype) else float_dtype[name]
-            specs.append((name, hub_shape, dt))
-            continue
-        kind = module_kind(name)
-        *lead, n, k = _logical_shape(name, hub_shape, kind, config)
-        base = name.removesuffix(".weight")
-        if kind == "experts" and mix is not None:  # one stack per recipe the layer uses (MIXED_PART)
-            layer = int(name.split(".")[2])
-            for j, opt in enumerate(mix.options):
-                members = mix.members(layer, j)
-                if members:
-                    specs += _quantized_specs(f"{base}.{MIXED_PART.format(j)}", (len(members),), n, k, opt)
-            continue
-        specs += _quantized_specs(base, tuple(lead), n, k, mq)
-    return specs
-
-
-def _quantized_specs(base: str, lead: tuple, n: int, k: int, mq: ModuleQuant) -> list[TensorSpec]:
-    try:
-        g = resolve_group_size(mq.group_size, k, mq.bits)
-    except QuantizationError as e:
-        raise QuantizationError(f"{base} (input dim {k}): {e}") from None
-    specs = [(f"{base}.{QWEIGHT}", (*lead, n, packed_k(mq.bits, k)), torch.uint8),
-             (f"{base}.{SCALES}", (*lead, n, k // g), torch.float16)]
-    if not mq.symmetric:
-        specs.append((f"{base}.{QZEROS}", (*lead, n, k // g), torch.uint8))
-    return specs
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,7 +95,7 @@ def _write_quantized(writer: ShardedCheckpointWriter, reader: CheckpointReader, 
     """RTN-quantize hub tensor ``name`` in row chunks (per expert for experts) and write its
     qweight as it goes, then its scales (and zeros), which are small, in one piece each."""
     kind = module_kind(name)
-    *lead, n, k = _logical_shape(name, hub_shape, kind, config)
+    *lead, n, k = logical_shape(name, hub_shape, kind, config)
     base = name.removesuffix(".weight")
     sl = reader.get_slice(name, expected_shape=hub_shape)
     scales, zeros = [], []
@@ -213,8 +156,6 @@ def _remove_old_checkpoint(out: Path) -> None:
 def check_source_tokenizer(src: Path) -> bool:
     """Before a quantizer writes anything: SRC's tokenizer files (if it has any) are confined, bounded
     and load as a tokenizer, so OUT never carries a broken or foreign one. False when SRC has none."""
-    from dbrxq.checkpoint import tokenizer_files
-    from dbrxq.tokenizer import DbrxTokenizer
     if not tokenizer_files(src):
         return False
     DbrxTokenizer.from_pretrained(src)
@@ -241,7 +182,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, qconfig:
     """RTN-quantize the float DBRX checkpoint ``src`` into the folder ``out``.
 
     Args:
-        src: a local folder or a hub repo id (downloaded via dbrxq.checkpoint.resolve_model_dir).
+        src: a local folder or a hub repo id (downloaded via dbrxq.formats.hub.resolve_model_dir).
         out: output folder; created if needed. config.json is written last.
         qconfig: the recipe; its ``method`` must be "rtn" (GPTQ goes through calibration).
         overwrite: replace a checkpoint in a non-empty ``out``; its config.json is removed first,
@@ -272,7 +213,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, qconfig:
     with CheckpointReader(src_dir) as reader:
         check_float_checkpoint(reader, config, src_dir)
         has_tokenizer = check_source_tokenizer(src_dir)
-        plan = list(_quantized_plan(config, qconfig))
+        plan = list(quantized_plan(config, qconfig))
         specs = quantized_tensor_specs(config, qconfig, float_dtype={n: reader.dtype(n) for n in reader.keys()})
         total = sum(tensor_nbytes(shape, reader.dtype(name)) for name, shape, _ in plan)
         need = sum(tensor_nbytes(shape, dtype) for _, shape, dtype in specs)

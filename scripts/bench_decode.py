@@ -29,10 +29,10 @@ import time
 
 import torch
 
-from dbrxq.config import DbrxConfig
-from dbrxq.model import DbrxBlock, DbrxForCausalLM, rope_cos_sin
-from dbrxq.kv_cache import StaticKVCache
-from dbrxq.sysinfo import describe_machine, peak_rss_bytes, read_bandwidth
+from dbrxq.core.sysinfo import describe_machine, peak_rss_bytes, read_bandwidth
+from dbrxq.model.config import DbrxConfig
+from dbrxq.model.dbrx import DbrxBlock, DbrxForCausalLM, rope_cos_sin
+from dbrxq.model.kv_cache import StaticKVCache
 
 REAL = dict(d_model=6144, n_heads=48, n_layers=1, max_seq_len=32768, vocab_size=100352,
             attn_config=dict(kv_n_heads=8, clip_qkv=8, rope_theta=500000),

@@ -14,7 +14,7 @@ pinned and from pageable memory (1 GiB), and the dense bf16 matmul rate (8192^3)
    the same GLU in dense bf16 (cuBLAS), the implementation a user would otherwise run; and the int8
    attention weight (Wqkv) on dbrxq's CUDA path and on torch's int8 kernel.
 2. Decode: a real-width checkpoint of --layers layers (vocab 1024) of random int4 codes, written
-   directly (dbrxq.make_checkpoint.make_random_quantized_checkpoint; speed does not depend on the
+   directly (quantize.random.make_random_quantized_checkpoint; speed does not depend on the
    values). Resident, then offloaded with GPU budgets holding 25/50/75% of the experts and every other
    expert pinned in host RAM, then one budget with no host tier (misses read from the prepared-expert
    file through the pinned staging buffer). Per token: time, hit rate, bytes moved, and the bound
@@ -159,13 +159,14 @@ def _profile(fn, name: str) -> None:
 
 def decode_rows(dev, ceil: dict, workdir: Path, layers: int, tokens: int, profile: bool = False) -> list[dict]:
     import dbrxq
-    from dbrxq.checkpoint import CheckpointReader
-    from dbrxq.config import DbrxConfig
-    from dbrxq.generate import generate
-    from dbrxq.loading import plan_offload
-    from dbrxq.make_checkpoint import make_random_quantized_checkpoint, preset_config
-    from dbrxq.offload import OffloadStats
+    from dbrxq.formats.checkpoint import CheckpointReader
+    from dbrxq.formats.random import preset_config
+    from dbrxq.model.config import DbrxConfig
+    from dbrxq.plan.checkpoint import plan_offload
+    from dbrxq.runtime.generate import generate
+    from dbrxq.runtime.offload import OffloadStats
     from quantize.config import QuantConfig
+    from quantize.random import make_random_quantized_checkpoint
 
     q = workdir / "q"
     if not (q / "config.json").is_file():
@@ -259,7 +260,7 @@ def main() -> int:
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA device (torch.cuda.is_available() is False)")
-    from dbrxq.sysinfo import describe_machine
+    from dbrxq.core.sysinfo import describe_machine
     dev = torch.device("cuda")
     print(describe_machine())
     print(f"GPU: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dbrxq.sysinfo import describe_machine, peak_rss_bytes  # noqa: E402
+from dbrxq.core.sysinfo import describe_machine, peak_rss_bytes  # noqa: E402
 from quantize import cext, kernels  # noqa: E402
 from quantize.primitives import quantize_tensor  # noqa: E402
 

@@ -19,13 +19,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dbrxq.sysinfo import describe_machine  # noqa: E402
+from dbrxq.core.sysinfo import describe_machine  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
 import dbrxq
-from dbrxq.tokenizer import DbrxTokenizer
+from dbrxq.text.tokenizer import DbrxTokenizer
 t0 = time.perf_counter()
 if {tokenizer!r}:
     DbrxTokenizer.from_pretrained(dbrxq.default_model_dir() if {model!r} == "demo" else {model!r})

@@ -15,7 +15,7 @@ Each configuration runs in its own process (peak RSS is its own). A budget of S 
 Sources: "page cache" reads the prepared-expert file through the page cache after one pass has
 loaded it there; "mmap" computes each missed expert in place from a mapping of that cached file
 (no copy: its bound counts the missed bytes at RAM speed); "disk" reads it with O_DIRECT (``offload_options={"direct": True}``), so nothing
-comes from RAM. Measured here, in this run: RAM read bandwidth (dbrxq.sysinfo.read_bandwidth), the
+comes from RAM. Measured here, in this run: RAM read bandwidth (dbrxq.core.sysinfo.read_bandwidth), the
 page-cache bandwidth (preadv of the prepared file, one expert per call, as the reader does) and the
 disk's (the same with O_DIRECT). Per token the bound is
 ``missed expert bytes / source bandwidth + (hit expert bytes + non-expert bytes) / RAM bandwidth``
@@ -43,8 +43,8 @@ def child(args) -> dict:
     import torch
 
     import dbrxq
-    from dbrxq.generate import generate
-    from dbrxq.sysinfo import peak_rss_bytes
+    from dbrxq.core.sysinfo import peak_rss_bytes
+    from dbrxq.runtime.generate import generate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,9 +56,9 @@ def child(args) -> dict:
     if args.device == "cuda":
         kw = {"gpu_memory": args.gpu_memory, "cpu_memory": args.cpu_memory}
     elif args.mode == "offload":
-        from dbrxq.checkpoint import CheckpointReader
-        from dbrxq.config import DbrxConfig
-        from dbrxq.loading import plan_offload
+        from dbrxq.formats.checkpoint import CheckpointReader
+        from dbrxq.model.config import DbrxConfig
+        from dbrxq.plan.checkpoint import plan_offload
         cfg = DbrxConfig.from_json(Path(args.model) / "config.json")
         with CheckpointReader(args.model) as r:
             plan, layout = plan_offload(r, cfg, device=torch.device("cpu"), dtype=torch.bfloat16, backend=None,
@@ -85,7 +85,7 @@ def child(args) -> dict:
                 pass
     generate(model, PROMPT, max_new_tokens=2, kv_cache=rt.kv_factory if rt else None)  # warm-up
     if rt is not None:
-        from dbrxq.offload import OffloadStats
+        from dbrxq.runtime.offload import OffloadStats
         rt.stats = OffloadStats()
     out = generate(model, PROMPT, max_new_tokens=args.tokens, kv_cache=rt.kv_factory if rt else None)
     s = out.stats
@@ -177,9 +177,9 @@ def main() -> int:
         print(json.dumps(child(args)))
         return 0
 
-    from dbrxq.config import DbrxConfig
-    from dbrxq.placement import format_size
-    from dbrxq.sysinfo import describe_machine, read_bandwidth
+    from dbrxq.core.sysinfo import describe_machine, read_bandwidth
+    from dbrxq.core.units import format_size
+    from dbrxq.model.config import DbrxConfig
 
     args.model = str(Path(args.model) if args.model else make_model(Path(args.workdir)))
     E = DbrxConfig.from_json(Path(args.model) / "config.json").num_experts

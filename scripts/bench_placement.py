@@ -7,11 +7,11 @@ The trained demo model routes unevenly (random weights would not), so this is wh
 policies can be told apart. The model runs over held-out text (calibration/data/heldout.txt, never
 trained or calibrated on) in windows of 512 tokens; every layer's top-4 choices are recorded per
 token. Each layer's cache of C slots then sees the tokens one by one, as decoding does, in the
-offloading runtime's steps (dbrxq.expert_cache.simulate, tested equal to the runtime): a token's
+offloading runtime's steps (dbrxq.runtime.expert_cache.simulate, tested equal to the runtime): a token's
 hits first, then each miss admitted in place of a resident the token does not use, if the policy
 admits it.
 
-Policies (``dbrxq.expert_cache``):
+Policies (``dbrxq.runtime.expert_cache``):
 - LRU, cold;
 - LRU starting from the C experts most routed to on the calibration text (calibration/data/calib.txt,
   the same counts `dbrxq quantize` reports per expert);
@@ -38,9 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dbrxq  # noqa: E402
-from dbrxq.expert_cache import LRU, DecayedLFU, simulate  # noqa: E402
-from dbrxq.model import route  # noqa: E402
-from dbrxq.sysinfo import describe_machine  # noqa: E402
+from dbrxq.core.sysinfo import describe_machine  # noqa: E402
+from dbrxq.model.moe import route  # noqa: E402
+from dbrxq.runtime.expert_cache import LRU, DecayedLFU, simulate  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "calibration" / "data"
 
@@ -87,10 +87,11 @@ def belady(trace: list[list[int]], capacity: int) -> tuple[int, int]:
 def runtime_rates(slots: int = 4, prompt_tokens: int = 48, new_tokens: int = 24) -> dict[str, float]:
     import tempfile
 
-    from calibration.pipeline import CalibrationOptions, quantize_with_calibration
-    from dbrxq.checkpoint import CheckpointReader
-    from dbrxq.config import DbrxConfig
-    from dbrxq.loading import _checkpoint_float_dtype, plan_offload
+    from calibration.options import CalibrationOptions
+    from calibration.pipeline import quantize_with_calibration
+    from dbrxq.formats.checkpoint import CheckpointReader, checkpoint_float_dtype
+    from dbrxq.model.config import DbrxConfig
+    from dbrxq.plan.checkpoint import plan_offload
     from quantize.config import QuantConfig
     rates, seqs = {}, set()
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,7 +101,7 @@ def runtime_rates(slots: int = 4, prompt_tokens: int = 48, new_tokens: int = 24)
         ctx = prompt_tokens + new_tokens
         with CheckpointReader(out) as r:
             config = DbrxConfig.from_json(out / "config.json")
-            plan, layout = plan_offload(r, config, device=torch.device("cpu"), dtype=_checkpoint_float_dtype(r),
+            plan, layout = plan_offload(r, config, device=torch.device("cpu"), dtype=checkpoint_float_dtype(r),
                                         backend=None, gpu_memory=None, cpu_memory="1GiB", context=ctx,
                                         batch_size=1, kv_cache="bf16")
         budget = plan.device_fixed_bytes + slots * config.n_layers * layout.nbytes

@@ -57,12 +57,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import fill_random  # noqa: E402
-from dbrxq.config import DbrxConfig  # noqa: E402
-from dbrxq.export import add_hparams  # noqa: E402
-from dbrxq.tokenizer import bytes_to_unicode  # noqa: E402
-from dbrxq.generate import prefill  # noqa: E402
-from dbrxq.model import DbrxForCausalLM  # noqa: E402
-from dbrxq.sysinfo import describe_machine, peak_rss_bytes  # noqa: E402
+
+from dbrxq.core.sysinfo import describe_machine, peak_rss_bytes  # noqa: E402
+from dbrxq.export.gguf_meta import add_hparams  # noqa: E402
+from dbrxq.model.config import DbrxConfig  # noqa: E402
+from dbrxq.model.dbrx import DbrxForCausalLM  # noqa: E402
+from dbrxq.runtime.generate import prefill  # noqa: E402
+from dbrxq.text.tokenizer import bytes_to_unicode  # noqa: E402
 from quantize import cext, ggml  # noqa: E402
 from quantize.config import ModuleQuant, QuantConfig  # noqa: E402
 from quantize.modules import quantize_model_rtn  # noqa: E402

@@ -49,7 +49,8 @@ def child(method: str, src: str, out: str, samples: int, seq_len: int, threads: 
         from quantize.writer import quantize_checkpoint
         quantize_checkpoint(src, out, QuantConfig(method="rtn"), overwrite=True, progress=False)
     else:
-        from calibration.pipeline import CalibrationOptions, quantize_with_calibration
+        from calibration.options import CalibrationOptions
+        from calibration.pipeline import quantize_with_calibration
         r = quantize_with_calibration(src, out, QuantConfig(method="gptq"),
                                       CalibrationOptions(samples=samples, seq_len=seq_len), overwrite=True,
                                       progress=False)
@@ -99,8 +100,8 @@ def main() -> int:
 
     import torch
     torch.set_num_threads(args.threads)
-    from dbrxq.checkpoint import read_config
-    from dbrxq.sysinfo import describe_machine, read_bandwidth
+    from dbrxq.core.sysinfo import describe_machine, read_bandwidth
+    from dbrxq.formats.checkpoint import read_config
     from quantize.writer import checkpoint_size
     print(describe_machine())
     print(f"read bandwidth {read_bandwidth(1 << 29) / GB:.1f} GB/s ({args.threads} threads)")

@@ -86,8 +86,8 @@ def ensure_tokenizer(folder: str) -> None:
     checkpoint's vocabulary (the first vocab_size - 8 BPE ranks, then the 8 special tokens)."""
     from pathlib import Path
 
-    from dbrxq.api import default_model_dir
-    from dbrxq.tokenizer import SIDECAR_FILE, VOCAB_FILE
+    from dbrxq.formats.hub import default_model_dir
+    from dbrxq.text.tokenizer import SIDECAR_FILE, VOCAB_FILE
     d = Path(folder)
     if not d.is_dir() or any((d / n).exists() for n in (VOCAB_FILE, "tokenizer.json", "cl100k_base.tiktoken")):
         return
@@ -175,7 +175,7 @@ def main() -> int:
     a = p.parse_args()
     import torch
 
-    from dbrxq.sysinfo import describe_machine, read_bandwidth
+    from dbrxq.core.sysinfo import describe_machine, read_bandwidth
     counts = [int(x) for x in a.clients.split(",")]
     if counts[0] != 1:
         counts = [1] + counts  # the single-client figure of the same run

@@ -7,7 +7,7 @@ model on the thread that loaded it, then on a second thread of the same process.
 
 With OpenMP, once one thread has run torch's parallel regions, its idle worker pool competes with
 the pool of any other thread that runs torch; on a 2-core machine the second thread's steps are
-several times slower. dbrxq.engine.Engine therefore loads the model on its worker thread too.
+several times slower. dbrxq.serve.engine.Engine therefore loads the model on its worker thread too.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dbrxq  # noqa: E402
-from dbrxq.kv_cache import SlotPool, make_kv_cache  # noqa: E402
-from dbrxq.sysinfo import describe_machine  # noqa: E402
+from dbrxq.core.sysinfo import describe_machine  # noqa: E402
+from dbrxq.model.kv_cache import SlotPool, make_kv_cache  # noqa: E402
 
 
 def main() -> int:

@@ -46,10 +46,10 @@ import numpy as np
 import torch
 
 import dbrxq
-from dbrxq.evaluate import windows
-from dbrxq.export import export_gguf
-from dbrxq.loading import load_model
-from dbrxq.sysinfo import describe_machine, peak_rss_bytes
+from dbrxq.core.sysinfo import describe_machine, peak_rss_bytes
+from dbrxq.export.gguf import export_gguf
+from dbrxq.loading.loader import load_model
+from dbrxq.runtime.evaluate import windows
 from quantize.config import ModuleQuant, QuantConfig
 from quantize.writer import quantize_checkpoint
 
@@ -179,7 +179,8 @@ def demo_part(args, work: Path) -> list[str]:
         if method == "rtn":
             quantize_checkpoint(dbrxq.default_model_dir(), folder, qc, overwrite=True, progress=False)
         else:
-            from calibration.pipeline import CalibrationOptions, quantize_with_calibration
+            from calibration.options import CalibrationOptions
+            from calibration.pipeline import quantize_with_calibration
             quantize_with_calibration(dbrxq.default_model_dir(), folder, qc,
                                       CalibrationOptions(samples=args.calib_samples, seq_len=args.calib_seq_len),
                                       overwrite=True, progress=False)
@@ -211,7 +212,7 @@ def demo_part(args, work: Path) -> list[str]:
 
 
 def real_width_part(args, work: Path) -> list[str]:
-    from dbrxq.make_checkpoint import make_random_checkpoint, preset_config
+    from dbrxq.formats.random import make_random_checkpoint, preset_config
     src = work / "real-width-1-layer"
     cfg = preset_config("dbrx", n_layers=1, vocab_size=1536, max_seq_len=4096)
     t0 = time.perf_counter()
@@ -252,8 +253,8 @@ def real_width_part(args, work: Path) -> list[str]:
 
 def dbrx_sizes() -> list[str]:
     """GGUF bytes of real DBRX per recipe (the README's table), from shapes and block sizes."""
-    from dbrxq.checkpoint import hub_tensor_shapes
-    from dbrxq.make_checkpoint import preset_config
+    from dbrxq.formats.checkpoint import hub_tensor_shapes
+    from dbrxq.formats.random import preset_config
     from quantize.ggml import row_bytes
     cfg = preset_config("dbrx")
     recipes = [("int4 g32 experts and attention (GPTQ or RTN)", "Q4_0", "Q4_0"),
@@ -268,8 +269,8 @@ def dbrx_sizes() -> list[str]:
                     experts if ".experts." in t else attn if ".attn." in t else "BF16")
             total += shape[0] * row_bytes(kind, shape[1]) if len(shape) == 2 else row_bytes(kind, shape[0])
         lines.append(f"| {name} | {' + '.join(dict.fromkeys((experts, attn)))} | {total / 1e9:.1f} GB |")
-    from dbrxq.writer import tensor_nbytes
-    from quantize.writer import quantized_tensor_specs
+    from dbrxq.formats.shards import tensor_nbytes
+    from quantize.specs import quantized_tensor_specs
     own = sum(tensor_nbytes(shape, dt) for _, shape, dt in quantized_tensor_specs(cfg, QuantConfig()))
     lines.append(f"\n(dbrxq's own folder with its default recipe, int4 g128 experts + int8 attention: {own / 1e9:.1f} GB)")
     return lines

@@ -4,7 +4,7 @@
     python scripts/dbrx_sizes.py
     python scripts/dbrx_sizes.py --target-size 48GB
 
-Every tensor's bytes come from quantize.writer.quantized_tensor_specs (what `dbrxq quantize` would
+Every tensor's bytes come from quantize.specs.quantized_tensor_specs (what `dbrxq quantize` would
 write) for scripts/make_checkpoint.py's "dbrx" preset: 40 layers, 16 experts of 10752 x 6144, vocab
 100352, embedding and lm_head bf16. With --target-size, the expert budget that `dbrxq quantize
 --target-size` computes (calibration.allocation.budget_from_size) and, for scale, how many of the 640
@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dbrxq.make_checkpoint import preset_config  # noqa: E402
-from dbrxq.placement import parse_size  # noqa: E402
+from dbrxq.core.units import parse_size  # noqa: E402
+from dbrxq.formats.random import preset_config  # noqa: E402
 from quantize.config import ModuleQuant, QuantConfig  # noqa: E402
-from quantize.writer import quantized_tensor_specs  # noqa: E402
+from quantize.specs import quantized_tensor_specs  # noqa: E402
 
 INT8 = ModuleQuant(8, -1, True)
 
@@ -63,6 +63,7 @@ def main() -> int:
         print(f"| {name} | {p['experts'] / 1e9:.1f} GB | {p['attention'] / 1e9:.2f} GB | {p['other'] / 1e9:.2f} GB "
               f"| {sum(p.values()) / 1e9:.1f} GB |")
     import torch
+
     from calibration.allocation import OPTIONS, budget_from_size, expert_bytes
     target = parse_size(a.target_size, "--target-size")
     n = config.n_layers * config.num_experts

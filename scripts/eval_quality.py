@@ -38,10 +38,10 @@ import torch
 from torch import nn
 
 import dbrxq
-from dbrxq.evaluate import compare
-from dbrxq.kv_cache import make_kv_cache
-from dbrxq.loading import load_model
-from dbrxq.sysinfo import describe_machine
+from dbrxq.core.sysinfo import describe_machine
+from dbrxq.loading.loader import load_model
+from dbrxq.model.kv_cache import make_kv_cache
+from dbrxq.runtime.evaluate import compare
 from quantize.config import ModuleQuant, QuantConfig
 from quantize.writer import quantize_checkpoint
 
@@ -85,7 +85,8 @@ def quantize(src: Path, out: Path, method: str, qc: QuantConfig, samples: int, s
     if method == "rtn" and target_bits is None:
         quantize_checkpoint(src, out, qc, overwrite=True, progress=False)
         return
-    from calibration.pipeline import CalibrationOptions, quantize_with_calibration
+    from calibration.options import CalibrationOptions
+    from calibration.pipeline import quantize_with_calibration
     quantize_with_calibration(src, out, qc, CalibrationOptions(samples=samples, seq_len=seq_len, target_bits=target_bits),
                               overwrite=True, progress=False)
 

@@ -6,12 +6,12 @@
     python scripts/make_checkpoint.py OUT --preset dbrx --layers 1 --random-codes 4     # quantized directly
     python scripts/make_checkpoint.py OUT --preset dbrx --layers 1 --random-codes 4:4,3:6,2:6   # mixed
 
-A thin CLI over :func:`dbrxq.make_checkpoint.make_random_checkpoint` and, with ``--random-codes``,
-:func:`~dbrxq.make_checkpoint.make_random_quantized_checkpoint` (random codes written straight into
+A thin CLI over :func:`dbrxq.formats.random.make_random_checkpoint` and, with ``--random-codes``,
+:func:`~quantize.random.make_random_quantized_checkpoint` (random codes written straight into
 dbrxq's quantized format, for speed benchmarks): ``B`` gives every expert the recipe of B bits of
 calibration.allocation.OPTIONS (2 and 3 bits g64 with zero points, 4 bits g128, 8 bits per channel),
 ``B:N,B:N,...`` the first N experts of every layer B bits, the next N the next width, and so on
-(format_version 3). Presets and overrides are :func:`dbrxq.make_checkpoint.preset_config`'s.
+(format_version 3). Presets and overrides are :func:`dbrxq.formats.random.preset_config`'s.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import time
 
 import torch
 
-from dbrxq.errors import DbrxqError
-from dbrxq.make_checkpoint import (PRESETS, copy_tokenizer_files, make_random_checkpoint,
-                                   make_random_quantized_checkpoint, preset_config)
-from dbrxq.writer import DEFAULT_MAX_SHARD_BYTES
+from dbrxq.core.errors import DbrxqError
+from dbrxq.formats.hub import copy_tokenizer_files
+from dbrxq.formats.random import PRESETS, make_random_checkpoint, preset_config
+from dbrxq.formats.shards import DEFAULT_MAX_SHARD_BYTES
+from quantize.random import make_random_quantized_checkpoint
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

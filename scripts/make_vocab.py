@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from dbrxq.tokenizer import DbrxTokenizer, read_tiktoken_file
-from dbrxq.vocab import restrict_ranks, train_bpe, write_vocab
+from dbrxq.text.tokenizer import DbrxTokenizer, read_tiktoken_file
+from dbrxq.text.vocab import restrict_ranks, train_bpe, write_vocab
 
 
 def pydoc_text() -> tuple[str, str]:

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dbrxq  # noqa: E402
-from dbrxq.model import route  # noqa: E402
+from dbrxq.model.moe import route  # noqa: E402
 from quantize.allocate import solve_exact, solve_greedy  # noqa: E402
 from quantize.primitives import quantize_tensor  # noqa: E402
 from quantize.rtn import experts_to_canonical  # noqa: E402
@@ -104,9 +104,15 @@ def expert_errors(model, routed: list[tuple[torch.Tensor, torch.Tensor]]):
 def gptq_model(choice: list[int], routed: list[tuple[torch.Tensor, torch.Tensor]]):
     """The float demo model with expert n quantized by GPTQ at OPTIONS[choice[n]] (dequantized in
     place), attention int8 RTN."""
-    from calibration.experts import ExpertPolicy, default_min_tokens, expert_strategy, quantize_expert
-    from dbrxq.loading import load_model
     from eval_quality import INT8
+
+    from calibration.experts import (
+        ExpertPolicy,
+        default_min_tokens,
+        expert_strategy,
+        quantize_expert,
+    )
+    from dbrxq.loading.loader import load_model
     from quantize.config import ModuleQuant, QuantConfig
     from quantize.modules import quantize_model_rtn
     from quantize.rtn import experts_to_hub
@@ -177,8 +183,9 @@ def main() -> int:
 
 def evaluate(ref, rows: list[tuple[str, list[int], int]], routed) -> None:
     """Each (name, choice, expert bytes) against the float model on eval_quality.py's held-out windows."""
-    from dbrxq.evaluate import compare
     from eval_quality import HELDOUT
+
+    from dbrxq.runtime.evaluate import compare
 
     ids = dbrxq.load(dtype="float32").tokenizer.encode(HELDOUT.read_text())
     base = None

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import dbrxq
-from dbrxq.model import route
+from dbrxq.model.moe import route
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE_SIZES = (4, 8, 12)

@@ -1,7 +1,7 @@
 """Train the small DBRX-architecture demo model shipped in dbrxq/assets/tiny.
 
 The architecture is DBRX's exactly (16 GLU experts with top-4 routing, GQA, clip_qkv 8, RoPE
-theta 5e5, bias-free LayerNorms) at toy width, built with our own dbrxq.model.DbrxForCausalLM and
+theta 5e5, bias-free LayerNorms) at toy width, built with our own dbrxq.DbrxForCausalLM and
 trained with its own loss: next-token cross-entropy + moe_loss_weight * the load-balancing aux
 loss (output_router_logits=True). AdamW, linear warmup then cosine decay, gradient clipping.
 
@@ -9,7 +9,7 @@ Data: the CPython-standard-library prose corpus of scripts/make_corpus.py (PSF L
 into ~/.cache/dbrxq/corpus when missing, tokenized with the embedded tokenizer; documents are
 joined with <|endoftext|> and training windows are drawn at seeded random offsets. The held-out
 loss is measured on calibration/data/heldout.txt (held-out documents only) with
-dbrxq.evaluate.perplexity.
+dbrxq.runtime.evaluate.perplexity.
 
 Runs on CUDA when present (bf16 autocast), else on CPU in float32 with --threads threads; the
 defaults take ~20 minutes on one CPU thread. Seeded: the same flags on the same machine give the
@@ -35,11 +35,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import make_corpus  # noqa: E402
 
-from dbrxq.config import DbrxConfig  # noqa: E402
-from dbrxq.evaluate import perplexity  # noqa: E402
-from dbrxq.model import DbrxForCausalLM  # noqa: E402
-from dbrxq.tokenizer import DbrxTokenizer  # noqa: E402
-from dbrxq.writer import save_file_atomic, write_json_atomic  # noqa: E402
+from dbrxq.core.files import write_json_atomic  # noqa: E402
+from dbrxq.formats.shards import save_file_atomic
+from dbrxq.model.config import DbrxConfig  # noqa: E402
+from dbrxq.model.dbrx import DbrxForCausalLM  # noqa: E402
+from dbrxq.runtime.evaluate import perplexity  # noqa: E402
+from dbrxq.text.tokenizer import DbrxTokenizer  # noqa: E402
 
 log = logging.getLogger("train_tiny")
 TOKENIZER_DIR = REPO / "dbrxq" / "assets" / "tiny"
@@ -90,7 +91,7 @@ def save(model: DbrxForCausalLM, out: Path, meta: dict) -> None:
     save_file_atomic(tensors, out / "model.safetensors",
                      metadata={"format": "pt", "dbrxq_training": json.dumps(meta, sort_keys=True)})
     if out.resolve() != TOKENIZER_DIR.resolve():
-        # The vocabulary and its JSON sidecar (dbrxq.checkpoint.TOKENIZER_PATTERNS lacks the latter).
+        # The vocabulary and its JSON sidecar (dbrxq.formats.hub.TOKENIZER_PATTERNS lacks the latter).
         for p in sorted(TOKENIZER_DIR.glob("tokenizer.tiktoken*")):
             shutil.copy2(p, out / p.name)
     d = model.config.to_dict()

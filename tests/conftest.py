@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dbrxq.config import DbrxConfig
-from dbrxq.model import DbrxForCausalLM
+from dbrxq.model.config import DbrxConfig
+from dbrxq.model.dbrx import DbrxForCausalLM
 
 TINY = dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=40, vocab_size=50,
             attn_config=dict(kv_n_heads=2, clip_qkv=8, rope_theta=10000),
@@ -24,7 +24,7 @@ def tiny_model():
 
 @pytest.fixture
 def dbrxq_main(monkeypatch, capsys):
-    """Run the dbrxq command line in this process (``dbrxq.cli.main``, as the console script does):
+    """Run the dbrxq command line in this process (``dbrxq.cli.app.main``, as the console script does):
     ``dbrxq_main(*args) -> (exit status, stderr)``."""
     import sys
 

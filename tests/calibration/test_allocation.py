@@ -13,13 +13,15 @@ from safetensors.torch import load_file
 
 import dbrxq
 from calibration import allocation, pipeline, progress
-from calibration.pipeline import CalibrationOptions, quantize_with_calibration
-from dbrxq.config import DbrxConfig
-from dbrxq.errors import ConfigError, DbrxqError, QuantizationError
-from dbrxq.loading import load_model
-from dbrxq.writer import tensor_nbytes
+from calibration.options import CalibrationOptions
+from calibration.pipeline import quantize_with_calibration
+from dbrxq.core.errors import ConfigError, DbrxqError, QuantizationError
+from dbrxq.formats.shards import tensor_nbytes
+from dbrxq.loading.loader import load_model
+from dbrxq.model.config import DbrxConfig
 from quantize.config import ExpertMix, ModuleQuant, QuantConfig
-from quantize.writer import quantize_checkpoint, quantized_tensor_specs
+from quantize.specs import quantized_tensor_specs
+from quantize.writer import quantize_checkpoint
 from tests.calibration.test_pipeline import files, one_line
 
 OPTS = CalibrationOptions(samples=8, seq_len=64, target_bits=2.5)
@@ -30,7 +32,8 @@ QC = QuantConfig(method="gptq")  # experts int4 g128 where uniform; d_model 64: 
 def src(tmp_path_factory):
     """A random DBRX of 2 layers, 16 experts, top-4, d_model and ffn 128 (the recipes' groups: 64, 128)."""
     import shutil
-    from dbrxq.make_checkpoint import make_random_checkpoint, preset_config
+
+    from dbrxq.formats.random import make_random_checkpoint, preset_config
     folder = tmp_path_factory.mktemp("src")
     make_random_checkpoint(folder, preset_config("tiny", vocab_size=1536, d_model=128, ffn_hidden_size=128),
                            progress=False, tokenizer_dir=dbrxq.default_model_dir())
@@ -87,9 +90,9 @@ def test_budget_met_recipes_stored_and_loaded(src, mixed):
 def test_predicted_errors_are_the_routed_tokens_rtn_errors(src, mixed):
     """measure() against a recount: one expert's error at each option from the float model's own MoE
     input (a forward hook) and its router, tr(dW H dW^T) summed over its three matrices."""
-    from calibration.data import calibration_tokens
-    from dbrxq.model import route
-    from dbrxq.tokenizer import DbrxTokenizer
+    from calibration.tokens import calibration_tokens
+    from dbrxq.model.moe import route
+    from dbrxq.text.tokenizer import DbrxTokenizer
     from quantize.primitives import quantize_tensor
     from quantize.rtn import experts_to_canonical
 
@@ -138,12 +141,12 @@ def test_target_size_counts_the_other_tensors(src, tmp_path):
 
 def test_resume_of_a_mixed_run_is_byte_identical(src, mixed, tmp_path, monkeypatch):
     out = tmp_path / "q"
-    real = pipeline._process_layer
-    monkeypatch.setattr(pipeline, "_process_layer",
+    real = pipeline.process_layer
+    monkeypatch.setattr(pipeline, "process_layer",
                         lambda run, i, x: (_ for _ in ()).throw(KeyboardInterrupt()) if i == 1 else real(run, i, x))
     with pytest.raises(KeyboardInterrupt):
         quantize_with_calibration(src, out, QC, OPTS, progress=False)
-    monkeypatch.setattr(pipeline, "_process_layer", real)
+    monkeypatch.setattr(pipeline, "process_layer", real)
     quantize_with_calibration(src, out, QC, OPTS, resume=True, progress=False)
     assert files(out) == files(mixed[0])
 
@@ -176,7 +179,7 @@ def test_mixed_experts_offload_to_the_resident_logits(mixed, tmp_path, slots, op
     bytes, within the budget of ``slots`` largest-class slots per layer (so at least that many experts
     stay); the logits are the resident model's, bit for bit, and the bytes moved are the missed
     experts' own sizes."""
-    from dbrxq.expert_cache import MixedLayout
+    from dbrxq.plan.slots import MixedLayout
     from tests.dbrxq.test_offload import _budget, run_steps
     out = mixed[0]
     ref = run_steps(load_model(out), steps=4)
@@ -202,7 +205,7 @@ def test_mixed_experts_offload_to_the_resident_logits(mixed, tmp_path, slots, op
 def test_size_class_pools_hold_more_experts_than_largest_slots():
     """The split of a layer's bytes over size classes: within the bytes, never more slots than a class
     has experts, coverage balanced, and more experts cached than slots of the largest size would hold."""
-    from dbrxq.placement import split_by_class
+    from dbrxq.plan.placement import split_by_class
     sizes, counts = [59, 84, 102], [8, 6, 2]
     k = split_by_class(408, sizes, counts)
     assert sum(a * b for a, b in zip(k, sizes)) <= 408 and all(a <= n for a, n in zip(k, counts))
@@ -213,7 +216,7 @@ def test_size_class_pools_hold_more_experts_than_largest_slots():
 
 def test_what_cannot_take_mixed_experts_says_so(mixed, src, tmp_path):
     out = mixed[0]
-    from dbrxq.export import export_gguf
+    from dbrxq.export.gguf import export_gguf
     with pytest.raises(ConfigError) as e:
         export_gguf(out, tmp_path / "m.gguf")
     assert "per-expert recipes" in one_line(e) and not (tmp_path / "m.gguf").exists()
@@ -230,7 +233,7 @@ def dataclasses_replace(qc, **kw):
 def test_specs_stack_each_recipe_and_version_one_still_loads(tmp_path):
     """The canonical specs of a mixed layer: one stack per recipe in use, sized by its members; a
     uniform recipe keeps version 1 (older readers) and its stacked [E, ...] names."""
-    from dbrxq.make_checkpoint import preset_config
+    from dbrxq.formats.random import preset_config
     config = preset_config("tiny", d_model=128, ffn_hidden_size=128)
     options = (ModuleQuant(2, 64, False), ModuleQuant(4, 128, True))
     choice = ((0,) * 16, (1, 0) * 8)

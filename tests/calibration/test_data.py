@@ -1,4 +1,4 @@
-"""calibration.data: reading text / JSON Lines / hub dataset files, and the seeded window rule."""
+"""calibration.tokens: reading text / JSON Lines / hub dataset files, and the seeded window rule."""
 
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ import pytest
 import torch
 
 import dbrxq
-from calibration.data import (DEFAULT_CALIB_FILE, CalibrationDataError, calibration_tokens, load_text,
-                              sample_windows, token_stream)
-from dbrxq.tokenizer import DbrxTokenizer
+from calibration.tokens import (
+    DEFAULT_CALIB_FILE,
+    CalibrationDataError,
+    calibration_tokens,
+    load_text,
+    sample_windows,
+    token_stream,
+)
+from dbrxq.text.tokenizer import DbrxTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +150,8 @@ def test_default_calibration_request_fits_the_shipped_text(tok, tmp_path, caplog
     import importlib.util
     import shutil
 
-    from calibration.pipeline import CalibrationOptions
-    from dbrxq.tokenizer import CL100K_SHA256
+    from calibration.options import CalibrationOptions
+    from dbrxq.text.tokenizer import CL100K_SHA256
 
     opts = CalibrationOptions()
     toks = [tok]

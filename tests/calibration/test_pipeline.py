@@ -12,14 +12,20 @@ from safetensors.torch import load_file
 
 import dbrxq
 from calibration import pipeline, progress
-from calibration.data import calibration_tokens
-from calibration.pipeline import CalibrationOptions, quantize_with_calibration
-from dbrxq.errors import CheckpointError, ConfigError, DbrxqError, QuantizationError
-from dbrxq.evaluate import compare
-from dbrxq.loading import load_model
-from dbrxq.make_checkpoint import make_random_checkpoint, preset_config
-from dbrxq.model import route
-from dbrxq.tokenizer import DbrxTokenizer
+from calibration.options import CalibrationOptions
+from calibration.pipeline import quantize_with_calibration
+from calibration.tokens import calibration_tokens
+from dbrxq.core.errors import (
+    CheckpointError,
+    ConfigError,
+    DbrxqError,
+    QuantizationError,
+)
+from dbrxq.formats.random import make_random_checkpoint, preset_config
+from dbrxq.loading.loader import load_model
+from dbrxq.model.moe import route
+from dbrxq.runtime.evaluate import compare
+from dbrxq.text.tokenizer import DbrxTokenizer
 from quantize.config import ModuleQuant, QuantConfig
 from quantize.writer import quantize_checkpoint
 
@@ -142,22 +148,22 @@ def test_rare_experts_listed_and_route_all(src, tmp_path):
 @pytest.mark.parametrize("crash", ["layer1", "head"])
 def test_crash_then_resume_is_byte_identical(src, clean, tmp_path, monkeypatch, crash, activations):
     out = tmp_path / "q"
-    real_layer, real_head = pipeline._process_layer, pipeline._write_head
+    real_layer, real_head = pipeline.process_layer, pipeline.write_head
 
     def boom(*a, **k):
         raise KeyboardInterrupt("injected")
     if crash == "layer1":
-        monkeypatch.setattr(pipeline, "_process_layer", lambda run, i, x: boom() if i == 1 else real_layer(run, i, x))
+        monkeypatch.setattr(pipeline, "process_layer", lambda run, i, x: boom() if i == 1 else real_layer(run, i, x))
     else:
-        monkeypatch.setattr(pipeline, "_write_head", boom)
+        monkeypatch.setattr(pipeline, "write_head", boom)
     with pytest.raises(KeyboardInterrupt):
         quantize_with_calibration(src, out, QC["gptq"], OPTS, progress=False)
     assert not (out / "config.json").exists() and (out / progress.MANIFEST_NAME).exists()
     assert not list(out.glob("*.tmp.*"))
     with pytest.raises(DbrxqError):
         load_model(out)  # no config.json, no index: visibly incomplete
-    monkeypatch.setattr(pipeline, "_process_layer", real_layer)
-    monkeypatch.setattr(pipeline, "_write_head", real_head)
+    monkeypatch.setattr(pipeline, "process_layer", real_layer)
+    monkeypatch.setattr(pipeline, "write_head", real_head)
     if activations == "recomputed":
         (out / progress.ACTIVATIONS_NAME).unlink(missing_ok=True)
     if activations == "tampered" and (out / progress.ACTIVATIONS_NAME).exists():
@@ -184,7 +190,7 @@ def test_crash_then_resume_is_byte_identical(src, clean, tmp_path, monkeypatch, 
 ])
 def test_resume_refuses_a_damaged_manifest(src, tmp_path, monkeypatch, manifest, message):
     out = tmp_path / "q"
-    monkeypatch.setattr(pipeline, "_write_head", lambda run: (_ for _ in ()).throw(RuntimeError("injected")))
+    monkeypatch.setattr(pipeline, "write_head", lambda run: (_ for _ in ()).throw(RuntimeError("injected")))
     with pytest.raises(RuntimeError):
         quantize_with_calibration(src, out, QC["gptq"], OPTS, progress=False)
     path = out / progress.MANIFEST_NAME
@@ -205,7 +211,7 @@ def test_resume_refuses_a_damaged_manifest(src, tmp_path, monkeypatch, manifest,
 
 def test_resume_refuses_other_settings(src, tmp_path, monkeypatch):
     out = tmp_path / "q"
-    monkeypatch.setattr(pipeline, "_write_head", lambda run: (_ for _ in ()).throw(RuntimeError("injected")))
+    monkeypatch.setattr(pipeline, "write_head", lambda run: (_ for _ in ()).throw(RuntimeError("injected")))
     with pytest.raises(RuntimeError):
         quantize_with_calibration(src, out, QC["gptq"], OPTS, progress=False)
     other = CalibrationOptions(samples=8, seq_len=64, seed=1)

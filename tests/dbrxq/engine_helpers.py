@@ -3,7 +3,7 @@ nothing the GPU machine lacks (the server's FastAPI)."""
 
 import threading
 
-from dbrxq.engine import Request
+from dbrxq.serve.engine import Request
 
 
 def collect(engine, reqs_kw, stagger: int = 0):

@@ -10,11 +10,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dbrxq.checkpoint import (CheckpointReader, hub_tensor_shapes, read_config, read_safetensors_header,
-                              resolve_model_dir)
-from dbrxq.config import DbrxConfig
-from dbrxq.errors import CheckpointError
-from dbrxq.writer import SafetensorsStreamWriter, ShardedCheckpointWriter, plan_shards, save_file_atomic
+from dbrxq.core.errors import CheckpointError
+from dbrxq.formats.checkpoint import (
+    CheckpointReader,
+    hub_tensor_shapes,
+    read_config,
+    read_safetensors_header,
+)
+from dbrxq.formats.hub import resolve_model_dir
+from dbrxq.formats.shards import (
+    SafetensorsStreamWriter,
+    ShardedCheckpointWriter,
+    plan_shards,
+    save_file_atomic,
+)
+from dbrxq.model.config import DbrxConfig
 
 
 def _tensors() -> dict[str, torch.Tensor]:

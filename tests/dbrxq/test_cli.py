@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import dbrxq
-from dbrxq.cli import cli
+from dbrxq.cli.app import cli
 
 
 def dbrxq_cmd(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
@@ -80,9 +80,9 @@ def test_tokenizer_larger_than_the_model_is_one_line_at_load(tmp_path):
     ids to 1535, on a 512-row embedding) is refused when it is loaded, by the API and by every
     command, in one line naming the file, the largest id and vocab_size: no IndexError from
     inside the embedding on the first prompt that reaches an id above 511."""
-    from dbrxq.api import default_model_dir
-    from dbrxq.errors import TokenizerError
-    from dbrxq.make_checkpoint import make_random_checkpoint, preset_config
+    from dbrxq.core.errors import TokenizerError
+    from dbrxq.formats.hub import default_model_dir
+    from dbrxq.formats.random import make_random_checkpoint, preset_config
 
     ckpt = make_random_checkpoint(tmp_path / "ckpt", preset_config("tiny"), tokenizer_dir=default_model_dir(),
                                   progress=False)
@@ -117,7 +117,7 @@ def test_demo_names_the_embedded_model(tmp_path, monkeypatch):
     wins over the name."""
     from click.testing import CliRunner
 
-    from dbrxq.api import default_model_dir, resolve_model_name
+    from dbrxq.formats.hub import default_model_dir, resolve_model_name
 
     monkeypatch.chdir(tmp_path)
     assert resolve_model_name("demo") == default_model_dir() and resolve_model_name(None) == default_model_dir()

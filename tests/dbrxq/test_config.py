@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from dbrxq.config import DbrxConfig
-from dbrxq.errors import ConfigError
+from dbrxq.core.errors import ConfigError
+from dbrxq.model.config import DbrxConfig
 
 # The real DBRX config.json (databricks/dbrx-instruct), trimmed of nothing that we read.
 DBRX = {

@@ -18,10 +18,10 @@ import torch
 from click.testing import CliRunner
 
 import dbrxq
-from dbrxq.cli import cli
-from dbrxq.loading import load_model
-from dbrxq.make_checkpoint import make_random_checkpoint, preset_config
-from dbrxq.offload import AlwaysMove
+from dbrxq.cli.app import cli
+from dbrxq.formats.random import make_random_checkpoint, preset_config
+from dbrxq.loading.loader import load_model
+from dbrxq.runtime.reader import AlwaysMove
 from quantize import kernels
 from quantize.config import QuantConfig
 from quantize.primitives import QuantizedTensor, pack_codes
@@ -211,7 +211,7 @@ def test_resident_quantized_model_holds_each_weight_once_on_the_device(qdir):
 
 def test_decoding_attention_on_the_device_does_not_use_cudnn(qdir):
     """cuDNN's attention builds a plan per new key length (30-40 ms each on an H200), and every decode
-    step has a new one: dbrxq.model.sdpa leaves that backend out on CUDA."""
+    step has a new one: dbrxq.model.dbrx.sdpa leaves that backend out on CUDA."""
     if not CUDA:
         pytest.skip("CUDA's attention backends")
     from torch.profiler import ProfilerActivity, profile
@@ -230,13 +230,13 @@ def test_decoding_attention_on_the_device_does_not_use_cudnn(qdir):
 def _budget(qdir, slots: int) -> tuple[dict, int]:
     """Budget keywords that hold the non-expert part and ``slots`` expert slots per layer on DEV, from
     the plan (headers and one expert only); and one slot's bytes."""
-    from dbrxq.checkpoint import CheckpointReader
-    from dbrxq.config import DbrxConfig
-    from dbrxq.loading import _checkpoint_float_dtype, plan_offload
+    from dbrxq.formats.checkpoint import CheckpointReader, checkpoint_float_dtype
+    from dbrxq.model.config import DbrxConfig
+    from dbrxq.plan.checkpoint import plan_offload
 
     cfg = DbrxConfig.from_json(qdir / "config.json")
     with CheckpointReader(qdir) as r:
-        plan, layout = plan_offload(r, cfg, device=DEV, dtype=_checkpoint_float_dtype(r), backend=None,
+        plan, layout = plan_offload(r, cfg, device=DEV, dtype=checkpoint_float_dtype(r), backend=None,
                                     gpu_memory="1GiB" if CUDA else None, cpu_memory=None if CUDA else "1GiB",
                                     context=32, batch_size=1, kv_cache="bf16")
     n = plan.device_fixed_bytes + slots * cfg.n_layers * layout.nbytes
@@ -302,7 +302,8 @@ def test_measured_miss_policy_on_the_device_picks_and_stays_close(qdir, resident
 @pytest.fixture(scope="module")
 def mixed_dir(qdir, tmp_path_factory):
     """The same random model with per-expert recipes (format_version 3) at an average of 2.5 bits."""
-    from calibration.pipeline import CalibrationOptions, quantize_with_calibration
+    from calibration.options import CalibrationOptions
+    from calibration.pipeline import quantize_with_calibration
     src = make_random_checkpoint(tmp_path_factory.mktemp("msrc"), preset_config(
         "tiny", d_model=128, ffn_hidden_size=128, vocab_size=1536), seed=1, progress=False,
         tokenizer_dir=dbrxq.default_model_dir())
@@ -350,7 +351,7 @@ def test_demo_generates_the_cpus_tokens_on_the_device(demo_pair, kv):
 def test_engine_on_the_device_equals_generate_alone(demo_pair):
     """Continuous batching on the device (float weights applied row by row under batch invariance):
     each request's greedy tokens are those of generate alone, with one request joining mid-run."""
-    from dbrxq.engine import Engine
+    from dbrxq.serve.engine import Engine
     from tests.dbrxq.engine_helpers import collect
     dev = demo_pair[1]
     prompts = [dev.tokenizer.encode(t) for t in ("The function returns", "If the file", "def")]

@@ -1,4 +1,4 @@
-"""Continuous batching (dbrxq.engine): rows of a batched decode step are computed bit for bit as
+"""Continuous batching (dbrxq.serve.engine): rows of a batched decode step are computed bit for bit as
 each request alone, each expert is read once per step, slots come back, the queue is bounded."""
 
 import threading
@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import dbrxq
-from dbrxq.engine import Engine, QueueFull, Request
-from dbrxq.generate import prefill
-from dbrxq.kv_cache import SlotPool, make_kv_cache
-from dbrxq.make_checkpoint import preset_config
-from dbrxq.model import DbrxForCausalLM, batch_invariant, by_rows
-from dbrxq.offload import offload_model
-from dbrxq.server import StopMatcher
+from dbrxq.formats.random import preset_config
+from dbrxq.loading.offloading import offload_model
+from dbrxq.model.batch import batch_invariant, by_rows
+from dbrxq.model.dbrx import DbrxForCausalLM
+from dbrxq.model.kv_cache import SlotPool, make_kv_cache
+from dbrxq.runtime.generate import prefill
+from dbrxq.serve.engine import Engine, QueueFull, Request
+from dbrxq.serve.server import StopMatcher
 from quantize import cext
 from quantize.config import QuantConfig
 from quantize.modules import quantize_model_rtn
@@ -226,7 +227,7 @@ def test_engine_refuses_before_queueing(demo):
                         (dict(prompt=[1] * 60, max_tokens=5), "exceeds the context of 64"),
                         (dict(prompt=[10**6], max_tokens=5), "not an id"),
                         (dict(prompt=[1], max_tokens=3, temperature=0.001), "temperature")):
-            with pytest.raises(dbrxq.errors.GenerationError, match=msg):
+            with pytest.raises(dbrxq.core.errors.GenerationError, match=msg):
                 engine.submit(Request(emit=lambda ev: None, **kw))
         assert engine.load() == (0, 0)
     finally:

@@ -1,4 +1,4 @@
-"""dbrxq.evaluate (sliding-window perplexity, KL / top-1 of two models), the eval/compare CLI,
+"""dbrxq.runtime.evaluate (sliding-window perplexity, KL / top-1 of two models), the eval/compare CLI,
 and the embedded default model."""
 
 import math
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 import dbrxq
-from dbrxq.cli import cli, main
-from dbrxq.evaluate import DataError, compare, perplexity, windows
-from dbrxq.make_checkpoint import make_random_checkpoint, preset_config
+from dbrxq.cli.app import cli, main
+from dbrxq.formats.random import make_random_checkpoint, preset_config
+from dbrxq.runtime.evaluate import DataError, compare, perplexity, windows
 
 
 def _ids(n: int, vocab: int = 50, seed: int = 0) -> torch.Tensor:

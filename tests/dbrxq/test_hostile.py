@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dbrxq
-from dbrxq.api import default_model_dir
-from dbrxq.errors import DbrxqError
+from dbrxq.core.errors import DbrxqError
+from dbrxq.formats.hub import default_model_dir
 from quantize.config import ModuleQuant, QuantConfig
 from quantize.writer import quantize_checkpoint
 
@@ -402,7 +402,7 @@ def test_hub_snapshot_links_into_blobs_are_inside(tmp_path, bases):
 
 def test_happy_path_unchanged_bit_for_bit():
     """The checks change no result: the demo model's logits equal a plain load's."""
-    from dbrxq.model import DbrxForCausalLM
+    from dbrxq.model.dbrx import DbrxForCausalLM
     ids = torch.tensor([[5, 17, 99, 3, 250]])
     a = dbrxq.load(None, dtype="float32").model(ids).logits
     b = DbrxForCausalLM.from_pretrained(DEMO, dtype="float32")(ids).logits

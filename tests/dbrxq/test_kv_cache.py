@@ -6,9 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dbrxq.errors import ConfigError
-from dbrxq.generate import generate
-from dbrxq.kv_cache import Int8KVCache, StaticKVCache, kv_cache_bytes, make_kv_cache
+from dbrxq.core.errors import ConfigError
+from dbrxq.model.kv_cache import (
+    Int8KVCache,
+    StaticKVCache,
+    kv_cache_bytes,
+    make_kv_cache,
+)
+from dbrxq.runtime.generate import generate
 from tests.conftest import build_tiny_model
 
 

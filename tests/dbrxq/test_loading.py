@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dbrxq.errors import CheckpointError, ConfigError
-from dbrxq.loading import load_model
-from dbrxq.make_checkpoint import make_random_checkpoint, preset_config
+from dbrxq.core.errors import CheckpointError, ConfigError
+from dbrxq.formats.random import make_random_checkpoint, preset_config
+from dbrxq.loading.loader import load_model
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +86,9 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path):
     make_random_checkpoint(tmp_path, cfg, dtype=torch.float32, progress=False, max_shard_bytes=100 << 20)
     code = f"""
 import resource, torch
-from dbrxq.loading import load_model
-from dbrxq.make_checkpoint import preset_config
-from dbrxq.model import DbrxForCausalLM
+from dbrxq.loading.loader import load_model
+from dbrxq.formats.random import preset_config
+from dbrxq.model.dbrx import DbrxForCausalLM
 # one-time runtime initialisation (lazy imports, oneDNN, allocator pools: ~100 MB, varying with the
 # environment) happens in a throw-away forward, not inside the measured window
 DbrxForCausalLM(preset_config("tiny")).init_weights()(torch.zeros(1, 4, dtype=torch.long))
@@ -142,10 +142,10 @@ def test_quantized_load_gives_checkpoint_pages_back(tmp_path):
 import sys
 def rss_file():
     return int(next(l for l in open("/proc/self/status") if l.startswith("RssFile")).split()[1]) * 1024
-import dbrxq.pages
+import dbrxq.core.pages
 if sys.argv[1] == "keep":  # the same load with the release switched off, for comparison
-    dbrxq.pages.PageReleaser.__call__ = lambda self, t: None
-from dbrxq.loading import load_model
+    dbrxq.core.pages.PageReleaser.__call__ = lambda self, t: None
+from dbrxq.loading.loader import load_model
 from quantize import cext
 cext.load()
 base = rss_file()

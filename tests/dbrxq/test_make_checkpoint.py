@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dbrxq.checkpoint import CheckpointReader, hub_tensor_shapes, read_config
-from dbrxq.errors import CheckpointError, ConfigError
-from dbrxq.make_checkpoint import make_random_checkpoint, preset_config
+from dbrxq.core.errors import CheckpointError, ConfigError
+from dbrxq.formats.checkpoint import CheckpointReader, hub_tensor_shapes, read_config
+from dbrxq.formats.random import make_random_checkpoint, preset_config
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_checkpoint.py"
 
@@ -136,9 +136,9 @@ def test_random_quantized_checkpoint_loads_with_the_float_spread(tmp_path, bits,
     """The benchmarks' direct quantized checkpoint: every tensor the format names, loadable, and the
     dequantized experts spread like make_random_checkpoint's (std within 15% of initializer_range:
     uniform codes of std sqrt((4^b - 1) / 12) times scales of mean initializer_range / that std)."""
-    from dbrxq.make_checkpoint import make_random_quantized_checkpoint
-    from dbrxq.model import DbrxForCausalLM
+    from dbrxq.model.dbrx import DbrxForCausalLM
     from quantize.config import ModuleQuant, QuantConfig
+    from quantize.random import make_random_quantized_checkpoint
 
     config = preset_config("tiny")
     qc = QuantConfig(experts=ModuleQuant(bits=bits, group_size=32, symmetric=symmetric))
@@ -155,9 +155,9 @@ def test_random_quantized_checkpoint_loads_with_the_float_spread(tmp_path, bits,
 
 def test_random_quantized_checkpoint_with_per_expert_recipes(tmp_path):
     """With an expert_mix each expert is written in its recipe's stack and loads with its recipe."""
-    from dbrxq.make_checkpoint import make_random_quantized_checkpoint
-    from dbrxq.model import DbrxForCausalLM
+    from dbrxq.model.dbrx import DbrxForCausalLM
     from quantize.config import ExpertMix, ModuleQuant, QuantConfig
+    from quantize.random import make_random_quantized_checkpoint
 
     config = preset_config("tiny", d_model=128, ffn_hidden_size=128)
     options = (ModuleQuant(2, 64, False), ModuleQuant(3, 64, False), ModuleQuant(4, 128, True))

@@ -3,10 +3,11 @@ transformers in test_parity.py)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from dbrxq.errors import GenerationError
-from dbrxq.model import causal_attention, down_proj, moe_dispatch, route
+from dbrxq.core.errors import GenerationError
+from dbrxq.model.dbrx import causal_attention
+from dbrxq.model.moe import down_proj, moe_dispatch, route
+
 
 def test_route_softmax_topk_and_l1_normalisation():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 1.0]])
@@ -108,7 +109,7 @@ def test_causal_attention_without_a_mask_equals_the_masked_reference(past, dtype
 def test_chunked_prefill_equals_one_pass(tiny_model):
     """A prompt prefilled in chunks (later chunks attend to the cache without a mask) gives the
     logits of one full forward."""
-    from dbrxq.generate import prefill
+    from dbrxq.runtime.generate import prefill
 
     model = tiny_model()
     ids = torch.randint(0, model.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""Tests of expert offloading (dbrxq.offload, dbrxq.expert_cache, dbrxq.placement) on CPU with
+"""Tests of expert offloading (dbrxq.runtime.offload, dbrxq.runtime.expert_cache, dbrxq.plan.placement) on CPU with
 tiny quantized models: offloaded outputs are bitwise those of the resident model (same kernel,
 same device), tracked bytes stay within the budget after every step, the LRU matches a hand trace,
 prefetch never changes results, and budgets / sizes fail with one clear line."""
@@ -14,15 +14,19 @@ import torch
 from click.testing import CliRunner
 
 import dbrxq
-from dbrxq.cli import cli
-from dbrxq.errors import ConfigError
-from dbrxq.expert_cache import LRU, ExpertCache, SlotLayout
-from dbrxq.make_checkpoint import make_random_checkpoint, preset_config
+from dbrxq.cli.app import cli
+from dbrxq.core.errors import BudgetError, ConfigError
+from dbrxq.core.units import parse_size
+from dbrxq.formats.random import make_random_checkpoint, preset_config
+from dbrxq.loading import offloading
+from dbrxq.loading.offloading import offload_model
+from dbrxq.model.dbrx import DbrxForCausalLM
+from dbrxq.plan.placement import make_plan
+from dbrxq.plan.sizes import non_expert_bytes_of
+from dbrxq.plan.slots import SlotLayout, expert_layout
+from dbrxq.runtime import prepared
+from dbrxq.runtime.expert_cache import LRU, ExpertCache
 from quantize import kernels
-from dbrxq.model import DbrxForCausalLM
-from dbrxq import offload
-from dbrxq.offload import expert_layout, non_expert_bytes_of, offload_model
-from dbrxq.placement import BudgetError, make_plan, parse_size
 from quantize.config import QuantConfig
 from quantize.modules import quantize_model_rtn
 from quantize.writer import quantize_checkpoint
@@ -134,13 +138,13 @@ def test_slot_layout_roundtrip():
     storage = torch.empty(layout.nbytes, dtype=torch.uint8)
     cache = ExpertCache(layout, [1], torch.device("cpu"))
     slot = cache.new_slot()
-    from dbrxq.offload import prepare_expert
+    from dbrxq.plan.slots import prepare_expert
     layout.pack(prepare_expert(inner.expert_weights(5), None, torch.device("cpu"), m.dtype), slot.storage)
     x = torch.randn(3, CFG.d_model)
     assert torch.equal(kernels.glu(x, *slot.weights, inner.act), inner.expert(5, x))
     assert storage.numel() == layout.nbytes
     # the layout keeps shapes, not the bytes of the expert it was taken from (they would sit outside the budget)
-    from dbrxq.expert_cache import _map_tensors
+    from dbrxq.plan.slots import _map_tensors
     held = []
     _map_tensors(layout.template, lambda t: held.append(t) or t, {})
     assert held and all(t.is_meta for t in held)
@@ -161,6 +165,7 @@ def test_cuda_plan_reserves_the_int8_attention_scratch():
     """On CUDA an int8 attention weight is widened to bf16 for its matmul: the plan's workspace holds
     the largest one (Wqkv) twice over, and only for int8 attention on CUDA."""
     import dataclasses
+
     from quantize.config import ModuleQuant
 
     def ws(device, attn_bits):
@@ -205,13 +210,13 @@ def qdir(tmp_path_factory):
 def _budget(qdir, slots: int, **kw) -> int:
     """A --cpu-memory budget that holds the non-expert part and `slots` expert slots, from the plan
     (headers and one expert only)."""
-    from dbrxq.checkpoint import CheckpointReader
-    from dbrxq.config import DbrxConfig
-    from dbrxq.loading import _checkpoint_float_dtype, plan_offload
+    from dbrxq.formats.checkpoint import CheckpointReader, checkpoint_float_dtype
+    from dbrxq.model.config import DbrxConfig
+    from dbrxq.plan.checkpoint import plan_offload
 
     with CheckpointReader(qdir) as r:
         plan, layout = plan_offload(r, DbrxConfig.from_json(qdir / "config.json"), device=torch.device("cpu"),
-                                    dtype=_checkpoint_float_dtype(r), backend=None, gpu_memory=None,
+                                    dtype=checkpoint_float_dtype(r), backend=None, gpu_memory=None,
                                     cpu_memory="1GiB", **{"context": 32, "batch_size": 1, "kv_cache": "bf16", **kw})
     return plan.device_fixed_bytes + slots * layout.nbytes
 
@@ -286,7 +291,7 @@ def test_prepared_expert_file_only_when_needed_where_asked_listed_and_cleared(qd
     cache = tmp_path / "cache"
     runner = dbrxq.load(qdir, cpu_memory="1GiB", context=32, offload_options={"cache_dir": cache})
     assert runner.offload is None and not (cache / "prepared").exists()
-    with caplog.at_level(logging.WARNING, logger="dbrxq.offload"):
+    with caplog.at_level(logging.WARNING, logger="dbrxq.runtime.prepared"):
         r = CliRunner().invoke(cli, ["run", str(qdir), "-p", "Hi", "-n", "2", "--cpu-memory", f"{_budget(qdir, 2)}B",
                                      "--context", "32", "--cache-dir", str(cache)])
     assert r.exit_code == 0, r.output
@@ -296,7 +301,7 @@ def test_prepared_expert_file_only_when_needed_where_asked_listed_and_cleared(qd
     assert r.exit_code == 0 and str(files[0]) in r.output and "1 file(s)" in r.output
     r = CliRunner().invoke(cli, ["cache", "--cache-dir", str(cache), "--clear"])
     assert r.exit_code == 0 and "removed 1 file(s)" in r.output and not files[0].exists()
-    monkeypatch.setattr(offload.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(offloading.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     with pytest.raises(ConfigError, match=r"the prepared-expert file needs .* 1000 B free there.*--cache-dir"):
         dbrxq.load(qdir, cpu_memory=_budget(qdir, 2), context=32, offload_options={"cache_dir": cache})
 
@@ -308,7 +313,7 @@ def test_prepared_expert_file_is_checked_like_a_checkpoint(qdir, tmp_path, caplo
     import json
     import logging
 
-    from dbrxq.errors import CheckpointError
+    from dbrxq.core.errors import CheckpointError
 
     def load():
         return dbrxq.load(qdir, cpu_memory=_budget(qdir, 1), context=32, offload_options={"cache_dir": tmp_path})
@@ -337,21 +342,21 @@ def test_prepared_expert_file_is_checked_like_a_checkpoint(qdir, tmp_path, caplo
     data["source"] = "/somewhere/else"
     side.write_text(json.dumps(data))
     runner.offload.file.close()
-    with caplog.at_level(logging.WARNING, logger="dbrxq.offload"):
+    with caplog.at_level(logging.WARNING, logger="dbrxq.runtime.prepared"):
         load()
     assert any("built from something else" in m for m in caplog.messages)
     assert json.loads(side.read_text())["source"] != "/somewhere/else"
     side.unlink()  # no sidecar: an older or interrupted file, rebuilt
-    with caplog.at_level(logging.WARNING, logger="dbrxq.offload"):
+    with caplog.at_level(logging.WARNING, logger="dbrxq.runtime.prepared"):
         load()
     assert side.exists()
 
 
 def test_simulate_matches_the_expert_cache_and_lfu_keeps_hot_experts():
-    """dbrxq.expert_cache.simulate takes the cache's own steps (checked against ExpertCache on one
+    """dbrxq.runtime.expert_cache.simulate takes the cache's own steps (checked against ExpertCache on one
     trace); DecayedLFU with decay 0 is LRU; on a trace with one hot expert, LRU evicts it between
     uses and decayed LFU does not."""
-    from dbrxq.expert_cache import LRU, DecayedLFU, simulate
+    from dbrxq.runtime.expert_cache import LRU, DecayedLFU, simulate
 
     g = torch.Generator().manual_seed(0)
     trace = [sorted(torch.randperm(16, generator=g)[:4].tolist()) for _ in range(300)]
@@ -376,7 +381,8 @@ def test_simulate_matches_the_expert_cache_and_lfu_keeps_hot_experts():
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory):
     """The demo model RTN-quantized through the calibration pipeline: a quantize report with routing counts."""
-    from calibration.pipeline import CalibrationOptions, quantize_with_calibration
+    from calibration.options import CalibrationOptions
+    from calibration.pipeline import quantize_with_calibration
     from quantize.config import QuantConfig
     out = tmp_path_factory.mktemp("reported") / "q"
     quantize_with_calibration(dbrxq.default_model_dir(), out, QuantConfig(method="rtn"),
@@ -390,8 +396,8 @@ def test_expert_policies_change_hits_not_results(reported, tmp_path):
     simulator scripts/bench_placement.py measures the policies with (there, over 16,000 held-out
     tokens, static hits 51% vs a cold LRU's 47% at 4 of 16), replayed on the steps this run took.
     Speculative prefetch is off here: its guesses would count as hits."""
-    from dbrxq.expert_cache import LRU, DecayedLFU, simulate
-    from dbrxq.offload import _prior, routing_counts
+    from dbrxq.runtime.expert_cache import LRU, DecayedLFU, simulate
+    from dbrxq.runtime.routing import routing_counts, routing_prior
     counts = routing_counts(reported, 4, 16)
     assert counts and all(sum(c) == 16 * 128 * 4 for c in counts)
     text = (Path(dbrxq.__file__).parents[1] / "calibration" / "data" / "heldout.txt").read_text()[:2000]
@@ -422,7 +428,7 @@ def test_expert_policies_change_hits_not_results(reported, tmp_path):
         else:
             expected = [0, 0]
             for i in range(4):
-                pol = LRU() if policy == "lru" else DecayedLFU(prior=_prior(counts[i], 16))
+                pol = LRU() if policy == "lru" else DecayedLFU(prior=routing_prior(counts[i], 16))
                 h, m = simulate(steps[i], 4, pol, hot[i] if warm else ())
                 expected[0] += h
                 expected[1] += m
@@ -494,9 +500,9 @@ def test_direct_reads_and_their_fallback(reference, tmp_path, monkeypatch, caplo
         if flags & getattr(os, "O_DIRECT", 0):
             raise OSError(22, "Invalid argument")
         return real_open(path, flags, *a)
-    monkeypatch.setattr(offload.os, "open", no_direct)
+    monkeypatch.setattr(prepared.os, "open", no_direct)
     m = quantized_model()
-    with caplog.at_level(logging.WARNING, logger="dbrxq.offload"):
+    with caplog.at_level(logging.WARNING, logger="dbrxq.runtime.prepared"):
         rt = offload_model(m, cpu_memory=budget_for(1), context=32, cache_dir=tmp_path, direct=True)
     assert rt.file.dfd == -1 and rt.file.drop_page_cache
     assert any("O_DIRECT is not supported here" in msg for msg in caplog.messages)
@@ -518,7 +524,7 @@ RSS_CHILD = """
 import gc, json, sys
 folder, budget, warm, warm_budget, cache = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
 import torch, dbrxq
-from dbrxq.pages import trim_heap
+from dbrxq.core.pages import trim_heap
 # "the interpreter and torch": what the process holds once every code path has run on a toy
 # checkpoint (torch's lazily imported modules, the kernel, the tokenizer); the budget does not cover it
 r = dbrxq.load(warm, cpu_memory=warm_budget, context=32, offload_options={"cache_dir": cache})
@@ -558,7 +564,7 @@ def test_peak_rss_stays_within_the_budget_plus_the_bare_process(qdir, tmp_path, 
     import subprocess
     import sys
     if width == "real":
-        from dbrxq.make_checkpoint import make_random_quantized_checkpoint
+        from quantize.random import make_random_quantized_checkpoint
         config = preset_config("dbrx", n_layers=1, vocab_size=1536, moe_num_experts=4, moe_top_k=2, max_seq_len=64)
         folder = make_random_quantized_checkpoint(tmp_path / "q", config, QuantConfig(), progress=False)
         slots = 2

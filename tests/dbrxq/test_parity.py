@@ -12,8 +12,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from dbrxq import DbrxForCausalLM  # noqa: E402
-from dbrxq.generate import generate  # noqa: E402
+from dbrxq.model.dbrx import DbrxForCausalLM  # noqa: E402
+from dbrxq.runtime.generate import generate  # noqa: E402
 
 RTOL = 1e-5
 

@@ -1,4 +1,4 @@
-"""Tests of dbrxq.tokenizer and dbrxq.vocab: loading order, encode/decode, special
+"""Tests of dbrxq.text.tokenizer and dbrxq.text.vocab: loading order, encode/decode, special
 tokens, the DBRX chat template, the tokenizer.json rebuild, streaming decode and the
 shipped tiny vocabulary. Vocabularies are trained in fixtures; nothing uses the network."""
 
@@ -11,10 +11,16 @@ from pathlib import Path
 
 import pytest
 
-import dbrxq.tokenizer as tk
-from dbrxq.errors import TokenizerError
-from dbrxq.tokenizer import DEFAULT_SYSTEM_PROMPT, DbrxTokenizer, StreamDecoder
-from dbrxq.vocab import dbrx_specials_after, restrict_ranks, to_hf_tokenizer_json, train_bpe, write_vocab
+import dbrxq.text.tokenizer as tk
+from dbrxq.core.errors import TokenizerError
+from dbrxq.text.tokenizer import DEFAULT_SYSTEM_PROMPT, DbrxTokenizer, StreamDecoder
+from dbrxq.text.vocab import (
+    dbrx_specials_after,
+    restrict_ranks,
+    to_hf_tokenizer_json,
+    train_bpe,
+    write_vocab,
+)
 
 TRAIN_TEXT = (
     "The quick brown fox jumps over the lazy dog. A tokenizer splits text into pieces; "
@@ -31,7 +37,7 @@ SAMPLES = [
     "special text <|im_end|> and <|endoftext|> inside",
     "\x00\x01 control \ufffd bytes",
 ]
-ASSET = Path(tk.__file__).parent / "assets" / "tiny"
+ASSET = Path(tk.__file__).parents[1] / "assets" / "tiny"
 N_RANKS = 400
 
 

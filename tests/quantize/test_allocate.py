@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from dbrxq.errors import QuantizationError
+from dbrxq.core.errors import QuantizationError
 from quantize.allocate import solve_exact, solve_greedy
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from dbrxq import writer as dwriter
-from dbrxq.api import default_model_dir
-from dbrxq.writer import remove_stale_temps
+from dbrxq.core.files import remove_stale_temps
+from dbrxq.formats import shards as dwriter
+from dbrxq.formats.hub import default_model_dir
 
 DEMO = default_model_dir()
 
@@ -118,7 +119,7 @@ def test_read_only_out_and_out_below_a_file(tmp_path, monkeypatch, capsys, dbrxq
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from dbrxq import writer
+    from dbrxq.formats import shards as writer
     real = writer.SafetensorsStreamWriter.write
     calls = [0]
     def write(self, name, chunk):
@@ -167,7 +168,7 @@ def test_failed_disk_check_leaves_nothing_that_changes_the_next_run(tmp_path, mo
     import shutil
 
     real = shutil.disk_usage
-    monkeypatch.setattr(dwriter.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     out = tmp_path / "q"
     for method in ("gptq", "rtn"):
         code, err = dbrxq_main("quantize", DEMO, out, "--method", method, "--calib-samples", "4", "--calib-seq-len", "32")
@@ -175,7 +176,7 @@ def test_failed_disk_check_leaves_nothing_that_changes_the_next_run(tmp_path, mo
         assert code == 2 and "not enough free disk space" in line and "1000 B free" in line and "0.00 GB" not in line
         assert "MiB" in line or "KiB" in line, line
         assert not out.exists()
-    monkeypatch.setattr(dwriter.shutil, "disk_usage", real)
+    monkeypatch.setattr(shutil, "disk_usage", real)
     code, err = dbrxq_main("quantize", DEMO, out, "--method", "gptq", "--calib-samples", "4", "--calib-seq-len", "32")
     assert code == 0, err[-2000:]  # a plain run, not "pass --resume"
 

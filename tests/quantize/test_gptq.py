@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dbrxq.errors import QuantizationError
+from dbrxq.core.errors import QuantizationError
 from quantize.gptq import GPTQ
 from quantize.primitives import packed_k, quantize_tensor
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dbrxq.errors import QuantizationError
+from dbrxq.core.errors import QuantizationError
 from quantize import cext, kernels
 from quantize.primitives import quantize_tensor
 

@@ -11,15 +11,21 @@ import math
 import pytest
 import torch
 
-from dbrxq.errors import QuantizationError
-from dbrxq.make_checkpoint import preset_config
-from dbrxq.model import DbrxExperts, DbrxForCausalLM, route
+from dbrxq.core.errors import QuantizationError
+from dbrxq.formats.random import preset_config
+from dbrxq.model.dbrx import DbrxForCausalLM
+from dbrxq.model.moe import DbrxExperts, route
 from quantize import kernels
 from quantize.config import ModuleQuant, QuantConfig
-from quantize.modules import QExperts, QLinear, quantize_model_modules, quantize_model_rtn
+from quantize.modules import (
+    QExperts,
+    QLinear,
+    quantize_model_modules,
+    quantize_model_rtn,
+)
 from quantize.primitives import quantize_tensor
 from quantize.rtn import dequantize_experts_to_hub, quantize_experts_rtn
-from quantize.writer import quantized_tensor_specs
+from quantize.specs import quantized_tensor_specs
 
 EPS32 = 2.0**-24  # float32 unit roundoff
 ROWS = (1, 17)  # batch 1 (decode) and a prefill-sized batch
@@ -230,7 +236,7 @@ def test_forced_backend_applies_where_it_can_and_warns_once(monkeypatch, caplog)
     line listing the backends."""
     import logging
 
-    from dbrxq.errors import QuantizationError
+    from dbrxq.core.errors import QuantizationError
     from quantize import cext, modules
     from quantize.primitives import quantize_tensor
 

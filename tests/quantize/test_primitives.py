@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from dbrxq.errors import QuantizationError
+from dbrxq.core.errors import QuantizationError
 from quantize.config import ModuleQuant, QuantConfig
 from quantize.format import FORMAT_VERSION, QWEIGHT, QZEROS, SCALES
 from quantize.primitives import (

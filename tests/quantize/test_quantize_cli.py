@@ -22,7 +22,7 @@ def dbrxq_cmd(*args: str) -> subprocess.CompletedProcess:
 
 
 def main_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run dbrxq.cli.main as the console script does (one-line errors, exit codes), in process."""
+    """Run dbrxq.cli.app.main as the console script does (one-line errors, exit codes), in process."""
     monkeypatch.setattr(sys, "argv", ["dbrxq", *args])
     try:
         dbrxq_cli.main()
@@ -76,7 +76,7 @@ def test_options_reach_the_config(tmp_path, monkeypatch, capsys):
     (("--method", "rtn", "--group-size", "128"), "mlp.w1 (input dim 64): input dim K=64 is not divisible by group_size=128"),
 ])
 def test_bad_options_are_one_line_exit_2(tmp_path, monkeypatch, capsys, args, message):
-    from dbrxq.make_checkpoint import make_random_checkpoint, preset_config
+    from dbrxq.formats.random import make_random_checkpoint, preset_config
     src = make_random_checkpoint(tmp_path / "src", preset_config("tiny"), progress=False)  # d_model 64
     out = tmp_path / "q"
     code, _, err = main_in_process(monkeypatch, capsys, "quantize", str(src), str(out), *args)

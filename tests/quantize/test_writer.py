@@ -13,14 +13,15 @@ from safetensors.torch import load_file, save_file
 
 import dbrxq
 import quantize.writer as qwriter
-from dbrxq.checkpoint import CheckpointReader
-from dbrxq.errors import CheckpointError, DbrxqError, QuantizationError
-from dbrxq.make_checkpoint import make_random_checkpoint, preset_config
+from dbrxq.core.errors import CheckpointError, DbrxqError, QuantizationError
+from dbrxq.formats.checkpoint import CheckpointReader
+from dbrxq.formats.random import make_random_checkpoint, preset_config
 from quantize.config import ModuleQuant, QuantConfig
 from quantize.modules import quantize_model_rtn
 from quantize.primitives import unpack_int4
 from quantize.rtn import experts_to_canonical, quantize_experts_rtn
-from quantize.writer import quantize_checkpoint, quantized_tensor_specs
+from quantize.specs import quantized_tensor_specs
+from quantize.writer import quantize_checkpoint
 
 load_model = dbrxq.DbrxForCausalLM.from_pretrained
 IDS = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
@@ -50,7 +51,7 @@ def quantized(src, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_tensors_follow_the_format(src, quantized, recipe):
     qc, out = RECIPES[recipe], quantized[recipe]
-    config = dbrxq.DbrxConfig.from_json(out / "config.json")
+    config = dbrxq.model.config.DbrxConfig.from_json(out / "config.json")
     with CheckpointReader(out) as r:
         got = [(n, r.shape(n), r.dtype(n)) for n in r.keys()]
         want = [(n, tuple(s), d) for n, s, d in quantized_tensor_specs(config, qc)]
@@ -196,13 +197,13 @@ def test_failure_midway_leaves_no_config_json(src, tmp_path, monkeypatch):
 
 
 def test_rtn_and_gptq_summaries_use_one_size_formatter(tmp_path):
-    """Both quantize methods print sizes and rates with dbrxq.placement.format_size (binary
+    """Both quantize methods print sizes and rates with dbrxq.core.units.format_size (binary
     units): RTN printed MiB and MB/s, GPTQ "0.007 GB in" and GB per minute."""
     import re
 
     from click.testing import CliRunner
 
-    from dbrxq.cli import cli
+    from dbrxq.cli.app import cli
 
     outs = {}
     for method, extra in (("rtn", []), ("gptq", ["--calib-samples", "4", "--calib-seq-len", "32"])):

@@ -1,0 +1,244 @@
+"""The disk tier of offloading: the prepared-expert file.
+
+Every expert in the compute device's kernel layout, one slot image per expert at a stride of whole
+4 KiB pages, made once per (checkpoint, backend, device) and reused. Why a file and not the
+checkpoint: the checkpoint holds the canonical layout, and turning one real-width expert into the
+fast CPU kernel's layout costs ~0.7 s (3 x 240 ms, cpu_q4, AVX2 box) against ~25 ms to compute it,
+so a miss served from the checkpoint would be 30x slower than the read it needs. A miss reads the
+slot image with ``os.preadv`` straight into its slot: one copy from the page cache (or, with
+``direct``, O_DIRECT from the disk), no mapping, so RSS stays within the budget. The file is a
+cache, untrusted like a checkpoint: a sidecar records what it was built from and a CRC-32 per expert.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+from dbrxq.core.errors import CheckpointError, DbrxqError
+from dbrxq.core.files import temp_path, write_json_atomic
+from dbrxq.core.pages import PAGE, PageReleaser, whole_pages
+from dbrxq.core.untrusted import MAX_INDEX_BYTES, is_int, read_json
+from dbrxq.plan.slots import SlotLayout, prepare_expert
+from quantize import cext
+from quantize.primitives import check_qparams
+
+log = logging.getLogger(__name__)
+
+
+class PreparedExpertFile:
+    """Slot image of expert (layer, e) at byte ``(layer * E + e) * nbytes``; read with preadv.
+
+    The file is a cache, so it is untrusted like a checkpoint: a JSON sidecar (``<name>.json``,
+    written after the file is complete) records what it was built from (:func:`prepared_identity`)
+    and a CRC-32 of every expert's bytes. The first read of each expert in a process checks its
+    CRC (one pass over bytes just read; later reads of the same expert skip it); a mismatch
+    removes the file and its sidecar and stops with one line, so the next run rebuilds it.
+    """
+
+    FORMAT = "dbrxq-prepared-experts-v2"  # v2: experts at a stride of whole 4 KiB pages (O_DIRECT)
+    ALIGN = PAGE
+
+    def __init__(self, path: Path, nbytes: int, num_experts: int, *, crcs: list[int] | None = None,
+                 drop_page_cache: bool = False, direct: bool = False, sizes: list[int] | None = None):
+        self.path, self.nbytes, self.num_experts = Path(path), nbytes, num_experts
+        self.sizes = sizes  # per expert (layer-major) when they differ (MixedLayout), else every one nbytes
+        self.stride = stride_of(nbytes)
+        self.drop_page_cache = drop_page_cache
+        self.crcs = crcs
+        self.verified: set[int] = set()
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self.dfd = -1  # O_DIRECT descriptor: reads from the disk, never the page cache
+        if direct:
+            try:
+                self.dfd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            except OSError as e:
+                self._no_direct(e)
+
+    def _no_direct(self, e: OSError) -> None:
+        log.warning("%s: O_DIRECT is not supported here (%s); reading through the page cache and dropping "
+                    "each read from it", self.path, e.strerror or e)
+        if self.dfd >= 0:
+            os.close(self.dfd)
+        self.dfd = -1
+        self.drop_page_cache = True
+
+    def read_into(self, layer: int, expert: int, dst: torch.Tensor) -> None:
+        """dst: CPU uint8, at least nbytes (a slot in RAM, or pinned staging for a GPU). A page-aligned
+        dst of ``stride`` bytes is read with O_DIRECT when the file was opened with ``direct``."""
+        idx = layer * self.num_experts + expert
+        off, n = idx * self.stride, self.size(idx)
+        whole = whole_pages(n)  # O_DIRECT reads whole pages
+        if self.dfd >= 0 and dst.numel() >= whole and dst.data_ptr() % self.ALIGN == 0:
+            try:
+                got = os.preadv(self.dfd, [memoryview(dst[:whole].numpy()).cast("B")], off)
+            except OSError as e:  # a file system that opens O_DIRECT but refuses the read
+                self._no_direct(e)
+                return self.read_into(layer, expert, dst)
+            got = min(got, n)
+        else:
+            got = os.preadv(self.fd, [memoryview(dst[:n].numpy()).cast("B")], off)
+            if self.drop_page_cache:
+                os.posix_fadvise(self.fd, off, self.stride, os.POSIX_FADV_DONTNEED)
+        if got != n:
+            self._damaged(layer, expert, f"short read ({got} of {n} bytes)")
+        if self.crcs is not None and idx not in self.verified:
+            if zlib.crc32(memoryview(dst[:n].numpy()).cast("B")) != self.crcs[idx]:
+                self._damaged(layer, expert, "its CRC-32 differs from the one recorded when the file was written")
+            self.verified.add(idx)
+
+    def size(self, idx: int) -> int:
+        """Bytes of expert ``idx`` (layer-major) in the file."""
+        return self.nbytes if self.sizes is None else self.sizes[idx]
+
+    def _damaged(self, layer: int, expert: int, why: str) -> None:
+        for p in (self.path, sidecar_path(self.path)):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        raise CheckpointError(f"{self.path}: prepared-expert file damaged at layer {layer} expert {expert} ({why}); "
+                              f"removed it, rerun to rebuild it from the checkpoint")
+
+    def mapped(self, layer: int, expert: int) -> torch.Tensor:
+        """Expert (layer, e)'s bytes in place, in a read-only mapping of the file (no copy: served by
+        the page cache, or faulted in from the disk); hand them back with :meth:`unmap`."""
+        import mmap
+        if getattr(self, "mm", None) is None:
+            self.mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)  # private: never written, never copied
+        idx = layer * self.num_experts + expert
+        n = self.size(idx)
+        t = torch.frombuffer(self.mm, dtype=torch.uint8, count=n, offset=idx * self.stride)
+        if self.crcs is not None and idx not in self.verified:
+            if zlib.crc32(memoryview(self.mm)[idx * self.stride: idx * self.stride + n]) != self.crcs[idx]:
+                self._damaged(layer, expert, "its CRC-32 differs from the one recorded when the file was written")
+            self.verified.add(idx)
+        return t
+
+    def unmap(self, layer: int, expert: int) -> None:
+        """Drop expert (layer, e)'s pages from this process (MADV_DONTNEED: they stay in the page
+        cache, and count in our RSS no more)."""
+        import mmap
+        self.mm.madvise(mmap.MADV_DONTNEED, (layer * self.num_experts + expert) * self.stride, self.stride)
+
+    def close(self) -> None:
+        if getattr(self, "mm", None) is not None:
+            self.mm.close()
+            self.mm = None
+        for name in ("fd", "dfd"):
+            if getattr(self, name) >= 0:
+                os.close(getattr(self, name))
+                setattr(self, name, -1)
+
+    @classmethod
+    def build(cls, path: Path, experts: list, layout: SlotLayout, backend: str | None, device: torch.device,
+              act_dtype: torch.dtype, *, identity: dict | None = None, **kw) -> PreparedExpertFile:
+        """Write every expert of ``experts`` (QExperts-like: expert_weights(e)) atomically, then its
+        sidecar (``identity`` + per-expert CRC-32)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        release = PageReleaser()
+        buf = torch.empty(layout.nbytes, dtype=torch.uint8)
+        pad = bytes(stride_of(layout.nbytes) - layout.nbytes)
+        E = experts[0].num_experts
+        t0 = time.perf_counter()
+        tmp = temp_path(path)
+        crcs = []
+        try:
+            with open(tmp, "wb") as f:
+                for layer, mod in enumerate(experts):
+                    for e in range(E):
+                        canonical = mod.expert_weights(e)
+                        for qt in canonical:  # the checkpoint's numbers, checked once, here
+                            check_qparams(qt.scales, qt.qzeros, qt.bits, f"layer {layer} expert {e}")
+                        lay = layout.layout_of(layer, e)  # its size class (MixedLayout), first bytes of a stride
+                        if layout.mixed:
+                            buf.zero_()  # a smaller class leaves the end of the stride: the same file bytes every build
+                        lay.pack(prepare_expert(canonical, backend, device, act_dtype), buf[: lay.nbytes])
+                        f.write(memoryview(buf.numpy()))
+                        f.write(pad)
+                        crcs.append(zlib.crc32(memoryview(buf[: lay.nbytes].numpy())))
+                        for qt in canonical:  # the checkpoint's pages are not needed any more
+                            for t in (qt.qweight, qt.scales, qt.qzeros):
+                                if t is not None:
+                                    release(t)
+                    log.info("prepared experts of layer %d/%d (%.1fs)", layer + 1, len(experts), time.perf_counter() - t0)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        if identity is not None:
+            write_json_atomic({**identity, "crc32": crcs}, sidecar_path(path))
+        return cls(path, layout.nbytes, E, crcs=crcs, sizes=layout.sizes() if layout.mixed else None, **kw)
+
+
+def stride_of(nbytes: int) -> int:
+    """Bytes between experts in a prepared file (and of a CPU slot's buffer): whole 4 KiB pages."""
+    return whole_pages(nbytes)
+
+
+def sidecar_path(path: Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def prepared_identity(source_dir: Path | None, backend: str | None, device: torch.device, layout: SlotLayout,
+                      act_dtype: torch.dtype, n_layers: int, num_experts: int) -> dict:
+    """What a prepared-expert file is made from: the checkpoint's files (name, size, mtime), the kernel
+    (backend, device, byte layout version, SIMD path), torch, and the file's shape."""
+    lib = cext.load()
+    files = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(source_dir).glob("*.safetensors"))]
+    return {"format": PreparedExpertFile.FORMAT, "source": str(Path(source_dir).resolve()), "files": files,
+            "backend": str(backend), "device": device.type, "act_dtype": str(act_dtype),
+            "kernel_layout": lib.dbrxq_layout_version() if lib is not None else 0, "cpu_path": str(cext.cpu_path()),
+            "torch": torch.__version__, "slot_bytes": layout.nbytes, "n_layers": n_layers, "num_experts": num_experts,
+            **({"size_classes": [lay.nbytes for lay in layout.layouts], "class_of": layout.of} if layout.mixed else {})}
+
+
+def read_prepared_sidecar(path: Path, identity: dict) -> list[int] | None:
+    """The per-expert CRCs of the prepared file at ``path`` if its sidecar is well-formed and records
+    exactly ``identity``; None otherwise (the file is then rebuilt)."""
+    side = sidecar_path(path)
+    try:
+        data = read_json(side, MAX_INDEX_BYTES, folder=path.parent)
+    except DbrxqError as e:
+        log.warning("prepared-expert file %s: %s; rebuilding it", path, e)
+        return None
+    if not isinstance(data, dict):
+        return None
+    crcs = data.pop("crc32", None)
+    n = identity["n_layers"] * identity["num_experts"]
+    if data != identity or not isinstance(crcs, list) or len(crcs) != n or not all(is_int(c) for c in crcs):
+        log.warning("prepared-expert file %s was built from something else (or its sidecar is damaged); "
+                    "rebuilding it", path)
+        return None
+    return crcs
+
+
+def prepared_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where prepared-expert files live: ``cache_dir``, else dbrxq's cache ($DBRXQ_CACHE, else
+    ~/.cache/dbrxq: :func:`quantize.cext.cache_dir`, where the kernel builds go too); then ``prepared/``."""
+    return (Path(cache_dir) if cache_dir else cext.cache_dir()) / "prepared"
+
+
+def prepared_file_key(source_dir: Path | None, backend: str | None, device: torch.device, layout: SlotLayout,
+                      act_dtype: torch.dtype) -> str | None:
+    """A name that changes with the checkpoint files, the kernel (path and byte layout) and this torch;
+    None without files."""
+    if source_dir is None:
+        return None
+    h = hashlib.sha256()
+    for p in sorted(Path(source_dir).glob("*.safetensors")):
+        st = p.stat()
+        h.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    lib = cext.load()
+    kernel_layout = lib.dbrxq_layout_version() if lib is not None else 0  # the C kernel's byte layout
+    h.update(f"{backend}:{device.type}:{act_dtype}:{layout.nbytes}:{torch.__version__}:{cext.cpu_path()}:"
+             f"{kernel_layout}".encode())
+    if layout.mixed:
+        h.update(f"{layout.describe()}:{layout.of}".encode())
+    return h.hexdigest()[:20]
