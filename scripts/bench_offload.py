@@ -19,7 +19,7 @@ comes from RAM. Measured here, in this run: RAM read bandwidth (dbrxq.core.sysin
 page-cache bandwidth (preadv of the prepared file, one expert per call, as the reader does) and the
 disk's (the same with O_DIRECT). Per token the bound is
 ``missed expert bytes / source bandwidth + (hit expert bytes + non-expert bytes) / RAM bandwidth``
-(issue 16's bound: reads and compute one after the other); the reads can overlap the compute, so
+(reads and compute one after the other); the reads can overlap the compute, so
 the slower side alone is a floor, and the ratio to it is reported too.
 """
 

@@ -252,7 +252,7 @@ def real_width_part(args, work: Path) -> list[str]:
 
 
 def dbrx_sizes() -> list[str]:
-    """GGUF bytes of real DBRX per recipe (the README's table), from shapes and block sizes."""
+    """GGUF bytes of real DBRX per recipe (the table in docs/gguf.md), from shapes and block sizes."""
     from dbrxq.formats.checkpoint import hub_tensor_shapes
     from dbrxq.formats.random import preset_config
     from quantize.ggml import row_bytes

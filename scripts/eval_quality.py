@@ -1,4 +1,4 @@
-"""Quality of quantization on the trained demo model: the table in the README, one command.
+"""Quality of quantization on the trained demo model: the table in docs/benchmarks.md, one command.
 
     python scripts/eval_quality.py                       # embedded model, calibration/data/heldout.txt
     python scripts/eval_quality.py --max-tokens 8000     # quicker, noisier

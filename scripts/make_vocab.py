@@ -1,7 +1,7 @@
 """Build a small DBRX-style tokenizer vocabulary for tiny checkpoints.
 
 Writes ``tokenizer.tiktoken`` + ``tokenizer.tiktoken.json`` (format in
-dbrxq/tokenizer.py) into --out: SIZE BPE ranks, then DBRX's 8 special-token names at
+dbrxq/text/tokenizer.py) into --out: SIZE BPE ranks, then DBRX's 8 special-token names at
 ids SIZE..SIZE+7. Deterministic: the same input gives byte-identical files.
 
   # cl100k_base cut to its SIZE lowest ranks (the ideal small DBRX vocabulary)

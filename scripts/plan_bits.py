@@ -18,7 +18,7 @@ program) and greedily; both totals and their ratio are printed, with the bit his
 ``--eval`` then quantizes the demo model's experts with GPTQ at the widths chosen (each expert on its
 own routed calibration tokens from the float model, the rare-expert rule of `dbrxq quantize`:
 experts with fewer than d_model / 8 tokens calibrate on all tokens), attention int8 RTN as in the
-README's rows, and compares it with the float model on the held-out windows of
+quality table's rows (docs/benchmarks.md), and compares it with the float model on the held-out windows of
 scripts/eval_quality.py; next to it, the uniform recipe of the same byte cost made the same way
 (so the two differ only in the allocation). The weights are dequantized in memory: the checkpoint
 format has no per-expert widths yet.

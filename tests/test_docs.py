@@ -36,3 +36,36 @@ def test_readme_links_resolve():
     assert [link for link in links if not (ROOT / link).exists()] == []
     for doc in ("architecture.md", "format.md", "kernels.md", "benchmarks.md"):
         assert (ROOT / "docs" / doc).is_file(), doc
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_documents_resolve():
+    """Every relative link in the README and docs/ names a file that exists and, with #anchor, a
+    heading of that file."""
+    broken = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target, anchor in re.findall(r"\]\((?!https?:)([^)#\s]*)(?:#([^)\s]+))?\)", doc.read_text()):
+            path = (doc.parent / target).resolve() if target else doc
+            if not path.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target}")
+            elif anchor and path.suffix == ".md":
+                heads = {_anchor(h) for h in re.findall(r"^#+ (.+)$", path.read_text(), re.M)}
+                if anchor not in heads:
+                    broken.append(f"{doc.relative_to(ROOT)}: {target}#{anchor}")
+    assert not broken, broken
+
+
+def test_the_repository_speaks_of_the_product_alone():
+    """No numbered work items or working sessions in code, comments or documents: a figure names its
+    machine, command and commit, not the work that made it."""
+    said = re.compile(r"\b(?:issue|ticket|session) #?\d+|\bthis session\b|\b(?:an? )?earlier session|"
+                      r"\bsession \d|\bissue \d+'s\b", re.I)
+    found = [f"{f.relative_to(ROOT)}:{i}: {line.strip()[:80]}"
+             for f in _tracked_text_files() if f.name != "test_docs.py"
+             for i, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if said.search(line)]
+    assert not found, found

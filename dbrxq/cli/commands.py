@@ -234,7 +234,7 @@ def cache(cache_dir, clear) -> None:
 @click.option("--revision", help="Hub revision when MODEL is a repo id.")
 def export(model, out, type_, float_type, requantize, overwrite, revision) -> None:
     """Write MODEL (a dbrxq-quantized or float checkpoint folder, a hub repo id, or demo) as the GGUF
-    file OUT for llama.cpp, Ollama and llama.cpp's RPC backend (README: "Run it elsewhere")."""
+    file OUT for llama.cpp, Ollama and llama.cpp's RPC backend (docs/gguf.md)."""
     r = export_gguf(model, out, type_=type_.lower(), float_type=float_type.lower(), requantize=requantize,
                     overwrite=overwrite, revision=revision, progress=sys.stderr.isatty())
     for msg in r.warnings:

@@ -7,7 +7,7 @@
 (calibration.allocation), so those runs take the pipeline with either method. Both write the
 canonical layout of :func:`quantize.specs.quantized_tensor_specs`.
 
-Registered by dbrxq/cli.py with ``cli.add_command(quantize_command, "quantize")``. Option values
+Registered by dbrxq/cli/app.py with ``cli.add_command(quantize_command, "quantize")``. Option values
 are checked here and refused with a one-line QuantizationError naming the option (exit status 2
 through dbrxq.cli.app.main), not click's multi-line usage error. The summary is the command's output.
 """

@@ -41,7 +41,7 @@ def workspace_bytes(config, *, batch_size: int, chunk: int, context: int, dtype:
 def cuda_dequant_bytes(config) -> int:
     """CUDA: int8 attention weights are turned into bf16 for each matmul (quantize.kernels.
     TorchInt8Weight), so the largest of them, Wqkv, exists twice over for that long: measured on an
-    H200 (scripts/bench_gpu.py), peak GPU memory passed the budget by 19 MiB before this was planned."""
+    H200 (scripts/bench_gpu.py), peak GPU memory passes the budget by 19 MiB if it is not planned."""
     qc = config.quantization_config
     if not qc:
         return 0

@@ -79,8 +79,8 @@ def checkpoint_sizes(reader, config, backend: str | None, device: torch.device, 
     def layout_of(canonical: tuple) -> SlotLayout:
         layout = expert_layout(canonical, backend, device, act_dtype)
         # The repack read the expert's canonical pages through a mapping the loaded model keeps open: give
-        # them back, or they stay in RSS outside every budget (97 MiB at real width, measured with
-        # tests/dbrxq/test_offload.py's real-width RSS test before this release). (A PageReleaser made
+        # them back, or they stay in RSS outside every budget (97 MiB at real width: the real-width case
+        # of tests/dbrxq/test_offload.py's peak-RSS test fails without this). (A PageReleaser made
         # now, after the reads: it knows only the file mappings that exist when it is made.)
         release = PageReleaser()
         for qt in canonical:

@@ -64,7 +64,7 @@
 
 /* ------------------------------------------------------------------ layout */
 
-/* The layout generation: part of the prepared-expert file key (dbrxq/offload.py). */
+/* The layout generation: part of the prepared-expert file key (dbrxq/runtime/prepared.py). */
 int dbrxq_layout_version(void) { return 3; } /* 3: native 2- and 3-bit blocks */
 
 /* Code bytes of one block: K/2 per row at 4 bits, K at 8, K/4 at 2, 3K/8 at 3 (two planes). */

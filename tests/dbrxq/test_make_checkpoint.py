@@ -121,7 +121,7 @@ def test_script(tmp_path, capsys):
     assert script.main([str(tmp_path / "bad"), "--preset", "tiny", "--n-heads", "3", "--no-progress"]) == 2
     assert "field d_model (64) must be divisible by n_heads (3)" in capsys.readouterr().err
     assert script.parse_size("5GiB") == 5 * 2**30 and script.parse_size("100KB") == 100_000
-    # --random-codes: one recipe, or per-expert recipes in expert order (the README's mixed real-width run)
+    # --random-codes: one recipe, or per-expert recipes in expert order (docs/benchmarks.md's mixed real-width run)
     mixed = tmp_path / "mixed"
     assert script.main([str(mixed), "--preset", "tiny", "--d-model", "128", "--ffn-hidden-size", "128",
                         "--random-codes", "4:4,3:6,2:6", "--no-progress"]) == 0

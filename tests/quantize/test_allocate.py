@@ -63,8 +63,7 @@ def test_exact_equals_brute_force_and_never_exceeds_the_budget(seed):
 
 def test_greedy_is_close_on_a_dbrx_sized_problem():
     """640 experts (DBRX: 40 layers x 16) at an average of 3 bits: the greedy's error over the exact
-    one's. (The issue's check on the demo model's own errors is scripts/eval_quality.py's job once
-    2- and 3-bit experts exist.)"""
+    one's. (On the demo model's own errors, scripts/plan_bits.py compares the two.)"""
     rng = random.Random(0)
     costs, errors = random_problem(rng, 640, unit=6 * 10752 * 6144 // 128 // 16)
     budget = 640 * costs[0][1]  # everything at 3 bits
