@@ -47,24 +47,26 @@ from dbrxq.model.moe import ACTIVATIONS
 from quantize.allocate import solve_exact, solve_greedy
 from quantize.config import ExpertMix, ModuleQuant, QuantConfig
 from quantize.primitives import quantize_tensor
-from quantize.specs import quantized_tensor_specs, weight_specs
+from quantize.specs import expert_slot, quantized_tensor_specs, weight_specs
 
 log = logging.getLogger(__name__)
 
 OPTIONS = (ModuleQuant(2, 64, False), ModuleQuant(3, 64, False), ModuleQuant(4, 128, True), ModuleQuant(8, -1, True))
 
 
-def expert_bytes(config, mq: ModuleQuant) -> int:
+def expert_bytes(config, mq: ModuleQuant, layout: str = "canonical") -> int:
     """Bytes one expert (w1, v1 [F, D], w2 [D, F]) takes in the checkpoint with recipe ``mq``: the
-    tensors quantize.writer's canonical specs give it."""
+    tensors quantize.specs gives it (blocks layout: its slot image, whole pages)."""
+    if layout == "blocks":
+        return expert_slot(config, mq).stride
     F_, D = config.ffn_hidden_size, config.d_model
     return sum(tensor_nbytes(shape, dtype) for k, (n, kk) in (("w1", (F_, D)), ("v1", (F_, D)), ("w2", (D, F_)))
                for _, shape, dtype in weight_specs(k, (), n, kk, mq))
 
 
-def budget_from_bits(config, avg_bits: float, options=OPTIONS) -> int:
+def budget_from_bits(config, avg_bits: float, options=OPTIONS, layout: str = "canonical") -> int:
     """Expert bytes for an average of ``avg_bits``: the uniform recipe's, interpolated between widths."""
-    per = {o.bits: expert_bytes(config, o) for o in options}
+    per = {o.bits: expert_bytes(config, o, layout) for o in options}
     if not min(per) <= avg_bits <= max(per):
         raise QuantizationError(f"--target-bits {avg_bits}: expected a number from {min(per)} to {max(per)}")
     lo, hi = max(b for b in per if b <= avg_bits), min(b for b in per if b >= avg_bits)
@@ -76,7 +78,7 @@ def budget_from_size(config, qconfig: QuantConfig, float_dtypes, size: int, opti
     """Expert bytes left of a whole-checkpoint ``size`` once the other tensors are counted."""
     other = sum(tensor_nbytes(s, d) for n, s, d in quantized_tensor_specs(config, qconfig, float_dtype=float_dtypes)
                 if ".ffn.experts." not in n)
-    least = config.n_layers * config.num_experts * min(expert_bytes(config, o) for o in options)
+    least = config.n_layers * config.num_experts * min(expert_bytes(config, o, qconfig.layout) for o in options)
     if size - other < least:
         raise QuantizationError(f"--target-size {format_size(size)} is too small: the tensors other than the experts "
                                 f"take {format_size(other)} and every expert at its smallest recipe "
@@ -134,7 +136,7 @@ def allocate(run, tokens: torch.Tensor, budget: int, target: dict[str, Any], opt
     t0 = time.perf_counter()
     c = run.config
     errors, counts = measure(run, tokens, options)
-    costs = [[expert_bytes(c, o) for o in options] for _ in errors]
+    costs = [[expert_bytes(c, o, run.qconfig.layout) for o in options] for _ in errors]
     try:
         best, solver = solve_exact(costs, errors, budget), "exact"
     except QuantizationError as e:

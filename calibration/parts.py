@@ -16,7 +16,9 @@ from dbrxq.core.untrusted import check_finite
 from dbrxq.formats.checkpoint import INDEX_NAME, hub_tensor_shapes
 from dbrxq.formats.hub import tokenizer_files
 from dbrxq.formats.shards import TensorSpec, save_file_atomic, tensor_nbytes
+from quantize.blocks import PAGE
 from quantize.config import QuantConfig
+from quantize.layout import to_blocks
 from quantize.primitives import quantize_tensor
 from quantize.specs import quantized_tensor_specs
 
@@ -37,19 +39,24 @@ def plan_parts(config, qconfig: QuantConfig, float_dtype) -> tuple[dict, dict]:
 
 
 def write_part(run: Run, part: str, produced: dict[str, torch.Tensor], **extra: Any) -> None:
-    """Write one part's tensors, in spec order, as its own shard (atomically); record it."""
+    """Write one part's tensors, in spec order, as its own shard (atomically); record it. ``produced``
+    holds canonical tensors; in the blocks layout they are packed for the kernel here (and the shard's
+    data starts on a page, its ``qblocks`` first)."""
+    blocks = run.qconfig.layout == "blocks"
+    if blocks:
+        produced = to_blocks(produced, run.config, run.qconfig)
+    assert set(produced) == {n for n, _, _ in run.specs[part]}, (part, sorted(produced), run.specs[part])
     tensors = {}
     for name, shape, dtype in run.specs[part]:
         t = produced[name]
         assert tuple(t.shape) == tuple(shape) and t.dtype == dtype, (name, tuple(t.shape), shape, t.dtype, dtype)
         tensors[name] = t.contiguous()
     path = run.out / run.shard[part]
-    save_file_atomic(tensors, path, metadata={"format": "pt"})
+    save_file_atomic(tensors, path, metadata={"format": "pt"}, align=PAGE if blocks else 8)
     run.progress.record(part, path, **extra)
 
 
 def write_head(run: Run) -> None:
-    names = [n for n, _, _ in run.specs["head"]]
     produced = {}
     for name in ("transformer.norm_f.weight", "lm_head.weight"):
         if name not in hub_tensor_shapes(run.config):
@@ -61,7 +68,6 @@ def write_head(run: Run) -> None:
             produced.update(quantize_tensor(w.float(), mq.bits, mq.group_size, mq.symmetric).tensors(name))
         else:
             produced[name] = w
-    assert set(produced) == set(names), (sorted(produced), names)
     write_part(run, "head", produced)
 
 

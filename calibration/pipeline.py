@@ -100,6 +100,8 @@ from dbrxq.formats.shards import tensor_nbytes
 from dbrxq.text.tokenizer import DbrxTokenizer
 from quantize.config import QuantConfig
 from quantize.format import FORMAT_VERSION, REPORT_NAME
+from quantize.layout import to_canonical
+from quantize.specs import resolve_layout
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +153,8 @@ def _start(run: Run, tokens: torch.Tensor) -> tuple[int, torch.Tensor]:
             return k, stored.to(run.device)
         log.info("resuming at layer %d: recomputing the activations through layers 0..%d of %s", k, k - 1, run.out)
         for i in range(k):
-            x = propagate(load_file(str(run.out / run.shard[f"layer.{i}"])), run, i, x)
+            written = to_canonical(load_file(str(run.out / run.shard[f"layer.{i}"])), run.config, run.qconfig)
+            x = propagate(written, run, i, x)
     return k, x
 
 
@@ -172,7 +175,7 @@ def _target(opts: CalibrationOptions, qconfig: QuantConfig, config, source) -> t
                                     f"{o.bits} bits with group size {o.group_size} does not fit this model's "
                                     f"experts (d_model {config.d_model}, ffn {config.ffn_hidden_size}): {e}") from None
     if opts.target_bits is not None:
-        return {"bits": opts.target_bits}, budget_from_bits(config, opts.target_bits)
+        return {"bits": opts.target_bits}, budget_from_bits(config, opts.target_bits, layout=qconfig.layout)
     return {"size_bytes": opts.target_size}, budget_from_size(config, qconfig, source.float_dtypes(), opts.target_size)
 
 
@@ -214,6 +217,7 @@ def quantize_with_calibration(src: str | Path, out: str | Path, qconfig: QuantCo
     try:
         config = source.config
         _check_options(opts, qconfig, config)
+        qconfig = resolve_layout(config, qconfig)
         device = parse_device(opts.device)
         torch.manual_seed(opts.seed)
         tokenizer = DbrxTokenizer.from_pretrained(source.folder)

@@ -23,6 +23,7 @@ from dbrxq.core.errors import QuantizationError
 from dbrxq.core.untrusted import is_int
 from quantize.format import (
     FORMAT_VERSION,
+    LAYOUTS,
     READABLE_FORMAT_VERSIONS,
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
@@ -155,17 +156,26 @@ class QuantConfig:
     format_version: int = field(default=FORMAT_VERSION, compare=False)  # as read; written: required_version
     # Per-expert recipes (format_version 3); then ``experts`` is the recipe the allocation started from.
     expert_mix: ExpertMix | None = None
+    # How the quantized weights are stored (quantize.format.LAYOUTS): "blocks", the CPU kernel's own layout
+    # (format_version 4: loading is a memory map, and offloading reads experts straight from the
+    # checkpoint), "canonical" (qweight/scales/qzeros, repacked for the kernel at every load), or "auto":
+    # blocks wherever the kernel's blocks hold every weight of the model (quantize.specs.resolve_layout).
+    layout: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
+        _check(self.layout in LAYOUTS + ("auto",), "layout", self.layout, f"one of {LAYOUTS} or auto")
         _check(self.format_version in READABLE_FORMAT_VERSIONS, "format_version",
                self.format_version,
                f"one of {READABLE_FORMAT_VERSIONS} (the versions this dbrxq reads)")
 
     @property
     def required_version(self) -> int:
-        """The format_version this recipe's tensors need: 3 with per-expert recipes, 2 with 2- or 3-bit
-        codes, else 1 (so a 4/8-bit checkpoint stays readable by a dbrxq that knows only version 1)."""
+        """The format_version this recipe's tensors need: 4 in the blocks layout, 3 with per-expert
+        recipes, 2 with 2- or 3-bit codes, else 1 (so a canonical 4/8-bit checkpoint stays readable by a
+        dbrxq that knows only version 1)."""
+        if self.layout == "blocks":
+            return 4
         if self.expert_mix is not None:
             return 3
         return 2 if any(self.for_kind(k).bits in (2, 3) for k in MODULE_KINDS) else 1
@@ -188,7 +198,8 @@ class QuantConfig:
         return getattr(self, kind)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready ``quantization_config`` block."""
+        """The JSON-ready ``quantization_config`` block (its layout resolved: quantize.specs.resolve_layout)."""
+        assert self.layout != "auto", "resolve the layout for the model first (quantize.specs.resolve_layout)"
         d: dict[str, Any] = {
             "quant_method": QUANT_METHOD,
             "format_version": self.required_version,
@@ -198,6 +209,8 @@ class QuantConfig:
             d[kind] = self.for_kind(kind).to_dict()
         if self.expert_mix is not None:
             d["expert_mix"] = self.expert_mix.to_dict()
+        if self.layout != "canonical":
+            d["layout"] = self.layout
         if self.calibration:
             d["calibration"] = dict(self.calibration)
         return d
@@ -230,9 +243,15 @@ class QuantConfig:
             raise QuantizationError("quantization_config.calibration must be an object")
         kinds = {k: ModuleQuant.from_dict(d[k], k) for k in MODULE_KINDS if k in d}
         mix = ExpertMix.from_dict(d["expert_mix"]) if d.get("expert_mix") is not None else None
-        cfg = cls(method=method, calibration=calibration, format_version=version, expert_mix=mix, **kinds)
+        layout = d.get("layout", "canonical")
+        if not isinstance(layout, str) or layout not in LAYOUTS:
+            raise QuantizationError(f"quantization_config.layout={layout!r:.40} is not supported; expected one of "
+                                    f"{LAYOUTS}")
+        cfg = cls(method=method, calibration=calibration, format_version=version, expert_mix=mix, layout=layout,
+                  **kinds)
         if version < cfg.required_version:
-            what = "per-expert recipes" if mix is not None else "2- or 3-bit codes"
+            what = ("the blocks layout" if layout == "blocks" else "per-expert recipes" if mix is not None
+                    else "2- or 3-bit codes")
             raise QuantizationError(f"quantization_config.format_version={version} cannot hold {what} "
                                     f"(format_version {cfg.required_version} can); the checkpoint is damaged")
         return cfg

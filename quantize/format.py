@@ -45,10 +45,16 @@ stay in bf16. The checkpoint's config.json carries a ``quantization_config`` blo
 import re
 
 # 2: adds 2- and 3-bit codes; 3: adds per-expert recipes (quantization_config.expert_mix, expert tensors
-# stacked per recipe: MIXED_PART). Each checkpoint says the lowest version its tensors need, so a
-# uniform 4/8-bit one stays version 1 and reads unchanged in an older dbrxq.
-FORMAT_VERSION = 3
-READABLE_FORMAT_VERSIONS = (1, 2, 3)
+# stacked per recipe: MIXED_PART); 4: adds the "blocks" layout (LAYOUTS). Each checkpoint says the lowest
+# version its tensors need, so a uniform 4/8-bit canonical one stays version 1 and reads unchanged in an
+# older dbrxq.
+FORMAT_VERSION = 4
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)
+# How quantized weights are stored: "canonical" (qweight/scales/qzeros, above) or "blocks" (format_version 4:
+# the CPU kernel's own layout, quantize.blocks; one <name>.qblocks tensor per weight, one
+# ...ffn.experts.mlp.qblocks [E, stride] per layer's experts), which loads as a memory map, no repack.
+LAYOUTS = ("blocks", "canonical")
+BLOCKS_KERNEL_LAYOUT = 3  # the generation of the C kernel's blocks (dbrxq_layout_version) format_version 4 holds
 # A mixed layer stores kind k's experts of recipe j (expert_mix.options[j]), in increasing expert id,
 # as ``...ffn.experts.mlp.{k}.o{j}.qweight`` [E_j, N, packed] (+ .scales, .qzeros); no tensor for a
 # recipe the layer does not use.

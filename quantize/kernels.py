@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from dbrxq.core.errors import QuantizationError
 from quantize import cext
+from quantize.blocks import BlocksTensor
 from quantize.primitives import QuantizedTensor, pack_codes
 
 log = logging.getLogger(__name__)
@@ -336,6 +337,9 @@ class CpuQWeight(PreparedWeight):
     CPU); all three give bit-identical results, for any number of rows."""
 
     def __init__(self, qt, device, cpu_path: str | None = None):
+        if isinstance(qt, BlocksTensor):  # already in the kernel's layout (a stored qblocks view): no copy
+            self._from_blocks(qt, device, cpu_path)
+            return
         super().__init__(qt, device)
         self.backend = "cpu_q8" if qt.bits == 8 else "cpu_q4"  # cpu_q4: 2, 3 and 4 bits
         self.lib = cext.load()
@@ -351,6 +355,18 @@ class CpuQWeight(PreparedWeight):
                               qt.bits, n, k, self.group, self.w.data_ptr())
         self.asym = int(asym)
         self.act_span = self.lib.dbrxq_act_span(qt.bits, self.group)
+
+    def _from_blocks(self, bt: BlocksTensor, device, cpu_path: str | None) -> None:
+        self.shape, self.bits, self.group_size, self.group = tuple(bt.shape), bt.bits, bt.group_size, bt.group
+        self.symmetric, self.device = bt.symmetric, torch.device(device)
+        self.backend = "cpu_q8" if bt.bits == 8 else "cpu_q4"
+        self.lib = cext.load()
+        self.path = cpu_path or cext.cpu_path()
+        self.nbytes = bt.nbytes
+        assert bt.blocks.dtype == torch.uint8 and bt.blocks.numel() >= self.nbytes, (bt.blocks.shape, self.nbytes)
+        self.w = bt.blocks.reshape(-1)[: self.nbytes]  # a view: the stored bytes are the kernel's
+        self.asym = int(bt.asym)
+        self.act_span = self.lib.dbrxq_act_span(bt.bits, self.group)
 
     def _mm(self, x2):
         n, k = self.shape
@@ -368,9 +384,11 @@ _CLASSES = {"torch": TorchWeight, "torch_int4": TorchInt4Weight, "torch_int8": T
             "bnb": BnbWeight, "cpu_q4": CpuQWeight, "cpu_q8": CpuQWeight}
 
 
-def prepare(qt: QuantizedTensor, backend: str = "auto", device: torch.device | str = "cpu", *,
+def prepare(qt: QuantizedTensor | BlocksTensor, backend: str = "auto", device: torch.device | str = "cpu", *,
             dtype: torch.dtype = torch.float32, cpu_path: str | None = None) -> PreparedWeight:
     """Repack a canonical 2-D quantized weight [N, K] for ``backend`` ("auto": :func:`choose_backend`).
+    A weight already in the CPU kernel's blocks (:class:`~quantize.blocks.BlocksTensor`) is used in place
+    by the CPU kernel, and unpacked to the canonical codes for any other backend.
 
     Raises QuantizationError when the backend cannot run this weight on ``device``.
     """
@@ -383,10 +401,12 @@ def prepare(qt: QuantizedTensor, backend: str = "auto", device: torch.device | s
         backend = choose_backend(device, qt.bits, qt.group_size, dtype, shape=shape, symmetric=qt.symmetric)
     else:
         _check(backend, device, qt.bits, qt.group_size, dtype, shape, qt.symmetric)
-    if backend == "torch_int4" and qt.bits in (2, 3):
-        qt = widen_to_int4(qt)
     if backend in ("cpu_q4", "cpu_q8"):
         return CpuQWeight(qt, device, cpu_path)
+    if isinstance(qt, BlocksTensor):
+        qt = qt.quantized()
+    if backend == "torch_int4" and qt.bits in (2, 3):
+        qt = widen_to_int4(qt)
     return _CLASSES[backend](qt, device)
 
 

@@ -5,6 +5,10 @@
 - :class:`QExperts` replaces ``dbrxq.model.moe.DbrxExperts``: ``mlp.{w1,v1,w2}`` each hold
   ``qweight``/``scales``/(``qzeros``) with a leading expert dim, w1/v1 ``[E, F, D]``, w2
   ``[E, D, F]``, so one expert's bytes are ``t[e]`` of each tensor.
+- In the ``blocks`` layout (format_version 4) :class:`QBlocksLinear` and :class:`QBlocksExperts` hold the
+  CPU kernel's own bytes instead (``<name>.qblocks``; one ``ffn.experts.mlp.qblocks`` ``[E, stride]``
+  per layer, an expert's w1, v1, w2 in one slot image: quantize.blocks), which the CPU kernel reads in
+  place: loading them is a memory map. Their scales are checked on an expert's (a weight's) first use.
 - :func:`quantize_model_modules` swaps them in (on meta, before a quantized checkpoint is
   assigned); :func:`quantize_model_rtn` quantizes a loaded float model in memory.
 
@@ -18,6 +22,7 @@ the single place that picks a kernel. Moving a module after ``finalize_load`` ne
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, Callable
@@ -29,21 +34,23 @@ from dbrxq.core.errors import QuantizationError
 from dbrxq.core.pages import PageReleaser, trim_heap
 from dbrxq.model.moe import ACTIVATIONS, DbrxExperts, moe_dispatch
 from quantize import kernels
+from quantize.blocks import BLOCKS, BlocksTensor, ExpertSlot, weight_stored_bytes
 from quantize.config import ModuleQuant, QuantConfig
 from quantize.format import MIXED_PART, QWEIGHT, QZEROS, SCALES
-from quantize.primitives import QuantizedTensor, packed_k, resolve_group_size
+from quantize.primitives import QuantizedTensor, check_qparams, packed_k, resolve_group_size
 from quantize.rtn import EXPERT_KINDS, quantize_experts_rtn, quantize_rtn
+from quantize.specs import resolve_layout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QLinear", "QExperts", "QWeight", "prepare_weight", "quantize_model_modules",
-           "quantize_model_rtn"]
+__all__ = ["QLinear", "QExperts", "QWeight", "QBlocksLinear", "QBlocksExperts", "prepare_weight",
+           "quantize_model_modules", "quantize_model_rtn"]
 
 
 _WARNED: set[tuple[str, str]] = set()
 
 
-def prepare_weight(qt: QuantizedTensor, backend: str | None, device: torch.device) -> Any:
+def prepare_weight(qt: QuantizedTensor | BlocksTensor, backend: str | None, device: torch.device) -> Any:
     """The kernel weight for ``qt`` (``.matmul(x [..., K]) -> [..., N]``): the ONE dispatch point.
 
     ``backend`` None (or "auto") lets :func:`quantize.kernels.choose_backend` pick by device, bits
@@ -217,6 +224,8 @@ class QExperts(nn.Module):
         """Expert e's (w1 ``[F, D]``, v1 ``[F, D]``, w2 ``[D, F]``): contiguous views of the buffers."""
         return tuple(getattr(self.mlp, kind).quantized(e) for kind in EXPERT_KINDS)
 
+    expert_sources = expert_weights  # what prepare_weight takes (QBlocksExperts: the kernel's bytes)
+
     def finalize_load(self, backend: str | None = None, device: torch.device | None = None) -> None:
         """Prepare the kernel weights of every expert, each from its own slices, on ``device``
         (default: the buffers')."""
@@ -257,6 +266,146 @@ class QExperts(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# The blocks layout: the CPU kernel's bytes, stored
+# --------------------------------------------------------------------------------------------
+def in_place(module: nn.Module) -> bool:
+    """Whether ``module`` computes from its stored bytes as they are (the blocks layout): the loader
+    then leaves its pages alone instead of giving back what a repack touched."""
+    return isinstance(module, (QBlocksLinear, QBlocksExperts))
+
+
+def _check_numbers(source: BlocksTensor, what: str) -> None:
+    scales, zeros = source.qparams()
+    check_qparams(scales, zeros, source.bits, what)
+
+
+class QBlocksLinear(nn.Module):
+    """Bias-free ``nn.Linear`` replacement whose weight is stored in the kernel's blocks: buffer
+    ``qblocks`` uint8 ``[whole pages]`` (quantize.blocks). The CPU kernel computes from it in place;
+    other backends get the canonical codes, unpacked once at ``finalize_load``."""
+
+    def __init__(self, in_features: int, out_features: int, mq: ModuleQuant, *,
+                 device: torch.device | None = None, name: str = "") -> None:
+        super().__init__()
+        assert mq.quantized, mq
+        self.in_features, self.out_features, self.name = in_features, out_features, name
+        self.bits, self.group_size, self.asym = mq.bits, mq.group_size, not mq.symmetric
+        n = weight_stored_bytes(mq.bits, out_features, in_features, mq.group_size, self.asym)
+        self.register_buffer(BLOCKS, torch.empty(n, dtype=torch.uint8, device=device))
+        self._prepared: Any = None
+        self._checked = False
+
+    def source(self) -> BlocksTensor:
+        return BlocksTensor(self.qblocks, self.bits, self.group_size, (self.out_features, self.in_features),
+                            self.asym)
+
+    def quantized(self) -> QuantizedTensor:
+        """The canonical weight (unpacked from the blocks; exact)."""
+        return self.source().quantized()
+
+    def finalize_load(self, backend: str | None = None, device: torch.device | None = None) -> None:
+        if self.qblocks.is_meta:
+            raise QuantizationError("QBlocksLinear: finalize_load called before the quantized tensors were loaded")
+        self._prepared = prepare_weight(self.source(), backend, device or self.qblocks.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self._prepared is not None, "QBlocksLinear used before finalize_load()"
+        if not self._checked:  # the numbers, on first use (the pages are about to be read anyway)
+            _check_numbers(self.source(), f"tensor {self.name}.{BLOCKS}")
+            self._checked = True
+        return self._prepared.matmul(x)
+
+    @property
+    def row_independent(self) -> bool:
+        return isinstance(self._prepared, kernels.CpuQWeight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, " \
+               f"group_size={self.group_size}, symmetric={not self.asym}, layout=blocks"
+
+
+class QBlocksExperts(nn.Module):
+    """Drop-in for ``DbrxExperts`` storing a layer's experts in the kernel's blocks: ``mlp.qblocks``
+    uint8 ``[E, stride]``, one slot image per expert (w1, v1, w2: quantize.blocks.ExpertSlot); with
+    per-expert recipes one stack ``mlp.o{j}.qblocks`` ``[E_j, stride_j]`` per recipe in use. On CPU every
+    expert computes from its stored bytes in place; an expert's scales are checked on its first use."""
+
+    def __init__(self, config, mq: ModuleQuant, *, device: torch.device | None = None,
+                 name: str = "experts", mix: tuple[tuple[ModuleQuant, ...], tuple[int, ...]] | None = None) -> None:
+        super().__init__()
+        self.num_experts, self.ffn_hidden_size, self.name = config.num_experts, config.ffn_hidden_size, name
+        self.act: Callable[[torch.Tensor], torch.Tensor] = ACTIVATIONS[config.activation]
+        self.mixed = mix is not None
+        recipes = [mq] if mix is None else list(mix[0])
+        choice = [0] * self.num_experts if mix is None else list(mix[1])
+        self.slots = {j: ExpertSlot(r.bits, r.group_size, not r.symmetric, config.d_model, config.ffn_hidden_size)
+                      for j, r in enumerate(recipes) if j in choice}
+        self.mlp = nn.Module()
+        stacks = {}
+        for j in sorted(self.slots):
+            members = [e for e in range(self.num_experts) if choice[e] == j]
+            holder = self.mlp
+            if self.mixed:  # a stack per recipe: mlp.o{j}.qblocks
+                holder = nn.Module()
+                self.mlp.add_module(MIXED_PART.format(j), holder)
+            holder.register_buffer(BLOCKS, torch.empty(len(members), self.slots[j].stride, dtype=torch.uint8,
+                                                       device=device))
+            stacks[j] = (holder, members)
+        self._stacks = stacks
+        # expert -> (recipe, index in its stack)
+        self.where = [(choice[e], stacks[choice[e]][1].index(e)) for e in range(self.num_experts)]
+        self._prepared: list[tuple[Any, Any, Any]] | None = None
+        self._checked: set[int] = set()
+
+    def slot_of(self, e: int) -> tuple[torch.Tensor, ExpertSlot]:
+        """Expert e's stored slot image (a view) and its layout."""
+        j, r = self.where[e]
+        return getattr(self._stacks[j][0], BLOCKS)[r], self.slots[j]
+
+    def expert_sources(self, e: int) -> tuple[BlocksTensor, BlocksTensor, BlocksTensor]:
+        """Expert e's (w1, v1, w2) as the kernel's bytes (views of the stored slot image)."""
+        slot, lay = self.slot_of(e)
+        return tuple(BlocksTensor(v, lay.bits, lay.group_size, shape, lay.asym)
+                     for v, shape in zip(lay.views(slot), lay.shapes()))
+
+    def expert_weights(self, e: int) -> tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor]:
+        """Expert e's canonical (w1, v1, w2), unpacked from its slot image (exact; allocates)."""
+        return tuple(s.quantized() for s in self.expert_sources(e))
+
+    def check_expert(self, e: int) -> None:
+        """Refuse expert e if its stored scales or zeros are damaged (once per expert)."""
+        if e in self._checked:
+            return
+        for kind, source in zip(EXPERT_KINDS, self.expert_sources(e)):
+            _check_numbers(source, f"tensor {self.name}.mlp.{BLOCKS}: expert {e} {kind}")
+        self._checked.add(e)
+
+    def finalize_load(self, backend: str | None = None, device: torch.device | None = None) -> None:
+        if any(getattr(h, BLOCKS).is_meta for h, _ in self._stacks.values()):
+            raise QuantizationError("QBlocksExperts: finalize_load called before the quantized tensors were loaded")
+        dev = device or getattr(next(iter(self._stacks.values()))[0], BLOCKS).device
+        self._prepared = [tuple(prepare_weight(s, backend, dev) for s in self.expert_sources(e))
+                          for e in range(self.num_experts)]
+
+    def set_prepared(self, e: int, prepared: tuple[Any, Any, Any]) -> None:
+        assert self._prepared is not None and len(prepared) == 3
+        self._prepared[e] = tuple(prepared)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        assert self._prepared is not None, "QBlocksExperts used before finalize_load()"
+        if e not in self._checked:
+            self.check_expert(e)
+        return kernels.glu(x, *self._prepared[e], self.act)
+
+    @property
+    def row_independent(self) -> bool:
+        return self._prepared is not None and all(isinstance(w, kernels.CpuQWeight) for p in self._prepared for w in p)
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return moe_dispatch(x, expert_ids, weights, self.num_experts, self.expert, self.row_independent)
+
+
+# --------------------------------------------------------------------------------------------
 # Swapping
 # --------------------------------------------------------------------------------------------
 def _as_qconfig(quantization_config: dict | QuantConfig) -> QuantConfig:
@@ -285,12 +434,17 @@ def _targets(model: nn.Module, qc: QuantConfig):
 
 
 def _replacement(old: nn.Module, mq: ModuleQuant, config, name: str, device, qc: QuantConfig | None = None) -> nn.Module:
+    blocks = qc is not None and qc.layout == "blocks"
     if isinstance(old, DbrxExperts):
         mix = None
         if qc is not None and qc.expert_mix is not None:
             mix = (qc.expert_mix.options, qc.expert_mix.choice[int(name.split(".")[2])])
+        if blocks:
+            return QBlocksExperts(config, mq, device=device, name=name, mix=mix)
         return QExperts(config, mq, device=device, name=name, mix=mix)
     assert isinstance(old, nn.Linear) and old.bias is None, (name, old)
+    if blocks:
+        return QBlocksLinear(old.in_features, old.out_features, mq, device=device, name=name)
     return QLinear(old.in_features, old.out_features, mq, device=device, name=name)
 
 
@@ -305,7 +459,7 @@ def quantize_model_modules(model: nn.Module, quantization_config: dict | QuantCo
         QuantizationError: an unreadable quantization_config, quantized embeddings (not supported),
             or a group size that does not divide a module's input dim (naming the module).
     """
-    qc = _as_qconfig(quantization_config)
+    qc = resolve_layout(model.config, _as_qconfig(quantization_config))
     for parent, attr, name, kind in list(_targets(model, qc)):
         old = getattr(parent, attr)
         device = next(old.parameters()).device
@@ -322,7 +476,7 @@ def quantize_model_rtn(model: nn.Module, qconfig: dict | QuantConfig, *,
     Codes and scales equal those :func:`quantize.writer.quantize_checkpoint` writes for the same
     float weights, so the two paths give the same logits with the same backend.
     """
-    qc = _as_qconfig(qconfig)
+    qc = dataclasses.replace(_as_qconfig(qconfig), layout="canonical")  # in memory: canonical buffers
     if qc.expert_mix is not None:
         raise QuantizationError("quantize_model_rtn: per-expert recipes (expert_mix) come from calibration "
                                 "(calibration.pipeline); this in-memory path quantizes every expert alike")

@@ -19,8 +19,10 @@ from dbrxq.formats.shards import (
     tensor_nbytes,
 )
 from dbrxq.model.config import DbrxConfig
+from quantize.blocks import BLOCKS, PAGE, RB, pack, packed_bytes, set_qparams, unpack
 from quantize.format import QWEIGHT, QZEROS, SCALES, mixed_option
-from quantize.specs import quantized_plan, quantized_tensor_specs
+from quantize.specs import (expert_slot, mixed_option_of_stack, quantized_plan, quantized_tensor_specs,
+                            resolve_layout)
 
 
 def make_random_quantized_checkpoint(out_dir: str | os.PathLike, config: DbrxConfig, qconfig, *, seed: int = 0,
@@ -36,15 +38,22 @@ def make_random_quantized_checkpoint(out_dir: str | os.PathLike, config: DbrxCon
     ``expert_mix``, each expert gets its recipe's codes)."""
 
     out = Path(out_dir)
+    qconfig = resolve_layout(config, qconfig)
+    blocks = qconfig.layout == "blocks"
     specs = quantized_tensor_specs(config, qconfig, float_dtype=dtype)
     recipe = {name.removesuffix(".weight"): mq for name, _, mq in quantized_plan(config, qconfig) if mq is not None}
     total = sum(tensor_nbytes(s, d) for _, s, d in specs)
     gen = torch.Generator()
-    with ShardedCheckpointWriter(out, specs, max_shard_bytes=max_shard_bytes,
-                                 metadata={"format": "pt"}) as writer, \
+    with ShardedCheckpointWriter(out, specs, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"},
+                                 align=PAGE if blocks else 8) as writer, \
             tqdm(total=total, unit="B", unit_scale=True, desc="make_checkpoint", disable=not progress) as bar:
         for name, shape, dt in specs:
             base, _, part = name.rpartition(".")
+            if part == BLOCKS:
+                for chunk in _random_blocks(name, shape, config, qconfig, recipe, seed, gen):
+                    writer.write(name, chunk)
+                    bar.update(chunk.numel())
+                continue
             mq = recipe.get(base)
             if mq is None and qconfig.expert_mix is not None and mixed_option(base) is not None:
                 mq = qconfig.expert_mix.options[mixed_option(base)]  # a per-recipe stack (format_version 3)
@@ -71,3 +80,45 @@ def make_random_quantized_checkpoint(out_dir: str | os.PathLike, config: DbrxCon
     d["quantization_config"] = qconfig.to_dict()
     write_json_atomic(d, out / "config.json")
     return out
+
+
+def _scales(n: int, k: int, mq, config: DbrxConfig, gen: torch.Generator) -> torch.Tensor:
+    """Scales giving random codes about the float checkpoint's spread (see the docstring above)."""
+    g = k if mq.group_size == -1 else mq.group_size
+    code_std = ((4 ** mq.bits - 1) / 12) ** 0.5
+    return (torch.rand(n, k // g, generator=gen) * 0.5 + 0.75).mul_(config.initializer_range / code_std).half()
+
+
+def _random_weight_blocks(buf: torch.Tensor, mq, n: int, k: int, config: DbrxConfig, gen: torch.Generator) -> None:
+    """Fill ``buf`` (one weight's blocks) with random codes, then its scales and zero points in place."""
+    buf.copy_(torch.randint(0, 256, buf.shape, dtype=torch.uint8, generator=gen))
+    g = k if mq.group_size == -1 else mq.group_size
+    zeros = None if mq.symmetric else torch.full((n, k // g), 2 ** (mq.bits - 1), dtype=torch.uint8)
+    set_qparams(buf, mq.bits, n, k, mq.group_size, _scales(n, k, mq, config, gen), zeros)
+    if n % RB:  # padding rows hold zeros, as a pack leaves them
+        buf.copy_(pack(unpack(buf, mq.bits, n, k, mq.group_size, not mq.symmetric)))
+
+
+def _random_blocks(name: str, shape: tuple, config: DbrxConfig, qconfig, recipe: dict, seed: int,
+                   gen: torch.Generator):
+    """The chunks of one blocks-layout tensor of random codes: a weight's blocks (page padding zero), or
+    a layer's experts one slot image at a time."""
+    gen.manual_seed(block_seed(seed, name, 0))
+    base = name.removesuffix(f".{BLOCKS}")
+    if ".ffn.experts.mlp" in base:
+        j = mixed_option_of_stack(base)
+        mq = qconfig.experts if j is None else qconfig.expert_mix.options[j]
+        slot = expert_slot(config, mq)
+        for _ in range(shape[0]):
+            img = torch.zeros(slot.stride, dtype=torch.uint8)
+            for view, (n, k) in zip(slot.views(img), slot.shapes()):
+                _random_weight_blocks(view, mq, n, k, config, gen)
+            yield img[None]
+        return
+    mq = recipe[base]
+    n, k = {"Wqkv": (config.qkv_out_features, config.d_model), "out_proj": (config.d_model, config.d_model)}.get(
+        base.rsplit(".", 1)[1], (config.vocab_size, config.d_model))
+    out = torch.zeros(shape[0], dtype=torch.uint8)
+    g = k if mq.group_size == -1 else mq.group_size
+    _random_weight_blocks(out[: packed_bytes(mq.bits, n, k, g, not mq.symmetric)], mq, n, k, config, gen)
+    yield out

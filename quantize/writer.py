@@ -1,8 +1,11 @@
 """Writing a quantized checkpoint: ``quantize_checkpoint(SRC, OUT, qconfig)`` (RTN), streamed.
 
-The output is the layout of :mod:`quantize.format` (and docs/format.md): the hub's tensors in
-the hub's order, each quantized weight replaced by ``<name>.qweight``, ``.scales`` (``.qzeros``),
-unquantized tensors copied byte for byte in their stored dtype, then tokenizer files, then
+The output is the layout of :mod:`quantize.format` (and docs/format.md). Canonical: the hub's tensors in
+the hub's order, each quantized weight replaced by ``<name>.qweight``, ``.scales`` (``.qzeros``).
+Blocks (the default): each quantized weight one ``<name>.qblocks`` in the CPU kernel's layout, a
+layer's experts one ``[E, stride]`` tensor of slot images (quantize.blocks), these first in each shard
+and page-aligned. Unquantized tensors are copied byte for byte in their stored dtype, then tokenizer
+files, then
 ``config.json`` (SRC's config plus ``quantization_config``) LAST, atomically. A folder with a
 config.json is therefore complete; a failure at any point leaves none (the shards written so far
 are removed by :class:`~dbrxq.formats.shards.ShardedCheckpointWriter`).
@@ -38,6 +41,7 @@ from dbrxq.formats.checkpoint import (
     INDEX_NAME,
     CheckpointReader,
     check_float_checkpoint,
+    hub_tensor_shapes,
     read_config,
 )
 from dbrxq.formats.hub import copy_tokenizer_files, resolve_model_dir, tokenizer_files
@@ -48,14 +52,18 @@ from dbrxq.formats.shards import (
 )
 from dbrxq.model.config import DbrxConfig
 from dbrxq.text.tokenizer import DbrxTokenizer
+from quantize.blocks import BLOCKS, PAGE, pack
 from quantize.config import ModuleQuant, QuantConfig
 from quantize.format import QWEIGHT, QZEROS, SCALES
-from quantize.rtn import quantize_rtn
+from quantize.primitives import QuantizedTensor
+from quantize.rtn import EXPERT_KINDS, quantize_rtn
 from quantize.specs import (
+    expert_slot,
     logical_shape,
     module_kind,
     quantized_plan,
     quantized_tensor_specs,
+    resolve_layout,
 )
 
 log = logging.getLogger(__name__)
@@ -64,11 +72,6 @@ __all__ = ["quantize_checkpoint", "quantized_tensor_specs", "module_kind", "chec
 
 DEFAULT_CHUNK_BYTES = 64 * 1024**2
 _SHARD_FILE_RE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
-
-
-# --------------------------------------------------------------------------------------------
-# What goes where
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,6 +117,46 @@ def _write_quantized(writer: ShardedCheckpointWriter, reader: CheckpointReader, 
     writer.write(f"{base}.{SCALES}", torch.cat(scales).reshape(lead_shape))
     if not mq.symmetric:
         writer.write(f"{base}.{QZEROS}", torch.cat(zeros).reshape(lead_shape))
+
+
+def _rtn_weight(reader: CheckpointReader, name: str, hub_shape: tuple, mq: ModuleQuant, config: DbrxConfig,
+                e: int | None, chunk_bytes: int, bar) -> QuantizedTensor:
+    """The RTN-quantized canonical weight of hub tensor ``name`` (expert ``e`` of it), in row chunks."""
+    kind = module_kind(name)
+    *_, n, k = logical_shape(name, hub_shape, kind, config)
+    sl = reader.get_slice(name, expected_shape=hub_shape)
+    parts = []
+    for r0, r1 in _row_blocks(n, k, chunk_bytes):
+        w = check_finite(_canonical_rows(sl, name, config, e, r0, r1), name, reader.file_of(name))  # [r, K]
+        parts.append(quantize_rtn(w, mq.bits, mq.group_size, mq.symmetric))
+        bar.update(w.numel() * w.element_size())
+    z = None if mq.symmetric else torch.cat([q.qzeros for q in parts])
+    return QuantizedTensor(torch.cat([q.qweight for q in parts]), torch.cat([q.scales for q in parts]), z,
+                           mq.bits, mq.group_size, (n, k))
+
+
+def _write_blocks(writer: ShardedCheckpointWriter, reader: CheckpointReader, spec, config: DbrxConfig,
+                  qconfig: QuantConfig, chunk_bytes: int, bar) -> None:
+    """One ``qblocks`` tensor of the blocks layout: a weight's blocks, or a layer's experts, one slot
+    image per expert (w1, v1 and w2 of expert e read, quantized and packed together)."""
+    name, shape, _ = spec
+    base = name.removesuffix(f".{BLOCKS}")
+    hub = hub_tensor_shapes(config)
+    if base.endswith(".ffn.experts.mlp"):
+        slot = expert_slot(config, qconfig.experts)
+        for e in range(config.num_experts):
+            qts = [_rtn_weight(reader, f"{base}.{k}", hub[f"{base}.{k}"], qconfig.experts, config, e, chunk_bytes,
+                               bar) for k in EXPERT_KINDS]
+            writer.write(name, slot.pack(*qts)[None])
+            reader.close()  # unmap what this expert touched
+        return
+    weight = f"{base}.weight"
+    qt = _rtn_weight(reader, weight, hub[weight], qconfig.for_kind(module_kind(weight)), config, None,
+                     chunk_bytes, bar)
+    out = torch.zeros(shape[0], dtype=torch.uint8)
+    b = pack(qt)
+    out[: b.numel()] = b
+    writer.write(name, out)
 
 
 def _copy(writer: ShardedCheckpointWriter, reader: CheckpointReader, name: str, hub_shape: tuple,
@@ -210,6 +253,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, qconfig:
                                 f"quantize a float checkpoint")
     remove_stale_temps(out)  # temp shards of killed runs, before OUT's emptiness is judged
     _check_out(src_dir, out, overwrite)
+    qconfig = resolve_layout(config, qconfig)
     with CheckpointReader(src_dir) as reader:
         check_float_checkpoint(reader, config, src_dir)
         has_tokenizer = check_source_tokenizer(src_dir)
@@ -240,11 +284,17 @@ def _write_rtn(src_dir, out, reader, config, qconfig, plan, specs, total, need, 
         raise
     _remove_old_checkpoint(out)  # from here on the folder is incomplete
     log.info("quantizing %s -> %s: %d tensors, %.3f GB", src_dir, out, len(plan), total / 1e9)
-    with ShardedCheckpointWriter(out, specs, max_shard_bytes=max_shard_bytes,
-                                 metadata={"format": "pt"}) as writer, \
+    blocks = qconfig.layout == "blocks"
+    with ShardedCheckpointWriter(out, specs, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"},
+                                 align=PAGE if blocks else 8) as writer, \
             tqdm(total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
-        for name, shape, mq in plan:
-            if mq is None:
+        hub = hub_tensor_shapes(config)
+        # canonical: the hub's order, tensor by tensor; blocks: the specs' order (pages first)
+        for name, shape, mq in (plan if not blocks else [(n, hub.get(n), None) for n, _, _ in specs]):
+            if blocks and name.endswith(f".{BLOCKS}"):
+                _write_blocks(writer, reader, next(sp for sp in specs if sp[0] == name), config, qconfig,
+                              chunk_bytes, bar)
+            elif mq is None:
                 _copy(writer, reader, name, shape, chunk_bytes, bar)
             else:
                 _write_quantized(writer, reader, name, shape, mq, config, chunk_bytes, bar)

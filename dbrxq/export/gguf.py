@@ -47,6 +47,7 @@ from dbrxq.formats.hub import resolve_model_dir, resolve_model_name
 from dbrxq.model.config import DbrxConfig
 from dbrxq.text.tokenizer import DbrxTokenizer
 from quantize.config import quantization_of
+from quantize import blocks
 from quantize.ggml import (
     BLOCK,
     exact_type,
@@ -56,7 +57,8 @@ from quantize.ggml import (
     row_bytes,
 )
 from quantize.primitives import QuantizedTensor, check_qparams, logical_k
-from quantize.specs import expected_tensors
+from quantize.rtn import EXPERT_KINDS
+from quantize.specs import expected_tensors, expert_slot, expert_stack
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +151,11 @@ class _Planner:
 
 
     def _qt(self, base: str, kind: str, index=None):
-        """The QuantizedTensor of ``base`` (or of its expert ``index``)."""
+        """The QuantizedTensor of ``base`` (or of its expert ``index``); in the blocks layout unpacked
+        from the stored kernel bytes (exact: the same codes and scales)."""
         mq = self.q.for_kind(kind)
+        if self.q.layout == "blocks":
+            return self._qt_blocks(base, kind, mq, index)
         names = [f"{base}.qweight", f"{base}.scales", f"{base}.qzeros"]
         parts = {}
         for n in names:
@@ -163,14 +168,52 @@ class _Planner:
         check_qparams(qt.scales, qt.qzeros, qt.bits, f"tensor {base}")
         return qt
 
+    def _qt_blocks(self, base: str, kind: str, mq, index):
+        if index is None:
+            n, k = self._blocks_shape(base)
+            qt = blocks.unpack(self.rows(f"{base}.{blocks.BLOCKS}"), mq.bits, n, k, mq.group_size, not mq.symmetric)
+        else:
+            layer, which = int(base.split(".")[2]), EXPERT_KINDS.index(base.rsplit(".", 1)[1])
+            slot = expert_slot(self.c, mq)
+            view = slot.views(self.rows(expert_stack(layer), index, index + 1)[0])[which]
+            n, k = slot.shapes()[which]
+            qt = blocks.unpack(view, mq.bits, n, k, mq.group_size, not mq.symmetric)
+        check_qparams(qt.scales, qt.qzeros, qt.bits, f"tensor {base}")
+        return qt
+
+    def _blocks_shape(self, base: str) -> tuple[int, ...]:
+        """The logical shape of a weight stored in blocks (experts: with the expert dimension)."""
+        c = self.c
+        if ".ffn.experts.mlp." in base:
+            e, f, d = c.num_experts, c.ffn_hidden_size, c.d_model
+            return (e, d, f) if base.endswith(".w2") else (e, f, d)
+        if base.endswith(".attn.Wqkv"):
+            return c.qkv_out_features, c.d_model
+        if base.endswith(".attn.out_proj"):
+            return c.d_model, c.d_model
+        return c.vocab_size, c.d_model
+
+    def _stored(self, base: str) -> bool:
+        """Whether ``base`` is stored quantized (either layout)."""
+        if f"{base}.qweight" in self.r:
+            return True
+        if self.q is None or self.q.layout != "blocks":
+            return False
+        if ".ffn.experts.mlp." in base:
+            return expert_stack(int(base.split(".")[2])) in self.r
+        return f"{base}.{blocks.BLOCKS}" in self.r
+
     def matrix(self, gguf_name: str, base: str, kind: str, *, experts: bool = False,
                transpose_float: bool = False) -> PlannedTensor:
         """A weight matrix (stack): attention Wqkv/out_proj, lm_head, or an expert tensor."""
         c = self.c
-        if f"{base}.qweight" in self.r:
+        if self._stored(base):
             mq = self.q.for_kind(kind)
-            qshape = self.r.shape(f"{base}.qweight")
-            shape = (*qshape[:-1], logical_k(mq.bits, qshape[-1]))
+            if f"{base}.qweight" in self.r:
+                qshape = self.r.shape(f"{base}.qweight")
+                shape = (*qshape[:-1], logical_k(mq.bits, qshape[-1]))
+            else:
+                shape = self._blocks_shape(base)
             k = shape[-1]
             g = k if mq.group_size == -1 else mq.group_size
             ggml_type = exact_type(mq.bits, mq.symmetric, g, k)
@@ -244,7 +287,7 @@ class _Planner:
             out.append(self.matrix(f"blk.{i}.ffn_down_exps.weight", f"{mlp}.w2", "experts", experts=True,
                                    transpose_float=True))
         out.append(self.f32("output_norm.weight", "transformer.norm_f.weight"))
-        if c.tie_word_embeddings and "lm_head.weight" not in self.r and "lm_head.qweight" not in self.r:
+        if c.tie_word_embeddings and "lm_head.weight" not in self.r and not self._stored("lm_head"):
             head = self.float_matrix("output.weight", "transformer.wte.weight")
         else:
             head = self.matrix("output.weight", "lm_head", "lm_head")

@@ -5,6 +5,7 @@ DBRX-instruct's chat template.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -115,4 +116,6 @@ def add_metadata(w, config: DbrxConfig, tok: DbrxTokenizer, file_type, name: str
     w.add_add_eos_token(False)
     w.add_chat_template(chat_template())
     if qcfg is not None:
-        w.add_string("dbrxq.quantization_config", json.dumps(qcfg.to_dict(), sort_keys=True))
+        # the recipe of the codes: how the source stored them (its layout) is not the GGUF's business
+        canonical = dataclasses.replace(qcfg, layout="canonical").to_dict()
+        w.add_string("dbrxq.quantization_config", json.dumps(canonical, sort_keys=True))

@@ -239,6 +239,13 @@ class CheckpointReader:
         self._info(name)
         return self.folder / self._file_of[name]
 
+    def data_offset(self, name: str) -> int:
+        """Where tensor `name`'s bytes start in :meth:`file_of`: 8 + the header's length + its offset."""
+        path = self.file_of(name)
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+        return 8 + n + int(self._info(name)["data_offsets"][0])
+
     # -- data --
     def _handle(self, name: str) -> Any:
         fname = self._file_of[name]
@@ -388,7 +395,7 @@ def check_float_checkpoint(reader: Any, config: DbrxConfig, where: str | os.Path
 
 
 # Quantized buffers have exactly the dtype the format fixes (quantize/format.py): never converted.
-EXACT_DTYPE_SUFFIXES = (".qweight", ".scales", ".qzeros")
+EXACT_DTYPE_SUFFIXES = (".qweight", ".scales", ".qzeros", ".qblocks")
 
 
 def checkpoint_float_dtype(reader: CheckpointReader) -> torch.dtype:

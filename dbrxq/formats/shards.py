@@ -62,13 +62,18 @@ class SafetensorsStreamWriter:
         path: final file name.
         specs: ``(name, shape, dtype)`` of every tensor, in the order they will be written.
         metadata: optional ``__metadata__`` (str -> str).
+        align: the data starts at a file offset that is a multiple of this (the header is padded with
+            spaces, as the format allows): 8 as safetensors writes it, or 4096 so that tensors whose
+            sizes are whole pages, written first, sit on page boundaries (mapped in place, read with
+            O_DIRECT).
 
     Raises:
-        ValueError: duplicate names, unsupported dtypes, non-string metadata.
+        ValueError: duplicate names, unsupported dtypes, non-string metadata, an alignment that is not
+            a multiple of 8.
     """
 
     def __init__(self, path: str | os.PathLike, specs: Sequence[TensorSpec], *,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, align: int = 8) -> None:
         self.path = Path(path)
         self._specs = [(name, tuple(int(s) for s in shape), dtype) for name, shape, dtype in specs]
         names = [s[0] for s in self._specs]
@@ -91,8 +96,10 @@ class SafetensorsStreamWriter:
             offset += n
         self.data_bytes = offset
         self._empty = {s[0] for s, n in zip(self._specs, self._nbytes) if n == 0}
+        if align < 8 or align % 8:
+            raise ValueError(f"{self.path}: align={align} is not a positive multiple of 8")
         raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        raw += b" " * (-(8 + len(raw)) % align)  # the data starts on a multiple of ``align``
         self._tmp = temp_path(self.path)
         self._file = open(self._tmp, "wb")
         self._file.write(len(raw).to_bytes(8, "little") + raw)
@@ -191,14 +198,14 @@ class SafetensorsStreamWriter:
 
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, *,
-                     metadata: dict[str, str] | None = None) -> Path:
+                     metadata: dict[str, str] | None = None, align: int = 8) -> Path:
     """Write a small dict of tensors to one safetensors file, atomically.
 
     Returns:
         The final path.
     """
     specs = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
-    with SafetensorsStreamWriter(path, specs, metadata=metadata) as w:
+    with SafetensorsStreamWriter(path, specs, metadata=metadata, align=align) as w:
         for name, t in tensors.items():
             w.write(name, t)
     return Path(path)
@@ -232,15 +239,18 @@ class ShardedCheckpointWriter:
         specs: ``(name, shape, dtype)`` in write order.
         max_shard_bytes: shard size limit (data bytes).
         metadata: ``__metadata__`` of every shard (e.g. ``{"format": "pt"}``).
+        align: where each shard's data starts (:class:`SafetensorsStreamWriter`).
     """
 
     def __init__(self, folder: str | os.PathLike, specs: Sequence[TensorSpec], *,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: dict[str, str] | None = None) -> None:
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: dict[str, str] | None = None,
+                 align: int = 8) -> None:
         if max_shard_bytes < 1:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.metadata = metadata
+        self.align = align
         self.shards = plan_shards(specs, max_shard_bytes=max_shard_bytes)
         k = len(self.shards)
         self.shard_names = [SINGLE_NAME] if k == 1 else \
@@ -254,7 +264,8 @@ class ShardedCheckpointWriter:
     def _open_next(self) -> None:
         self._shard += 1
         self._writer = SafetensorsStreamWriter(self.folder / self.shard_names[self._shard],
-                                               self.shards[self._shard], metadata=self.metadata)
+                                               self.shards[self._shard], metadata=self.metadata,
+                                               align=self.align)
 
     def _advance(self) -> None:
         """Close finished shards (empty tensors may finish one without a write)."""

@@ -37,7 +37,7 @@ from dbrxq.model.dbrx import DbrxForCausalLM, register_loader
 from dbrxq.plan.checkpoint import plan_offload
 from quantize.config import quantization_of
 from quantize.format import mixed_option
-from quantize.modules import quantize_model_modules
+from quantize.modules import in_place, quantize_model_modules
 from quantize.primitives import check_qparams
 from quantize.specs import expected_tensors, module_kind
 
@@ -140,6 +140,8 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
     for name, m in model.named_modules():  # quantized modules repack for their kernel once the bytes are in place
         if hasattr(m, "finalize_load") and not (offloading and name.endswith(".ffn.experts")):
             m.finalize_load(backend=backend, device=dev)
+            if in_place(m):  # the kernel reads the mapped bytes themselves: nothing was repacked
+                continue
             # The repack touched the canonical bytes; they stay file-backed, so give the pages back
             # rather than holding the checkpoint in RSS next to the kernel's copy.
             for buf in m.buffers():

@@ -23,10 +23,11 @@ from dbrxq.core.files import remove_stale_temps
 from dbrxq.core.units import format_size, parse_size
 from dbrxq.model.moe import route
 from dbrxq.plan.placement import PlacementPlan, make_plan
-from dbrxq.plan.sizes import canonical_nbytes, non_expert_bytes_of
+from dbrxq.plan.sizes import non_expert_bytes_of, source_nbytes
 from dbrxq.plan.slots import SlotLayout, layout_classes, model_layout
 from dbrxq.runtime.offload import OffloadedExperts, OffloadRuntime
 from dbrxq.runtime.prepared import (
+    CheckpointExperts,
     PreparedExpertFile,
     prepared_dir,
     prepared_file_key,
@@ -35,6 +36,8 @@ from dbrxq.runtime.prepared import (
     stride_of,
 )
 from dbrxq.runtime.reader import MissPolicy
+from quantize.kernels import CpuQWeight
+from quantize.modules import in_place
 from dbrxq.runtime.routing import (
     ROUTING_SAVE_EVERY,
     read_observed_routing,
@@ -100,6 +103,24 @@ def _install_hooks(model: nn.Module, rt: OffloadRuntime, prefetch: bool) -> None
         blocks[i].register_forward_hook(guess)
 
 
+def reads_in_place(experts: list, layout, device: torch.device) -> bool:
+    """Whether the runtime's slots can take the checkpoint's own bytes: experts stored in the kernel's
+    blocks (quantize.modules.QBlocksExperts), a CPU run on dbrxq's kernel, and the slot layout the
+    stored slot images have (checked offset by offset, so a layout change could never read garbage)."""
+    if device.type != "cpu" or not all(in_place(m) for m in experts):
+        return False
+    layouts = layout.layouts if layout.mixed else [layout]
+    if not all(isinstance(w, CpuQWeight) for lay in layouts for w in lay.template):
+        return False  # a forced non-CPU-kernel backend: its own layout, from a prepared file
+    stored = {(s.bits, s.group_size, s.asym): s for m in experts for s in m.slots.values()}
+    for lay in layouts:
+        w1 = lay.template[0]
+        slot = stored.get((w1.bits, w1.group_size, bool(w1.asym)))
+        if slot is None or lay.nbytes != slot.nbytes or [o for o, _, _ in lay.entries] != list(slot.offsets):
+            return False
+    return True
+
+
 def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout, *, backend: str | None = None,
                       non_expert_bytes: int, cache_dir: str | os.PathLike | None = None, prefetch: bool | None = None,
                       drop_page_cache: bool = False, direct: bool = False, timing: bool = False,
@@ -132,7 +153,13 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
                 if key else None)
     crcs = (read_prepared_sidecar(path, identity) if key and path.is_file() and path.stat().st_size == want
             else None)
-    if crcs is not None:
+    if src is not None and reads_in_place(experts, layout, dev):
+        # the checkpoint holds the kernel's slot images: misses read them where they are
+        log.info("experts read from the checkpoint itself (%s)", src)
+        file = CheckpointExperts(src, experts, drop_page_cache=drop_page_cache, direct=direct)
+        if key:
+            root.mkdir(parents=True, exist_ok=True)  # for the routing this run observes
+    elif crcs is not None:
         log.info("reusing prepared experts %s", path)
         file = PreparedExpertFile(path, layout.nbytes, plan.num_experts, crcs=crcs, drop_page_cache=drop_page_cache,
                                   direct=direct, sizes=layout.sizes() if layout.mixed else None)
@@ -182,13 +209,13 @@ def offload_model(model: nn.Module, *, device: torch.device | str | None = None,
     dbrxq.load. ``kw`` goes to :func:`enable_offloading`."""
     dev = torch.device(device) if device is not None else model.device
     experts = [b.ffn.experts for b in model.transformer.blocks]
-    canonical = max((m.expert_weights(e) for m in experts for e in range(m.num_experts)), key=canonical_nbytes)
+    canonical = max((m.expert_sources(e) for m in experts for e in range(m.num_experts)), key=source_nbytes)
     layout = model_layout(experts, backend, dev, model.dtype)
     non_expert = non_expert_bytes_of(model)
     plan = make_plan(model.config, device=dev, classes=layout_classes(layout),
                      gpu_memory=None if gpu_memory is None else parse_size(gpu_memory, "gpu_memory"),
                      cpu_memory=None if cpu_memory is None else parse_size(cpu_memory, "cpu_memory"),
-                     non_expert_bytes=non_expert, expert_bytes=canonical_nbytes(canonical),
+                     non_expert_bytes=non_expert, expert_bytes=source_nbytes(canonical),
                      slot_bytes=layout.nbytes, context=context or model.config.max_seq_len,
                      batch_size=batch_size, kv_flavour=kv_cache, dtype=model.dtype)
     return enable_offloading(model, plan, layout, backend=backend, non_expert_bytes=non_expert, **kw)

@@ -9,9 +9,11 @@ from torch import nn
 
 from dbrxq.core.pages import PageReleaser
 from dbrxq.plan.slots import MixedLayout, SlotLayout, expert_layout
+from quantize.blocks import BLOCKS, BlocksTensor
 from quantize.config import QuantConfig
 from quantize.format import MIXED_PART
 from quantize.primitives import QuantizedTensor
+from quantize.specs import expert_slot, expert_stack
 
 
 def canonical_nbytes(canonical: tuple) -> int:
@@ -38,11 +40,18 @@ def non_expert_bytes_of(model: nn.Module) -> int:
 _QUANT_SUFFIXES = (".qweight", ".scales", ".qzeros")
 
 
-def checkpoint_sizes(reader, config, backend: str | None, device: torch.device, act_dtype: torch.dtype):
-    """(non-expert bytes, expert canonical bytes, slot layout) from headers and ONE expert's bytes.
+def source_nbytes(sources: tuple) -> int:
+    """Stored bytes of one expert: its canonical tensors, or (blocks layout) its kernel bytes."""
+    return sum(s.nbytes if isinstance(s, BlocksTensor) else canonical_nbytes((s,)) for s in sources)
 
-    Non-expert: float tensors in the activation dtype; quantized ones (attention) on a CPU twice, for
-    the canonical buffers and the kernel's copy made by finalize_load (on a GPU, the copy alone).
+
+def checkpoint_sizes(reader, config, backend: str | None, device: torch.device, act_dtype: torch.dtype):
+    """(non-expert bytes, expert stored bytes, slot layout) from headers and ONE expert's bytes.
+
+    Non-expert: float tensors in the activation dtype; quantized ones (attention) in the canonical
+    layout on a CPU twice, for the canonical buffers and the kernel's copy made by finalize_load (on a
+    GPU, the copy alone); in the blocks layout once (the CPU kernel reads the mapped bytes; a GPU holds
+    its own copy, the stored bytes staying file-backed and untouched).
     """
 
     non_expert = 0
@@ -53,7 +62,9 @@ def checkpoint_sizes(reader, config, backend: str | None, device: torch.device, 
         for d in reader.shape(name):
             numel *= d
         dt = reader.dtype(name)
-        if name.endswith(_QUANT_SUFFIXES):
+        if name.endswith(f".{BLOCKS}"):
+            non_expert += numel
+        elif name.endswith(_QUANT_SUFFIXES):
             # CPU: the canonical buffers and the kernel's copy; a GPU holds the kernel's copy alone (the
             # canonical bytes stay file-backed on the host), whose scale/zero pairs may take 2x the scales
             copies = 2 if device.type == "cpu" or name.endswith(".scales") else 1
@@ -67,7 +78,13 @@ def checkpoint_sizes(reader, config, backend: str | None, device: torch.device, 
     F_, D = config.ffn_hidden_size, config.d_model
 
     def first_expert(layer: int, stack: str, index: int, mq) -> tuple:
-        """One expert's canonical tensors from the headers' tensors (mapped, read for the repack)."""
+        """One expert's canonical tensors (or blocks) from the headers' tensors (mapped, read for the repack)."""
+        if qc.layout == "blocks":
+            j = None if not stack else int(stack.removeprefix(".o"))
+            slot = expert_slot(config, mq)
+            img = reader.get(expert_stack(layer, j))[index]
+            return tuple(BlocksTensor(v, mq.bits, mq.group_size, shape, not mq.symmetric)
+                         for v, shape in zip(slot.views(img), slot.shapes()))
         canonical = []
         for kind, shape in (("w1", (F_, D)), ("v1", (F_, D)), ("w2", (D, F_))):
             base = f"transformer.blocks.{layer}.ffn.experts.mlp.{kind}{stack}"
@@ -84,13 +101,13 @@ def checkpoint_sizes(reader, config, backend: str | None, device: torch.device, 
         # now, after the reads: it knows only the file mappings that exist when it is made.)
         release = PageReleaser()
         for qt in canonical:
-            for t in (qt.qweight, qt.scales, qt.qzeros):
+            for t in ((qt.blocks,) if isinstance(qt, BlocksTensor) else (qt.qweight, qt.scales, qt.qzeros)):
                 if t is not None:
                     release(t)
         return layout
     if mix is None:
         canonical = first_expert(0, "", 0, qc.experts)
-        return non_expert, canonical_nbytes(canonical), layout_of(canonical)
+        return non_expert, source_nbytes(canonical), layout_of(canonical)
     # per-expert recipes: one layout per recipe in use (a size class), from its first expert
     layouts, index, most = [], {}, 0
     for j, opt in enumerate(mix.options):
@@ -98,7 +115,7 @@ def checkpoint_sizes(reader, config, backend: str | None, device: torch.device, 
         if where is None:
             continue
         canonical = first_expert(where[0], "." + MIXED_PART.format(j), 0, opt)
-        most = max(most, canonical_nbytes(canonical))
+        most = max(most, source_nbytes(canonical))
         index[j] = len(layouts)
         layouts.append(layout_of(canonical))
     return non_expert, most, MixedLayout(layouts, [[index[j] for j in row] for row in mix.choice])

@@ -158,13 +158,13 @@ def model_layout(experts: list, backend: str | None, device: torch.device, act_d
     """The slot layout of a model's experts (QExperts per layer): a :class:`SlotLayout` when they share
     a recipe, else a :class:`MixedLayout` with one class per recipe (made from its first expert)."""
     def recipe(qts):
-        return tuple((qt.bits, qt.group_size, qt.qzeros is None) for qt in qts)
+        return tuple((qt.bits, qt.group_size, qt.symmetric) for qt in qts)
     classes: dict = {}
     of = []
     for mod in experts:
         row = []
         for e in range(mod.num_experts):
-            qts = mod.expert_weights(e)
+            qts = mod.expert_sources(e)
             key = recipe(qts)
             if key not in classes:
                 classes[key] = (len(classes), expert_layout(qts, backend, device, act_dtype))

@@ -239,7 +239,7 @@ class OffloadRuntime:
 
     def _compute_on_cpu(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
         """CUDA miss computed where the canonical bytes are (CPU), with the CPU kernel."""
-        w1, v1, w2 = prepare_expert(self.inner[layer].expert_weights(e), None, torch.device("cpu"), x.dtype)
+        w1, v1, w2 = prepare_expert(self.inner[layer].expert_sources(e), None, torch.device("cpu"), x.dtype)
         xc = x.to("cpu")
         return self.glu(xc, w1, v1, w2, self.act).to(self.device)
 

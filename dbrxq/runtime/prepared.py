@@ -26,15 +26,168 @@ from dbrxq.core.errors import CheckpointError, DbrxqError
 from dbrxq.core.files import temp_path, write_json_atomic
 from dbrxq.core.pages import PAGE, PageReleaser, whole_pages
 from dbrxq.core.untrusted import MAX_INDEX_BYTES, is_int, read_json
+from dbrxq.formats.checkpoint import CheckpointReader
 from dbrxq.plan.slots import SlotLayout, prepare_expert
 from quantize import cext
+from quantize.blocks import scales_of
 from quantize.primitives import check_qparams
+from quantize.specs import expert_stack
 
 log = logging.getLogger(__name__)
 
 
-class PreparedExpertFile:
-    """Slot image of expert (layer, e) at byte ``(layer * E + e) * nbytes``; read with preadv.
+class ExpertFiles:
+    """Where the runtime reads experts it does not hold: for each (layer, expert) a file, a page-aligned
+    offset and a size. A miss reads the bytes with ``preadv`` into a slot (through the page cache, or
+    with O_DIRECT from the disk when opened ``direct`` and the destination is page-aligned), or
+    computes from them in place in a read-only mapping (:meth:`mapped`). The first read of each expert
+    in a process checks it (:meth:`verify`)."""
+
+    ALIGN = PAGE
+
+    def __init__(self, paths: list[Path], *, drop_page_cache: bool = False, direct: bool = False):
+        self.paths = [Path(p) for p in paths]
+        self.drop_page_cache = drop_page_cache
+        self.verified: set[tuple[int, int]] = set()
+        self.fds = [os.open(p, os.O_RDONLY) for p in self.paths]
+        self.dfds = [-1] * len(self.paths)  # O_DIRECT descriptors: reads from the disk, never the page cache
+        self.mms: list = [None] * len(self.paths)
+        if direct:
+            try:
+                self.dfds = [os.open(p, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) for p in self.paths]
+            except OSError as e:
+                self._no_direct(e)
+
+    @property
+    def path(self) -> Path:
+        return self.paths[0]
+
+    @property
+    def fd(self) -> int:
+        return self.fds[0]
+
+    @property
+    def dfd(self) -> int:
+        return self.dfds[0]
+
+    def locate(self, layer: int, expert: int) -> tuple[int, int, int]:
+        """(file index, byte offset, bytes) of expert (layer, e)."""
+        raise NotImplementedError
+
+    def verify(self, layer: int, expert: int, data: torch.Tensor) -> None:
+        """Check expert (layer, e)'s bytes (uint8) on their first read; raise CheckpointError if damaged."""
+
+    def _no_direct(self, e: OSError) -> None:
+        log.warning("%s: O_DIRECT is not supported here (%s); reading through the page cache and dropping "
+                    "each read from it", self.path, e.strerror or e)
+        for i, d in enumerate(self.dfds):
+            if d >= 0:
+                os.close(d)
+            self.dfds[i] = -1
+        self.drop_page_cache = True
+
+    def read_into(self, layer: int, expert: int, dst: torch.Tensor) -> None:
+        """dst: CPU uint8, at least the expert's bytes (a slot in RAM, or pinned staging for a GPU). A
+        page-aligned dst of whole pages is read with O_DIRECT when the files were opened ``direct``."""
+        f, off, n = self.locate(layer, expert)
+        whole = whole_pages(n)  # O_DIRECT reads whole pages
+        if self.dfds[f] >= 0 and dst.numel() >= whole and dst.data_ptr() % self.ALIGN == 0 and off % self.ALIGN == 0:
+            try:
+                got = os.preadv(self.dfds[f], [memoryview(dst[:whole].numpy()).cast("B")], off)
+            except OSError as e:  # a file system that opens O_DIRECT but refuses the read
+                self._no_direct(e)
+                return self.read_into(layer, expert, dst)
+            got = min(got, n)
+        else:
+            got = os.preadv(self.fds[f], [memoryview(dst[:n].numpy()).cast("B")], off)
+            if self.drop_page_cache:
+                os.posix_fadvise(self.fds[f], off, whole_pages(n), os.POSIX_FADV_DONTNEED)
+        if got != n:
+            self.damaged(layer, expert, f"short read ({got} of {n} bytes)")
+        if (layer, expert) not in self.verified:
+            self.verify(layer, expert, dst[:n])
+            self.verified.add((layer, expert))
+
+    def damaged(self, layer: int, expert: int, why: str) -> None:
+        raise CheckpointError(f"{self.path}: expert {expert} of layer {layer} is damaged ({why})")
+
+    def mapped(self, layer: int, expert: int) -> torch.Tensor:
+        """Expert (layer, e)'s bytes in place, in a read-only mapping of its file (no copy: served by
+        the page cache, or faulted in from the disk); hand them back with :meth:`unmap`."""
+        import mmap
+        f, off, n = self.locate(layer, expert)
+        if self.mms[f] is None:
+            self.mms[f] = mmap.mmap(self.fds[f], 0, access=mmap.ACCESS_COPY)  # private: never written, never copied
+        t = torch.frombuffer(self.mms[f], dtype=torch.uint8, count=n, offset=off)
+        if (layer, expert) not in self.verified:
+            self.verify(layer, expert, t)
+            self.verified.add((layer, expert))
+        return t
+
+    def unmap(self, layer: int, expert: int) -> None:
+        """Drop expert (layer, e)'s pages from this process (MADV_DONTNEED: they stay in the page
+        cache, and count in our RSS no more)."""
+        import mmap
+        f, off, n = self.locate(layer, expert)
+        start = off - off % PAGE
+        self.mms[f].madvise(mmap.MADV_DONTNEED, start, whole_pages(off + n - start))
+
+    def close(self) -> None:
+        for i, m in enumerate(self.mms):
+            if m is not None:
+                m.close()
+                self.mms[i] = None
+        for fds in (self.fds, self.dfds):
+            for i, d in enumerate(fds):
+                if d >= 0:
+                    os.close(d)
+                    fds[i] = -1
+
+
+class CheckpointExperts(ExpertFiles):
+    """The experts of a checkpoint stored in the kernel's blocks, read where they are: each expert's slot
+    image is a page-aligned range of its layer's ``ffn.experts.mlp.qblocks`` tensor in a shard (the
+    writers put those first, after a page-padded header), so nothing is prepared or copied to a second
+    file. The first read of each expert checks its scales and zero points (a damaged checkpoint is
+    refused with one line, and left as it is: it is the user's file)."""
+
+    def __init__(self, folder: Path, experts: list, *, drop_page_cache: bool = False, direct: bool = False):
+        self.experts = experts  # QBlocksExperts per layer: where each expert sits in its stacks
+        self.table: list[list[tuple[int, int, int]]] = []
+        files: dict[Path, int] = {}
+        with CheckpointReader(folder) as reader:
+            for layer, mod in enumerate(experts):
+                row = []
+                for e in range(mod.num_experts):
+                    j, r = mod.where[e]
+                    name = expert_stack(layer, None if not mod.mixed else j)
+                    path = reader.file_of(name)
+                    f = files.setdefault(path, len(files))
+                    slot = mod.slots[j]
+                    row.append((f, reader.data_offset(name) + r * slot.stride, slot.nbytes))
+                self.table.append(row)
+        super().__init__(list(files), drop_page_cache=drop_page_cache, direct=direct)
+        if direct and any(off % PAGE for row in self.table for _, off, _ in row):
+            log.warning("%s: its experts do not start on 4 KiB pages; reading them through the page cache", folder)
+            self._no_direct(OSError("unaligned"))
+
+    def locate(self, layer: int, expert: int) -> tuple[int, int, int]:
+        return self.table[layer][expert]
+
+    def verify(self, layer: int, expert: int, data: torch.Tensor) -> None:
+        mod = self.experts[layer]
+        j, _ = mod.where[expert]
+        slot = mod.slots[j]
+        for kind, view, (n, k) in zip(("w1", "v1", "w2"), slot.views(data), slot.shapes()):
+            scales, zeros = scales_of(view, slot.bits, n, k, slot.group_size, slot.asym)
+            check_qparams(scales, zeros, slot.bits, f"{self.paths[self.table[layer][expert][0]]}: expert {expert} "
+                                                    f"{kind} of layer {layer}")
+
+
+class PreparedExpertFile(ExpertFiles):
+    """Slot image of expert (layer, e) at byte ``(layer * E + e) * stride``: the experts of a canonical
+    checkpoint, repacked once for the kernel (or of any checkpoint for a GPU, whose kernels have
+    layouts of their own).
 
     The file is a cache, so it is untrusted like a checkpoint: a JSON sidecar (``<name>.json``,
     written after the file is complete) records what it was built from (:func:`prepared_identity`)
@@ -44,96 +197,34 @@ class PreparedExpertFile:
     """
 
     FORMAT = "dbrxq-prepared-experts-v2"  # v2: experts at a stride of whole 4 KiB pages (O_DIRECT)
-    ALIGN = PAGE
 
     def __init__(self, path: Path, nbytes: int, num_experts: int, *, crcs: list[int] | None = None,
                  drop_page_cache: bool = False, direct: bool = False, sizes: list[int] | None = None):
-        self.path, self.nbytes, self.num_experts = Path(path), nbytes, num_experts
+        super().__init__([path], drop_page_cache=drop_page_cache, direct=direct)
+        self.nbytes, self.num_experts = nbytes, num_experts
         self.sizes = sizes  # per expert (layer-major) when they differ (MixedLayout), else every one nbytes
         self.stride = stride_of(nbytes)
-        self.drop_page_cache = drop_page_cache
         self.crcs = crcs
-        self.verified: set[int] = set()
-        self.fd = os.open(self.path, os.O_RDONLY)
-        self.dfd = -1  # O_DIRECT descriptor: reads from the disk, never the page cache
-        if direct:
-            try:
-                self.dfd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-            except OSError as e:
-                self._no_direct(e)
 
-    def _no_direct(self, e: OSError) -> None:
-        log.warning("%s: O_DIRECT is not supported here (%s); reading through the page cache and dropping "
-                    "each read from it", self.path, e.strerror or e)
-        if self.dfd >= 0:
-            os.close(self.dfd)
-        self.dfd = -1
-        self.drop_page_cache = True
-
-    def read_into(self, layer: int, expert: int, dst: torch.Tensor) -> None:
-        """dst: CPU uint8, at least nbytes (a slot in RAM, or pinned staging for a GPU). A page-aligned
-        dst of ``stride`` bytes is read with O_DIRECT when the file was opened with ``direct``."""
+    def locate(self, layer: int, expert: int) -> tuple[int, int, int]:
         idx = layer * self.num_experts + expert
-        off, n = idx * self.stride, self.size(idx)
-        whole = whole_pages(n)  # O_DIRECT reads whole pages
-        if self.dfd >= 0 and dst.numel() >= whole and dst.data_ptr() % self.ALIGN == 0:
-            try:
-                got = os.preadv(self.dfd, [memoryview(dst[:whole].numpy()).cast("B")], off)
-            except OSError as e:  # a file system that opens O_DIRECT but refuses the read
-                self._no_direct(e)
-                return self.read_into(layer, expert, dst)
-            got = min(got, n)
-        else:
-            got = os.preadv(self.fd, [memoryview(dst[:n].numpy()).cast("B")], off)
-            if self.drop_page_cache:
-                os.posix_fadvise(self.fd, off, self.stride, os.POSIX_FADV_DONTNEED)
-        if got != n:
-            self._damaged(layer, expert, f"short read ({got} of {n} bytes)")
-        if self.crcs is not None and idx not in self.verified:
-            if zlib.crc32(memoryview(dst[:n].numpy()).cast("B")) != self.crcs[idx]:
-                self._damaged(layer, expert, "its CRC-32 differs from the one recorded when the file was written")
-            self.verified.add(idx)
+        return 0, idx * self.stride, self.size(idx)
 
     def size(self, idx: int) -> int:
         """Bytes of expert ``idx`` (layer-major) in the file."""
         return self.nbytes if self.sizes is None else self.sizes[idx]
 
-    def _damaged(self, layer: int, expert: int, why: str) -> None:
+    def verify(self, layer: int, expert: int, data: torch.Tensor) -> None:
+        if self.crcs is not None and zlib.crc32(memoryview(data.numpy()).cast("B")) != \
+                self.crcs[layer * self.num_experts + expert]:
+            self.damaged(layer, expert, "its CRC-32 differs from the one recorded when the file was written")
+
+    def damaged(self, layer: int, expert: int, why: str) -> None:
         for p in (self.path, sidecar_path(self.path)):
             with contextlib.suppress(OSError):
                 p.unlink()
         raise CheckpointError(f"{self.path}: prepared-expert file damaged at layer {layer} expert {expert} ({why}); "
                               f"removed it, rerun to rebuild it from the checkpoint")
-
-    def mapped(self, layer: int, expert: int) -> torch.Tensor:
-        """Expert (layer, e)'s bytes in place, in a read-only mapping of the file (no copy: served by
-        the page cache, or faulted in from the disk); hand them back with :meth:`unmap`."""
-        import mmap
-        if getattr(self, "mm", None) is None:
-            self.mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)  # private: never written, never copied
-        idx = layer * self.num_experts + expert
-        n = self.size(idx)
-        t = torch.frombuffer(self.mm, dtype=torch.uint8, count=n, offset=idx * self.stride)
-        if self.crcs is not None and idx not in self.verified:
-            if zlib.crc32(memoryview(self.mm)[idx * self.stride: idx * self.stride + n]) != self.crcs[idx]:
-                self._damaged(layer, expert, "its CRC-32 differs from the one recorded when the file was written")
-            self.verified.add(idx)
-        return t
-
-    def unmap(self, layer: int, expert: int) -> None:
-        """Drop expert (layer, e)'s pages from this process (MADV_DONTNEED: they stay in the page
-        cache, and count in our RSS no more)."""
-        import mmap
-        self.mm.madvise(mmap.MADV_DONTNEED, (layer * self.num_experts + expert) * self.stride, self.stride)
-
-    def close(self) -> None:
-        if getattr(self, "mm", None) is not None:
-            self.mm.close()
-            self.mm = None
-        for name in ("fd", "dfd"):
-            if getattr(self, name) >= 0:
-                os.close(getattr(self, name))
-                setattr(self, name, -1)
 
     @classmethod
     def build(cls, path: Path, experts: list, layout: SlotLayout, backend: str | None, device: torch.device,

@@ -25,7 +25,7 @@ from quantize.writer import quantize_checkpoint
 from tests.calibration.test_pipeline import files, one_line
 
 OPTS = CalibrationOptions(samples=8, seq_len=64, target_bits=2.5)
-QC = QuantConfig(method="gptq")  # experts int4 g128 where uniform; d_model 64: -1 and 64-wide groups
+QC = QuantConfig(method="gptq", layout="canonical")  # experts int4 g128 where uniform; the canonical tensors are checked below
 
 
 @pytest.fixture(scope="module")
@@ -237,13 +237,13 @@ def test_specs_stack_each_recipe_and_version_one_still_loads(tmp_path):
     config = preset_config("tiny", d_model=128, ffn_hidden_size=128)
     options = (ModuleQuant(2, 64, False), ModuleQuant(4, 128, True))
     choice = ((0,) * 16, (1, 0) * 8)
-    qc = QuantConfig(expert_mix=ExpertMix(options, choice))
+    qc = QuantConfig(expert_mix=ExpertMix(options, choice), layout="canonical")
     specs = {n: (s, d) for n, s, d in quantized_tensor_specs(config, qc)}
     assert "transformer.blocks.0.ffn.experts.mlp.w1.o1.qweight" not in specs  # layer 0 uses recipe 0 only
     assert specs["transformer.blocks.0.ffn.experts.mlp.w1.o0.qweight"][0] == (16, 128, 32)  # 2-bit: 4 per byte
     assert specs["transformer.blocks.1.ffn.experts.mlp.w2.o1.qweight"][0] == (8, 128, 64)
     assert specs["transformer.blocks.1.ffn.experts.mlp.w2.o0.qzeros"][0] == (8, 128, 2)
-    assert qc.required_version == 3 and QuantConfig().required_version == 1
+    assert qc.required_version == 3 and QuantConfig(layout="canonical").required_version == 1
     total = sum(tensor_nbytes(s, d) for n, (s, d) in specs.items() if ".ffn.experts." in n)
     assert total == sum(allocation.expert_bytes(config, options[j]) for row in choice for j in row)
     assert QuantConfig.from_dict(qc.to_dict()) == qc
@@ -254,7 +254,7 @@ def test_cli_target_bits_and_its_errors(dbrxq_main, tmp_path):
                            "--calib-samples", "8", "--calib-seq-len", "64")
     assert code == 0, err
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert qc["method"] == "rtn" and qc["format_version"] == 3
+    assert qc["method"] == "rtn" and qc["format_version"] == 4 and qc["layout"] == "blocks"  # the CLI default
     assert not (tmp_path / "q" / progress.MANIFEST_NAME).exists()
     for args, msg in ((["--target-bits", "9"], "--target-bits 9.0: expected a number from 2 to 8"),
                       (["--target-bits", "3", "--target-size", "1GB"], "give one budget"),

@@ -6,6 +6,7 @@ back and its reference dequantizers decode the blocks; scripts/check_gguf.py run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -110,18 +111,29 @@ def quantized(tmp_path_factory):
     """The demo model RTN-quantized three ways, and each exported."""
     root = tmp_path_factory.mktemp("export")
     out = {}
-    recipes = {
-        "int4-g128": QuantConfig(experts=ModuleQuant(4, 128, True), attn=ModuleQuant(8, -1, True)),
-        "int4-g32-attn4": QuantConfig(experts=ModuleQuant(4, 32, True), attn=ModuleQuant(4, 64, True),
-                                      lm_head=ModuleQuant(8, -1, True)),
-        "int8": QuantConfig(experts=ModuleQuant(8, -1, True), attn=ModuleQuant(8, 32, True)),
-        "int4-asym": QuantConfig(experts=ModuleQuant(4, 64, False), attn=ModuleQuant(8, -1, True)),
-    }
-    for name, q in recipes.items():
-        folder = quantize_checkpoint(str(DEMO), root / name, q)
+    for name, q in RECIPES.items():
+        folder = quantize_checkpoint(str(DEMO), root / name, dataclasses.replace(q, layout="canonical"))
         res = ex.export_gguf(folder, root / f"{name}.gguf")
         out[name] = (folder, res)
     return out
+
+
+RECIPES = {
+    "int4-g128": QuantConfig(experts=ModuleQuant(4, 128, True), attn=ModuleQuant(8, -1, True)),
+    "int4-g32-attn4": QuantConfig(experts=ModuleQuant(4, 32, True), attn=ModuleQuant(4, 64, True),
+                                  lm_head=ModuleQuant(8, -1, True)),
+    "int8": QuantConfig(experts=ModuleQuant(8, -1, True), attn=ModuleQuant(8, 32, True)),
+    "int4-asym": QuantConfig(experts=ModuleQuant(4, 64, False), attn=ModuleQuant(8, -1, True)),
+}
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_blocks_layout_exports_the_same_file(quantized, tmp_path, name):
+    """A checkpoint in the kernel's blocks exports byte for byte the GGUF of its canonical twin (the
+    codes are unpacked exactly; the folder's name, which GGUF records, is the same)."""
+    folder = quantize_checkpoint(str(DEMO), tmp_path / name, dataclasses.replace(RECIPES[name], layout="blocks"))
+    res = ex.export_gguf(folder, tmp_path / f"{name}.gguf")
+    assert res.path.read_bytes() == quantized[name][1].path.read_bytes()
 
 
 def _stored(reader: CheckpointReader, base: str, q: ModuleQuant) -> torch.Tensor:

@@ -24,7 +24,10 @@ from safetensors.torch import load_file, save_file
 import dbrxq
 from dbrxq.core.errors import DbrxqError
 from dbrxq.formats.hub import default_model_dir
+from dbrxq.model.config import DbrxConfig
+from quantize import blocks
 from quantize.config import ModuleQuant, QuantConfig
+from quantize.specs import expert_slot
 from quantize.writer import quantize_checkpoint
 
 DEMO = default_model_dir()
@@ -164,6 +167,30 @@ def _set(name, value):
     return fn
 
 
+def _blocks_scales(value, what="experts"):
+    """Set the first scales of layer 0's stored kernel bytes to ``value``: of w1 in every expert's slot
+    image (so any token meets one), or of attention's Wqkv."""
+    def fn(t):
+        cfg = DbrxConfig.from_json(DEMO / "config.json")
+        mq = ModuleQuant(4, 128, False)
+        if what == "experts":
+            name = "transformer.blocks.0.ffn.experts.mlp.qblocks"
+            slot = expert_slot(cfg, mq)
+            t[name] = t[name].clone()
+            for e in range(t[name].shape[0]):
+                w1, v1, w2 = slot.unpack(t[name][e])
+                w1.scales.view(-1)[:3] = value
+                t[name][e] = slot.pack(w1, v1, w2)
+            return
+        name = "transformer.blocks.0.norm_attn_norm.attn.Wqkv.qblocks"
+        qt = blocks.unpack(t[name], 8, cfg.qkv_out_features, cfg.d_model, -1, False)
+        qt.scales.view(-1)[:3] = value
+        b = blocks.pack(qt)
+        t[name] = t[name].clone()
+        t[name][: b.numel()] = b
+    return fn
+
+
 def _qc(field, value):
     return lambda case, out: edit_config(case, lambda d: d["quantization_config"]["experts"].__setitem__(field, value))
 
@@ -300,7 +327,29 @@ CASES = [
      "mlp.w1.qweight has shape"),
     ("qweight-float", "quant", lambda c, o: rewrite(c, lambda t: t.__setitem__(_q("qweight"), t[_q("qweight")].float())),
      "mlp.w1.qweight has dtype torch.float32, expected torch.uint8"),
+    # -- the blocks layout: the kernel's bytes, checked on first use (a load maps them, reads nothing)
+    ("blocks-expert-scales-nan", "blocks", lambda c, o: rewrite(c, _blocks_scales(float("nan"))),
+     {"load": None, "run": r"mlp.qblocks: expert \d+ w1: 3 scale\(s\) not finite and positive",
+      "eval": r"expert \d+ w1: 3 scale\(s\) not finite"}),
+    ("blocks-expert-scales-negative", "blocks", lambda c, o: rewrite(c, _blocks_scales(-1.0)),
+     {"load": None, "run": "not finite and positive", "eval": "not finite and positive"}),
+    ("blocks-attn-scales-inf", "blocks", lambda c, o: rewrite(c, _blocks_scales(float("inf"), "attn")),
+     {"load": None, "run": r"Wqkv.qblocks: 3 scale\(s\) not finite", "eval": "not finite and positive"}),
+    ("blocks-misshapen", "blocks", lambda c, o: rewrite(c, lambda t: t.__setitem__(
+        _b(), t[_b()][:, :-4096].contiguous())), "mlp.qblocks has shape"),
+    ("blocks-float", "blocks", lambda c, o: rewrite(c, lambda t: t.__setitem__(_b(), t[_b()].float())),
+     "mlp.qblocks has dtype torch.float32, expected torch.uint8"),
+    ("blocks-in-v3", "blocks", lambda c, o: edit_config(
+        c, lambda d: d["quantization_config"].__setitem__("format_version", 3)), "format_version=3 cannot hold the blocks"),
+    ("blocks-layout-unknown", "blocks", lambda c, o: edit_config(
+        c, lambda d: d["quantization_config"].__setitem__("layout", "rows")), "layout='rows' is not supported"),
+    ("blocks-named-canonical", "blocks", lambda c, o: edit_config(
+        c, lambda d: d["quantization_config"].__setitem__("layout", "canonical")), "not in the checkpoint"),
 ]
+
+
+def _b():  # layer 0's stored experts (blocks layout)
+    return "transformer.blocks.0.ffn.experts.mlp.qblocks"
 
 
 @pytest.fixture(scope="module")
@@ -313,11 +362,14 @@ def bases(tmp_path_factory):
     (outside / "secret.txt").write_text("SECRET-CONTENT-1234\n")
     (outside / "index.json").write_text(json.dumps({"weight_map": {n: "model.safetensors"
                                                                    for n in load_file(DEMO / "model.safetensors")}}))
-    quant = quantize_checkpoint(DEMO, root / "quant", QuantConfig(experts=ModuleQuant(4, 128, False)), progress=False)
+    quant = quantize_checkpoint(DEMO, root / "quant", QuantConfig(experts=ModuleQuant(4, 128, False), layout="canonical"),
+                                progress=False)
+    blocks_ = quantize_checkpoint(DEMO, root / "blocks", QuantConfig(experts=ModuleQuant(4, 128, False), layout="blocks"),
+                                  progress=False)
     text = root / "text.txt"
     text.write_text((DEMO.parents[2] / "README.md").read_text() if (DEMO.parents[2] / "README.md").exists()
                     else "The function returns a list. " * 50)
-    return {"float": DEMO, "quant": quant, "outside": outside, "root": root, "text": text}
+    return {"float": DEMO, "quant": quant, "blocks": blocks_, "outside": outside, "root": root, "text": text}
 
 
 @pytest.mark.parametrize("cid, base, build, expect", CASES, ids=[c[0] for c in CASES])

@@ -137,7 +137,7 @@ def test_quantized_load_gives_checkpoint_pages_back(tmp_path):
     cfg = preset_config("tiny", d_model=512, n_heads=4, kv_n_heads=2, ffn_hidden_size=1024,
                         moe_num_experts=16, n_layers=2, vocab_size=512)
     make_random_checkpoint(tmp_path / "f", cfg, progress=False)
-    quantize_checkpoint(tmp_path / "f", tmp_path / "q", QuantConfig(), progress=False)
+    quantize_checkpoint(tmp_path / "f", tmp_path / "q", QuantConfig(layout="canonical"), progress=False)
     code = f"""
 import sys
 def rss_file():

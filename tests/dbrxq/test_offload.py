@@ -5,6 +5,7 @@ prefetch never changes results, and budgets / sizes fail with one clear line."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -169,7 +170,7 @@ def test_cuda_plan_reserves_the_int8_attention_scratch():
     from quantize.config import ModuleQuant
 
     def ws(device, attn_bits):
-        qc = dataclasses.replace(QuantConfig(), attn=ModuleQuant(bits=attn_bits, group_size=-1 if attn_bits == 8 else 32))
+        qc = dataclasses.replace(QuantConfig(layout="canonical"), attn=ModuleQuant(bits=attn_bits, group_size=-1 if attn_bits == 8 else 32))
         cfg = dataclasses.replace(CFG, quantization_config=qc.to_dict())
         return make_plan(cfg, device=torch.device(device), gpu_memory=None, cpu_memory=None, non_expert_bytes=0,
                          expert_bytes=1, slot_bytes=1000, context=32, batch_size=1, kv_flavour="bf16",
@@ -196,15 +197,26 @@ def test_float_checkpoint_refuses_offloading():
         dbrxq.load(cpu_memory="1GiB")
 
 
-@pytest.fixture(scope="module")
-def qdir(tmp_path_factory):
+def _quantized_dir(tmp_path_factory, layout: str) -> Path:
     # the embedded tokenizer's ids run to 1535: the checkpoint's vocabulary must hold them
     src = make_random_checkpoint(tmp_path_factory.mktemp("src"), preset_config("tiny", d_model=128, ffn_hidden_size=128,
                                  vocab_size=1536), seed=1, progress=False)
-    out = quantize_checkpoint(src, tmp_path_factory.mktemp("q") / "q", QuantConfig(), progress=False)
+    out = quantize_checkpoint(src, tmp_path_factory.mktemp(layout) / "q", QuantConfig(layout=layout), progress=False)
     for f in dbrxq.default_model_dir().glob("tokenizer*"):  # dbrxq.load wants a tokenizer
         shutil.copy(f, out / f.name)
     return out
+
+
+@pytest.fixture(scope="module", params=["canonical", "blocks"])
+def qdir(request, tmp_path_factory):
+    """The same RTN checkpoint in each layout: every offloading test runs on both."""
+    return _quantized_dir(tmp_path_factory, request.param)
+
+
+@pytest.fixture(scope="module")
+def cdir(tmp_path_factory):
+    """The canonical layout only: its experts go through a prepared-expert file."""
+    return _quantized_dir(tmp_path_factory, "canonical")
 
 
 def _budget(qdir, slots: int, **kw) -> int:
@@ -228,7 +240,9 @@ def test_loaded_checkpoint_offloads_to_the_same_logits(qdir, tmp_path):
                         offload_options={"cache_dir": tmp_path, "timing": True})
     rt = runner.offload
     assert rt.plan.slots_per_layer == [1, 1]
-    assert len(list((tmp_path / "prepared").glob("*.bin"))) == 1  # made once, reused
+    # canonical: a prepared-expert file, made once; blocks: none (the checkpoint is read where it is)
+    blocks = QuantConfig.from_dict(json.loads((qdir / "config.json").read_text())["quantization_config"]).layout
+    assert len(list((tmp_path / "prepared").glob("*.bin"))) == (blocks != "blocks")
     got = run_steps(runner.model, steps=3)  # float KV here: compare experts only
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
@@ -281,7 +295,7 @@ def test_plan_on_a_float_checkpoint_describes_it_and_a_budget_says_how_to_quanti
     assert r.exit_code != 0 and "dbrxq quantize" in str(r.exception)
 
 
-def test_prepared_expert_file_only_when_needed_where_asked_listed_and_cleared(qdir, tmp_path, caplog, monkeypatch):
+def test_prepared_expert_file_only_when_needed_where_asked_listed_and_cleared(cdir, tmp_path, caplog, monkeypatch):
     """A budget that holds every expert runs fully resident and writes no file; a smaller one writes
     the prepared-expert file where --cache-dir says, saying so once; `dbrxq cache` lists it and
     `--clear` removes it; a disk that cannot hold it is refused with the size needed."""
@@ -289,10 +303,10 @@ def test_prepared_expert_file_only_when_needed_where_asked_listed_and_cleared(qd
 
 
     cache = tmp_path / "cache"
-    runner = dbrxq.load(qdir, cpu_memory="1GiB", context=32, offload_options={"cache_dir": cache})
+    runner = dbrxq.load(cdir, cpu_memory="1GiB", context=32, offload_options={"cache_dir": cache})
     assert runner.offload is None and not (cache / "prepared").exists()
     with caplog.at_level(logging.WARNING, logger="dbrxq.runtime.prepared"):
-        r = CliRunner().invoke(cli, ["run", str(qdir), "-p", "Hi", "-n", "2", "--cpu-memory", f"{_budget(qdir, 2)}B",
+        r = CliRunner().invoke(cli, ["run", str(cdir), "-p", "Hi", "-n", "2", "--cpu-memory", f"{_budget(cdir, 2)}B",
                                      "--context", "32", "--cache-dir", str(cache)])
     assert r.exit_code == 0, r.output
     files = list((cache / "prepared").glob("*.bin"))
@@ -303,10 +317,10 @@ def test_prepared_expert_file_only_when_needed_where_asked_listed_and_cleared(qd
     assert r.exit_code == 0 and "removed 1 file(s)" in r.output and not files[0].exists()
     monkeypatch.setattr(offloading.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     with pytest.raises(ConfigError, match=r"the prepared-expert file needs .* 1000 B free there.*--cache-dir"):
-        dbrxq.load(qdir, cpu_memory=_budget(qdir, 2), context=32, offload_options={"cache_dir": cache})
+        dbrxq.load(cdir, cpu_memory=_budget(cdir, 2), context=32, offload_options={"cache_dir": cache})
 
 
-def test_prepared_expert_file_is_checked_like_a_checkpoint(qdir, tmp_path, caplog):
+def test_prepared_expert_file_is_checked_like_a_checkpoint(cdir, tmp_path, caplog):
     """The prepared-expert file is a cache, so untrusted: a damaged expert is caught on its first
     read (CRC-32 from the sidecar), the file removed and the error one line; the next load rebuilds
     it. A sidecar recording another source (or none at all) makes the file be rebuilt, not used."""
@@ -316,7 +330,7 @@ def test_prepared_expert_file_is_checked_like_a_checkpoint(qdir, tmp_path, caplo
     from dbrxq.core.errors import CheckpointError
 
     def load():
-        return dbrxq.load(qdir, cpu_memory=_budget(qdir, 1), context=32, offload_options={"cache_dir": tmp_path})
+        return dbrxq.load(cdir, cpu_memory=_budget(cdir, 1), context=32, offload_options={"cache_dir": tmp_path})
 
     runner = load()
     ref = runner.generate_ids(PROMPT, max_new_tokens=3).sequences

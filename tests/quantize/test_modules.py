@@ -18,6 +18,8 @@ from dbrxq.model.moe import DbrxExperts, route
 from quantize import kernels
 from quantize.config import ModuleQuant, QuantConfig
 from quantize.modules import (
+    QBlocksExperts,
+    QBlocksLinear,
     QExperts,
     QLinear,
     quantize_model_modules,
@@ -142,10 +144,11 @@ def test_qexperts_match_float_experts_on_dequantized_weights(bits, group_size, s
     assert torch.equal(w2.dequantize(), qt["w2"].dequantize()[3])
 
 
-def test_swap_on_meta_matches_the_checkpoint_specs():
+@pytest.mark.parametrize("layout", ["canonical", "blocks"])
+def test_swap_on_meta_matches_the_checkpoint_specs(layout):
     config = preset_config("tiny", d_model=128, ffn_hidden_size=128)
     qc = QuantConfig(experts=ModuleQuant(4, 128, False), attn=ModuleQuant(8, -1, True),
-                     lm_head=ModuleQuant(8, -1, True))
+                     lm_head=ModuleQuant(8, -1, True), layout=layout)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # as the loader does: dtypes must not follow it
     try:
@@ -156,6 +159,12 @@ def test_swap_on_meta_matches_the_checkpoint_specs():
         torch.set_default_dtype(old)
     got = [(n, tuple(t.shape), t.dtype) for n, t in model.state_dict().items()]
     want = [(n, tuple(s), d) for n, s, d in quantized_tensor_specs(config, qc)]
+    if layout == "blocks":  # the same tensors; the blocks layout writes its pages first
+        assert sorted(got) == sorted(want) and len(got) == len(want)
+        assert "transformer.blocks.0.ffn.experts.mlp.qblocks" in dict((g[0], 1) for g in got)
+        assert isinstance(model.lm_head, QBlocksLinear) and isinstance(model.transformer.blocks[0].ffn.experts,
+                                                                       QBlocksExperts)
+        return
     assert got == want
     assert "transformer.blocks.1.norm_attn_norm.attn.Wqkv.qweight" in dict((g[0], 1) for g in got)
     assert "transformer.blocks.0.ffn.experts.mlp.w2.qzeros" in dict((g[0], 1) for g in got)
@@ -166,7 +175,7 @@ def test_unquantized_kinds_stay_float_and_embed_is_refused():
     config = preset_config("tiny")
     with torch.device("meta"):
         model = DbrxForCausalLM(config)
-    quantize_model_modules(model, QuantConfig(experts=ModuleQuant(8, -1), attn=ModuleQuant(None)))
+    quantize_model_modules(model, QuantConfig(experts=ModuleQuant(8, -1), attn=ModuleQuant(None), layout="canonical"))
     assert type(model.transformer.blocks[0].norm_attn_norm.attn.Wqkv) is torch.nn.Linear
     assert type(model.lm_head) is torch.nn.Linear
     assert isinstance(model.transformer.blocks[0].ffn.experts, QExperts)

@@ -262,16 +262,22 @@ def test_expert_bad_kind_and_shape():
 
 
 def test_quant_config_defaults_and_round_trip():
-    cfg = QuantConfig()
+    assert QuantConfig().layout == "auto"  # resolved per model by quantize.specs.resolve_layout
+    blocks = QuantConfig(layout="blocks")
+    assert blocks.to_dict()["format_version"] == 4 and blocks.to_dict()["layout"] == "blocks"
+    assert QuantConfig.from_dict(json.loads(json.dumps(blocks.to_dict()))) == blocks
+    cfg = QuantConfig(layout="canonical")
     d = cfg.to_dict()
     assert d["quant_method"] == "dbrxq" and d["format_version"] == 1 < FORMAT_VERSION  # 4/8 bits: readable by v1 readers
-    assert QuantConfig(experts=ModuleQuant(3, 128, True)).to_dict()["format_version"] == 2
+    assert QuantConfig(experts=ModuleQuant(3, 128, True), layout="canonical").to_dict()["format_version"] == 2
     assert d["experts"] == {"bits": 4, "group_size": 128, "symmetric": True}
     assert d["attn"] == {"bits": 8, "group_size": -1, "symmetric": True}
     assert d["lm_head"]["bits"] is None and d["embed"]["bits"] is None
     assert QuantConfig.from_dict(json.loads(json.dumps(d))) == cfg
 
+    assert "layout" not in d  # a canonical checkpoint's config is what an older dbrxq wrote
     custom = QuantConfig(
+        layout="canonical",
         method="gptq",
         experts=ModuleQuant(4, 64, False),
         lm_head=ModuleQuant(8, -1, True),
@@ -295,11 +301,14 @@ def test_quant_config_defaults_and_round_trip():
         ({"attn": {"bits": 8, "group_size": 48}},
          r"quantization_config.attn.group_size=48 is not supported"),
         ({"quant_method": "gptq"}, "not written by dbrxq"),
+        ({"layout": "rows"}, "layout='rows' is not supported"),
+        ({"layout": "blocks"}, "format_version=1 cannot hold the blocks layout"),
+        ({"layout": ["blocks"]}, "layout=\\['blocks'\\] is not supported"),
     ],
 )
 def test_quant_config_errors(patch, msg):
     with pytest.raises(QuantizationError, match=msg):
-        QuantConfig.from_dict({**QuantConfig().to_dict(), **patch})
+        QuantConfig.from_dict({**QuantConfig(layout="canonical").to_dict(), **patch})
 
 
 # ----------------------------------------------------------------------------- 2- and 3-bit codes

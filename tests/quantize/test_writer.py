@@ -4,6 +4,7 @@ checkpoints and bad outputs fail with one line; a failed run never leaves a conf
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,13 +26,13 @@ from quantize.writer import quantize_checkpoint
 
 load_model = dbrxq.DbrxForCausalLM.from_pretrained
 IDS = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
-RECIPES = {
-    "default": QuantConfig(),  # experts int4 g128, attn int8 per-channel, lm_head bf16
+RECIPES = {  # the canonical layout, whose tensors these tests spell out (the blocks layout: below)
+    "default": QuantConfig(layout="canonical"),  # experts int4 g128, attn int8 per-channel, lm_head bf16
     "asym-lmhead": QuantConfig(experts=ModuleQuant(8, 32, False), attn=ModuleQuant(4, 64, False),
-                               lm_head=ModuleQuant(8, -1, True)),
-    "attn-bf16": QuantConfig(experts=ModuleQuant(4, -1, True), attn=ModuleQuant(None)),
-    "int3": QuantConfig(experts=ModuleQuant(3, 64, True)),  # format_version 2
-    "int2-asym": QuantConfig(experts=ModuleQuant(2, 32, False)),
+                               lm_head=ModuleQuant(8, -1, True), layout="canonical"),
+    "attn-bf16": QuantConfig(experts=ModuleQuant(4, -1, True), attn=ModuleQuant(None), layout="canonical"),
+    "int3": QuantConfig(experts=ModuleQuant(3, 64, True), layout="canonical"),  # format_version 2
+    "int2-asym": QuantConfig(experts=ModuleQuant(2, 32, False), layout="canonical"),
 }
 
 
@@ -148,7 +149,7 @@ def test_wrong_packed_shape_is_one_line(quantized, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("format_version", 4, "format_version=4"),  # a version newer than this dbrxq reads
+    ("format_version", 5, "format_version=5"),  # a version newer than this dbrxq reads
     ("method", "awq", "method='awq'"),
 ])
 def test_bad_quantization_config_is_one_line(quantized, tmp_path, field, value, match):
@@ -215,3 +216,43 @@ def test_rtn_and_gptq_summaries_use_one_size_formatter(tmp_path):
         assert re.search(r"\(\d+\.\d\d (KiB|MiB|GiB)/s of source\)", out), (method, out)
         summary = [line for line in out.splitlines() if line.startswith(("  bytes", "  time"))]
         assert len(summary) == 2 and not any(" GB" in line or "MB/s" in line for line in summary), (method, summary)
+
+
+# ----------------------------------------------------------------------------- the blocks layout
+@pytest.fixture(scope="module")
+def in_blocks(src, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("b")
+    return {k: quantize_checkpoint(src, root / k, dataclasses.replace(qc, layout="blocks"), progress=False)
+            for k, qc in RECIPES.items()}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_blocks_layout_holds_the_same_codes_page_aligned(quantized, in_blocks, recipe):
+    """The blocks layout writes the canonical writer's codes and scales in the kernel's bytes (unpacked:
+    equal, tensor by tensor), every qblocks tensor starting on a 4 KiB page of its file."""
+    from quantize.layout import to_canonical
+    qc = dataclasses.replace(RECIPES[recipe], layout="blocks")
+    config = dbrxq.model.config.DbrxConfig.from_json(in_blocks[recipe] / "config.json")
+    with CheckpointReader(in_blocks[recipe]) as r, CheckpointReader(quantized[recipe]) as c:
+        got = {n: r.get(n) for n in r.keys()}
+        assert [(n, r.shape(n), r.dtype(n)) for n in r.keys()] == \
+            [(n, tuple(s), d) for n, s, d in quantized_tensor_specs(config, qc)]
+        blocks_names = [n for n in r.keys() if n.endswith(".qblocks")]
+        assert blocks_names and all(r.data_offset(n) % 4096 == 0 for n in blocks_names)
+        canonical = to_canonical(got, config, qc)
+        assert sorted(canonical) == sorted(c.keys())
+        for n in c.keys():
+            assert torch.equal(canonical[n], c.get(n)), n
+    d = json.loads((in_blocks[recipe] / "config.json").read_text())["quantization_config"]
+    assert d["format_version"] == 4 and d["layout"] == "blocks"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("backend", ["torch", None])
+def test_blocks_layout_loads_to_the_same_logits(quantized, in_blocks, recipe, backend):
+    """The blocks layout is the canonical one in other bytes: the same logits, bit for bit, on the CPU
+    kernel (which reads it in place) and on the torch reference (which unpacks it)."""
+    for dtype in ("float32", None):
+        a = load_model(quantized[recipe], dtype=dtype, backend=backend)(IDS).logits
+        b = load_model(in_blocks[recipe], dtype=dtype, backend=backend)(IDS).logits
+        assert torch.equal(a, b), (recipe, backend, dtype)
