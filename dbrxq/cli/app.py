@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from dbrxq.cli.commands import cache, export, run, serve
+from dbrxq.cli.commands import cache, convert, export, run, serve
 from dbrxq.cli.eval import compare_command, eval_command
 from dbrxq.cli.options import CONTEXT
 from dbrxq.cli.quantize import quantize_command
@@ -29,7 +29,7 @@ def cli(verbose: int) -> None:
 
 
 
-for command in (run, serve, cache, export):
+for command in (run, serve, cache, export, convert):
     cli.add_command(command)
 cli.add_command(quantize_command, "quantize")
 cli.add_command(eval_command, "eval")

@@ -28,6 +28,7 @@ from dbrxq.runtime.generate import check_request, check_sampling
 from dbrxq.runtime.prepared import prepared_dir
 from dbrxq.serve.engine import Engine
 from dbrxq.serve.http import check_port
+from quantize.convert import convert_checkpoint
 from dbrxq.serve.http import serve as serve_http
 from dbrxq.serve.server import Server
 
@@ -244,3 +245,25 @@ def export(model, out, type_, float_type, requantize, overwrite, revision) -> No
     click.echo(f"  tensors  {r.tensors} ({kinds})")
     click.echo(f"  bytes    {format_size(r.nbytes)}")
     click.echo(f"  time     {r.seconds:.1f} s ({format_rate(r.nbytes, r.seconds)})")
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("src")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--layout", default="blocks", show_default=True, type=click.Choice(["blocks", "canonical"]),
+              help="The layout to write.")
+@click.option("--overwrite", is_flag=True, help="Replace what OUT holds.")
+@click.option("--revision", help="Hub revision when SRC is a repo id.")
+def convert(src, out, layout, overwrite, revision) -> None:
+    """Rewrite the dbrxq-quantized checkpoint SRC into OUT in another layout, number for number:
+    blocks (the CPU kernel's own bytes: loads as a memory map, offloads without a prepared copy) or
+    canonical (per-weight codes and scales, as older dbrxq versions wrote).
+
+    \b
+    Example:
+      dbrxq convert dbrx-int4 dbrx-int4-blocks          # a checkpoint written before format_version 4
+    """
+    t0 = time.perf_counter()
+    path = convert_checkpoint(resolve_model_name(src), out, layout=layout, overwrite=overwrite, revision=revision,
+                              progress=sys.stderr.isatty())
+    click.echo(f"converted {src} -> {path} ({layout} layout) in {time.perf_counter() - t0:.1f} s")

@@ -62,6 +62,10 @@ def _choice(option: str, value, allowed: tuple) -> None:
 @click.option("--lm-head-bits", default=16, show_default=True, type=int, metavar="[8|16]",
               help="8 quantizes lm_head per-channel; 16 keeps it bf16.")
 @click.option("--asym", is_flag=True, help="Asymmetric quantization (stored uint8 zero points).")
+@click.option("--layout", default="auto", show_default=True, type=click.Choice(["auto", "blocks", "canonical"]),
+              help="How the codes are stored: blocks, the CPU kernel's own layout (loads as a memory map; "
+                   "offloading reads experts straight from it); canonical, per-weight codes and scales "
+                   "(repacked at every load); auto: blocks wherever the kernel's blocks hold the model's shapes.")
 @click.option("--calib-data", metavar="PATH", help="Calibration text: .txt, .jsonl, or "
               "hf://datasets/ORG/NAME/FILE [default: the packaged calibration/data/calib.txt].")
 @click.option("--calib-field", default="text", show_default=True, help="Text field of a .jsonl file.")
@@ -78,8 +82,8 @@ def _choice(option: str, value, allowed: tuple) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in OUT.")
 @click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
 def quantize_command(src, out, method, expert_bits, target_bits, target_size, group_size, attn_bits, attn_group_size,
-                     lm_head_bits, asym, calib_data, calib_field, calib_samples, calib_seq_len, seed, rare_experts,
-                     min_expert_tokens, device, resume, revision, overwrite, threads) -> None:
+                     lm_head_bits, asym, layout, calib_data, calib_field, calib_samples, calib_seq_len, seed,
+                     rare_experts, min_expert_tokens, device, resume, revision, overwrite, threads) -> None:
     """Quantize the float DBRX checkpoint SRC (a folder, a hub repo id, or "demo": the small model
     shipped with dbrxq, unless a local folder named demo exists) into the folder OUT.
 
@@ -113,6 +117,7 @@ def quantize_command(src, out, method, expert_bits, target_bits, target_size, gr
         experts=ModuleQuant(expert_bits, group_size, sym),
         attn=ModuleQuant(attn_bits, attn_group_size, sym),
         lm_head=ModuleQuant(lm_head_bits, -1, sym),
+        layout=layout,
     )
     describe = lambda mq: "bf16" if not mq.quantized else (  # noqa: E731
         f"int{mq.bits} " + ("per-channel" if mq.group_size == -1 else f"g{mq.group_size}")

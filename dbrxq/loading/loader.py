@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from dbrxq.core.errors import CheckpointError, ConfigError
 from dbrxq.core.pages import PageReleaser, trim_heap
@@ -51,6 +52,10 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     else:
         module._buffers[attr] = value
+
+
+def _nbytes(m: nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in m.buffers() if not b.is_meta)
 
 
 def _check_qparams(name: str, t: torch.Tensor, qconfig, where) -> None:
@@ -137,16 +142,25 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
                 _check_qparams(name, tensor, qconfig, reader.file_of(name))  # offloaded: when prepared
             _set_tensor(model, name, tensor)
     release = PageReleaser()  # made after every shard is mapped
-    for name, m in model.named_modules():  # quantized modules repack for their kernel once the bytes are in place
-        if hasattr(m, "finalize_load") and not (offloading and name.endswith(".ffn.experts")):
-            m.finalize_load(backend=backend, device=dev)
-            if in_place(m):  # the kernel reads the mapped bytes themselves: nothing was repacked
-                continue
-            # The repack touched the canonical bytes; they stay file-backed, so give the pages back
-            # rather than holding the checkpoint in RSS next to the kernel's copy.
-            for buf in m.buffers():
-                release(buf)
-            trim_heap()  # per module: the repack's freed temporaries otherwise double the peak
+    todo = [(name, m) for name, m in model.named_modules()
+            if hasattr(m, "finalize_load") and not (offloading and name.endswith(".ffn.experts"))]
+    repacked = [m for _, m in todo if not in_place(m)]
+    if repacked and qconfig is not None and qconfig.layout == "canonical" and dev.type == "cpu":
+        log.warning("%s is in the canonical layout: every load repacks its weights for the kernel; `dbrxq convert "
+                    "%s OUT` writes the blocks layout, which loads as a memory map", folder, folder)
+    bar = tqdm(total=sum(_nbytes(m) for m in repacked), unit="B", unit_scale=True, desc="preparing weights",
+               disable=None if len(repacked) > 8 else True, leave=False)
+    for _, m in todo:  # quantized modules repack for their kernel once the bytes are in place
+        m.finalize_load(backend=backend, device=dev)
+        if in_place(m):  # the kernel reads the mapped bytes themselves: nothing was repacked
+            continue
+        bar.update(_nbytes(m))
+        # The repack touched the canonical bytes; they stay file-backed, so give the pages back
+        # rather than holding the checkpoint in RSS next to the kernel's copy.
+        for buf in m.buffers():
+            release(buf)
+        trim_heap()  # per module: the repack's freed temporaries otherwise double the peak
+    bar.close()
     model.eval()
     model.requires_grad_(False)
     model.source_dir = Path(folder)
