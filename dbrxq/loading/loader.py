@@ -34,7 +34,7 @@ from dbrxq.formats.checkpoint import (
 from dbrxq.formats.hub import resolve_model_dir
 from dbrxq.loading.offloading import enable_offloading
 from dbrxq.model.config import DbrxConfig
-from dbrxq.model.dbrx import DbrxForCausalLM, register_loader
+from dbrxq.model.dbrx import DbrxForCausalLM, register_loader, skip_init
 from dbrxq.plan.checkpoint import plan_offload
 from quantize.config import quantization_of
 from quantize.format import mixed_option
@@ -115,7 +115,7 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
         old_default = torch.get_default_dtype()
         torch.set_default_dtype(target)
         try:
-            with torch.device("meta"):
+            with torch.device("meta"), skip_init():
                 model = DbrxForCausalLM(config)
                 if qconfig is not None:
                     quantize_model_modules(model, qconfig)
