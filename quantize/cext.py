@@ -112,6 +112,8 @@ def load() -> ctypes.CDLL | None:
     lib.dbrxq_glu.argtypes = [_vp, _c_int, _c_int, _c_int, _vp, _vp, _vp, _c_int, _c_int, _c_int, _c_int,
                               _vp, _c_int, _c_int]
     lib.dbrxq_glu.restype = _c_int
+    lib.dbrxq_moe.argtypes = [_vp, _c_int, _c_int, _c_int, _c_int, _vp, _vp, _vp, _c_int, _vp, _c_int, _c_int]
+    lib.dbrxq_moe.restype = _c_int
     lib.dbrxq_act_span.argtypes = [_c_int, _c_int]
     lib.dbrxq_act_span.restype = _c_int
     return lib

@@ -379,6 +379,15 @@ class CpuQWeight(PreparedWeight):
             raise MemoryError(f"dbrxq_matmul could not allocate its buffers (M={x2.shape[0]}, K={k})")
         return y
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """As PreparedWeight.matmul, with the fewest tensor operations around the one C call (a decode
+        step makes two per layer, and their Python is part of every layer's fixed cost)."""
+        n, k = self.shape
+        y = self._mm(x.reshape(-1, k))
+        return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], n)
+
+    __call__ = matmul
+
 
 _CLASSES = {"torch": TorchWeight, "torch_int4": TorchInt4Weight, "torch_int8": TorchInt8Weight,
             "bnb": BnbWeight, "cpu_q4": CpuQWeight, "cpu_q8": CpuQWeight}
@@ -431,7 +440,7 @@ def _fusable(w1: PreparedWeight, v1: PreparedWeight, w2: PreparedWeight) -> bool
 
 
 def glu(x: torch.Tensor, w1: PreparedWeight, v1: PreparedWeight, w2: PreparedWeight,
-        act=F.silu) -> torch.Tensor:
+        act=F.silu, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """One DBRX expert: ``(act(x @ w1^T) * (x @ v1^T)) @ w2^T``; x [..., D] -> [..., D].
 
     With silu and three cpu_q4/cpu_q8 weights of one kind, ONE call into the C kernel
@@ -440,7 +449,8 @@ def glu(x: torch.Tensor, w1: PreparedWeight, v1: PreparedWeight, w2: PreparedWei
     input (silu's exp is libm's expf in C and torch's otherwise: a last-bit difference can move
     one hidden value across a quantization boundary)."""
     if act is not F.silu or not _fusable(w1, v1, w2):
-        return w2.matmul(act(w1.matmul(x)) * v1.matmul(x))
+        y = w2.matmul(act(w1.matmul(x)) * v1.matmul(x))
+        return y if out_dtype is None else y.to(out_dtype)
     f, d = w1.shape
     if x.shape[-1] != d:
         raise QuantizationError(f"glu: input of shape {tuple(x.shape)} has last dim {x.shape[-1]}, expected d_model={d}")
@@ -451,4 +461,36 @@ def glu(x: torch.Tensor, w1: PreparedWeight, v1: PreparedWeight, w2: PreparedWei
                           torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"dbrxq_glu could not allocate its buffers (M={x2.shape[0]}, D={d}, F={f})")
-    return y.to(x.dtype).reshape(x.shape)
+    return y.to(out_dtype or x.dtype).reshape(x.shape)
+
+
+def moe_table(experts: list[tuple[PreparedWeight, PreparedWeight, PreparedWeight]], act=F.silu) -> torch.Tensor | None:
+    """For :func:`moe`: per expert its blocks and recipe (int64 ``[E, 7]``), or None when a layer's experts
+    cannot take the one-call path (another kernel, another activation, shapes the fused GLU does not take)."""
+    if act is not F.silu or not all(_fusable(*p) for p in experts):
+        return None
+    if len({(p[0].shape, p[2].shape, p[0].path) for p in experts}) != 1:
+        return None
+    return torch.tensor([[w1.w.data_ptr(), v1.w.data_ptr(), w2.w.data_ptr(), w1.bits, w1.group, w2.group, w1.asym]
+                         for w1, v1, w2 in experts], dtype=torch.int64)
+
+
+def moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
+        experts: list) -> torch.Tensor:
+    """A layer's MoE in one call into the C kernel (dbrxq_moe): x ``[N, D]``, expert_ids and float32
+    weights ``[N, k]`` -> ``[N, D]`` in x's dtype. Bit for bit dbrxq.model.moe.moe_dispatch over
+    :func:`glu` with float32 outputs: the same rows through the same kernel, summed in float32 in
+    increasing expert id. ``table`` is :func:`moe_table`'s; ``experts`` keeps its weights alive."""
+    w1 = experts[0][0]
+    f, d = w1.shape
+    x2 = x.reshape(-1, d).float().contiguous()
+    ids = expert_ids if expert_ids.dtype == torch.int64 and expert_ids.is_contiguous() else \
+        expert_ids.to(torch.int64).contiguous()  # route() gives int64 and float32, contiguous: used as they are
+    wts = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
+    out = torch.empty(x2.shape[0], d, dtype=torch.float32)
+    rc = w1.lib.dbrxq_moe(x2.data_ptr(), x2.shape[0], d, f, expert_ids.shape[-1], ids.data_ptr(), wts.data_ptr(),
+                          table.data_ptr(), table.shape[0], out.data_ptr(), cext.PATHS[w1.path],
+                          torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"dbrxq_moe could not allocate its buffers (N={x2.shape[0]}, D={d}, F={f})")
+    return out.to(x.dtype).reshape(x.shape)

@@ -245,23 +245,31 @@ class QExperts(nn.Module):
                     if t is not None:
                         release(t)
             trim_heap()
+        self._prepared_changed()
 
     def set_prepared(self, e: int, prepared: tuple[Any, Any, Any]) -> None:
         """Replace expert e's kernel weights (for an offloading cache that moved them)."""
         assert self._prepared is not None and len(prepared) == 3
         self._prepared[e] = tuple(prepared)
+        self._prepared_changed()
+
+    def _prepared_changed(self) -> None:
+        self._row_independent = all(isinstance(w, kernels.CpuQWeight) for p in self._prepared for w in p)
+        self._table = kernels.moe_table(self._prepared, self.act)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """x ``(n, D)`` -> ``(n, D)`` through expert e."""
         assert self._prepared is not None, "QExperts used before finalize_load()"
-        return kernels.glu(x, *self._prepared[e], self.act)
+        return kernels.glu(x, *self._prepared[e], self.act, out_dtype=torch.float32)
 
     @property
     def row_independent(self) -> bool:
         """Every expert on dbrxq's C kernels, which compute each row alone (dbrxq.model.batch.batch_invariant)."""
-        return self._prepared is not None and all(isinstance(w, kernels.CpuQWeight) for p in self._prepared for w in p)
+        return self._prepared is not None and self._row_independent
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self._table is not None:  # every expert on the C kernel: the layer in one call (the same bits)
+            return kernels.moe(x, expert_ids, weights, self._table, self._prepared)
         return moe_dispatch(x, expert_ids, weights, self.num_experts, self.expert, self.row_independent)
 
 
@@ -386,22 +394,31 @@ class QBlocksExperts(nn.Module):
         dev = device or getattr(next(iter(self._stacks.values()))[0], BLOCKS).device
         self._prepared = [tuple(prepare_weight(s, backend, dev) for s in self.expert_sources(e))
                           for e in range(self.num_experts)]
+        self._prepared_changed()
 
     def set_prepared(self, e: int, prepared: tuple[Any, Any, Any]) -> None:
         assert self._prepared is not None and len(prepared) == 3
         self._prepared[e] = tuple(prepared)
+        self._prepared_changed()
+
+    _prepared_changed = QExperts._prepared_changed
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         assert self._prepared is not None, "QBlocksExperts used before finalize_load()"
         if e not in self._checked:
             self.check_expert(e)
-        return kernels.glu(x, *self._prepared[e], self.act)
+        return kernels.glu(x, *self._prepared[e], self.act, out_dtype=torch.float32)
 
     @property
     def row_independent(self) -> bool:
-        return self._prepared is not None and all(isinstance(w, kernels.CpuQWeight) for p in self._prepared for w in p)
+        return self._prepared is not None and self._row_independent
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self._table is not None:  # every expert on the C kernel: the layer in one call (the same bits)
+            if len(self._checked) < self.num_experts:  # the experts this step meets, on their first use
+                for e in set(expert_ids.reshape(-1).tolist()) - self._checked:
+                    self.check_expert(e)
+            return kernels.moe(x, expert_ids, weights, self._table, self._prepared)
         return moe_dispatch(x, expert_ids, weights, self.num_experts, self.expert, self.row_independent)
 
 

@@ -38,7 +38,7 @@ import make_corpus  # noqa: E402
 from dbrxq.core.files import write_json_atomic  # noqa: E402
 from dbrxq.formats.shards import save_file_atomic
 from dbrxq.model.config import DbrxConfig  # noqa: E402
-from dbrxq.model.dbrx import DbrxForCausalLM  # noqa: E402
+from dbrxq import DbrxForCausalLM  # noqa: E402
 from dbrxq.runtime.evaluate import perplexity  # noqa: E402
 from dbrxq.text.tokenizer import DbrxTokenizer  # noqa: E402
 

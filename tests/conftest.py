@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dbrxq.model.config import DbrxConfig
-from dbrxq.model.dbrx import DbrxForCausalLM
+from dbrxq import DbrxForCausalLM
 
 TINY = dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=40, vocab_size=50,
             attn_config=dict(kv_n_heads=2, clip_qkv=8, rope_theta=10000),

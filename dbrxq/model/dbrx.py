@@ -66,23 +66,21 @@ class DbrxOutput:
 # RoPE
 # --------------------------------------------------------------------------------------------
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin of shape (B, T, head_dim) for integer positions (B, T); computed in float32."""
+    """The rotary tables for integer positions (B, T): cos and a sign-folded sin, each (B, T, 1, head_dim),
+    computed in float32, for :func:`apply_rope` (made once per forward, shared by every layer)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
                                               device=position_ids.device) / head_dim))
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    sin = freqs.sin()
+    cos = torch.cat((freqs, freqs), dim=-1).cos()  # (B, T, hd)
+    return cos.to(dtype)[:, :, None], torch.cat((-sin, sin), dim=-1).to(dtype)[:, :, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, hd); cos/sin (B, T, hd)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+    """NeoX rotate-half RoPE, x (B, T, heads, hd) with :func:`rope_cos_sin`'s tables: x * cos +
+    rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1) is ``roll(x) * [-1, 1]``, the sign folded
+    into the table (the same values, bit for bit, in three ops)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,15 +138,15 @@ class DbrxAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None, cache_position: int) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = apply(self.Wqkv, x)  # (B, T, d + 2*kv*hd)
+        qkv = apply(self.Wqkv, x)  # (B, T, d + 2*kv*hd), a fresh tensor
         if self.clip_qkv is not None:
-            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+            qkv.clamp_(min=-self.clip_qkv, max=self.clip_qkv)
         kv_dim = self.kv_heads * self.head_dim
-        q, k, v = qkv.split([self.d_model, kv_dim, kv_dim], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kvH, T, hd)
+        qk, v = qkv.split([self.d_model + kv_dim, kv_dim], dim=-1)
+        qk = apply_rope(qk.view(B, T, self.n_heads + self.kv_heads, self.head_dim), cos, sin)  # q and k at once
+        q = qk[:, :, :self.n_heads].transpose(1, 2)  # (B, H, T, hd)
+        k = qk[:, :, self.n_heads:].transpose(1, 2)  # (B, kvH, T, hd)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.kv_heads != self.n_heads
         if getattr(cache, "per_row", False):
             y = self._per_row(q, k, v, cache, gqa)
@@ -186,8 +184,10 @@ class DbrxNormAttentionNorm(nn.Module):
         self.norm_2 = nn.LayerNorm(config.d_model, bias=False)
 
     def forward(self, x, cos, sin, mask, cache, cache_position):
-        x = x + self.attn(self.norm_1(x), cos, sin, mask, cache, cache_position)
-        return x, self.norm_2(x)
+        # the norms' forward called directly: nothing hooks them, and a module call per norm is part of
+        # every layer's fixed cost (scripts/bench_layer_cost.py)
+        x = x + self.attn(self.norm_1.forward(x), cos, sin, mask, cache, cache_position)
+        return x, self.norm_2.forward(x)
 
 
 # --------------------------------------------------------------------------------------------

@@ -89,10 +89,11 @@ class StaticKVCache(KVCache):
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, cache_position: int):
         """k, v (B, kvH, T, hd) for positions cache_position .. +T -> all cached (B, kvH, S, hd)."""
         end = self._reserve(k, cache_position)
-        self.k[layer_idx][:, :, cache_position:end] = k
-        self.v[layer_idx][:, :, cache_position:end] = v
+        kc, vc = self.k[layer_idx], self.v[layer_idx]
+        kc[:, :, cache_position:end] = k
+        vc[:, :, cache_position:end] = v
         self.lengths[layer_idx] = end
-        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+        return kc[:, :, :end], vc[:, :, :end]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]

@@ -231,7 +231,7 @@ class OffloadRuntime:
             if slot.ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(slot.ready)
         w1, v1, w2 = self._weights(slot, layer, e)
-        y = self.glu(x, w1, v1, w2, self.act)  # same call as QExperts.expert: (n, D)
+        y = self.glu(x, w1, v1, w2, self.act, out_dtype=torch.float32)  # as QExperts.expert: (n, D)
         if self.cuda:
             slot.released = torch.cuda.Event()
             slot.released.record(torch.cuda.current_stream(self.device))
@@ -241,7 +241,7 @@ class OffloadRuntime:
         """CUDA miss computed where the canonical bytes are (CPU), with the CPU kernel."""
         w1, v1, w2 = prepare_expert(self.inner[layer].expert_sources(e), None, torch.device("cpu"), x.dtype)
         xc = x.to("cpu")
-        return self.glu(xc, w1, v1, w2, self.act).to(self.device)
+        return self.glu(xc, w1, v1, w2, self.act, out_dtype=torch.float32).to(self.device)
 
     def _time_move(self, n: int) -> float:
         x = torch.zeros(n, self.model_config.d_model, dtype=self.act_dtype, device=self.device)
@@ -285,7 +285,7 @@ class OffloadRuntime:
             slot, job = planned[e]
             if slot == "mapped":
                 storage = self.file.mapped(layer, e)
-                y = self.glu(xe, *self.layout.layout_of(layer, e).views(storage), self.act)
+                y = self.glu(xe, *self.layout.layout_of(layer, e).views(storage), self.act, out_dtype=torch.float32)
                 self.file.unmap(layer, e)
                 ph.missed_s += time.perf_counter() - t0
                 return y

@@ -754,6 +754,58 @@ int dbrxq_glu(const float *x, int M, int D, int F, const uint8_t *w1, const uint
     return 0;
 }
 
+/* One MoE step of a layer in ONE call: out [M, D] = the sum over each token's K routed experts, in
+ * increasing expert id, of w * expert(x). ids [M * K] (int64 expert ids), wts [M * K] (float32
+ * routing weights); table, per expert e: 7 int64 (w1, v1, w2 block pointers, bits, G1, G2, asym).
+ * Each active expert is one dbrxq_glu over its tokens (gathered in token order), so every row is what
+ * a dbrxq_glu call of that expert gives it (rows are independent of the batch); the sum is float32,
+ * each y * w rounded, then added (as torch's index_add_ of y * w; this function is compiled without
+ * FMA contraction). The Python between experts, and a thread wake-up per expert's gather and scatter,
+ * are gone. Returns 0, or -1 on allocation failure. */
+int dbrxq_moe(const float *x, int M, int D, int F, int K, const int64_t *ids, const float *wts,
+              const int64_t *table, int E, float *out, int path, int nthreads) {
+    int *count = calloc((size_t)E + 1, sizeof(int));
+    int *start = calloc((size_t)E + 1, sizeof(int));
+    int *tok = malloc(sizeof(int) * (size_t)M * K);
+    float *wt = malloc(sizeof(float) * (size_t)M * K);
+    float *xe = malloc(sizeof(float) * (size_t)M * K * D);
+    float *ye = malloc(sizeof(float) * (size_t)M * K * D);
+    int rc = 0;
+    if (!count || !start || !tok || !wt || !xe || !ye) { rc = -1; goto done; }
+    for (int64_t i = 0; i < (int64_t)M * K; i++) {
+        if (ids[i] < 0 || ids[i] >= E) { rc = -2; goto done; }
+        count[ids[i]]++;
+    }
+    for (int e = 0; e < E; e++) start[e + 1] = start[e] + count[e];
+    memset(count, 0, sizeof(int) * (size_t)E);
+    for (int m = 0; m < M; m++) /* each expert's tokens in token order */
+        for (int k = 0; k < K; k++) {
+            int e = (int)ids[(int64_t)m * K + k], at = start[e] + count[e]++;
+            tok[at] = m;
+            wt[at] = wts[(int64_t)m * K + k];
+        }
+    memset(out, 0, sizeof(float) * (size_t)M * D);
+    for (int e = 0; e < E; e++) {
+        int n = start[e + 1] - start[e];
+        if (!n) continue;
+        const int64_t *t = table + 7 * (int64_t)e;
+        for (int i = 0; i < n; i++) memcpy(xe + (int64_t)i * D, x + (int64_t)tok[start[e] + i] * D, sizeof(float) * D);
+        if (dbrxq_glu(xe, n, D, F, (const uint8_t *)t[0], (const uint8_t *)t[1], (const uint8_t *)t[2], (int)t[3],
+                      (int)t[4], (int)t[5], (int)t[6], ye, path, nthreads)) { rc = -1; goto done; }
+        for (int i = 0; i < n; i++) {
+            float w = wt[start[e] + i], *o = out + (int64_t)tok[start[e] + i] * D;
+            const float *y = ye + (int64_t)i * D;
+            for (int d = 0; d < D; d++) {
+                volatile float p = y[d] * w; /* rounded to float, never fused into the add */
+                o[d] += p;
+            }
+        }
+    }
+done:
+    free(count); free(start); free(tok); free(wt); free(xe); free(ye);
+    return rc;
+}
+
 /* ------------------------------------------------------------------ compute peak probe */
 
 /* The int8 multiply-add rate of one thread's inner instruction on `path`, for benchmarks: the

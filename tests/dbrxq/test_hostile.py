@@ -454,7 +454,7 @@ def test_hub_snapshot_links_into_blobs_are_inside(tmp_path, bases):
 
 def test_happy_path_unchanged_bit_for_bit():
     """The checks change no result: the demo model's logits equal a plain load's."""
-    from dbrxq.model.dbrx import DbrxForCausalLM
+    from dbrxq import DbrxForCausalLM
     ids = torch.tensor([[5, 17, 99, 3, 250]])
     a = dbrxq.load(None, dtype="float32").model(ids).logits
     b = DbrxForCausalLM.from_pretrained(DEMO, dtype="float32")(ids).logits

@@ -136,7 +136,7 @@ def test_random_quantized_checkpoint_loads_with_the_float_spread(tmp_path, bits,
     """The benchmarks' direct quantized checkpoint: every tensor the format names, loadable, and the
     dequantized experts spread like make_random_checkpoint's (std within 15% of initializer_range:
     uniform codes of std sqrt((4^b - 1) / 12) times scales of mean initializer_range / that std)."""
-    from dbrxq.model.dbrx import DbrxForCausalLM
+    from dbrxq import DbrxForCausalLM
     from quantize.config import ModuleQuant, QuantConfig
     from quantize.random import make_random_quantized_checkpoint
 
@@ -155,7 +155,7 @@ def test_random_quantized_checkpoint_loads_with_the_float_spread(tmp_path, bits,
 
 def test_random_quantized_checkpoint_with_per_expert_recipes(tmp_path):
     """With an expert_mix each expert is written in its recipe's stack and loads with its recipe."""
-    from dbrxq.model.dbrx import DbrxForCausalLM
+    from dbrxq import DbrxForCausalLM
     from quantize.config import ExpertMix, ModuleQuant, QuantConfig
     from quantize.random import make_random_quantized_checkpoint
 

@@ -21,7 +21,7 @@ from dbrxq.core.units import parse_size
 from dbrxq.formats.random import make_random_checkpoint, preset_config
 from dbrxq.loading import offloading
 from dbrxq.loading.offloading import offload_model
-from dbrxq.model.dbrx import DbrxForCausalLM
+from dbrxq import DbrxForCausalLM
 from dbrxq.plan.placement import make_plan
 from dbrxq.plan.sizes import non_expert_bytes_of
 from dbrxq.plan.slots import SlotLayout, expert_layout

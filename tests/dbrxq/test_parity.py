@@ -12,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from dbrxq.model.dbrx import DbrxForCausalLM  # noqa: E402
+from dbrxq import DbrxForCausalLM  # noqa: E402
 from dbrxq.runtime.generate import generate  # noqa: E402
 
 RTOL = 1e-5

@@ -325,3 +325,32 @@ def test_torch_fused_kernels_on_cuda_need_cuda():
     for backend, bits, g in (("torch_int4", 4, 128), ("torch_int8", 8, -1)):
         assert kernels.backend_support(backend, "cuda", bits, g) == "CUDA is not available"
     assert kernels.choose_backend("cuda", 4, 128) == "torch"
+
+
+@pytest.mark.parametrize("bits_of", [(4,) * 6, (2, 3, 4, 8, 4, 2)])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_moe_in_one_call_equals_one_glu_per_expert(bits_of, rows):
+    """quantize.kernels.moe (a layer's experts in one call into C) gives the bits of moe_dispatch over
+    one fused GLU per expert, with any recipe per expert, for one row or several."""
+    from dbrxq.model.moe import moe_dispatch, route
+    from quantize.kernels import glu, moe, moe_table, prepare
+    from quantize.primitives import quantize_tensor
+    if cext.load() is None:
+        pytest.skip(cext.unavailable_reason())
+    g = torch.Generator().manual_seed(0)
+    D, Fh, E, k = 128, 192, 6, 2
+
+    def weight(n, kk, bits):
+        qt = quantize_tensor(torch.randn(n, kk, generator=g) * 0.05, bits, 64 if bits < 8 else -1, bits != 8)
+        return prepare(qt, "cpu_q4" if bits < 8 else "cpu_q8")
+    experts = [(weight(Fh, D, b), weight(Fh, D, b), weight(D, Fh, b)) for b in bits_of]
+    table = moe_table(experts)
+    assert table is not None
+    x = torch.randn(rows, D, generator=g).bfloat16()
+    w, ids = route(torch.randn(rows, E, generator=g), k, 1.0)
+    got = moe(x, ids, w, table, experts)
+    want = moe_dispatch(x, ids, w, E, lambda e, xe: glu(xe, *experts[e], out_dtype=torch.float32))
+    assert got.dtype == x.dtype and torch.equal(got, want)
+    ref = moe_dispatch(x.float(), ids, w, E, lambda e, xe: experts[e][2].matmul(
+        torch.nn.functional.silu(experts[e][0].matmul(xe)) * experts[e][1].matmul(xe)))
+    assert (got.float() - ref).abs().max() < 2e-2 * ref.abs().max()  # the unfused kernels agree

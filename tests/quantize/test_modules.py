@@ -13,7 +13,7 @@ import torch
 
 from dbrxq.core.errors import QuantizationError
 from dbrxq.formats.random import preset_config
-from dbrxq.model.dbrx import DbrxForCausalLM
+from dbrxq import DbrxForCausalLM
 from dbrxq.model.moe import DbrxExperts, route
 from quantize import kernels
 from quantize.config import ModuleQuant, QuantConfig
