@@ -49,6 +49,8 @@ class DbrxRunner:
         kwargs.setdefault("pad_token_id", self.pad_token_id)
         # With offloading the runtime makes the KV cache, within the memory plan.
         kwargs.setdefault("kv_cache", self.offload.kv_factory if self.offload is not None else self.kv_cache)
+        if self.offload is not None:  # the prompt's chunk the memory plan's workspace holds
+            kwargs.setdefault("prefill_chunk_size", self.offload.plan.prefill_chunk)
         return generate(self.model, prompts, **kwargs)
 
     @property

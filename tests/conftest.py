@@ -17,6 +17,18 @@ def build_tiny_model(seed: int = 0, **overrides) -> DbrxForCausalLM:
     return DbrxForCausalLM(DbrxConfig.from_dict({**TINY, **overrides})).init_weights().eval()
 
 
+# What a budget's plan takes for the process itself, in this (long-lived, growing) test process: a
+# constant, so a budget computed for N expert slots gives N slots when a test loads with it. The whole
+# accounting, with the real RSS, is tested in a fresh interpreter (test_offload.py's peak-RSS test).
+TEST_PROCESS_BYTES = 256 << 20
+
+
+@pytest.fixture(autouse=True)
+def steady_process_bytes(monkeypatch):
+    import dbrxq.plan.checkpoint as planning
+    monkeypatch.setattr(planning, "process_rss", lambda: TEST_PROCESS_BYTES)
+
+
 @pytest.fixture
 def tiny_model():
     return build_tiny_model

@@ -30,13 +30,19 @@ def threads_option(f):
 
 
 class SizeType(click.ParamType):
-    """A memory size like 20GiB, 512MiB, 1.5GB (dbrxq.placement.parse_size), as bytes."""
+    """A memory size like 20GiB, 512MiB, 1.5GB (dbrxq.core.units.parse_size), as bytes; with ``auto``,
+    also the word auto (dbrxq.core.memory.auto_budget decides, at load)."""
 
     name = "SIZE"
+
+    def __init__(self, auto: bool = False):
+        self.auto = auto
 
     def convert(self, value, param, ctx):
         if isinstance(value, int):
             return value
+        if self.auto and isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
         try:
             return parse_size(value, param.opts[0] if param else "size")
         except BudgetError as e:
@@ -52,9 +58,11 @@ def runtime_options(f):
                      help="auto (the checkpoint's), float32, bfloat16 or float16."),
         click.option("--revision", help="Hub revision when MODEL is a repo id."),
         click.option("--gpu-memory", type=SizeType(), help="GPU budget (e.g. 20GiB): offload experts that do not fit."),
-        click.option("--cpu-memory", type=SizeType(),
-                     help="RAM budget (e.g. 8GiB): on CPU the experts that do not fit are read from disk; "
-                          "with CUDA, the pinned host tier."),
+        click.option("--cpu-memory", type=SizeType(auto=True),
+                     help="RAM budget of the whole process (e.g. 8GiB), or auto: the memory cgroup's limit or "
+                          "what is available, less a margin; on CPU the experts that do not fit are read from "
+                          "disk; with CUDA, the pinned host tier [default: auto when the model does not fit, "
+                          "else none]."),
         click.option("--kv-cache", type=click.Choice(["bf16", "int8"]), default="bf16", show_default=True,
                      help="KV cache flavour: the model's dtype, or int8 with per-token scales (about half)."),
         click.option("--context", type=click.IntRange(min=1),

@@ -23,7 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dbrxq.core.errors import CheckpointError, ConfigError
+from dbrxq.core.memory import memory_limit, process_rss
 from dbrxq.core.pages import PageReleaser, trim_heap
+from dbrxq.core.units import format_size
+from dbrxq.formats.shards import tensor_nbytes
 from dbrxq.core.sysinfo import parse_device, parse_dtype
 from dbrxq.formats.checkpoint import (
     EXACT_DTYPE_SUFFIXES,
@@ -52,6 +55,20 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     else:
         module._buffers[attr] = value
+
+
+def _too_big(reader: CheckpointReader, qconfig, folder) -> bool:
+    """Whether a quantized checkpoint held whole (its tensors, twice in the canonical layout, whose
+    kernel copies sit beside them) would not fit the memory this process may use: then loading offloads
+    its experts with --cpu-memory auto rather than letting the kernel swap or kill it."""
+    held = sum(tensor_nbytes(reader.shape(n), reader.dtype(n)) for n in reader.keys())
+    held *= 1 if qconfig.layout == "blocks" else 2
+    limit, where = memory_limit()
+    if held + process_rss() <= limit:
+        return False
+    log.warning("%s: its weights (%s) do not fit the memory this process may use (%s: %s): offloading experts "
+                "with --cpu-memory auto", folder, format_size(held), where, format_size(limit))
+    return True
 
 
 def _nbytes(m: nn.Module) -> int:
@@ -103,6 +120,8 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
     with CheckpointReader(folder) as reader:
         check_checkpoint(reader, config, folder, expected_tensors(config, qconfig))  # before anything is built
         target = parse_dtype(dtype) or checkpoint_float_dtype(reader)
+        if not offloading and qconfig is not None and dev.type == "cpu" and _too_big(reader, qconfig, folder):
+            cpu_memory, offloading = "auto", True
         if offloading:
             plan, layout = plan_offload(reader, config, device=dev, dtype=target, backend=backend,
                                         gpu_memory=gpu_memory, cpu_memory=cpu_memory, context=context,

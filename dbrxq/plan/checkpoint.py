@@ -4,12 +4,14 @@ budget): headers and one expert only, so a budget that is too small fails in a s
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import torch
 
 from dbrxq.core.errors import ConfigError
+from dbrxq.core.memory import auto_budget, process_rss
 from dbrxq.core.sysinfo import parse_device, parse_dtype
 from dbrxq.core.units import format_size, parse_size
 from dbrxq.formats.checkpoint import (
@@ -20,11 +22,13 @@ from dbrxq.formats.checkpoint import (
 from dbrxq.formats.hub import resolve_model_dir
 from dbrxq.model.config import DbrxConfig
 from dbrxq.model.kv_cache import check_flavour, kv_cache_bytes
-from dbrxq.plan.placement import make_plan
+from dbrxq.plan.placement import RUNTIME_ALLOWANCE, make_plan
 from dbrxq.plan.sizes import checkpoint_sizes
 from dbrxq.plan.slots import layout_classes
 from quantize.config import quantization_of
 from quantize.specs import expected_tensors
+
+log = logging.getLogger(__name__)
 
 
 def plan_offload(reader: CheckpointReader, config: DbrxConfig, *, device: torch.device, dtype: torch.dtype,
@@ -36,7 +40,11 @@ def plan_offload(reader: CheckpointReader, config: DbrxConfig, *, device: torch.
         raise ConfigError(f"{reader.folder}: offloading needs a dbrxq-quantized checkpoint (this one is float): "
                           f"quantize it first, e.g. `dbrxq quantize {reader.folder} OUT`")
     gpu = None if gpu_memory is None else parse_size(gpu_memory, "--gpu-memory")
-    cpu = None if cpu_memory is None else parse_size(cpu_memory, "--cpu-memory")
+    if isinstance(cpu_memory, str) and cpu_memory.strip().lower() == "auto":
+        cpu, why = auto_budget()
+        log.warning("%s", why)
+    else:
+        cpu = None if cpu_memory is None else parse_size(cpu_memory, "--cpu-memory")
     context = context or min(config.max_seq_len, 4096)
     if not 1 <= context <= config.max_seq_len:
         raise ConfigError(f"--context {context}: must be between 1 and the model's max_seq_len {config.max_seq_len}")
@@ -44,7 +52,8 @@ def plan_offload(reader: CheckpointReader, config: DbrxConfig, *, device: torch.
     plan = make_plan(config, device=device, gpu_memory=gpu, cpu_memory=cpu, non_expert_bytes=non_expert,
                      classes=layout_classes(layout),
                      expert_bytes=expert_bytes, slot_bytes=layout.nbytes, context=context,
-                     batch_size=batch_size, kv_flavour=check_flavour(kv_cache), dtype=dtype)
+                     batch_size=batch_size, kv_flavour=check_flavour(kv_cache), dtype=dtype,
+                     process_bytes=process_rss() + RUNTIME_ALLOWANCE if cpu is not None else 0)
     return plan, layout
 
 

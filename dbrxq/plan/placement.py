@@ -29,13 +29,17 @@ from quantize.config import QuantConfig
 
 
 def workspace_bytes(config, *, batch_size: int, chunk: int, context: int, dtype: torch.dtype) -> int:
-    """An upper estimate of the activations of one prefill chunk (B*chunk tokens), float32:
-    hidden states and norms (4 * D), qkv, one expert's GLU (3 * F), router logits (E), the
-    attention scores of SDPA's math path (H * context per token) and the last-position logits."""
+    """An upper estimate of what one prefill chunk (B*chunk tokens) allocates beyond the weights and the
+    KV cache, from what the code allocates: per token, float32 hidden states and norms (6 x D), qkv, the
+    MoE step's gathered inputs and outputs (2 x top-k x D) and one expert's GLU hidden state (2 x F),
+    router logits (E), the kernel's int8 activations (D + F bytes); the last position's logits (2 x V
+    per row). Prefill attention never builds a (tokens x context) score matrix (causal flash attention,
+    dbrxq.model.dbrx.causal_attention), except a padded batch's boolean mask and SDPA's scores for it."""
     tokens = batch_size * min(chunk, context)
-    per_token = 4 * config.d_model + config.qkv_out_features + 3 * config.ffn_hidden_size \
-        + config.num_experts + config.n_heads * context
-    return 4 * (tokens * per_token + 2 * batch_size * config.vocab_size)
+    per_token = 4 * (6 * config.d_model + config.qkv_out_features + 2 * config.top_k * config.d_model
+                     + 2 * config.ffn_hidden_size + config.num_experts) + config.d_model + config.ffn_hidden_size
+    padded = 0 if batch_size == 1 else tokens * context * (1 + 4 * config.n_heads)
+    return tokens * per_token + padded + 4 * 2 * batch_size * config.vocab_size
 
 
 def cuda_dequant_bytes(config) -> int:
@@ -69,6 +73,8 @@ class PlacementPlan:
     # experts of different sizes (per-expert recipes): each size class's bytes, and slots per layer per class
     class_bytes: list[int] | None = None
     class_slots: list[list[int]] | None = None
+    prefill_chunk: int = 512  # tokens of the prompt run at a time (smaller under a tight budget)
+    process_bytes: int = 0  # the process outside the plan's tensors (counted in --cpu-memory)
 
     @property
     def on_cuda(self) -> bool:
@@ -85,10 +91,11 @@ class PlacementPlan:
         return sum(k * b for row in self.class_slots for k, b in zip(row, self.class_bytes))
 
     def tier_bytes(self) -> dict[str, int]:
-        """Planned resident bytes per tier (at most the budgets, by construction)."""
-        out = {"device": self.device_fixed_bytes + self.cache_bytes()}
+        """Planned resident bytes per tier (at most the budgets, by construction); on CPU the device is
+        the process, its own bytes included."""
+        out = {"device": self.device_fixed_bytes + self.cache_bytes() + (0 if self.on_cuda else self.process_bytes)}
         if self.on_cuda:
-            out["host"] = (sum(len(h) for h in self.host_experts) + 1) * self.slot_bytes  # + staging
+            out["host"] = (sum(len(h) for h in self.host_experts) + 1) * self.slot_bytes + self.process_bytes
         out["disk"] = self.n_layers * self.num_experts * self.slot_bytes
         return out
 
@@ -100,9 +107,10 @@ class PlacementPlan:
             budget = self.budgets.get(tier)
             lim = "" if tier == "disk" else f" of {format_size(budget) if budget is not None else 'unlimited'}"
             lines.append(f"  {tier:6s} {format_size(nbytes):>12s}{lim}")
-        lines.append(f"  {dev}: non-expert weights {format_size(self.non_expert_bytes)}, KV cache "
-                     f"{format_size(self.kv_bytes[self.kv_flavour])} ({self.kv_flavour}), workspace "
-                     f"{format_size(self.workspace_bytes)}")
+        lines.append(f"  {dev}: the process {format_size(self.process_bytes)}, non-expert weights "
+                     f"{format_size(self.non_expert_bytes)}, KV cache {format_size(self.kv_bytes[self.kv_flavour])} "
+                     f"({self.kv_flavour}), workspace {format_size(self.workspace_bytes)} (prefill chunks of "
+                     f"{self.prefill_chunk} tokens)")
         kv = ", ".join(f"{k} {format_size(v)}" for k, v in self.kv_bytes.items())
         lines.append(f"  KV cache for {self.context} tokens: {kv}")
         total = self.n_layers * self.num_experts
@@ -154,18 +162,61 @@ def split_by_class(nbytes: int, sizes: list[int], counts: list[int]) -> list[int
         left -= sizes[c]
 
 
+PREFILL_CHUNKS = (512, 256, 128, 64, 32, 16)  # the prompt's chunk, smaller when a budget is tight
+# What a run adds to the process's RSS beyond its planned tensors and what it held at plan time: torch's
+# kernels and allocator pools initialized by the first forward, dbrxq's C kernel, the tokenizer, the
+# model's Python objects, heap fragmentation (tests/dbrxq/test_offload.py's peak-RSS test checks the
+# whole process against --cpu-memory, from a fresh interpreter).
+RUNTIME_ALLOWANCE = 96 << 20
+
+
 def make_plan(config, *, device: torch.device, gpu_memory: int | None, cpu_memory: int | None,
               non_expert_bytes: int, expert_bytes: int, slot_bytes: int, context: int, batch_size: int,
               kv_flavour: str, dtype: torch.dtype, prefill_chunk: int = 512,
-              classes: tuple[list[int], list[list[int]]] | None = None) -> PlacementPlan:
+              classes: tuple[list[int], list[list[int]]] | None = None, process_bytes: int = 0) -> PlacementPlan:
     """Fill the tiers in order (see the module doc). ``classes``: for experts of different sizes, each
     size class's kernel-ready bytes and the class of every expert (per layer); the cache then holds
     a pool of slots per class and per layer (:func:`split_by_class`), ``slot_bytes`` being the largest.
+    ``process_bytes``: what the process holds outside the plan's tensors (the interpreter, torch,
+    dbrxq and the runtime's allowance): ``cpu_memory`` bounds the whole process, so it comes off first.
+    A budget that cannot hold a prefill chunk of ``prefill_chunk`` tokens gets a smaller chunk
+    (PREFILL_CHUNKS) before it is refused.
 
     Raises:
         BudgetError: a budget below what must be resident on its tier, naming the option and the
             bytes needed.
     """
+    cuda = device.type == "cuda"
+    if cpu_memory is not None:
+        if cpu_memory <= process_bytes:
+            raise BudgetError(f"--cpu-memory {format_size(cpu_memory)} is too small: the process itself holds "
+                              f"{format_size(process_bytes)} (the interpreter, torch and dbrxq, with the runtime's "
+                              f"allowance) before any weight")
+        cpu_memory -= process_bytes
+    dev_budget = gpu_memory if cuda else cpu_memory
+    for chunk in [c for c in PREFILL_CHUNKS if c <= prefill_chunk] or [prefill_chunk]:
+        try:
+            plan = _make_plan(config, device=device, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
+                              non_expert_bytes=non_expert_bytes, expert_bytes=expert_bytes, slot_bytes=slot_bytes,
+                              context=context, batch_size=batch_size, kv_flavour=kv_flavour, dtype=dtype,
+                              prefill_chunk=chunk, classes=classes)
+        except BudgetError:
+            if dev_budget is None or chunk == min(PREFILL_CHUNKS):
+                raise
+            continue
+        plan.process_bytes = process_bytes
+        if plan.budgets.get("device") is not None and not cuda:
+            plan.budgets["device"] += process_bytes
+        if cuda and plan.budgets.get("host") is not None:
+            plan.budgets["host"] += process_bytes
+        return plan
+    raise AssertionError("unreachable")
+
+
+def _make_plan(config, *, device: torch.device, gpu_memory: int | None, cpu_memory: int | None,
+               non_expert_bytes: int, expert_bytes: int, slot_bytes: int, context: int, batch_size: int,
+               kv_flavour: str, dtype: torch.dtype, prefill_chunk: int,
+               classes: tuple[list[int], list[list[int]]] | None) -> PlacementPlan:
 
     cuda = device.type == "cuda"
     if gpu_memory is not None and not cuda:
@@ -185,7 +236,8 @@ def make_plan(config, *, device: torch.device, gpu_memory: int | None, cpu_memor
             raise BudgetError(
                 f"{dev_opt} {format_size(dev_budget)} is too small: at least {format_size(fixed)} is needed "
                 f"(non-expert weights {format_size(non_expert_bytes)} + KV cache {format_size(kv[kv_flavour])} "
-                f"for {context} tokens + workspace {format_size(ws)})")
+                f"for {context} tokens + workspace {format_size(ws)} for prefill chunks of {prefill_chunk} tokens)"
+                + ("" if cuda else " beyond what the process itself holds"))
         slots = _spread((dev_budget - fixed) // slot_bytes, L, E)
     class_slots = None
     if classes is not None:
@@ -212,7 +264,7 @@ def make_plan(config, *, device: torch.device, gpu_memory: int | None, cpu_memor
     return PlacementPlan(device=str(device), n_layers=L, num_experts=E,
                          budgets={"device": dev_budget, "host": cpu_memory if cuda else None},
                          non_expert_bytes=non_expert_bytes, kv_flavour=kv_flavour, kv_bytes=kv,
-                         context=context, batch_size=batch_size, workspace_bytes=ws,
+                         context=context, batch_size=batch_size, workspace_bytes=ws, prefill_chunk=prefill_chunk,
                          expert_bytes=expert_bytes, slot_bytes=slot_bytes, slots_per_layer=slots,
                          host_experts=host, class_bytes=None if classes is None else list(classes[0]),
                          class_slots=class_slots)
