@@ -17,10 +17,12 @@ calibration.allocation.OPTIONS (2 and 3 bits g64 with zero points, 4 bits g128, 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer-dir", help="copy tokenizer files from this folder")
     p.add_argument("--random-codes", metavar="SPEC", help="write a quantized checkpoint of random codes: B or "
                    "B:N,B:N,... (bits per expert, in expert order; see above)")
+    p.add_argument("--router-shares", type=Path, metavar="JSON", help="with --random-codes: skew each layer's "
+                   "router towards these per-expert routing shares (a list per layer, reused in turn; "
+                   "scripts/routing_stats.py --shares-json measures a trained model's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -92,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = preset_config(args.preset, **overrides)
         if args.random_codes:
+            shares = json.loads(args.router_shares.read_text()) if args.router_shares else None
             out = make_random_quantized_checkpoint(args.out, config, random_codes_recipe(args.random_codes, config),
                                                    seed=args.seed, dtype=_DTYPES[args.dtype],
-                                                   max_shard_bytes=args.max_shard_size, progress=not args.no_progress)
+                                                   max_shard_bytes=args.max_shard_size, progress=not args.no_progress,
+                                                   router_shares=shares)
             if args.tokenizer_dir:
                 copy_tokenizer_files(args.tokenizer_dir, out)
         else:

@@ -16,6 +16,7 @@ Per layer, over every token of the text (read in disjoint windows, so each token
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections import OrderedDict
 from pathlib import Path
@@ -97,6 +98,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shares-json", type=Path, help="also write each layer's per-expert routing shares here "
+                    "(what scripts/make_checkpoint.py --router-shares skews a random router towards)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runner = dbrxq.load(args.model, dtype="float32")
@@ -106,6 +109,9 @@ def main() -> None:
     print(f"Routing of {ids.numel()} tokens of {args.data.name} ({c.n_layers} layers, "
           f"{c.num_experts} experts, top-{c.top_k}; shares are of the N*k routing slots)\n")
     print(table(trace, c.num_experts, c.top_k))
+    if args.shares_json:
+        shares = [(torch.bincount(t.reshape(-1), minlength=c.num_experts).double() / t.numel()).tolist() for t in trace]
+        args.shares_json.write_text(json.dumps(shares) + "\n")
 
 
 if __name__ == "__main__":
