@@ -122,6 +122,7 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
         target = parse_dtype(dtype) or checkpoint_float_dtype(reader)
         if not offloading and qconfig is not None and dev.type == "cpu" and _too_big(reader, qconfig, folder):
             cpu_memory, offloading = "auto", True
+        auto = isinstance(cpu_memory, str) and cpu_memory.strip().lower() == "auto"
         if offloading:
             plan, layout = plan_offload(reader, config, device=dev, dtype=target, backend=backend,
                                         gpu_memory=gpu_memory, cpu_memory=cpu_memory, context=context,
@@ -184,6 +185,10 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
     model.requires_grad_(False)
     model.source_dir = Path(folder)
     if offloading:
-        enable_offloading(model, plan, layout, backend=backend, non_expert_bytes=plan.non_expert_bytes,
-                          **(offload_options or {}))
+        options = dict(offload_options or {})
+        if auto and dev.type == "cpu":
+            # the budget is all the memory there is: the page cache has no room to help, and what the
+            # reads leave in it would push the process's own pages (attention, slots) out
+            options.setdefault("drop_page_cache", True)
+        enable_offloading(model, plan, layout, backend=backend, non_expert_bytes=plan.non_expert_bytes, **options)
     return model

@@ -386,6 +386,8 @@ class OffloadRuntime:
                 out[e] = ("mapped", None)
                 continue
             dest = None if self.pinned[layer] is not None else self.cache.admit(layer, e, keep)
+            if dest is not None and dest.pending is not None:  # a background read of its old expert
+                self.reader.cancel(dest.pending)
             job = self.reader.submit(layer, e, dest)
             if dest is not None:
                 dest.pending = job
@@ -457,7 +459,9 @@ class OffloadRuntime:
                     self._fill(layer, e, slot)
                 else:  # in the background; the layer waits for it only if it uses it
                     self.stats.phases[self.phase].bytes_moved += self.layout.nbytes_of(layer, e)
-                    slot.pending = self.reader.submit(layer, e, slot)
+                    if slot.pending is not None:
+                        self.reader.cancel(slot.pending)
+                    slot.pending = self.reader.submit(layer, e, slot, background=True)
                 n += 1
         self.note_peak()
         return n

@@ -9,6 +9,7 @@ canonical bytes and picks the cheaper.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -75,28 +76,50 @@ class Reader:
     goes on; the order matters more than the depth, because the layer computes its experts one
     after another. A job without a slot takes one of the staging slots (misses that no cache slot
     may take), waiting until compute hands one back (:meth:`release`), so at most
-    ``len(staging)`` such experts are in memory at once. ``delay`` (tests) sleeps before each read."""
+    ``len(staging)`` such experts are in memory at once. ``delay`` (tests) sleeps before each read.
+
+    Two queues: a step's misses (urgent, in the order they will be computed) go before background
+    reads (the warm start filling the cache with the hottest experts, speculative prefetch), which
+    would otherwise make the first tokens wait behind gigabytes of guesses. A background read whose
+    slot is given to another expert before it ran is cancelled (:meth:`cancel`); one already running
+    finishes first (one thread), so the slot's new read always lands last."""
 
     def __init__(self, file: PreparedExpertFile, staging: list, delay: float = 0.0):
         self.file, self.delay = file, delay
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._cv = threading.Condition()
+        self._urgent: collections.deque = collections.deque()
+        self._later: collections.deque = collections.deque()
         self.free: queue.SimpleQueue = queue.SimpleQueue()
         for slot in staging:
             self.free.put(slot)
         self.thread = threading.Thread(target=self._run, name="dbrxq-reader", daemon=True)
         self.thread.start()
 
-    def submit(self, layer: int, expert: int, slot=None) -> ReadJob:
+    def submit(self, layer: int, expert: int, slot=None, *, background: bool = False) -> ReadJob:
         job = ReadJob(layer, expert, slot)
-        self.jobs.put(job)
+        with self._cv:
+            (self._later if background else self._urgent).append(job)
+            self._cv.notify()
         return job
+
+    def cancel(self, job: ReadJob) -> None:
+        """Drop a background read that has not started (its slot is taken for another expert)."""
+        with self._cv:
+            try:
+                self._later.remove(job)
+            except ValueError:  # already running or done: it completes before any later read
+                return
+        job.done.set()
 
     def release(self, slot) -> None:
         self.free.put(slot)
 
     def _run(self) -> None:
         while True:
-            job = self.jobs.get()
+            with self._cv:
+                while not self._urgent and not self._later:
+                    self._cv.wait()
+                job = self._urgent.popleft() if self._urgent else self._later.popleft()
             if job is None:
                 return
             try:
@@ -112,7 +135,9 @@ class Reader:
                 job.done.set()
 
     def close(self) -> None:
-        self.jobs.put(None)
+        with self._cv:
+            self._urgent.append(None)
+            self._cv.notify()
         self.thread.join()
 
 
