@@ -377,6 +377,8 @@ class OffloadRuntime:
             if slot is not None:
                 ph.hits += 1
                 out[e] = (slot, None)
+                if slot.pending is not None:  # a background read still queued: the step needs it now,
+                    self.reader.promote(slot.pending)  # before its misses (hits are computed first)
         for e in used:
             if e in out:
                 continue

@@ -82,7 +82,8 @@ class Reader:
     reads (the warm start filling the cache with the hottest experts, speculative prefetch), which
     would otherwise make the first tokens wait behind gigabytes of guesses. A background read whose
     slot is given to another expert before it ran is cancelled (:meth:`cancel`); one already running
-    finishes first (one thread), so the slot's new read always lands last."""
+    finishes first (one thread), so the slot's new read always lands last. A background read that a
+    step turns out to use is promoted (:meth:`promote`) to the urgent queue, ahead of the step's misses."""
 
     def __init__(self, file: PreparedExpertFile, staging: list, delay: float = 0.0):
         self.file, self.delay = file, delay
@@ -110,6 +111,17 @@ class Reader:
             except ValueError:  # already running or done: it completes before any later read
                 return
         job.done.set()
+
+    def promote(self, job: ReadJob) -> None:
+        """Move a background read that has not started to the end of the urgent queue: a step uses
+        its expert, and the step's own misses (urgent, queued after) may wait on staging slots that
+        only its computing frees, so leaving it behind them would never finish."""
+        with self._cv:
+            try:
+                self._later.remove(job)
+            except ValueError:  # running, done or already urgent
+                return
+            self._urgent.append(job)
 
     def release(self, slot) -> None:
         self.free.put(slot)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import shutil
 from pathlib import Path
 
@@ -480,6 +481,27 @@ def test_a_slow_reader_never_hands_compute_an_expert_early(reference, tmp_path):
     for a, b in zip(got, reference):
         assert torch.equal(a, b)
     assert rt.cache.counters.misses > 0 and rt.cache.counters.prefetched > 0
+
+
+def test_a_step_needing_a_queued_background_read_does_not_wait_behind_its_own_misses(reference, tmp_path):
+    """Background reads (warm start, prefetch) queue behind a step's misses; a step that uses an
+    expert whose background read is still queued has it promoted. Without that, the step's misses
+    fill both staging slots, the reader waits for one to be freed, and compute waits for the hit."""
+    m = quantized_model()
+    rt = offload_model(m, cpu_memory=budget_for(3), context=32, cache_dir=tmp_path)
+    rt.reader.delay = 0.1
+    for layer in range(CFG.n_layers):  # experts 0-2 of every layer, still queued when the prompt runs
+        rt.prefetch(layer, list(range(16)))
+    got, done = [], threading.Event()
+
+    def steps():
+        got.extend(run_steps(m, rt.kv_factory, steps=2))
+        done.set()
+    threading.Thread(target=steps, daemon=True).start()
+    assert done.wait(60), "the step never finished"
+    for a, b in zip(got, reference):
+        assert torch.equal(a, b)
+    assert rt.cache.counters.hits > 0
 
 
 def test_a_wrong_prefetch_changes_only_counters(reference, tmp_path):

@@ -1,4 +1,5 @@
-"""The offloading reader's order: a step's misses before background reads, cancelled reads never run."""
+"""The offloading reader's order: a step's misses before background reads, except those the step uses;
+cancelled reads never run."""
 
 from __future__ import annotations
 
@@ -36,12 +37,14 @@ def test_urgent_reads_go_before_background_and_cancelled_ones_never_run():
             threading.Event().wait(0.001)
         warm = [reader.submit(0, e, _Slot(), background=True) for e in (1, 2, 3)]
         reader.cancel(warm[1])
+        reader.promote(warm[2])  # a step uses it: before the step's misses
         miss = reader.submit(1, 7, _Slot())
         f.gate.set()
         for job in (first, *warm, miss):
             job.wait()
-        assert f.order == [(0, 0), (1, 7), (0, 1), (0, 3)]
+        assert f.order == [(0, 0), (0, 3), (1, 7), (0, 1)]
         assert warm[1].done.is_set() and warm[1].slot.expert is None  # dropped, its slot untouched
-        reader.cancel(first)  # already done: a no-op
+        reader.cancel(first)  # already done: no-ops
+        reader.promote(first)
     finally:
         reader.close()
