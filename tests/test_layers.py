@@ -123,9 +123,30 @@ def check(root: Path = ROOT) -> list[str]:
             for name in imp["names"]:
                 if name.startswith("_") and f"{target}.{name}" not in known:
                     problems.append(f"{rel}:{imp['line']}: takes the private name {name} from {target}")
-    for cycle in circles(graph):
-        problems.append("import circle: " + " -> ".join(cycle + [cycle[0]]))
+    for comp in circles(graph):
+        problems.append(f"import circle among {len(comp)} modules, e.g. " + " -> ".join(cycle_through(graph, comp)))
     return problems
+
+
+def cycle_through(graph: dict[str, set[str]], comp: list[str]) -> list[str]:
+    """A shortest import path from the component's first module back to itself, along real imports."""
+    inside, start = set(comp), comp[0]
+    came: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph.get(v, ()) & inside):
+                if w == start:
+                    path = [v]
+                    while path[-1] != start:
+                        path.append(came[path[-1]])
+                    return [start] + path[::-1][1:] + [start] if len(path) > 1 else [start, start]
+                if w not in came:
+                    came[w] = v
+                    nxt.append(w)
+        frontier = nxt
+    return comp
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
