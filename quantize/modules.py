@@ -409,9 +409,7 @@ class QBlocksExperts(nn.Module):
             self.check_expert(e)
         return kernels.glu(x, *self._prepared[e], self.act, out_dtype=torch.float32)
 
-    @property
-    def row_independent(self) -> bool:
-        return self._prepared is not None and self._row_independent
+    row_independent = QExperts.row_independent
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self._table is not None:  # every expert on the C kernel: the layer in one call (the same bits)
