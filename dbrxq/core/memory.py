@@ -13,6 +13,8 @@ anything, and the offloading runtime drops what it reads from it under a cgroup 
 from __future__ import annotations
 
 import os
+import resource
+import sys
 from pathlib import Path
 
 from dbrxq.core.units import format_size
@@ -25,8 +27,13 @@ _UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a huge number (9223372036
 
 
 def process_rss(proc: str | os.PathLike = "/proc") -> int:
-    """This process's resident memory now (VmRSS), in bytes."""
-    return _status_kib(Path(proc) / "self" / "status", "VmRSS:") * 1024
+    """This process's resident memory now (VmRSS), in bytes; without /proc (not Linux) its peak so
+    far, which is at least that."""
+    try:
+        return _status_kib(Path(proc) / "self" / "status", "VmRSS:") * 1024
+    except (OSError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def process_peak_rss(proc: str | os.PathLike = "/proc") -> int:

@@ -63,8 +63,11 @@ def _too_big(reader: CheckpointReader, qconfig, folder) -> bool:
     its experts with --cpu-memory auto rather than letting the kernel swap or kill it."""
     held = sum(tensor_nbytes(reader.shape(n), reader.dtype(n)) for n in reader.keys())
     held *= 1 if qconfig.layout == "blocks" else 2
-    limit, where = memory_limit()
-    if held + process_rss() <= limit:
+    try:
+        limit, where = memory_limit()
+        if held + process_rss() <= limit:
+            return False
+    except OSError:  # no /proc (not Linux): nothing to decide from, load it whole as asked
         return False
     log.warning("%s: its weights (%s) do not fit the memory this process may use (%s: %s): offloading experts "
                 "with --cpu-memory auto", folder, format_size(held), where, format_size(limit))

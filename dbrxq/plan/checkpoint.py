@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dbrxq.core.errors import ConfigError
+from dbrxq.core.errors import BudgetError, ConfigError
 from dbrxq.core.memory import auto_budget, process_rss
 from dbrxq.core.sysinfo import parse_device, parse_dtype
 from dbrxq.core.units import format_size, parse_size
@@ -41,7 +41,11 @@ def plan_offload(reader: CheckpointReader, config: DbrxConfig, *, device: torch.
                           f"quantize it first, e.g. `dbrxq quantize {reader.folder} OUT`")
     gpu = None if gpu_memory is None else parse_size(gpu_memory, "--gpu-memory")
     if isinstance(cpu_memory, str) and cpu_memory.strip().lower() == "auto":
-        cpu, why = auto_budget()
+        try:
+            cpu, why = auto_budget()
+        except OSError as e:
+            raise BudgetError(f"--cpu-memory auto: cannot tell how much memory there is ({e}); "
+                              "give a size, e.g. --cpu-memory 20GiB") from None
         log.warning("%s", why)
     else:
         cpu = None if cpu_memory is None else parse_size(cpu_memory, "--cpu-memory")

@@ -102,6 +102,26 @@ def test_a_model_that_does_not_fit_offloads_with_auto(tmp_path, monkeypatch, cap
     assert any("do not fit" in m for m in caplog.messages) and any("--cpu-memory auto" in m for m in caplog.messages)
 
 
+def test_without_proc_auto_is_refused_in_one_line_and_a_plain_load_still_works(tmp_path, monkeypatch):
+    """Not Linux (no /proc, no cgroups): --cpu-memory auto cannot be decided and says so; a load that
+    names no budget loads the model whole; the process's RSS falls back to its peak (not zero)."""
+    import dbrxq.loading.loader as loader
+    import dbrxq.plan.checkpoint as planning
+
+    assert memory.process_rss(proc=tmp_path / "none") > 10 << 20
+    with pytest.raises(OSError):
+        memory.memory_limit(cgroup_root=tmp_path / "none", proc=tmp_path / "none")
+
+    def nothing():
+        raise OSError("neither a memory cgroup limit nor /proc/meminfo could be read")
+    monkeypatch.setattr(loader, "memory_limit", nothing)
+    monkeypatch.setattr(planning, "auto_budget", nothing)
+    folder = _tiny_quantized(tmp_path)
+    with pytest.raises(BudgetError, match=r"--cpu-memory auto: cannot tell how much memory there is .*--cpu-memory 20GiB"):
+        dbrxq.load(folder, cpu_memory="auto", context=32)
+    assert dbrxq.load(folder, context=32).offload is None
+
+
 def _cgroup_v1() -> Path | None:
     base = Path("/sys/fs/cgroup/memory")
     if os.geteuid() != 0 or not (base / "cgroup.procs").exists():
