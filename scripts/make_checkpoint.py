@@ -17,7 +17,6 @@ calibration.allocation.OPTIONS (2 and 3 bits g64 with zero points, 4 bits g128, 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from dbrxq.core.errors import DbrxqError
+from dbrxq.core.untrusted import read_json
 from dbrxq.formats.hub import copy_tokenizer_files
 from dbrxq.formats.random import PRESETS, make_random_checkpoint, preset_config
 from dbrxq.formats.shards import DEFAULT_MAX_SHARD_BYTES
@@ -97,13 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = preset_config(args.preset, **overrides)
         if args.random_codes:
-            shares = json.loads(args.router_shares.read_text()) if args.router_shares else None
+            shares = (read_json(args.router_shares, 16 << 20, what=f"--router-shares {args.router_shares}",
+                                error=DbrxqError) if args.router_shares else None)
             out = make_random_quantized_checkpoint(args.out, config, random_codes_recipe(args.random_codes, config),
                                                    seed=args.seed, dtype=_DTYPES[args.dtype],
                                                    max_shard_bytes=args.max_shard_size, progress=not args.no_progress,
                                                    router_shares=shares)
             if args.tokenizer_dir:
                 copy_tokenizer_files(args.tokenizer_dir, out)
+        elif args.router_shares:
+            raise DbrxqError("--router-shares skews a random-codes checkpoint's router: give --random-codes too")
         else:
             out = make_random_checkpoint(args.out, config, seed=args.seed, dtype=_DTYPES[args.dtype],
                                          max_shard_bytes=args.max_shard_size, tokenizer_dir=args.tokenizer_dir,

@@ -19,7 +19,10 @@ def test_router_scales_reproduce_the_shares_on_fresh_tokens():
     ids = (z * a.double()).topk(4, dim=1).indices
     got = torch.bincount(ids.reshape(-1), minlength=16).double() / ids.numel()
     target = torch.tensor(shares, dtype=torch.float64) / sum(shares)
-    assert (got - target).abs().max() < 0.02, (got, target)
+    # the fit sees 20,000 simulated tokens and this check 40,000 fresh ones: a share of ~0.1 carries a
+    # sampling error of about sqrt(0.1 / 80,000) ~ 0.0011 in the fit and 0.0008 here; 0.006 is ~3x
+    # the two together (a fit that did nothing misses by 0.05)
+    assert (got - target).abs().max() < 0.006, (got, target)
     # one expert's share cannot pass 1/(2 top_k) this way (a zero-mean logit is above the others at most
     # half the time, however wide): asked for more, it gets close to that
     capped = router_scales([0.3] + [0.7 / 15] * 15, 4, seed=0)
