@@ -36,7 +36,7 @@ from dbrxq.serve.server import Server
 @click.command(context_settings=CONTEXT)
 @click.argument("model", required=False)
 @click.option("--prompt", "-p", help="Text to continue (with --chat: the first user message).")
-@click.option("--chat", is_flag=True, help="Use the ChatML chat template; without --prompt, an interactive session.")
+@click.option("--chat", is_flag=True, help="Use the ChatML chat template; without --prompt, an interactive chat.")
 @click.option("--system", help="System prompt for --chat (default: DBRX-instruct's).")
 @click.option("--max-new-tokens", "-n", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(min=0),
@@ -64,7 +64,7 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
                                  kv_cache=kv_cache))
         return
     if prompt is None and not chat:
-        raise click.UsageError("give --prompt TEXT, or --chat for an interactive session")
+        raise click.UsageError("give --prompt TEXT, or --chat for an interactive chat")
     check_sampling(temperature, top_k, top_p, seed)  # before the model loads
     runner = load(model, device=device, dtype=dtype, revision=revision, gpu_memory=gpu_memory,
                   cpu_memory=cpu_memory, context=context, kv_cache=kv_cache, threads=threads,
@@ -100,7 +100,7 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
         if interactive:
             try:
                 prompt = click.prompt(">>>", prompt_suffix=" ", default="", show_default=False)
-            except (EOFError, click.Abort):  # Ctrl-D, or Ctrl-C at the prompt: the session ends
+            except (EOFError, click.Abort):  # Ctrl-D, or Ctrl-C at the prompt: the chat ends
                 emit("\n")
                 return
             if not prompt.strip():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import resource
 
 import click
+import torch
 
 from dbrxq.core.errors import BudgetError
 from dbrxq.core.sysinfo import THREADS_HELP, peak_rss_bytes
@@ -18,7 +19,6 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 def peak_memory(device) -> str:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
     text = f"peak RSS {rss:.0f} MiB"
-    import torch
     if device.type == "cuda":
         text += f", peak GPU {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
     return text

@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
+import torch
 
 from dbrxq.core.errors import CheckpointError, DbrxqError
 
@@ -200,7 +201,6 @@ def check_type(v: Any, types: type | tuple[type, ...], field: str, where: str, e
 
 def check_finite(t, name: str, where: Any, *, what: str = "refusing to quantize it"):
     """``t`` (a torch tensor) unchanged if every value is finite; else one line with the count."""
-    import torch
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         n = int((~torch.isfinite(t)).sum())
         raise CheckpointError(f"{where}: tensor {name} holds {n} NaN/Inf value(s); {what}")

@@ -5,6 +5,7 @@ tokenizer files that travel with a checkpoint.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shutil
@@ -88,8 +89,6 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, *, revision: str | Non
 def tokenizer_files(folder: Path) -> list[Path]:
     """The files of ``folder`` matching TOKENIZER_PATTERNS that dbrxq copies along: each a regular
     file of at most 64 MiB inside the folder (a link leaving it is refused, not followed)."""
-    import fnmatch
-
     out = []
     for p in sorted(Path(folder).iterdir()):
         if not any(fnmatch.fnmatch(p.name, pat) for pat in TOKENIZER_PATTERNS):

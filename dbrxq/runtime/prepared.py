@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import mmap
 import os
 import time
 import zlib
@@ -114,7 +115,6 @@ class ExpertFiles:
     def mapped(self, layer: int, expert: int) -> torch.Tensor:
         """Expert (layer, e)'s bytes in place, in a read-only mapping of its file (no copy: served by
         the page cache, or faulted in from the disk); hand them back with :meth:`unmap`."""
-        import mmap
         f, off, n = self.locate(layer, expert)
         if self.mms[f] is None:
             self.mms[f] = mmap.mmap(self.fds[f], 0, access=mmap.ACCESS_COPY)  # private: never written, never copied
@@ -127,7 +127,6 @@ class ExpertFiles:
     def unmap(self, layer: int, expert: int) -> None:
         """Drop expert (layer, e)'s pages from this process (MADV_DONTNEED: they stay in the page
         cache, and count in our RSS no more)."""
-        import mmap
         f, off, n = self.locate(layer, expert)
         start = off - off % PAGE
         self.mms[f].madvise(mmap.MADV_DONTNEED, start, whole_pages(off + n - start))

@@ -5,6 +5,8 @@ port check, and uvicorn with graceful shutdown.
 
 import asyncio
 import hmac
+import signal
+import socket
 from contextlib import asynccontextmanager
 
 from dbrxq.core.errors import ConfigError, DbrxqError
@@ -131,8 +133,6 @@ def create_app(server: Server):
 
 def check_port(host: str, port: int) -> None:
     """Refuse (ConfigError, one line) a host/port this process cannot listen on, before loading."""
-    import socket
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as e:
@@ -150,8 +150,6 @@ def serve(server: Server, *, host: str = "127.0.0.1", port: int = 8000, shutdown
           log_level: str = "info") -> None:
     """Run until SIGTERM/SIGINT: then stop accepting, let in-flight requests finish for up to
     ``shutdown_timeout`` seconds, cancel the rest, stop the engine, return."""
-    import signal
-
     import uvicorn
 
     class Uvicorn(uvicorn.Server):
