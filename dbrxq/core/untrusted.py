@@ -9,7 +9,8 @@ Checkpoints come from strangers. Everything dbrxq reads from one goes through he
   there that folder is allowed too (:func:`trust_roots`). A refused file is never opened,
   and the message names the entry, never the content of what it points at.
 - **Bounded JSON** (:func:`read_json`, :func:`parse_json`): only a regular file of at most a stated
-  size is read; the text must be JSON proper (no NaN / Infinity), nest at most
+  size is read; the text must be JSON proper (no NaN / Infinity, no integer of more than
+  :data:`MAX_INT_DIGITS` digits, no number beyond a double's range), nest at most
   :data:`MAX_JSON_DEPTH` levels, and repeat no key in any object.
 - **Typed fields** (:func:`get_int`, :func:`get_number`, :func:`get_bool`, ...): ints that are ints
   (not 4.0, not true), finite numbers, booleans that are booleans, with ranges; each failure is one
@@ -34,6 +35,10 @@ import torch
 from dbrxq.core.errors import CheckpointError, DbrxqError
 
 MAX_JSON_DEPTH = 32
+# Integers in dbrxq's JSON files are counts, sizes, ids and shapes: 2**63 has 19 digits. Longer runs of
+# digits are refused before Python converts them (a 5,000-digit integer would otherwise end in the
+# interpreter's own conversion-limit ValueError, and 10**400 overflow every float it meets).
+MAX_INT_DIGITS = 20
 DEPTH_SCAN_BYTES = 1 << 20
 # Size bounds, far above what real checkpoints hold (the demo's config.json is 1 KB; cl100k_base as a
 # tokenizer.json, as dbrxq.text.vocab writes it, 4.1 MB).
@@ -139,9 +144,20 @@ def parse_json(data: bytes, what: str, *, error: type[DbrxqError] = CheckpointEr
 
     def constant(name):
         raise error(f"{what}: {name} is not a JSON number; refused")
+
+    def integer(text):
+        if len(text.lstrip("-")) > MAX_INT_DIGITS:
+            raise error(f"{what}: an integer of {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS}); refused")
+        return int(text)
+
+    def number(text):
+        v = float(text)
+        if not math.isfinite(v):
+            raise error(f"{what}: the number {text:.40} is beyond the range of a double; refused")
+        return v
     try:
         return json.loads(data, object_pairs_hook=_no_duplicates(what, error) if small else None,
-                          parse_constant=constant)
+                          parse_constant=constant, parse_int=integer, parse_float=number)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(not_json or f"{what}: not valid JSON ({e})") from None
     except RecursionError:  # texts above DEPTH_SCAN_BYTES

@@ -15,6 +15,13 @@ from quantize.format import REPORT_NAME
 
 log = logging.getLogger(__name__)
 
+# A routing count is tokens seen: far below 2**53 (where floats, which the priors are, stop counting).
+MAX_COUNT = 1 << 53
+
+
+def is_count(v) -> bool:
+    return is_int(v) and 0 <= v <= MAX_COUNT
+
 
 def routing_prior(counts: list[int], num_experts: int) -> dict[int, float]:
     """Routing counts scaled so an average expert starts with the weight of ~20 uses."""
@@ -34,7 +41,7 @@ def routing_counts(folder: Path | None, n_layers: int, num_experts: int) -> list
         for L in layers:
             for ex in L["experts"]:
                 if not (is_int(L["layer"]) and 0 <= L["layer"] < n_layers and is_int(ex["expert"])
-                        and 0 <= ex["expert"] < num_experts and is_int(ex["tokens"]) and ex["tokens"] >= 0):
+                        and 0 <= ex["expert"] < num_experts and is_count(ex["tokens"])):
                     raise TypeError
                 counts[L["layer"]][ex["expert"]] = ex["tokens"]
     except (DbrxqError, AttributeError, KeyError, TypeError, IndexError):
@@ -72,7 +79,7 @@ def read_observed_routing(path: Path, n_layers: int, num_experts: int) -> list[l
         data = read_json(path, MAX_INDEX_BYTES, folder=path.parent)
         counts = data["counts"]
         ok = (data.get("format") == ROUTING_FORMAT and isinstance(counts, list) and len(counts) == n_layers
-              and all(isinstance(r, list) and len(r) == num_experts and all(is_int(c) and c >= 0 for c in r)
+              and all(isinstance(r, list) and len(r) == num_experts and all(is_count(c) for c in r)
                       for r in counts))
     except (DbrxqError, TypeError, KeyError, AttributeError):
         ok = False
