@@ -14,6 +14,7 @@ import click
 from dbrxq.api import load
 from dbrxq.cli.options import (
     CONTEXT,
+    Seconds,
     offload_options,
     offload_report,
     peak_memory,
@@ -27,7 +28,7 @@ from dbrxq.plan.checkpoint import describe_plan
 from dbrxq.runtime.generate import check_request, check_sampling
 from dbrxq.runtime.prepared import prepared_dir
 from dbrxq.serve.engine import Engine
-from dbrxq.serve.http import check_port
+from dbrxq.serve.http import check_port, check_serve_names
 from quantize.convert import convert_checkpoint
 from dbrxq.serve.http import serve as serve_http
 from dbrxq.serve.server import Server
@@ -131,7 +132,7 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
 @click.argument("model", required=False)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0: every interface; then set an API key).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--api-key", envvar="DBRXQ_API_KEY", show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on every request.")
 @click.option("--model-name", help="The model id clients pass and /v1/models lists [default: MODEL as given, or demo].")
@@ -144,15 +145,18 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
 @click.option("--batch-invariant/--no-batch-invariant", default=True, show_default=True,
               help="Compute every request bit for bit as alone (float layers then run row by row; quantized "
                    "layers on dbrxq's CPU kernels are batched either way).")
-@click.option("--shutdown-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--shutdown-timeout", default=10.0, show_default=True, type=Seconds(3600),
               help="On SIGTERM/SIGINT, seconds in-flight requests get to finish before they are cancelled.")
+@click.option("--body-timeout", default=30.0, show_default=True, type=Seconds(3600),
+              help="Seconds a request's body may take to arrive (408 after that).")
 @runtime_options
 def serve(model, host, port, api_key, model_name, max_batch, max_queue, prefill_chunk, batch_invariant,
-          shutdown_timeout, device, dtype, revision, gpu_memory, cpu_memory, kv_cache, context, expert_policy,
+          shutdown_timeout, body_timeout, device, dtype, revision, gpu_memory, cpu_memory, kv_cache, context, expert_policy,
           cache_dir, expert_prefetch, direct_io, threads) -> None:
     """Serve MODEL (as for run) over the OpenAI API: POST /v1/chat/completions, /v1/completions,
     GET /v1/models, /health; requests decode together (continuous batching)."""
 
+    check_serve_names(api_key, model_name)
     check_port(host, port)  # before a load that can take minutes
 
     def loader():  # runs on the engine's thread, which then owns every torch call
@@ -171,7 +175,7 @@ def serve(model, host, port, api_key, model_name, max_batch, max_queue, prefill_
     click.echo(f"serving {name} ({runner.config.n_layers} layers, {engine.max_batch} slots x {engine.context} "
                f"tokens) at http://{host}:{port}/v1", err=True)
     serve_http(Server(engine, runner.tokenizer, model_name=name, stop_tokens=runner.stop_tokens, api_key=api_key),
-               host=host, port=port, shutdown_timeout=shutdown_timeout)
+               host=host, port=port, shutdown_timeout=shutdown_timeout, body_timeout=body_timeout)
 
 
 def fit_conversation(runner, messages: list[dict], system: str | None, max_new_tokens: int) -> None:

@@ -10,7 +10,7 @@ import click
 import torch
 
 from dbrxq.core.errors import BudgetError
-from dbrxq.core.sysinfo import THREADS_HELP, peak_rss_bytes
+from dbrxq.core.sysinfo import THREADS_HELP, max_threads, peak_rss_bytes
 from dbrxq.core.units import format_size, parse_size
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -25,8 +25,8 @@ def peak_memory(device) -> str:
 
 
 def threads_option(f):
-    """--threads, shared by run, eval, compare and quantize."""
-    return click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)(f)
+    """--threads, shared by run, serve, eval, compare and quantize."""
+    return click.option("--threads", type=click.IntRange(1, max_threads()), help=THREADS_HELP)(f)
 
 
 class SizeType(click.ParamType):
@@ -47,6 +47,24 @@ class SizeType(click.ParamType):
             return parse_size(value, param.opts[0] if param else "size")
         except BudgetError as e:
             self.fail(str(e).split(": ", 1)[-1], param, ctx)
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds from 0 to ``hi`` (click's FloatRange lets nan through)."""
+
+    name = "SECONDS"
+
+    def __init__(self, hi: float):
+        self.hi = hi
+
+    def convert(self, value, param, ctx):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r:.40} is not a number of seconds", param, ctx)
+        if not 0 <= v <= self.hi:  # also false for nan
+            self.fail(f"{value!r:.40} is not a number of seconds from 0 to {self.hi:g}", param, ctx)
+        return v
 
 
 def runtime_options(f):

@@ -20,9 +20,9 @@ import click
 
 from calibration.options import CalibrationOptions
 from calibration.pipeline import quantize_with_calibration
-from dbrxq.cli.options import CONTEXT
+from dbrxq.cli.options import CONTEXT, threads_option
 from dbrxq.core.errors import QuantizationError
-from dbrxq.core.sysinfo import THREADS_HELP, parse_device, set_threads
+from dbrxq.core.sysinfo import parse_device, set_threads
 from dbrxq.core.units import format_rate, format_size, parse_size
 from dbrxq.formats.hub import resolve_model_dir, resolve_model_name
 from quantize.config import ModuleQuant, QuantConfig
@@ -80,7 +80,7 @@ def _choice(option: str, value, allowed: tuple) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted gptq run in OUT (same options).")
 @click.option("--revision", help="Hub revision when SRC is a repo id.")
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in OUT.")
-@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
+@threads_option
 def quantize_command(src, out, method, expert_bits, target_bits, target_size, group_size, attn_bits, attn_group_size,
                      lm_head_bits, asym, layout, calib_data, calib_field, calib_samples, calib_seq_len, seed,
                      rare_experts, min_expert_tokens, device, resume, revision, overwrite, threads) -> None:

@@ -17,6 +17,9 @@ import resource
 import sys
 from pathlib import Path
 
+import torch
+
+from dbrxq.core.errors import BudgetError
 from dbrxq.core.units import format_size
 
 # What --cpu-memory auto leaves unused: the larger of 256 MiB and 1/16 of the memory found (the
@@ -130,3 +133,30 @@ def auto_budget(*, cgroup_root: str | os.PathLike = "/sys/fs/cgroup",
     budget = max(0, limit - margin)
     return budget, (f"--cpu-memory auto: {format_size(budget)} = {where} ({format_size(limit)}) minus a margin "
                     f"of {format_size(margin)}")
+
+
+CHECK_ABOVE = 64 << 20  # allocations smaller than this are not worth a look at /proc
+
+
+def check_allocation(nbytes: int, device, what: str, hint: str, *, error=None) -> None:
+    """Refuse (one line, ``error``: a DbrxqError class) to allocate ``nbytes`` for ``what`` when more
+    than this process can still get: on CPU its memory limit (:func:`memory_limit`) less what it holds,
+    on a GPU the free device memory. Checked before the allocation, which would otherwise end in an
+    allocator traceback, or, for zero-filled host memory, in the OOM killer. ``hint``: what to change."""
+    error = error or BudgetError
+    if nbytes < CHECK_ABOVE:
+        return
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, where = torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    elif device.type == "cpu":
+        try:
+            limit, source = memory_limit()
+        except OSError:  # nothing to tell from (not Linux): let the allocator decide
+            return
+        free, where = max(0, limit - process_rss()), source
+    else:
+        return
+    if nbytes > free:
+        raise error(f"{what} needs {format_size(nbytes)}, more than the {format_size(free)} this process can still "
+                    f"get ({where}); {hint}")

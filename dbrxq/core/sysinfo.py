@@ -9,6 +9,7 @@ understate it by counting the writes).
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import resource
 import time
@@ -69,8 +70,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-THREADS_HELP = ("CPU threads for matmuls and dbrxq's kernel [default: the physical cores]; on a shared "
-                "machine use fewer (1 when another process is busy).")
+def max_threads() -> int:
+    """The most threads dbrxq starts: 4 per CPU this process may run on (more only wait on each other,
+    and a count in the millions exhausts memory before the first matmul)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return 4 * max(1, cpus)
+
+
+THREADS_HELP = ("CPU threads for matmuls and dbrxq's kernel [default: the physical cores; at most 4 per CPU]; "
+                "on a shared machine use fewer (1 when another process is busy).")
 
 
 def set_threads(threads: int | None) -> int:
@@ -80,8 +91,9 @@ def set_threads(threads: int | None) -> int:
     thread (on a 2-core VM with one busy process, 2 threads ran the demo model 50-100x slower
     than 1)."""
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ConfigError(f"threads={threads!r}: expected a positive integer")
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= max_threads():
+            raise ConfigError(f"threads={threads!r:.30}: expected an integer from 1 to {max_threads()} "
+                              f"(4 per CPU of this machine)")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
 

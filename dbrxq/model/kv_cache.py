@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from dbrxq.core.errors import ConfigError, GenerationError
+from dbrxq.core.memory import check_allocation
 
 KV_FLAVOURS = ("bf16", "int8")
 
@@ -51,6 +52,7 @@ class StaticKVCache(KVCache):
         self.max_capacity = max_capacity
         self._check_capacity(capacity)
         shape = (batch_size, kv_heads, capacity, head_dim)
+        self._check_memory(2 * n_layers * batch_size * kv_heads * capacity * head_dim * dtype.itemsize, capacity)
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n_layers)]
         self.lengths = [0] * n_layers
@@ -61,6 +63,10 @@ class StaticKVCache(KVCache):
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def _check_memory(self, nbytes: int, capacity: int) -> None:
+        check_allocation(nbytes, self.device, f"a KV cache of {self.batch_size} sequence(s) x {capacity} positions", "ask for fewer sequences at once (--max-batch), a shorter --context, or "
+                         "--kv-cache int8", error=GenerationError)
 
     def _check_capacity(self, needed: int) -> None:
         if self.max_capacity is not None and needed > self.max_capacity:
@@ -149,6 +155,7 @@ class Int8KVCache(StaticKVCache):
         self._check_capacity(capacity)
         shape = (batch_size, kv_heads, capacity, head_dim)
         sshape = shape[:3] + (1,)
+        self._check_memory(2 * n_layers * batch_size * kv_heads * capacity * (head_dim + 4), capacity)
         self.k = [torch.zeros(shape, dtype=torch.int8, device=self.device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=torch.int8, device=self.device) for _ in range(n_layers)]
         self.k_scale = [torch.zeros(sshape, dtype=torch.float32, device=self.device) for _ in range(n_layers)]

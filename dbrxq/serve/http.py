@@ -23,39 +23,81 @@ from dbrxq.serve.server import Server
 class Guard:
     """ASGI middleware in front of every HTTP request: ``Authorization: Bearer KEY`` when a key is
     set (401 otherwise), and a body of at most MAX_BODY bytes (413), whether or not it declares its
-    length. Plain ASGI rather than Starlette's BaseHTTPMiddleware, which wraps streaming responses
-    in an extra task and turns a cancelled stream into an error."""
+    length, that arrives within ``body_timeout`` seconds (408; a client that declares a body and
+    never sends it holds nothing longer), and is abandoned (503) when the server starts stopping.
+    Plain ASGI rather than Starlette's BaseHTTPMiddleware, which wraps streaming responses in an
+    extra task and turns a cancelled stream into an error."""
 
-    def __init__(self, app, key: str | None):
-        self.app, self.want = app, None if key is None else f"Bearer {key}".encode()
+    POLL_S = 0.25  # how often a body read looks at the clock and at server.stopping
+    # The body is read here, whole, before the app sees the request: an error raised while FastAPI
+    # itself reads a body becomes its generic 400 "error parsing the body".
+
+    def __init__(self, app, server: Server, body_timeout: float):
+        self.app, self.server, self.body_timeout = app, server, body_timeout
+        key = server.api_key
+        self.want = None if key is None else f"Bearer {key}".encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from fastapi.responses import JSONResponse
         headers = dict(scope["headers"])
         if self.want is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.want):
-            body = error_body("missing or wrong API key (Authorization: Bearer KEY)", "invalid_request_error",
-                              None, "invalid_api_key")
-            return await JSONResponse(body, 401)(scope, receive, send)
-        too_big = JSONResponse(error_body(f"request body over {MAX_BODY} bytes", "invalid_request_error"), 413)
+            return await self._refuse(401, "missing or wrong API key (Authorization: Bearer KEY)", scope, receive,
+                                      send, "invalid_api_key")
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > MAX_BODY:
-            return await too_big(scope, receive, send)
-        seen = 0
+            return await self._refuse(413, f"request body over {MAX_BODY} bytes", scope, receive, send)
+        try:
+            body = await self._read_body(receive)
+        except APIError as e:
+            return await self._refuse(e.status, e.message, scope, receive, send, e.code)
+        if body is None:  # the client went away before its body was in: nobody to answer
+            return
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
 
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
+        async def replayed():  # the body, then the wait for a disconnect (which has no limit)
+            return replay.pop() if replay else await receive()
+        await self.app(scope, replayed, send)
+
+    async def _refuse(self, status: int, message: str, scope, receive, send, code: str | None = None):
+        from fastapi.responses import JSONResponse
+        body = error_body(message, ERROR_TYPES.get(status, "invalid_request_error"), None, code)
+        await JSONResponse(body, status, headers={"Connection": "close"})(scope, receive, send)
+
+    async def _read_body(self, receive) -> bytes | None:
+        """The whole request body (at most MAX_BODY bytes, within body_timeout seconds, abandoned
+        when the server starts stopping); None when the client disconnected first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout
+        parts, seen = [], 0
+        while True:
+            task = asyncio.ensure_future(receive())
+            try:
+                while not task.done():
+                    await asyncio.wait({task}, timeout=self.POLL_S)
+                    if task.done():
+                        break
+                    if self.server.stopping:
+                        raise APIError(503, "the server is stopping", "server_error", code="overloaded")
+                    if loop.time() >= deadline:
+                        raise APIError(408, f"the request body did not arrive within {self.body_timeout:g} s "
+                                            f"(--body-timeout)", code="timeout")
+            finally:
+                if not task.done():
+                    task.cancel()
+            message = task.result()
+            if message["type"] == "http.disconnect":
+                return None
+            parts.append(message.get("body", b""))
+            seen += len(parts[-1])
             if seen > MAX_BODY:
                 raise APIError(413, f"request body over {MAX_BODY} bytes")
-            return message
-        await self.app(scope, limited, send)
+            if not message.get("more_body", False):
+                return b"".join(parts)
 
 
-def create_app(server: Server):
-    """The FastAPI application for ``server``."""
+def create_app(server: Server, body_timeout: float = 30.0):
+    """The FastAPI application for ``server``; ``body_timeout``: seconds a request body may take to arrive."""
     from fastapi import FastAPI
     from fastapi import Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
@@ -88,7 +130,7 @@ def create_app(server: Server):
         where = ".".join(loc) or "body"
         return JSONResponse(error_body(f"{where}: {err.get('msg')}", "invalid_request_error", where or None), 400)
 
-    app.add_middleware(Guard, key=server.api_key)
+    app.add_middleware(Guard, server=server, body_timeout=body_timeout)
 
     @app.get("/health")
     async def health():
@@ -125,10 +167,25 @@ def create_app(server: Server):
             p = p[0]
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
-        prompt = await asyncio.to_thread(server.tokenizer.encode, p) if isinstance(p, str) else list(p)
+        try:
+            prompt = await asyncio.to_thread(server.tokenizer.encode, p) if isinstance(p, str) else list(p)
+        except DbrxqError as e:  # e.g. a split pattern that gives up on this text
+            raise APIError(400, str(e), param="prompt")
         return await server.respond(request, body, prompt, "text_completion")
 
     return app
+
+
+def check_serve_names(api_key: str | None, model_name: str | None) -> None:
+    """Refuse (ConfigError, one line) an API key or model id a client could not send back exactly: an
+    empty key (which "Authorization: Bearer " would match), whitespace or control characters in
+    either, or more than 256 characters of model id."""
+    if api_key is not None and (not api_key or any(c.isspace() or not c.isprintable() for c in api_key)):
+        raise ConfigError("--api-key: empty, or with spaces or control characters; give a key of printable "
+                          "characters (or none, to serve without one)")
+    if model_name is not None and (not model_name or len(model_name) > 256
+                                   or any(c.isspace() or not c.isprintable() for c in model_name)):
+        raise ConfigError(f"--model-name {model_name!r:.60}: give 1 to 256 printable characters without spaces")
 
 
 def check_port(host: str, port: int) -> None:
@@ -147,7 +204,7 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(server: Server, *, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 10.0,
-          log_level: str = "info") -> None:
+          body_timeout: float = 30.0, log_level: str = "info") -> None:
     """Run until SIGTERM/SIGINT: then stop accepting, let in-flight requests finish for up to
     ``shutdown_timeout`` seconds, cancel the rest, stop the engine, return."""
     import uvicorn
@@ -155,12 +212,13 @@ def serve(server: Server, *, host: str = "127.0.0.1", port: int = 8000, shutdown
     class Uvicorn(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: stop accepting, then drain the engine
             if not self.should_exit:
+                server.stopping = True  # request bodies still arriving are abandoned (503)
                 server.engine.drain(shutdown_timeout)
             super().handle_exit(sig, frame)
 
     # The engine cancels what is still running after shutdown_timeout, so streams end with a last
     # event and [DONE]; uvicorn's own limit is only a backstop.
-    config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
+    config = uvicorn.Config(create_app(server, body_timeout), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout + 10, access_log=log_level == "debug")
     # uvicorn shuts down on SIGTERM, then raises the signal again for the handler it found; ours
     # just notes it, so a requested shutdown that completed exits with status 0.

@@ -62,7 +62,7 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
+          405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
 
 
 MAX_BODY = 4 << 20

@@ -73,6 +73,7 @@ class Server:
         self.stop_tokens = frozenset(stop_tokens)
         self.api_key = api_key
         self.created = int(time.time())
+        self.stopping = False  # set at SIGTERM/SIGINT
 
     # ------------------------------------------------------------------ one request
     def _params(self, body, prompt: list[int]) -> dict:
