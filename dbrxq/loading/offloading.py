@@ -33,6 +33,7 @@ from dbrxq.runtime.prepared import (
     prepared_file_key,
     prepared_identity,
     read_prepared_sidecar,
+    reusable_prepared,
     stride_of,
 )
 from dbrxq.runtime.reader import MissPolicy
@@ -151,9 +152,10 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
     want = plan.n_layers * plan.num_experts * stride_of(layout.nbytes)
     identity = (prepared_identity(src, backend, dev, layout, act_dtype, plan.n_layers, plan.num_experts)
                 if key else None)
-    crcs = (read_prepared_sidecar(path, identity) if key and path.is_file() and path.stat().st_size == want
+    in_place = src is not None and reads_in_place(experts, layout, dev)
+    crcs = (read_prepared_sidecar(path, identity) if key and not in_place and reusable_prepared(path, want)
             else None)
-    if src is not None and reads_in_place(experts, layout, dev):
+    if in_place:
         # the checkpoint holds the kernel's slot images: misses read them where they are
         log.info("experts read from the checkpoint itself (%s)", src)
         file = CheckpointExperts(src, experts, drop_page_cache=drop_page_cache, direct=direct)

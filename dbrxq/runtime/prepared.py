@@ -17,13 +17,14 @@ import hashlib
 import logging
 import mmap
 import os
+import stat
 import time
 import zlib
 from pathlib import Path
 
 import torch
 
-from dbrxq.core.errors import CheckpointError, DbrxqError
+from dbrxq.core.errors import CheckpointError, ConfigError, DbrxqError
 from dbrxq.core.files import temp_path, write_json_atomic
 from dbrxq.core.pages import PAGE, PageReleaser, whole_pages
 from dbrxq.core.untrusted import MAX_INDEX_BYTES, is_int, read_json
@@ -287,6 +288,35 @@ def prepared_identity(source_dir: Path | None, backend: str | None, device: torc
             "kernel_layout": lib.dbrxq_layout_version() if lib is not None else 0, "cpu_path": str(cext.cpu_path()),
             "torch": torch.__version__, "slot_bytes": layout.nbytes, "n_layers": n_layers, "num_experts": num_experts,
             **({"size_classes": [lay.nbytes for lay in layout.layouts], "class_of": layout.of} if layout.mixed else {})}
+
+
+def reusable_prepared(path: Path, want: int) -> bool:
+    """Whether ``path`` holds a prepared-expert file that may be read: a regular file of ``want`` bytes
+    that opens. The cache folder is dbrxq's own, so what cannot be reused is replaced: a symbolic
+    link (never followed: it could lead anywhere) and a file that cannot be read are removed, a file
+    of another size is rebuilt over; something that cannot be replaced (a folder) is refused in one line."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(st.st_mode):
+        log.warning("%s: a symbolic link where a prepared-expert file belongs; removed it (not followed), "
+                    "rebuilding the file", path)
+        path.unlink()
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ConfigError(f"{path}: {kind} where dbrxq keeps a prepared-expert file; remove it, or choose another "
+                          f"--cache-dir")
+    if st.st_size != want:
+        return False
+    try:
+        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)))
+    except OSError as e:
+        log.warning("%s: cannot read it (%s); removed it, rebuilding the file", path, e.strerror or e)
+        path.unlink()
+        return False
+    return True
 
 
 def read_prepared_sidecar(path: Path, identity: dict) -> list[int] | None:

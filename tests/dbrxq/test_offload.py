@@ -182,14 +182,21 @@ def test_cuda_plan_reserves_the_int8_attention_scratch():
 
 
 @pytest.mark.parametrize("text,want", [("20GiB", 20 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000),
-                                       ("4096b", 4096), (" 2 kib ", 2048), (123, 123)])
+                                       ("4096b", 4096), (" 2 kib ", 2048), (123, 123),
+                                       ("39937488", 39937488), (" 12 ", 12)])
 def test_parse_size(text, want):
     assert parse_size(text) == want
 
 
-@pytest.mark.parametrize("text", ["", "12", "GiB", "1.2.3GiB", "-1GiB", "5 parsecs", "1e3MB"])
+@pytest.mark.parametrize("text", ["", "1.5", "GiB", "1.2.3GiB", "-1GiB", "5 parsecs", "1e3MB", "9" * 400 + "GB"])
 def test_parse_size_errors(text):
     with pytest.raises(BudgetError, match="--cpu-memory: cannot read"):
+        parse_size(text, "--cpu-memory")
+
+
+@pytest.mark.parametrize("text", ["2EiB", "9" * 30 + "TB", 2**61, -1])
+def test_parse_size_refuses_sizes_beyond_any_machine(text):
+    with pytest.raises(BudgetError, match="--cpu-memory: .*(1 EiB|cannot read)"):
         parse_size(text, "--cpu-memory")
 
 
@@ -365,6 +372,53 @@ def test_prepared_expert_file_is_checked_like_a_checkpoint(cdir, tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="dbrxq.runtime.prepared"):
         load()
     assert side.exists()
+
+
+def test_prepared_file_that_is_a_link_a_folder_or_unreadable(cdir, tmp_path, caplog, monkeypatch):
+    """The prepared-expert file's name in the cache may hold something else: a symbolic link (to a file
+    outside the cache, even one with the right bytes) is removed, never followed, and the file rebuilt;
+    a folder is refused in one line; a file that cannot be read is removed and rebuilt, so the next run
+    does not fail the same way."""
+    import logging
+
+    def load():
+        return dbrxq.load(cdir, cpu_memory=_budget(cdir, 1), context=32, offload_options={"cache_dir": tmp_path})
+
+    runner = load()
+    ref = runner.generate_ids(PROMPT, max_new_tokens=3).sequences
+    (binfile,) = (tmp_path / "prepared").glob("*.bin")
+    runner.offload.close()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(binfile, elsewhere / "experts.bin")
+    binfile.symlink_to(elsewhere / "experts.bin")
+    with caplog.at_level(logging.WARNING, logger="dbrxq.runtime.prepared"):
+        runner = load()
+    assert any("symbolic link" in m and "not followed" in m for m in caplog.messages)
+    assert binfile.is_file() and not binfile.is_symlink() and runner.offload.file.path == binfile
+    assert runner.generate_ids(PROMPT, max_new_tokens=3).sequences == ref
+    runner.offload.close()
+
+    real_open, refused = os.open, []
+
+    def unreadable(path, flags, *a, **k):  # as a file of another user would be (the tests run as root)
+        if Path(path) == binfile and not refused:
+            refused.append(path)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *a, **k)
+    monkeypatch.setattr(prepared.os, "open", unreadable)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dbrxq.runtime.prepared"):
+        runner = load()
+    assert refused and any("cannot read it (Permission denied)" in m and "rebuilding" in m for m in caplog.messages)
+    assert runner.generate_ids(PROMPT, max_new_tokens=3).sequences == ref
+    runner.offload.close()
+    monkeypatch.undo()
+
+    binfile.unlink()
+    binfile.mkdir()
+    with pytest.raises(ConfigError, match=r"\.bin: a folder where dbrxq keeps a prepared-expert file; remove it"):
+        load()
 
 
 def test_simulate_matches_the_expert_cache_and_lfu_keeps_hot_experts():
