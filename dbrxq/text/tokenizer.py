@@ -67,6 +67,10 @@ CL100K_PATTERN_HF = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
+# Text a tokenizer's own split pattern must handle at load (prose, code, digits, runs of spaces and
+# letters, non-Latin script): a pattern whose regex engine gives up on this would fail on prompts.
+PATTERN_PROBE = ("The quick brown fox's 3 jumps, 1234567 times!\n\n    def f(x):\n\treturn x**2  # ok?\r\n"
+                 "naïve café — 東京 ü 😀 " + "ab " * 40 + "a" * 64 + "!" + "1" * 64 + "x" + " " * 64 + "x\n\n\n")
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
 
@@ -142,6 +146,12 @@ class DbrxTokenizer:
             )
         except ValueError as e:  # e.g. a pattern the Rust regex engine rejects
             raise TokenizerError(f"{source}: tiktoken rejected the vocabulary: {e}") from e
+        if pat_str != CL100K_PATTERN:  # a pattern of the file's own: it must split ordinary text
+            try:
+                self._enc.encode(PATTERN_PROBE, disallowed_special=())
+            except ValueError as e:
+                raise TokenizerError(f"{source}: its split pattern (pat_str) fails on ordinary text "
+                                     f"({str(e).splitlines()[0][:120]}); refused") from None
         self._special = dict(special_tokens)
         self._ranks = mergeable_ranks
         self.pat_str = pat_str
@@ -218,9 +228,13 @@ class DbrxTokenizer:
         Special-token text (``<|im_end|>``) in ``text`` is encoded as ordinary text
         unless ``allow_special``, so user input cannot forge turn boundaries.
         """
-        if allow_special:
-            return self._enc.encode(text, allowed_special="all")
-        return self._enc.encode(text, allowed_special=set(), disallowed_special=())
+        try:
+            if allow_special:
+                return self._enc.encode(text, allowed_special="all")
+            return self._enc.encode(text, allowed_special=set(), disallowed_special=())
+        except ValueError as e:  # the split pattern's regex engine gave up (backtracking limit)
+            raise TokenizerError(f"{self.source}: its split pattern (pat_str) cannot tokenize this text "
+                                 f"({str(e).splitlines()[0][:120]}); the tokenizer is unusable") from None
 
     def decode_bytes(self, ids: Iterable[int], *, skip_special: bool = False) -> bytes:
         """Raw bytes of ``ids``; ids with no token (model padding) give nothing."""
@@ -368,12 +382,16 @@ def _parse_tiktoken(data: bytes, path: Path) -> dict[bytes, int]:
             continue
         try:
             token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = r = int(rank)
-            if not 0 <= r < MAX_VOCAB:
+            tok, r = base64.b64decode(token, validate=True), int(rank)
+            if not 0 <= r < MAX_VOCAB or len(rank) > 7:
                 raise ValueError(rank)
         except ValueError as e:  # binascii.Error is a ValueError
             raise TokenizerError(f"{path}:{n}: expected '<base64 token> <rank>' with a rank below {MAX_VOCAB}, "
                                  f"got {line[:60]!r}") from e
+        if tok in ranks:
+            raise TokenizerError(f"{path}:{n}: token {tok[:30]!r} is listed twice (ranks {ranks[tok]} and {r}); "
+                                 f"refused (one of the ranks would vanish)")
+        ranks[tok] = r
     if not ranks:
         raise TokenizerError(f"{path}: no tokens")
     return ranks
