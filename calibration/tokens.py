@@ -30,7 +30,6 @@ tensor on any machine.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -39,9 +38,12 @@ from pathlib import Path
 import torch
 
 from dbrxq.core.errors import DbrxqError
+from dbrxq.core.untrusted import parse_json, read_bytes
 
 log = logging.getLogger(__name__)
 
+# Calibration reads a few hundred thousand tokens at most: a file beyond this is a mistake (or /dev/zero).
+MAX_CALIB_BYTES = 1 << 30
 DEFAULT_CALIB_FILE = Path(__file__).parent / "data" / "calib.txt"
 DOC_SEPARATOR = "\n\n\n"
 EOT_TOKEN = "<|endoftext|>"
@@ -88,10 +90,8 @@ def _read_jsonl(path: Path, raw: bytes, text_field: str) -> list[str]:
     for i, line in enumerate(raw.decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            raise CalibrationDataError(f"{path}:{i}: not a JSON object (expected JSON Lines)") from None
+        obj = parse_json(line.encode(), f"{path}:{i}", error=CalibrationDataError,
+                         not_json=f"{path}:{i}: not a JSON object (expected JSON Lines)")
         if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
             raise CalibrationDataError(f"{path}:{i}: no string field {text_field!r} "
                                        f"(choose the field with --calib-field)")
@@ -111,9 +111,7 @@ def load_text(spec: str | Path | None = None, *, text_field: str = "text") -> Ca
         path, name = _hub_file(str(spec)), str(spec)
     else:
         path, name = Path(spec).expanduser(), str(spec)
-    if not path.is_file():
-        raise CalibrationDataError(f"calibration data {path}: no such file")
-    raw = path.read_bytes()
+    raw = read_bytes(path, MAX_CALIB_BYTES, what=f"calibration data {path}", error=CalibrationDataError)
     try:
         if path.suffix == ".jsonl":
             docs = _read_jsonl(path, raw, text_field)

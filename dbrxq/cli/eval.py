@@ -14,21 +14,22 @@ import click
 import torch
 
 from dbrxq.api import load
-from dbrxq.cli.options import CONTEXT
-from dbrxq.core.sysinfo import THREADS_HELP
+from dbrxq.cli.options import CONTEXT, threads_option
+from dbrxq.core.untrusted import read_bytes
 from dbrxq.runtime.evaluate import DataError, compare, perplexity
 
-# As in dbrxq.cli; not imported from there, because dbrxq.cli imports this module.
+
+
+MAX_DATA_BYTES = 1 << 30  # --data is text to score: a gigabyte is hours of evaluation even for the demo
 
 
 def read_text(path: Path) -> str:
-    """The UTF-8 text of the --data file; DataError when it is missing, unreadable or blank."""
+    """The UTF-8 text of the --data file: a regular file (not a device such as /dev/zero, a pipe or
+    a folder) of at most MAX_DATA_BYTES, read with that bound; DataError when it is missing,
+    unreadable, too large, not UTF-8 or blank."""
+    data = read_bytes(path, MAX_DATA_BYTES, what=f"--data {path}", error=DataError)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: data file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder; --data wants a text file") from None
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
@@ -76,7 +77,7 @@ def _options(f):
         click.option("--dtype", default="auto", show_default=True,
                      help="auto (the checkpoint's), float32, bfloat16 or float16."),
         click.option("--max-tokens", type=click.IntRange(min=2), help="Score only the first N tokens."),
-        click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP),
+        threads_option,
     ]):
         f = opt(f)
     return f

@@ -123,7 +123,7 @@ def test_cli_compare_model_with_itself(tiny_checkpoint, text_file):
 
 
 @pytest.mark.parametrize("content, message", [
-    (None, "data file not found"),
+    (None, "no such file"),
     ("", "data file is empty"),
     ("   \n", "data file is empty"),
     ("x", "data too short"),
