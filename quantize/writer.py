@@ -18,6 +18,7 @@ of :func:`quantize.modules.quantize_model_rtn` on the same float weights.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import re
@@ -196,20 +197,27 @@ def _remove_old_checkpoint(out: Path) -> None:
             p.unlink()
 
 
+VOCAB_PATTERNS = ("tokenizer.json", "*.tiktoken", "*.tiktoken.json")  # the files a vocabulary is read from
+
+
 def check_source_tokenizer(src: Path) -> bool:
     """Before a quantizer writes anything: SRC's tokenizer files (if it has any) are confined, bounded
-    and load as a tokenizer, so OUT never carries a broken or foreign one. False when SRC has none."""
-    if not tokenizer_files(src):
+    and, when they include a vocabulary, load as a tokenizer, so OUT never carries a broken or foreign
+    one. False when SRC has no vocabulary (RTN needs none: a weights-only checkpoint is quantized,
+    its other tokenizer files such as generation_config.json copied, and OUT said to need one)."""
+    files = tokenizer_files(src)
+    if not any(fnmatch.fnmatch(p.name, pat) for p in files for pat in VOCAB_PATTERNS):
         return False
     DbrxTokenizer.from_pretrained(src)
     return True
 
 
 def _copy_tokenizer(src: Path, out: Path, present: bool) -> None:
+    if tokenizer_files(src):
+        copy_tokenizer_files(src, out)
     if not present:
-        log.warning("%s has no tokenizer files; %s will need one to generate text", src, out)
-        return
-    copy_tokenizer_files(src, out)
+        log.warning("%s has no tokenizer vocabulary (%s); %s will need one to generate text", src,
+                    ", ".join(VOCAB_PATTERNS), out)
 
 
 def checkpoint_size(folder: str | os.PathLike) -> tuple[int, int]:

@@ -11,22 +11,30 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+MAX_SIZE = 1 << 60  # 1 EiB: beyond any machine's memory or disk, and far inside an int64
+
+
 def parse_size(text: str | int, option: str = "size") -> int:
-    """'20GiB', '512MiB', '1.5GB', '4096B' or an int -> bytes. Units are required for strings
-    (a bare number is ambiguous); binary (KiB, MiB, GiB, TiB) and decimal (KB, MB, GB, TB) units,
-    case-insensitive.
+    """'20GiB', '512MiB', '1.5GB', '4096B', a bare whole number of bytes ('39937488') or an int ->
+    bytes; binary (KiB, MiB, GiB, TiB) and decimal (KB, MB, GB, TB) units, case-insensitive; at
+    most 1 EiB.
 
     Raises:
         BudgetError: one line naming ``option`` and an example.
     """
     if isinstance(text, int) and not isinstance(text, bool):
-        if text < 0:
-            raise BudgetError(f"{option}: {text} is negative")
+        if not 0 <= text <= MAX_SIZE:
+            raise BudgetError(f"{option}: {text} is not a size from 0 to 1 EiB")
         return text
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise BudgetError(f"{option}: cannot read {text!r} as a size; write e.g. 20GiB, 512MiB or 1.5GB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    m = re.fullmatch(r"\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if not m or (unit not in _UNITS and not (unit == "" and "." not in m.group(1))):
+        raise BudgetError(f"{option}: cannot read {str(text)!r:.60} as a size; write e.g. 20GiB, 512MiB, 1.5GB "
+                          f"or a whole number of bytes")
+    n = float(m.group(1)) * _UNITS.get(unit, 1)
+    if n > MAX_SIZE:
+        raise BudgetError(f"{option}: {str(text)!r:.60} is more than 1 EiB")
+    return int(n) if unit else int(m.group(1))
 
 
 def format_size(n: int | float) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ from dbrxq.core.untrusted import (
     check_type,
     read_json,
 )
+
+log = logging.getLogger(__name__)
+
+MAX_TOKEN_ID = (1 << 31) - 1  # special ids beyond vocab_size are allowed (transformers' DbrxConfig does), not beyond this
 
 # Activations the expert GLU may use; DBRX itself uses silu.
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "relu")
@@ -110,7 +115,8 @@ class DbrxConfig:
     @property
     def eos_token_ids(self) -> list[int]:
         e = self.eos_token_id
-        return [] if e is None else ([e] if isinstance(e, int) else list(e))
+        ids = [] if e is None else ([e] if isinstance(e, int) else list(e))
+        return [i for i in ids if i < self.vocab_size]  # an id beyond the vocabulary is never generated
 
     # -- validation -----------------------------------------------------------------------
     def validate(self, where: str = "config") -> None:
@@ -142,12 +148,16 @@ class DbrxConfig:
         check_number(a.attn_pdrop, "attn_config.attn_pdrop", where, lo=0.0, hi=1.0, error=ConfigError)
         for f in ("use_cache", "output_router_logits", "tie_word_embeddings"):
             check_bool(getattr(self, f), f, where, error=ConfigError)
-        for f in ("pad_token_id", "bos_token_id"):
-            check_int(getattr(self, f), f, where, lo=0, hi=self.vocab_size - 1, null=True, error=ConfigError)
+        ids = {f: getattr(self, f) for f in ("pad_token_id", "bos_token_id")}
         eos = self.eos_token_id
-        for i, e in enumerate(eos if isinstance(eos, list) else [eos]):
-            check_int(e, "eos_token_id" + (f"[{i}]" if isinstance(eos, list) else ""), where, lo=0,
-                      hi=self.vocab_size - 1, null=not isinstance(eos, list), error=ConfigError)
+        ids.update({"eos_token_id" + (f"[{i}]" if isinstance(eos, list) else ""): e
+                    for i, e in enumerate(eos if isinstance(eos, list) else [eos])})
+        for f, v in ids.items():
+            check_int(v, f, where, lo=0, hi=MAX_TOKEN_ID, null=not f.endswith("]"), error=ConfigError)
+        outside = [f"{f} {v}" for f, v in ids.items() if v is not None and v >= self.vocab_size]
+        if outside:  # transformers loads these; the forward never meets them: say so, and treat them as absent
+            log.warning("%s: %s outside the vocabulary (vocab_size %d); treated as absent", where, ", ".join(outside),
+                        self.vocab_size)
         check_type(m.ffn_act_fn, dict, "ffn_config.ffn_act_fn", where, "an object", error=ConfigError)
         check_type(m.ffn_act_fn.get("name", "silu"), str, "ffn_config.ffn_act_fn.name", where, "a string",
                    error=ConfigError)
