@@ -55,7 +55,6 @@ needs real calibration data: with <= 512 tokens it is worse than RTN on this mod
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -86,7 +85,7 @@ from calibration.progress import (
 from calibration.report import build_report, format_summary, write_report
 from calibration.source import open_source
 from calibration.tokens import calibration_tokens
-from dbrxq.core.errors import QuantizationError
+from dbrxq.core.errors import DbrxqError, QuantizationError
 from dbrxq.core.files import (
     check_disk_space,
     is_write_error,
@@ -94,7 +93,7 @@ from dbrxq.core.files import (
     write_error,
 )
 from dbrxq.core.sysinfo import describe_machine, parse_device, peak_rss_bytes
-from dbrxq.core.untrusted import check_finite
+from dbrxq.core.untrusted import MAX_INDEX_BYTES, check_finite, read_json
 from dbrxq.formats.checkpoint import hub_tensor_shapes
 from dbrxq.formats.shards import tensor_nbytes
 from dbrxq.text.tokenizer import DbrxTokenizer
@@ -293,5 +292,10 @@ def _run_layers(run: Run, tokens: torch.Tensor, calib: dict, src, out: Path, t0:
 
 def _already_complete(out: Path) -> QuantizeResult:
     path = out / REPORT_NAME
-    report = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        report = read_json(path, MAX_INDEX_BYTES, folder=out) if path.is_file() else {}
+    except DbrxqError:
+        report = None
+    if not isinstance(report, dict):
+        report = {}
     return QuantizeResult(out, report, format_summary(report) if report else f"{out} is already complete")

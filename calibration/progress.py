@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from dbrxq.core.errors import QuantizationError
+from dbrxq.core.errors import DbrxqError, QuantizationError
 from dbrxq.core.files import check_disk_space, temp_path, write_json_atomic
-from dbrxq.core.untrusted import MAX_INDEX_BYTES, confine, is_int, read_json
+from dbrxq.core.untrusted import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, confine, is_int, read_json
 from dbrxq.formats.checkpoint import INDEX_NAME
 from dbrxq.formats.shards import save_file_atomic  # noqa: F401 (re-exported)
 from quantize.format import REPORT_NAME
@@ -161,10 +161,11 @@ def _remove_old_run(out: Path) -> None:
 def _complete_sha(out: Path) -> str | None:
     """The settings hash of a complete dbrxq checkpoint in ``out``, if it is one."""
     try:
-        qc = json.loads((out / "config.json").read_text()).get("quantization_config") or {}
-        return (qc.get("calibration") or {}).get("settings_sha256")
-    except (OSError, json.JSONDecodeError, AttributeError):
+        qc = read_json(out / "config.json", MAX_CONFIG_BYTES, folder=out).get("quantization_config") or {}
+        sha = (qc.get("calibration") or {}).get("settings_sha256")
+    except (DbrxqError, AttributeError):
         return None
+    return sha if isinstance(sha, str) else None
 
 
 def prepare_out(out: Path, src_folder: Path, settings: dict[str, Any], *, resume: bool,

@@ -15,7 +15,6 @@ config.json and of the index or weights header) for the resume manifest.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import struct
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import torch
 from safetensors import safe_open
 
 from dbrxq.core.errors import CheckpointError, QuantizationError
-from dbrxq.core.untrusted import MAX_INDEX_BYTES, confine, read_json
+from dbrxq.core.untrusted import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, confine, read_json
 from dbrxq.formats.checkpoint import (
     INDEX_NAME,
     SAFETENSORS_DTYPES,
@@ -165,8 +164,8 @@ class Source:
         names = hub_tensor_shapes(self.config)
         if not self.hub:
             return {n: self.reader.dtype(n) for n in names}
-        dt = {"float32": torch.float32, "float16": torch.float16}.get(
-            json.loads((self.folder / "config.json").read_text()).get("torch_dtype"), torch.bfloat16)
+        stored = read_json(self.folder / "config.json", MAX_CONFIG_BYTES, folder=self.folder).get("torch_dtype")
+        dt = {"float32": torch.float32, "float16": torch.float16}.get(stored, torch.bfloat16)
         return dict.fromkeys(names, dt)
 
     def close(self) -> None:

@@ -13,15 +13,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dbrxq.core.errors import QuantizationError
-from dbrxq.core.files import check_disk_space, remove_stale_temps, write_json_atomic
+from dbrxq.core.errors import DbrxqError, QuantizationError
+from dbrxq.core.files import check_disk_space, remove_stale_temps, write_bytes_atomic, write_json_atomic
 from dbrxq.formats.checkpoint import INDEX_NAME, CheckpointReader, check_checkpoint
 from dbrxq.formats.hub import copy_tokenizer_files, resolve_model_dir, tokenizer_files
+from dbrxq.core.untrusted import MAX_INDEX_BYTES, read_bytes
 from dbrxq.formats.shards import save_file_atomic, tensor_nbytes
 from dbrxq.model.config import DbrxConfig
 from quantize.blocks import PAGE
@@ -97,7 +97,12 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, layout
     if tokenizer_files(folder):
         copy_tokenizer_files(folder, out)
     if (folder / REPORT_NAME).is_file():  # the routing counts offloading places experts by
-        shutil.copyfile(folder / REPORT_NAME, out / REPORT_NAME)
+        try:  # confined and bounded like any file a checkpoint holds: a link out of it is not followed
+            report = read_bytes(folder / REPORT_NAME, MAX_INDEX_BYTES, folder=folder)
+        except DbrxqError as e:
+            log.warning("%s; not copied", e)
+        else:
+            write_bytes_atomic(report, out / REPORT_NAME)
     d = config.to_dict()
     d["quantization_config"] = target.to_dict()
     write_json_atomic(d, out / "config.json")

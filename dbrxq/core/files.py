@@ -109,14 +109,13 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """Write `obj` as indented JSON to `path` via a temp file, fsync and rename."""
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
+    """Write ``data`` to ``path`` via a temp file, fsync and rename."""
     path = Path(path)
     tmp = temp_path(path)
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -125,6 +124,11 @@ def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """Write `obj` as indented JSON to `path` via a temp file, fsync and rename."""
+    return write_bytes_atomic((json.dumps(obj, indent=2) + "\n").encode(), path)
 
 
 def cache_dir() -> Path:

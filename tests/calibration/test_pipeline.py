@@ -237,6 +237,25 @@ def test_complete_out_is_never_silently_replaced(src, clean, tmp_path):
     assert json.loads((out / "config.json").read_text())["quantization_config"]["method"] == "rtn"
 
 
+@pytest.mark.parametrize("damage", ["report-not-json", "config-long-integer", "config-not-utf8"])
+def test_resume_on_a_complete_out_with_damaged_json_is_never_a_traceback(src, clean, tmp_path, damage):
+    """--resume looks at OUT's config.json and report (files a crash, a disk or a person may have
+    damaged); JSON that cannot be read is treated as not-this-run or no-report, not a traceback."""
+    out = tmp_path / "q"
+    shutil.copytree(clean, out)
+    if damage == "report-not-json":
+        (out / "quantize_report.json").write_text("{not json")
+        result = quantize_with_calibration(src, out, QC["gptq"], OPTS, resume=True, progress=False)
+        assert "already complete" in result.summary
+        return
+    cfg = (out / "config.json").read_bytes()
+    (out / "config.json").write_bytes(cfg.replace(b'"d_model": 64', b'"d_model": ' + b"1" * 5000, 1)
+                                      if damage == "config-long-integer" else b"\xff\xfe" + cfg)
+    with pytest.raises(QuantizationError) as e:
+        quantize_with_calibration(src, out, QC["gptq"], OPTS, resume=True, progress=False)
+    assert "--overwrite" in one_line(e)
+
+
 def test_disk_space_is_checked_first(src, tmp_path, monkeypatch):
     class Usage:
         free = 1000

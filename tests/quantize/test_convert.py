@@ -76,3 +76,23 @@ def test_cli(dbrxq_main, tmp_path):
     assert json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]["layout"] == "blocks"
     code, err = dbrxq_main("quantize", "demo", tmp_path / "d", "--method", "rtn")  # the default: blocks here
     assert code == 0 and json.loads((tmp_path / "d" / "config.json").read_text())["quantization_config"]["layout"] == "blocks"
+
+
+def test_a_report_linked_from_outside_the_folder_is_not_copied(tmp_path, caplog):
+    """The quantize report rides along with a conversion; a link in its place that leaves the folder
+    is not followed (its target would otherwise be copied into OUT)."""
+    import logging
+    src = quantize_checkpoint(dbrxq.default_model_dir(), tmp_path / "c", QuantConfig(layout="canonical"),
+                              progress=False)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"secret": "SECRET-CONTENT"}')
+    (src / "quantize_report.json").unlink(missing_ok=True)
+    (src / "quantize_report.json").symlink_to(secret)
+    with caplog.at_level(logging.WARNING, logger="quantize.convert"):
+        out = convert_checkpoint(src, tmp_path / "b", layout="blocks", progress=False)
+    assert not (out / "quantize_report.json").exists()
+    assert any("is a link to a file outside" in m and "not copied" in m for m in caplog.messages)
+    (src / "quantize_report.json").unlink()
+    (src / "quantize_report.json").write_text('{"layers": []}')
+    out = convert_checkpoint(src, tmp_path / "b2", layout="blocks", progress=False)
+    assert (out / "quantize_report.json").read_text() == '{"layers": []}'
