@@ -23,7 +23,8 @@ from dbrxq.formats.hub import resolve_model_name
 from dbrxq.loading.loader import load_model
 from dbrxq.model.dbrx import DbrxForCausalLM
 from dbrxq.model.kv_cache import check_flavour
-from dbrxq.runtime.generate import GenerationOutput, generate
+from dbrxq.runtime.generate import NO_PENALTIES, GenerationOutput, Penalties, generate
+from dbrxq.text.stops import StopMatcher, cut_at_stop
 from dbrxq.text.tokenizer import DbrxTokenizer, StreamDecoder
 
 
@@ -64,13 +65,16 @@ class DbrxRunner:
 
     def generate(self, prompt: str | Sequence[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 on_text: Callable[[str], None] | None = None) -> str | list[str]:
-        """Continue one prompt (returns str) or a batch (returns list[str]); stop tokens are dropped."""
+                 on_text: Callable[[str], None] | None = None, stop: Sequence[str] = (),
+                 penalties: Penalties = NO_PENALTIES) -> str | list[str]:
+        """Continue one prompt (returns str) or a batch (returns list[str]); stop tokens are dropped.
+        ``stop``: strings that end the text (not included; one prompt stops generating at the first,
+        a batch is cut there); ``penalties``: repetition / presence / frequency (:class:`Penalties`)."""
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         ids = [self.tokenizer.encode(p) for p in prompts]
-        texts = self._run(ids, on_text, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_k=top_k, top_p=top_p, seed=seed)
+        texts = self._run(ids, on_text, stop=stop, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, seed=seed, penalties=penalties)
         return texts[0] if single else texts
 
     def chat(self, messages: list[dict], *, system_prompt: str | None = None,
@@ -79,23 +83,31 @@ class DbrxRunner:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, system_prompt=system_prompt)
         return self._run([ids], on_text, **kwargs)[0]
 
-    def _run(self, ids: list[list[int]], on_text, **kwargs) -> list[str]:
+    def _run(self, ids: list[list[int]], on_text, *, stop: Sequence[str] = (), **kwargs) -> list[str]:
+        stops = set(self.stop_tokens)
         stream = None
-        if on_text is not None:
+        if on_text is not None or (stop and len(ids) == 1):
             if len(ids) != 1:
                 raise ValueError("streaming (on_text) takes a single prompt")
-            dec = StreamDecoder(self.tokenizer)
-            stops = set(self.stop_tokens)
+            dec, matcher = StreamDecoder(self.tokenizer), StopMatcher(list(stop))
+            said = on_text or (lambda text: None)
 
-            def stream(tok: torch.Tensor) -> None:
+            def stream(tok: torch.Tensor) -> bool:  # True ends generation: a stop string was completed
                 t = int(tok[0])
-                if t not in stops:
-                    text = dec.push(t)
-                    if text:
-                        on_text(text)
+                if t in stops:
+                    return False
+                text, hit = matcher.push(dec.push(t))
+                if text:
+                    said(text)
+                return hit
         self.last_output = out = self.generate_ids(ids, on_token=stream, **kwargs)
-        stops = set(self.stop_tokens)
-        return [self.tokenizer.decode([t for t in seq if t not in stops]) for seq in out.sequences]
+        if stream is not None and on_text is not None:
+            text, hit = matcher.push(dec.flush())
+            text += "" if hit else matcher.flush()
+            if text:
+                on_text(text)
+        return [cut_at_stop(self.tokenizer.decode([t for t in seq if t not in stops]), stop)
+                for seq in out.sequences]
 
 
 def load(path_or_repo_id: str | Path | None = None, *, device: str | torch.device | None = "cpu",

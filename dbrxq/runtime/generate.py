@@ -63,6 +63,54 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class Penalties:
+    """What llama.cpp, vLLM and the OpenAI API offer against repetition, applied to the logits before
+    sampling (greedy included). ``repetition`` (llama.cpp's --repeat-penalty, transformers' and vLLM's
+    repetition_penalty): a logit of a token already in the prompt or the output is divided by it when
+    positive, multiplied when negative; 1 is off. ``presence`` and ``frequency`` (OpenAI's, in [-2, 2]):
+    subtracted from a generated token's logit once, and once per time it was generated."""
+
+    repetition: float = 1.0
+    presence: float = 0.0
+    frequency: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.repetition != 1.0 or self.presence != 0.0 or self.frequency != 0.0
+
+    def check(self) -> Penalties:
+        r, p, f = self.repetition, self.presence, self.frequency
+        if not (isinstance(r, (int, float)) and math.isfinite(r) and 0 < r <= MAX_REPETITION_PENALTY):
+            raise GenerationError(f"repetition penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1 is off), got {r!r}")
+        for name, v in (("presence", p), ("frequency", f)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and -2 <= v <= 2):
+                raise GenerationError(f"{name} penalty must be between -2 and 2 (0 is off), got {v!r}")
+        return self
+
+    def apply(self, logits: torch.Tensor, seen: Sequence[Sequence[int]], generated: Sequence[Sequence[int]]) -> torch.Tensor:
+        """logits (B, V) with row b penalized for ``seen[b]`` (prompt + output) and ``generated[b]``."""
+        if not self.active:
+            return logits
+        logits = logits.float().clone()
+        V = logits.shape[-1]
+        for b in range(logits.shape[0]):
+            row = logits[b]
+            if self.repetition != 1.0 and len(seen[b]):
+                ids = torch.tensor(sorted(set(seen[b])), dtype=torch.long, device=row.device)
+                ids = ids[ids < V]
+                x = row[ids]
+                row[ids] = torch.where(x > 0, x / self.repetition, x * self.repetition)
+            if (self.presence or self.frequency) and len(generated[b]):
+                counts = torch.bincount(torch.tensor(generated[b], dtype=torch.long, device=row.device), minlength=V)[:V]
+                row -= self.frequency * counts + self.presence * (counts > 0)
+        return logits
+
+
+NO_PENALTIES = Penalties()
+MAX_REPETITION_PENALTY = 10.0
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (input_ids (B, T), attention_mask (B, T)) left-padded to the longest."""
     T = max(len(p) for p in prompts)
@@ -184,20 +232,24 @@ def check_logits(model, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Ten
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_tokens: Sequence[int] = (), pad_token_id: int = 0,
-             on_token: Callable[[torch.Tensor], None] | None = None,
+             on_token: Callable[[torch.Tensor], bool | None] | None = None,
              prefill_chunk_size: int = 512,
-             kv_cache: str | Callable[[int, int], object] | None = None) -> GenerationOutput:
+             kv_cache: str | Callable[[int, int], object] | None = None,
+             penalties: Penalties = NO_PENALTIES) -> GenerationOutput:
     """Generate up to max_new_tokens for each prompt (token id lists).
 
     Args:
-        on_token: called with the (B,) tensor of tokens produced at each step (for streaming).
+        on_token: called with the (B,) tensor of tokens produced at each step (for streaming); a
+            true return value ends generation there (a stop string was completed).
         kv_cache: a flavour name ("bf16", "int8"; see dbrxq.model.kv_cache) or a factory
             ``(batch_size, length) -> cache``; default: ``model.new_cache``.
+        penalties: repetition / presence / frequency penalties (:class:`Penalties`), off by default.
     Raises:
         GenerationError: an empty prompt, or prompt + max_new_tokens beyond the model's context.
     """
     check_request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                   seed=seed)
+    penalties.check()
     device = model.device
     ids, mask = left_pad(prompts, pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
@@ -221,13 +273,15 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 6
     pos = positions_from_mask(mask)[:, -1]
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
+        if penalties.active:
+            logits = penalties.apply(logits, [list(p) + o for p, o in zip(prompts, out)], out)
         tok = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
         for i in (~done).nonzero().flatten().tolist():
             out[i].append(int(tok[i]))
         stats.new_tokens += int((~done).sum())
-        if on_token is not None:
-            on_token(tok)
+        if on_token is not None and on_token(tok):
+            break
         done |= torch.isin(tok, stop)
         if bool(done.all()) or step == max_new_tokens - 1:
             break

@@ -43,7 +43,7 @@ import torch
 from dbrxq.core.errors import DbrxqError, GenerationError
 from dbrxq.model.batch import batch_invariant, row_independent
 from dbrxq.model.kv_cache import SlotPool, make_kv_cache
-from dbrxq.runtime.generate import check_sampling, sample
+from dbrxq.runtime.generate import NO_PENALTIES, Penalties, check_sampling, sample
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class Request:
     top_p: float | None = None
     seed: int | None = None
     ignore_eos: bool = False  # run to max_tokens through stop tokens (benchmarks; vLLM's extension)
+    penalties: Penalties = NO_PENALTIES
     id: int = field(default_factory=itertools.count().__next__)
     # state, owned by the worker thread
     tokens: list[int] = field(default_factory=list)
@@ -231,6 +232,7 @@ class Engine:
     def submit(self, req: Request) -> None:
         """Queue ``req`` (checked first). Raises GenerationError, QueueFull or EngineStopped."""
         self.check(req.prompt, req.max_tokens, req.temperature, req.top_k, req.top_p, req.seed)
+        req.penalties.check()
         with self._cv:
             if self._stopping or self._draining:
                 raise EngineStopped("the server is shutting down")
@@ -394,6 +396,8 @@ class Engine:
                 self._end(r, "error", "the model's output is not finite (NaN/Inf); stopping instead of generating "
                                       "from it")
             return
+        if r.penalties.active:
+            logits = r.penalties.apply(logits, [r.prompt + r.tokens], [r.tokens])
         t = int(sample(logits, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, generator=r.generator)[0])
         r.tokens.append(t)
         self._send(r, Event(token=t))
