@@ -5,8 +5,10 @@ port check, and uvicorn with graceful shutdown.
 
 import asyncio
 import hmac
+import logging
 import signal
 import socket
+import time
 from contextlib import asynccontextmanager
 
 from dbrxq.core.errors import ConfigError, DbrxqError
@@ -18,6 +20,9 @@ from dbrxq.serve.schema import (
     request_models,
 )
 from dbrxq.serve.server import Server
+
+access = logging.getLogger("dbrxq.serve.access")  # one line per request: method, path, status, tokens, ms
+RETRY_AFTER_S = "1"  # what a 503 (queue full, stopping) tells a client to wait before trying again
 
 
 class Guard:
@@ -40,8 +45,25 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [0]
+        state = scope.setdefault("state", {})
+
+        async def sent(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self._handle(scope, receive, sent, state)
+        finally:
+            self.server.metrics.request(status[0] or 499)
+            access.info("%s %s %d %d tokens %.0f ms", scope.get("method"), scope.get("path"), status[0] or 499,
+                        state.get("tokens", 0), 1e3 * (time.perf_counter() - t0))
+
+    async def _handle(self, scope, receive, send, state):
         headers = dict(scope["headers"])
-        if self.want is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.want):
+        state["authorized"] = self.want is None or hmac.compare_digest(headers.get(b"authorization", b""), self.want)
+        open_path = scope.get("method") == "GET" and scope.get("path") == "/health"  # liveness, for probes
+        if not state["authorized"] and not open_path:
             return await self._refuse(401, "missing or wrong API key (Authorization: Bearer KEY)", scope, receive,
                                       send, "invalid_api_key")
         length = headers.get(b"content-length", b"0")
@@ -50,7 +72,7 @@ class Guard:
         try:
             body = await self._read_body(receive)
         except APIError as e:
-            return await self._refuse(e.status, e.message, scope, receive, send, e.code)
+            return await self._refuse(e.status, e.message, scope, receive, send, e.code, close=True)
         if body is None:  # the client went away before its body was in: nobody to answer
             return
         replay = [{"type": "http.request", "body": body, "more_body": False}]
@@ -59,10 +81,15 @@ class Guard:
             return replay.pop() if replay else await receive()
         await self.app(scope, replayed, send)
 
-    async def _refuse(self, status: int, message: str, scope, receive, send, code: str | None = None):
+    async def _refuse(self, status: int, message: str, scope, receive, send, code: str | None = None,
+                      close: bool = False):
+        """An error answer from the guard; ``close``: end the connection after it (a body that is
+        late, partly read or abandoned leaves nothing to keep the connection alive for)."""
         from fastapi.responses import JSONResponse
         body = error_body(message, ERROR_TYPES.get(status, "invalid_request_error"), None, code)
-        await JSONResponse(body, status, headers={"Connection": "close"})(scope, receive, send)
+        headers = {**({"Connection": "close"} if close else {}),
+                   **({"Retry-After": RETRY_AFTER_S} if status == 503 else {})}
+        await JSONResponse(body, status, headers=headers)(scope, receive, send)
 
     async def _read_body(self, receive) -> bytes | None:
         """The whole request body (at most MAX_BODY bytes, within body_timeout seconds, abandoned
@@ -116,7 +143,8 @@ def create_app(server: Server, body_timeout: float = 30.0):
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        return JSONResponse(error_body(e.message, e.type, e.param, e.code), e.status)
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), e.status,
+                            headers={"Retry-After": RETRY_AFTER_S} if e.status == 503 else None)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
@@ -133,8 +161,11 @@ def create_app(server: Server, body_timeout: float = 30.0):
     app.add_middleware(Guard, server=server, body_timeout=body_timeout)
 
     @app.get("/health")
-    async def health():
-        """Liveness plus the engine's counters (what scripts/bench_serve.py reads)."""
+    async def health(request: HTTPRequest):
+        """Liveness; with the API key (or without one set) also the engine's counters (what
+        scripts/bench_serve.py reads)."""
+        if not request.state.authorized:
+            return {"status": "ok"}
         running, waiting = server.engine.load()
         st = server.engine.stats
         return {"status": "ok", "running": running, "waiting": waiting,
@@ -144,10 +175,27 @@ def create_app(server: Server, body_timeout: float = 30.0):
                           "weight_bytes": st.weight_bytes,
                           "largest_batch": max(st.batch_hist, default=0)}}
 
+    def model_card() -> dict:
+        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "dbrxq"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
-                                            "owned_by": "dbrxq"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != server.model_name:
+            raise APIError(404, f"model {model_id!r:.80} does not exist; this server serves {server.model_name!r}",
+                           "invalid_request_error", "model", "model_not_found")
+        return model_card()
+
+    @app.get("/metrics")
+    async def metrics():
+        """Prometheus text exposition: requests by status, tokens, queue depth, batch size, step time."""
+        from fastapi.responses import PlainTextResponse
+        running, waiting = server.engine.load()
+        return PlainTextResponse(server.metrics.exposition(server.engine.stats, running, waiting),
+                                 media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest, body: ChatRequest):
@@ -219,12 +267,20 @@ def serve(server: Server, *, host: str = "127.0.0.1", port: int = 8000, shutdown
     # The engine cancels what is still running after shutdown_timeout, so streams end with a last
     # event and [DONE]; uvicorn's own limit is only a backstop.
     config = uvicorn.Config(create_app(server, body_timeout), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=shutdown_timeout + 10, access_log=log_level == "debug")
-    # uvicorn shuts down on SIGTERM, then raises the signal again for the handler it found; ours
-    # just notes it, so a requested shutdown that completed exits with status 0.
-    stopped = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+                            timeout_graceful_shutdown=shutdown_timeout + 10, access_log=False)
+    if not access.handlers:  # our access line (with tokens and milliseconds) replaces uvicorn's
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        access.addHandler(handler)
+        access.propagate = False
+    access.setLevel(logging.INFO if log_level in ("info", "debug") else logging.WARNING)
+    # uvicorn shuts down on SIGTERM and SIGINT (Ctrl-C), then raises the signal again for the handler
+    # it found; ours just notes it, so a requested shutdown that completed exits with status 0.
+    stopped: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stopped.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         Uvicorn(config).run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -38,6 +38,17 @@ def request_models():
         stream_options: StreamOptions | None = None
         logprobs: Any = None
         ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past end-of-text
+        presence_penalty: float = Field(0.0, ge=-2, le=2)
+        frequency_penalty: float = Field(0.0, ge=-2, le=2)
+        repetition_penalty: float = Field(1.0, gt=0, le=10)  # vLLM's extension (llama.cpp's repeat_penalty)
+        # Fields the API defines that this server cannot honour: refused (400) unless they ask for nothing
+        logit_bias: dict[str, float] | None = None
+        tools: list[Any] | None = None
+        functions: list[Any] | None = None
+        tool_choice: Any = None
+        response_format: dict[str, Any] | None = None
+        best_of: int | None = None
+        suffix: str | None = None
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)

@@ -1,7 +1,8 @@
 """``dbrxq serve``: the OpenAI HTTP API over :class:`dbrxq.serve.engine.Engine`.
 
 Endpoints: ``POST /v1/chat/completions`` (DBRX-instruct's ChatML template), ``POST
-/v1/completions``, ``GET /v1/models``, ``GET /health``. Streaming answers are server-sent events
+/v1/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` (liveness without
+the key, counters with it), ``GET /metrics`` (Prometheus text). Streaming answers are server-sent events
 ending with ``data: [DONE]``. Errors have OpenAI's shape ``{"error": {"message", "type", "param",
 "code"}}``: 400 for a bad request (including a prompt beyond the context), 401 for a missing or
 wrong API key, 404 for an unknown path or model, 503 when the queue is full or the server is
@@ -20,14 +21,17 @@ Sampling defaults are OpenAI's: temperature 1, top_p 1, max_tokens up to the con
 
 
 import asyncio
+import collections
 import json
 import logging
 import time
 import uuid
 
 from dbrxq.core.errors import DbrxqError
+from dbrxq.runtime.generate import Penalties
 from dbrxq.serve.engine import Engine, EngineStopped, Event, QueueFull, Request
 from dbrxq.serve.schema import MAX_STOP_CHARS, APIError, error_body
+from dbrxq.text.stops import StopMatcher
 from dbrxq.text.tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
@@ -37,32 +41,43 @@ log = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.5
 
 
-class StopMatcher:
-    """Finds the first of ``stops`` in a growing text; ``push`` returns (text safe to emit, matched)."""
+class Metrics:
+    """Counters for ``GET /metrics`` (Prometheus' text format): requests by status, and tokens served."""
 
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.buf = ""
+    def __init__(self):
+        self.requests: collections.Counter = collections.Counter()
+        self.prompt_tokens = self.completion_tokens = 0
 
-    def push(self, text: str) -> tuple[str, bool]:
-        self.buf += text
-        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.buf = self.buf[:min(hits)], ""
-            return out, True
-        keep = 0  # the longest tail of buf that starts some stop sequence
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.buf)), keep, -1):
-                if self.buf.endswith(s[:k]):
-                    keep = k
-                    break
-        out = self.buf[:len(self.buf) - keep]
-        self.buf = self.buf[len(self.buf) - keep:]
-        return out, False
+    def request(self, status: int) -> None:
+        self.requests[status] += 1
 
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
+    def tokens(self, prompt: int, completion: int) -> None:
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+
+    def exposition(self, stats, running: int, waiting: int) -> str:
+        lines = []
+
+        def metric(name: str, kind: str, doc: str, samples) -> None:
+            lines.extend([f"# HELP dbrxq_{name} {doc}", f"# TYPE dbrxq_{name} {kind}"])
+            lines.extend(f"dbrxq_{name}{labels} {value}" for labels, value in samples)
+        metric("requests_total", "counter", "HTTP requests answered, by status.",
+               [(f'{{status="{code}"}}', n) for code, n in sorted(self.requests.items())] or [("", 0)])
+        metric("prompt_tokens_total", "counter", "Prompt tokens of completed requests.", [("", self.prompt_tokens)])
+        metric("completion_tokens_total", "counter", "Tokens generated for completed requests.",
+               [("", self.completion_tokens)])
+        metric("requests_running", "gauge", "Requests decoding now (KV cache slots in use).", [("", running)])
+        metric("requests_waiting", "gauge", "Requests queued for a slot.", [("", waiting)])
+        metric("decode_steps_total", "counter", "Decode steps run.", [("", stats.decode_steps)])
+        metric("decode_tokens_total", "counter", "Tokens decoded (rows of decode steps).", [("", stats.decode_tokens)])
+        metric("decode_seconds_total", "counter", "Seconds spent in decode steps.", [("", f"{stats.decode_s:.6f}")])
+        metric("prefill_tokens_total", "counter", "Prompt tokens prefilled.", [("", stats.prefill_tokens)])
+        steps = stats.decode_steps
+        metric("decode_batch_size_mean", "gauge", "Mean requests per decode step.",
+               [("", f"{stats.decode_tokens / steps:.4f}" if steps else "0")])
+        metric("decode_step_seconds_mean", "gauge", "Mean seconds per decode step.",
+               [("", f"{stats.decode_s / steps:.6f}" if steps else "0")])
+        return "\n".join(lines) + "\n"
 
 
 class Server:
@@ -74,6 +89,7 @@ class Server:
         self.api_key = api_key
         self.created = int(time.time())
         self.stopping = False  # set at SIGTERM/SIGINT
+        self.metrics = Metrics()
 
     # ------------------------------------------------------------------ one request
     def _params(self, body, prompt: list[int]) -> dict:
@@ -84,6 +100,14 @@ class Server:
             raise APIError(400, f"n={body.n}: this server returns one choice per request (n=1)", param="n")
         if body.logprobs:
             raise APIError(400, "logprobs are not supported", param="logprobs")
+        for name, asks in (("logit_bias", bool(body.logit_bias)), ("tools", bool(body.tools)),
+                           ("functions", bool(body.functions)),
+                           ("tool_choice", body.tool_choice not in (None, "none", "auto")),
+                           ("response_format", (body.response_format or {"type": "text"}).get("type") != "text"),
+                           ("best_of", body.best_of not in (None, 1)), ("suffix", bool(body.suffix))):
+            if asks:
+                raise APIError(400, f"{name} is not supported by this server (it would be ignored, so it is refused)",
+                               param=name)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > 4 or any(len(x) > MAX_STOP_CHARS for x in stops):
             raise APIError(400, f"stop: at most 4 sequences of at most {MAX_STOP_CHARS} characters", param="stop")
@@ -92,9 +116,11 @@ class Server:
         max_tokens = limit if limit is not None else max(room, 1)
         kw = dict(max_tokens=max_tokens, temperature=body.temperature, top_p=None if body.top_p >= 1 else body.top_p,
                   seed=body.seed)
+        penalties = Penalties(body.repetition_penalty, body.presence_penalty, body.frequency_penalty)
         try:
             self.engine.check(prompt, **kw)
             kw["ignore_eos"] = body.ignore_eos
+            kw["penalties"] = penalties.check()
         except DbrxqError as e:
             param = "max_tokens" if "max_tokens" in str(e) else "messages" if hasattr(body, "messages") else "prompt"
             raise APIError(400, str(e), param=param, code="context_length_exceeded" if "context" in str(e) else None)
@@ -148,6 +174,11 @@ class Server:
                 self.engine.cancel(req)  # stop sequence, disconnect, or an error here: free the slot now
 
     # ------------------------------------------------------------------ responses
+    def _served(self, request, prompt_tokens: int, completion_tokens: int) -> None:
+        """A request completed: count its tokens (for /metrics and the access log line)."""
+        self.metrics.tokens(prompt_tokens, completion_tokens)
+        request.state.tokens = prompt_tokens + completion_tokens
+
     async def respond(self, request, body, prompt: list[int], kind: str):
         """kind: "chat.completion" or "text_completion"."""
         from fastapi.responses import JSONResponse, StreamingResponse
@@ -168,6 +199,7 @@ class Server:
             if end is None:  # the client went away; nobody reads this
                 return JSONResponse(error_body("client closed the request", "invalid_request_error"), 499)
             text = "".join(parts)
+            self._served(request, len(prompt), end[2])
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                        "finish_reason": end[1]} if chat else
                       {"index": 0, "text": text, "logprobs": None, "finish_reason": end[1]})
@@ -195,6 +227,7 @@ class Server:
                     if item[0] == "text":
                         yield chunk(item[1], None)
                     else:
+                        self._served(request, len(prompt), item[2])
                         yield chunk(None, item[1])
                         if include_usage:
                             yield _sse({"id": rid, "object": obj, "created": created, "model": self.model_name,

@@ -205,9 +205,10 @@ def test_api_key_is_checked_on_every_request(server):
     with pytest.raises(openai.AuthenticationError) as e:
         server.client("sk-wrong").completions.create(model="demo", prompt=TEXTS[0], max_tokens=4)
     assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
-    for path in ("/health", "/v1/models"):
+    for path in ("/v1/models", "/metrics"):
         status, body = server.get(path, headers={})
         assert status == 401 and "API key" in body["error"]["message"]
+    assert server.get("/health", headers={}) == (200, {"status": "ok"})  # liveness is open, counters are not
 
 
 def wait_idle(server, timeout: float = 20) -> None:
