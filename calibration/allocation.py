@@ -45,6 +45,7 @@ from dbrxq.formats.checkpoint import hub_tensor_shapes
 from dbrxq.formats.shards import tensor_nbytes
 from dbrxq.model.moe import ACTIVATIONS
 from quantize.allocate import solve_exact, solve_greedy
+from quantize.blocks import PAGE
 from quantize.config import ExpertMix, ModuleQuant, QuantConfig
 from quantize.primitives import quantize_tensor
 from quantize.specs import expert_slot, quantized_tensor_specs, weight_specs
@@ -74,10 +75,32 @@ def budget_from_bits(config, avg_bits: float, options=OPTIONS, layout: str = "ca
     return int(each * config.n_layers * config.num_experts)
 
 
-def budget_from_size(config, qconfig: QuantConfig, float_dtypes, size: int, options=OPTIONS) -> int:
-    """Expert bytes left of a whole-checkpoint ``size`` once the other tensors are counted."""
+def files_overhead(config, qconfig: QuantConfig, float_dtypes, options=OPTIONS, copied: int = 0) -> int:
+    """A bound on what OUT holds beyond its tensors' bytes: per shard the safetensors header and its
+    padding to the data's alignment (a page in the blocks layout), per tensor its header and index
+    entries, the config (which lists every expert's recipe), the quantize report (a line per expert),
+    and ``copied`` bytes of tokenizer files."""
+    specs = [n for n, _, _ in quantized_tensor_specs(config, qconfig, float_dtype=float_dtypes)
+             if ".ffn.experts." not in n]
+    per_class = 1 if qconfig.layout != "canonical" else 9  # qblocks, or w1/v1/w2 x codes/scales/zeros
+    names = specs + [f"transformer.blocks.{config.n_layers}.ffn.experts.mlp.w1.qweight.{j}"
+                     for j in range(config.n_layers * len(options) * per_class)]
+    align = PAGE if qconfig.layout != "canonical" else 8  # auto: blocks wherever they hold the shapes
+    shards = config.n_layers + 2  # at most one per layer, the embedding and the head
+    experts = config.n_layers * config.num_experts
+    return (sum(2 * len(n) + 256 for n in names)  # header + index entries
+            + shards * (8 + 2 * align)  # length prefix, header padding, and the last tensor's end
+            + FILES_FIXED + 512 * experts + copied)
+
+
+FILES_FIXED = 64 << 10  # config.json's fixed fields, the index's, the report's summary
+
+
+def budget_from_size(config, qconfig: QuantConfig, float_dtypes, size: int, options=OPTIONS, copied: int = 0) -> int:
+    """Expert bytes left of a whole-checkpoint ``size`` once the other tensors and the files'
+    overhead (:func:`files_overhead`) are counted, so the files written stay within ``size``."""
     other = sum(tensor_nbytes(s, d) for n, s, d in quantized_tensor_specs(config, qconfig, float_dtype=float_dtypes)
-                if ".ffn.experts." not in n)
+                if ".ffn.experts." not in n) + files_overhead(config, qconfig, float_dtypes, options, copied)
     least = config.n_layers * config.num_experts * min(expert_bytes(config, o, qconfig.layout) for o in options)
     if size - other < least:
         raise QuantizationError(f"--target-size {format_size(size)} is too small: the tensors other than the experts "

@@ -94,6 +94,7 @@ from dbrxq.core.files import (
 )
 from dbrxq.core.sysinfo import describe_machine, parse_device, peak_rss_bytes
 from dbrxq.core.untrusted import MAX_INDEX_BYTES, check_finite, read_json
+from dbrxq.formats.hub import tokenizer_files
 from dbrxq.formats.checkpoint import hub_tensor_shapes
 from dbrxq.formats.shards import tensor_nbytes
 from dbrxq.text.tokenizer import DbrxTokenizer
@@ -155,7 +156,9 @@ def _target(opts: CalibrationOptions, qconfig: QuantConfig, config, source) -> t
                                     f"experts (d_model {config.d_model}, ffn {config.ffn_hidden_size}): {e}") from None
     if opts.target_bits is not None:
         return {"bits": opts.target_bits}, budget_from_bits(config, opts.target_bits, layout=qconfig.layout)
-    return {"size_bytes": opts.target_size}, budget_from_size(config, qconfig, source.float_dtypes(), opts.target_size)
+    copied = sum(p.stat().st_size for p in tokenizer_files(source.folder)) if source.folder.is_dir() else 0
+    return {"size_bytes": opts.target_size}, budget_from_size(config, qconfig, source.float_dtypes(), opts.target_size,
+                                                              copied=copied)
 
 
 def _check_options(opts: CalibrationOptions, qconfig: QuantConfig, config) -> None:

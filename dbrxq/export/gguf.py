@@ -70,6 +70,16 @@ CHUNK_BYTES = 64 << 20  # rows of a float matrix converted at a time
 _SOURCE_FLOAT = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
+# The `dbrxq quantize` options that give each kind of matrix an exact GGML type.
+EXACT_OPTIONS = {
+    "experts": "--expert-bits 4 and --group-size 32, 64 or 128 (Q4_0, or Q4_1 with --asym), or --expert-bits 8 "
+               "--sym (Q8_0)",
+    "attn": "--attn-bits 8 without --attn-asym (Q8_0), --attn-bits 4 --attn-group-size 32, 64 or 128 (Q4_0; "
+            "Q4_1 with --attn-asym), or --attn-bits 16 (kept as stored)",
+    "lm_head": "--lm-head-bits 16 (kept as stored) or --lm-head-bits 8 without --attn-asym (Q8_0)",
+}
+
+
 @dataclass
 class PlannedTensor:
     """One GGUF tensor: its name, GGML type, numpy shape [..., N, K] of values, and a producer of
@@ -225,8 +235,8 @@ class _Planner:
                     raise QuantizationError(
                         f"{base} ({recipe}, rows of {k}) has no exact GGML type (Q4_0/Q4_1 need int4 groups "
                         f"of a multiple of 32, Q8_0 int8 symmetric); pass --requantize to write it "
-                        f"re-rounded ({'Q8_0' if k % BLOCK == 0 else 'F16'}), or quantize again with a "
-                        f"recipe that maps exactly")
+                        f"re-rounded ({'Q8_0' if k % BLOCK == 0 else 'F16'}), or quantize again with "
+                        f"{EXACT_OPTIONS[kind]}")
                 if k % BLOCK == 0:
                     ggml_type = "Q8_0"
                     convert = lambda qt: ("Q8_0", requantize_q8_0(qt.dequantize()))  # noqa: E731
@@ -353,7 +363,9 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str 
     qcfg = quantization_of(config, Path(folder) / "config.json")
     if qcfg is not None and qcfg.expert_mix is not None:
         raise ConfigError(f"{src}: its experts have per-expert recipes (expert_mix); a GGUF tensor holds all of a "
-                          f"layer's experts in one GGML type, so they cannot be exported as they are")
+                          f"layer's experts in one GGML type, so they cannot be exported as they are; quantize "
+                          f"without --target-bits/--target-size (one --expert-bits for every expert), or export "
+                          f"the float source with --type q8_0 or q4_0")
     if qcfg is not None and type_ != "auto":
         raise ConfigError(f"--type {type_}: {src} is dbrxq-quantized and its codes map onto GGML types as they "
                           f"are; --type applies to float checkpoints (export the float source instead)")
