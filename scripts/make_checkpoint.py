@@ -27,7 +27,8 @@ import torch
 
 from dbrxq.core.errors import DbrxqError
 from dbrxq.core.untrusted import read_json
-from dbrxq.formats.hub import copy_tokenizer_files
+from dbrxq.formats.hub import copy_tokenizer_files, default_model_dir
+from dbrxq.text.tokenizer import DbrxTokenizer
 from dbrxq.formats.random import PRESETS, make_random_checkpoint, preset_config
 from dbrxq.formats.shards import DEFAULT_MAX_SHARD_BYTES
 from quantize.random import make_random_quantized_checkpoint
@@ -65,6 +66,15 @@ def random_codes_recipe(spec: str, config):
     return QuantConfig(expert_mix=ExpertMix(OPTIONS, (row,) * config.n_layers))
 
 
+def default_tokenizer(vocab_size: int, need: int) -> Path | None:
+    """The demo model's folder (its tokenizer files, ``need`` ids) when they fit ``vocab_size``, else None (said)."""
+    if need > vocab_size:
+        print(f"note: no tokenizer written: the demo tokenizer's {need} ids do not fit --vocab-size {vocab_size}; "
+              f"pass --tokenizer-dir", file=sys.stderr)
+        return None
+    return default_model_dir()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", help="output folder")
@@ -82,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="stored dtype (default: bf16)")
     p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
                    help="shard size limit, e.g. 5GiB (default: 5GiB)")
-    p.add_argument("--tokenizer-dir", help="copy tokenizer files from this folder")
+    p.add_argument("--tokenizer-dir", help="copy tokenizer files from this folder (default: the demo model's "
+                   "1536-token tokenizer, when --vocab-size holds its ids, so `dbrxq run` works on the result)")
+    p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
     p.add_argument("--random-codes", metavar="SPEC", help="write a quantized checkpoint of random codes: B or "
                    "B:N,B:N,... (bits per expert, in expert order; see above)")
     p.add_argument("--router-shares", type=Path, metavar="JSON", help="with --random-codes: skew each layer's "
@@ -96,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         config = preset_config(args.preset, **overrides)
+        if args.tokenizer_dir is None and not args.no_tokenizer:
+            need = DbrxTokenizer.from_pretrained(default_model_dir()).vocab_size
+            if args.vocab_size is None and config.vocab_size < need:  # the preset's own: widen it to the tokenizer
+                config = preset_config(args.preset, **{**overrides, "vocab_size": need})
+            args.tokenizer_dir = default_tokenizer(config.vocab_size, need)
         if args.random_codes:
             shares = (read_json(args.router_shares, 16 << 20, what=f"--router-shares {args.router_shares}",
                                 error=DbrxqError) if args.router_shares else None)
