@@ -12,20 +12,24 @@ import time
 import click
 
 from dbrxq.api import load
+from dbrxq.cli.chat import chat_loop
 from dbrxq.cli.options import (
     CONTEXT,
+    examples,
     Seconds,
     offload_options,
     offload_report,
     peak_memory,
     runtime_options,
 )
-from dbrxq.core.errors import DbrxqError, GenerationError
+from dbrxq.core.errors import ConfigError
+from dbrxq.core.sysinfo import busy_before
 from dbrxq.core.units import format_rate, format_size
 from dbrxq.export.gguf import export_gguf
 from dbrxq.formats.hub import resolve_model_name
 from dbrxq.plan.checkpoint import describe_plan
-from dbrxq.runtime.generate import check_request, check_sampling
+from dbrxq.runtime.generate import Penalties, check_request, check_sampling
+from dbrxq.runtime.cache_index import cache_entries, same_checkpoint
 from dbrxq.runtime.prepared import prepared_dir
 from dbrxq.serve.engine import Engine
 from dbrxq.serve.http import check_port, check_serve_names
@@ -34,25 +38,51 @@ from dbrxq.serve.http import serve as serve_http
 from dbrxq.serve.server import Server
 
 
-@click.command(context_settings=CONTEXT)
+# Ollama's defaults (llama.cpp's but for the repetition penalty): readable text from the start; -t 0
+# is exact greedy decoding, with no penalty unless one is asked for.
+DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1}
+MAX_PROMPT_CHARS = 16 << 20
+ALL = "\0all"  # --clear with no MODEL  # a prompt file: far beyond any context (DBRX's 32768 tokens are ~130,000 characters)
+
+
+@click.command(context_settings=CONTEXT, epilog=examples(
+    'dbrxq run -p "The function returns"                 # the embedded demo model',
+    'dbrxq run MODEL -f prompt.txt -n 200 --stop "\\n\\n"',
+    'echo "Explain MoE" | dbrxq run MODEL --chat -f -',
+    'dbrxq run MODEL --chat --system ""                  # a chat without the system prompt',
+    'dbrxq run MODEL -p "def f(x):" -t 0                  # exact greedy decoding',
+    'dbrxq run MODEL --cpu-memory 20GiB --stats           # offload experts, report speed',
+))
 @click.argument("model", required=False)
 @click.option("--prompt", "-p", help="Text to continue (with --chat: the first user message).")
+@click.option("--file", "-f", "prompt_file", type=click.File("r", encoding="utf-8"),
+              help="Read the prompt from FILE ('-': standard input) instead of --prompt.")
 @click.option("--chat", is_flag=True, help="Use the ChatML chat template; without --prompt, an interactive chat.")
-@click.option("--system", help="System prompt for --chat (default: DBRX-instruct's).")
+@click.option("--system", help="System prompt for --chat (default: DBRX-instruct's, ~520 tokens; '' for none).")
 @click.option("--max-new-tokens", "-n", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(min=0),
-              help="0 is greedy.")
-@click.option("--top-k", type=click.IntRange(min=1), help="Sample among the k most likely tokens.")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), help="Nucleus sampling mass.")
+@click.option("--temperature", "-t", default=DEFAULT_SAMPLING["temperature"], show_default=True,
+              type=click.FloatRange(min=0), help="0 is exact greedy decoding (no sampling, no penalty).")
+@click.option("--top-k", type=click.IntRange(min=1), default=DEFAULT_SAMPLING["top_k"], show_default=True,
+              help="Sample among the k most likely tokens.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=DEFAULT_SAMPLING["top_p"],
+              show_default=True, help="Nucleus sampling mass.")
 @click.option("--seed", type=int, help="Seed for sampling (reproducible output).")
+@click.option("--stop", multiple=True, help="End the text at this string (not printed); repeatable.")
+@click.option("--repeat-penalty", type=float,
+              help="Divide the logits of tokens already seen (prompt and output) by this; 1 is off "
+                   f"[default: {DEFAULT_SAMPLING['repeat_penalty']} when sampling, 1 with -t 0].")
+@click.option("--presence-penalty", default=0.0, show_default=True, type=float,
+              help="Subtract this from the logit of every token already generated (-2 to 2).")
+@click.option("--frequency-penalty", default=0.0, show_default=True, type=float,
+              help="Subtract this once per time a token was generated (-2 to 2).")
 @click.option("--stats", is_flag=True,
               help="Print tokens per second and peak memory; with offloading also the per-token latency "
                    "split, cache hit rate and bytes moved.")
 @click.option("--plan", "show_plan", is_flag=True, help="Print the memory placement plan and exit.")
 @runtime_options
-def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
-        revision, stats, gpu_memory, cpu_memory, kv_cache, context, show_plan, expert_policy, cache_dir,
-        expert_prefetch, direct_io, threads) -> None:
+def run(model, prompt, prompt_file, chat, system, max_new_tokens, temperature, top_k, top_p, seed, stop,
+        repeat_penalty, presence_penalty, frequency_penalty, device, dtype, revision, stats, gpu_memory, cpu_memory,
+        kv_cache, context, show_plan, expert_policy, cache_dir, expert_prefetch, direct_io, threads) -> None:
     """Generate text with MODEL (a folder or hub repo id; default, or "demo": the small model shipped
     with dbrxq; a local folder named demo wins).
 
@@ -64,14 +94,27 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
                                  gpu_memory=gpu_memory, cpu_memory=cpu_memory, context=context,
                                  kv_cache=kv_cache))
         return
+    if prompt is not None and prompt_file is not None:
+        raise click.UsageError("give --prompt TEXT or --file FILE, not both")
+    if prompt_file is not None:
+        prompt = prompt_file.read(MAX_PROMPT_CHARS + 1)
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise click.UsageError(f"--file {prompt_file.name}: more than {MAX_PROMPT_CHARS} characters; a prompt "
+                                   f"is at most the model's context")
     if prompt is None and not chat:
-        raise click.UsageError("give --prompt TEXT, or --chat for an interactive chat")
+        raise click.UsageError("give --prompt TEXT, --file FILE (- for standard input), or --chat for an "
+                               "interactive chat")
     check_sampling(temperature, top_k, top_p, seed)  # before the model loads
+    busy = busy_before(threads)
+    if repeat_penalty is None:
+        repeat_penalty = DEFAULT_SAMPLING["repeat_penalty"] if temperature > 0 else 1.0
+    penalties = Penalties(repeat_penalty, presence_penalty, frequency_penalty).check()
     runner = load(model, device=device, dtype=dtype, revision=revision, gpu_memory=gpu_memory,
                   cpu_memory=cpu_memory, context=context, kv_cache=kv_cache, threads=threads,
                   offload_options=offload_options(cache_dir, expert_policy, expert_prefetch, direct_io,
                                                   timing=stats))
-    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+              stop=stop, penalties=penalties)
 
     def emit(text: str) -> None:
         sys.stdout.write(text)
@@ -94,41 +137,17 @@ def run(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, 
         runner.generate(prompt, on_text=emit, **kw)
         emit("\n")
         report()
+        if busy:
+            click.echo(busy, err=True)
         return
-    messages: list[dict] = []
-    interactive = prompt is None
-    while True:
-        if interactive:
-            try:
-                prompt = click.prompt(">>>", prompt_suffix=" ", default="", show_default=False)
-            except (EOFError, click.Abort):  # Ctrl-D, or Ctrl-C at the prompt: the chat ends
-                emit("\n")
-                return
-            if not prompt.strip():
-                continue
-        messages.append({"role": "user", "content": prompt})
-        try:
-            fit_conversation(runner, messages, system, max_new_tokens)
-        except DbrxqError as e:  # the new message alone does not fit
-            messages.pop()
-            if not interactive:
-                raise
-            click.echo(f"error: {e}", err=True)
-            continue
-        said: list[str] = []
-        try:
-            reply = runner.chat(messages, system_prompt=system, on_text=lambda t: (said.append(t), emit(t)), **kw)
-        except KeyboardInterrupt:  # Ctrl-C during a reply stops it; the conversation goes on
-            reply = "".join(said)
-            click.echo("\n[reply interrupted]", err=True)
-        emit("\n")
-        report()
-        messages.append({"role": "assistant", "content": reply})
-        if not interactive:
-            return
+    chat_loop(runner, prompt, system, kw, emit, report)
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT, epilog=examples(
+    'dbrxq serve                                          # the demo model on 127.0.0.1:8000',
+    'dbrxq serve MODEL --port 8000 --api-key "$KEY" --max-batch 8',
+    'dbrxq serve MODEL --host 0.0.0.0 --api-key "$KEY" --cpu-memory auto',
+))
 @click.argument("model", required=False)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0: every interface; then set an API key).")
@@ -178,50 +197,50 @@ def serve(model, host, port, api_key, model_name, max_batch, max_queue, prefill_
                host=host, port=port, shutdown_timeout=shutdown_timeout, body_timeout=body_timeout)
 
 
-def fit_conversation(runner, messages: list[dict], system: str | None, max_new_tokens: int) -> None:
-    """Drop the oldest turns (user + assistant pairs; the system prompt is not a turn) until the
-    templated conversation plus max_new_tokens fits the model's context, with a one-line notice;
-    a last message that alone does not fit raises GenerationError (run's one-line error)."""
-
-    ctx = runner.model.config.max_seq_len
-    dropped = 0
-
-    def need() -> int:
-        return len(runner.tokenizer.apply_chat_template(messages, system_prompt=system)) + max_new_tokens
-
-    while need() > ctx and len(messages) > 1:
-        del messages[:2 if len(messages) > 2 else 1]
-        dropped += 1
-    if need() > ctx:
-        raise GenerationError(f"this message, the system prompt and --max-new-tokens {max_new_tokens} need "
-                              f"{need()} tokens, beyond the model's context of {ctx}")
-    if dropped:
-        click.echo(f"[context full: dropped the {dropped} oldest turn(s); {ctx} tokens of context]", err=True)
-
-
-@click.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT, epilog=examples(
+    'dbrxq cache                                          # each file: size, last use, its checkpoint',
+    'dbrxq cache --clear MODEL                            # one checkpoint\'s files',
+    'dbrxq cache --clear-stale                            # files whose checkpoint is gone or changed',
+    'dbrxq cache --clear                                  # everything',
+))
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="The cache to look at [default: $DBRXQ_CACHE, else ~/.cache/dbrxq].")
-@click.option("--clear", is_flag=True, help="Remove every prepared-expert file (and leftovers of killed runs).")
-def cache(cache_dir, clear) -> None:
+@click.option("--clear", is_flag=False, flag_value=ALL, default=None, metavar="[MODEL]",
+              help="Remove the files of checkpoint MODEL, or with no MODEL every file (and leftovers of killed runs).")
+@click.option("--clear-stale", is_flag=True, help="Remove the files whose checkpoint is gone or changed.")
+def cache(cache_dir, clear, clear_stale) -> None:
     """List (or remove) offloading's prepared-expert files: kernel-ready copies of a checkpoint's
     experts, one per checkpoint, kernel and device, written the first time a budget needs them."""
 
     root = prepared_dir(cache_dir)
-    every = sorted(p for p in root.glob("*") if p.is_file()) if root.is_dir() else []
-    files = [p for p in every if p.suffix == ".bin"]  # + their .json sidecars and leftovers of killed runs
-    total = sum(p.stat().st_size for p in every)
-    if clear:
-        for p in every:
-            p.unlink()
-        click.echo(f"removed {len(files)} file(s), {format_size(total)}, from {root}")
+    entries = cache_entries(root)
+    if clear is not None or clear_stale:
+        if clear == ALL:
+            chosen = entries
+        elif clear is not None:
+            folder = resolve_model_name(clear)
+            chosen = [e for e in entries if same_checkpoint(e, folder)]
+            if not chosen:
+                raise ConfigError(f"--clear {clear}: no file in {root} was built from {folder}")
+        else:
+            chosen = [e for e in entries if e.stale]
+        for e in chosen:
+            for p in e.files:
+                p.unlink(missing_ok=True)
+        click.echo(f"removed {len(chosen)} file(s), {format_size(sum(e.nbytes for e in chosen))}, from {root}")
         return
-    for p in files:
-        click.echo(f"{format_size(p.stat().st_size):>12}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(p.stat().st_mtime))}  {p}")
-    click.echo(f"{len(files)} file(s), {format_size(total)}, in {root}")
+    for e in entries:
+        click.echo(f"{e.describe()}\n{'':>14}{root / (e.key + '.bin')}")
+    stale = sum(1 for e in entries if e.stale)
+    click.echo(f"{len(entries)} file(s), {format_size(sum(e.nbytes for e in entries))}, in {root}"
+               + (f"; {stale} stale (`dbrxq cache --clear-stale` removes them)" if stale else ""))
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT, epilog=examples(
+    'dbrxq export QUANTIZED model.gguf                    # its codes as they are: Q4_0 / Q4_1 / Q8_0',
+    'dbrxq export FLOAT model.gguf --type q8_0            # a float checkpoint, quantized on the way',
+    'llama-cli -m model.gguf -p "The function returns"    # then run it in llama.cpp or Ollama',
+))
 @click.argument("model")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--type", "type_", default="auto", show_default=True,
@@ -251,7 +270,10 @@ def export(model, out, type_, float_type, requantize, overwrite, revision) -> No
     click.echo(f"  time     {r.seconds:.1f} s ({format_rate(r.nbytes, r.seconds)})")
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT, epilog=examples(
+    'dbrxq convert SRC OUT                                # to the blocks layout (loads by mapping)',
+    'dbrxq convert SRC OUT --layout canonical',
+))
 @click.argument("src")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--layout", default="blocks", show_default=True, type=click.Choice(["blocks", "canonical"]),

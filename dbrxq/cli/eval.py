@@ -14,7 +14,7 @@ import click
 import torch
 
 from dbrxq.api import load
-from dbrxq.cli.options import CONTEXT, threads_option
+from dbrxq.cli.options import CONTEXT, examples, threads_option
 from dbrxq.core.untrusted import read_bytes
 from dbrxq.runtime.evaluate import DataError, compare, perplexity
 
@@ -83,7 +83,10 @@ def _options(f):
     return f
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT, epilog=examples(
+    'dbrxq eval MODEL --data wiki.test.raw --max-tokens 20000',
+    'dbrxq eval demo --data calibration/data/heldout.txt --window 512 --stride 256',
+))
 @click.argument("model")
 @_options
 def eval_command(model, data, window, stride, device, dtype, max_tokens, threads) -> None:
@@ -102,7 +105,9 @@ def eval_command(model, data, window, stride, device, dtype, max_tokens, threads
     click.echo(f"window {window}, stride {stride}, {seconds:.1f}s", err=True)
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT, epilog=examples(
+    'dbrxq compare MODEL_FLOAT MODEL_Q4 --data wiki.test.raw --max-tokens 20000',
+))
 @click.argument("model_a")
 @click.argument("model_b")
 @_options

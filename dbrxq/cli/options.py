@@ -16,6 +16,12 @@ from dbrxq.core.units import format_size, parse_size
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def examples(*lines: str) -> str:
+    """A command's --help epilog: "Examples:" and the command lines as written (click keeps a
+    paragraph that starts with \\b unwrapped)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def peak_memory(device) -> str:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
     text = f"peak RSS {rss:.0f} MiB"

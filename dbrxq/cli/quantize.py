@@ -20,7 +20,7 @@ import click
 
 from calibration.options import CalibrationOptions
 from calibration.pipeline import quantize_with_calibration
-from dbrxq.cli.options import CONTEXT, threads_option
+from dbrxq.cli.options import CONTEXT, examples, threads_option
 from dbrxq.core.errors import QuantizationError
 from dbrxq.core.sysinfo import parse_device, set_threads
 from dbrxq.core.units import format_rate, format_size, parse_size
@@ -32,6 +32,7 @@ from quantize.writer import checkpoint_size, quantize_checkpoint
 METHODS = ("rtn", "gptq")
 RARE_STRATEGIES = ("route-all", "rtn")
 EXPERT_BITS, ATTN_BITS, LM_HEAD_BITS = (2, 3, 4, 8), (4, 8, 16), (8, 16)
+ASYM_BY_DEFAULT = (2, 3)  # expert widths quantized with a zero point unless --sym
 GROUP_SIZES = (32, 64, 128, -1)
 
 
@@ -41,7 +42,12 @@ def _choice(option: str, value, allowed: tuple) -> None:
                                 f"{', '.join(map(str, allowed))}")
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT, epilog=examples(
+    'dbrxq quantize SRC OUT                               # GPTQ int4 experts, int8 attention',
+    'dbrxq quantize SRC OUT --method rtn                  # no calibration: seconds per layer',
+    'dbrxq quantize databricks/dbrx-instruct OUT --target-size 48GB',
+    'dbrxq quantize SRC OUT --resume                      # continue an interrupted run',
+))
 @click.argument("src")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--method", default="gptq", show_default=True, metavar="[rtn|gptq]",
@@ -61,7 +67,10 @@ def _choice(option: str, value, allowed: tuple) -> None:
               help="Attention group size; -1 = per-channel.")
 @click.option("--lm-head-bits", default=16, show_default=True, type=int, metavar="[8|16]",
               help="8 quantizes lm_head per-channel; 16 keeps it bf16.")
-@click.option("--asym", is_flag=True, help="Asymmetric quantization (stored uint8 zero points).")
+@click.option("--asym/--sym", default=None,
+              help="Experts asymmetric (a zero point per group) or symmetric [default: asymmetric at 2 and 3 "
+                   "bits, where symmetric codes waste a level of 4 or 8, symmetric at 4 and 8].")
+@click.option("--attn-asym", is_flag=True, help="Attention (and an int8 lm_head) asymmetric too.")
 @click.option("--layout", default="auto", show_default=True, type=click.Choice(["auto", "blocks", "canonical"]),
               help="How the codes are stored: blocks, the CPU kernel's own layout (loads as a memory map; "
                    "offloading reads experts straight from it); canonical, per-weight codes and scales "
@@ -82,7 +91,7 @@ def _choice(option: str, value, allowed: tuple) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in OUT.")
 @threads_option
 def quantize_command(src, out, method, expert_bits, target_bits, target_size, group_size, attn_bits, attn_group_size,
-                     lm_head_bits, asym, layout, calib_data, calib_field, calib_samples, calib_seq_len, seed,
+                     lm_head_bits, asym, attn_asym, layout, calib_data, calib_field, calib_samples, calib_seq_len, seed,
                      rare_experts, min_expert_tokens, device, resume, revision, overwrite, threads) -> None:
     """Quantize the float DBRX checkpoint SRC (a folder, a hub repo id, or "demo": the small model
     shipped with dbrxq, unless a local folder named demo exists) into the folder OUT.
@@ -111,12 +120,13 @@ def quantize_command(src, out, method, expert_bits, target_bits, target_size, gr
         raise QuantizationError("--resume continues a --method gptq run; an rtn run is one pass: rerun it "
                                 "with --overwrite")
 
-    sym = not asym
+    if asym is None:
+        asym = expert_bits in ASYM_BY_DEFAULT
     qconfig = QuantConfig(
         method=method,
-        experts=ModuleQuant(expert_bits, group_size, sym),
-        attn=ModuleQuant(attn_bits, attn_group_size, sym),
-        lm_head=ModuleQuant(lm_head_bits, -1, sym),
+        experts=ModuleQuant(expert_bits, group_size, not asym),
+        attn=ModuleQuant(attn_bits, attn_group_size, not attn_asym),
+        lm_head=ModuleQuant(lm_head_bits, -1, not attn_asym),
         layout=layout,
     )
     describe = lambda mq: "bf16" if not mq.quantized else (  # noqa: E731

@@ -80,6 +80,23 @@ def max_threads() -> int:
     return 4 * max(1, cpus)
 
 
+def busy_before(threads: int | None) -> str | None:
+    """A warning (to print after a run) when the machine was already busy as it started and ``threads``
+    was left at its default, every core: OpenMP threads wait for each other at every matmul, and one
+    descheduled thread stalls them all (on a 2-core box with one busy process, 2 threads ran 16x
+    slower than 1). None when a thread count was chosen, or the load average left cores free."""
+    if threads is not None or torch.get_num_threads() < 2 or not hasattr(os, "getloadavg"):
+        return None
+    cpus = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    if load < 0.75 * cpus:
+        return None
+    spare = max(1, int(cpus - load))
+    return (f"warning: the load average was {load:.1f} on {cpus} CPUs as this run started: other processes compete "
+            f"with its {torch.get_num_threads()} threads, which wait for each other; --threads {spare} may be "
+            f"much faster")
+
+
 THREADS_HELP = ("CPU threads for matmuls and dbrxq's kernel [default: the physical cores; at most 4 per CPU]; "
                 "on a shared machine use fewer (1 when another process is busy).")
 

@@ -16,6 +16,7 @@ views (never touched, never resident), and dbrxq.runtime.offload wraps each laye
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -112,6 +113,7 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
         CheckpointError, ConfigError: with one line naming the file, tensor or field;
         BudgetError (a ConfigError) for a budget that cannot hold the non-expert weights.
     """
+    t0 = time.perf_counter()
     folder = resolve_model_dir(path_or_repo_id, revision=revision)
     config = DbrxConfig.from_json(Path(folder) / "config.json")
     qconfig = quantization_of(config, Path(folder) / "config.json")
@@ -122,6 +124,9 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
                           f"(this one is float); quantize it first with `dbrxq quantize`")
     with CheckpointReader(folder) as reader:
         check_checkpoint(reader, config, folder, expected_tensors(config, qconfig))  # before anything is built
+        files = {reader.file_of(n) for n in reader.keys()}
+        log.info("loading %s: %d layers, %s of weights in %d file(s)", folder, config.n_layers,
+                 format_size(sum(p.stat().st_size for p in files)), len(files))
         target = parse_dtype(dtype) or checkpoint_float_dtype(reader)
         if not offloading and qconfig is not None and dev.type == "cpu" and _too_big(reader, qconfig, folder):
             cpu_memory, offloading = "auto", True
@@ -187,6 +192,8 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
     model.eval()
     model.requires_grad_(False)
     model.source_dir = Path(folder)
+    log.info("loaded %s (%d layers, %s, %s) in %.1f s", folder, config.n_layers,
+             "float" if qconfig is None else f"{qconfig.layout} layout", dev, time.perf_counter() - t0)
     if offloading:
         options = dict(offload_options or {})
         if auto and dev.type == "cpu":

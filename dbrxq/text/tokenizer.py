@@ -258,7 +258,7 @@ class DbrxTokenizer:
         """DBRX instruct's ChatML prompt for ``messages`` (dicts with role, content).
 
         Mirrors the chat_template of databricks/dbrx-instruct: a leading system
-        message, else ``system_prompt``, else ``DEFAULT_SYSTEM_PROMPT``, is stripped
+        message, else ``system_prompt`` ("" for none), else ``DEFAULT_SYSTEM_PROMPT``, is stripped
         and rendered as ``<|im_start|>system\\n...<|im_end|>\\n``; every turn is
         ``<|im_start|>role\\ncontent<|im_end|>``, turns joined by ``\\n``; the
         generation prompt is ``\\n<|im_start|>assistant\\n``. With ``tokenize`` the
@@ -318,7 +318,7 @@ def _chat_pieces(
     if messages[0]["role"] == "system":
         system, turns = messages[0]["content"], messages[1:]
     elif "system" not in messages[0]["role"]:
-        system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt or None  # "": no system turn
         turns = messages
     else:
         system, turns = None, messages

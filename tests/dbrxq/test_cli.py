@@ -25,7 +25,7 @@ def test_run_default_model_is_deterministic_with_seed():
 
 
 def test_cli_output_equals_python_api():
-    r = dbrxq_cmd("run", "--prompt", "Hello", "-n", "10")
+    r = dbrxq_cmd("run", "--prompt", "Hello", "-n", "10", "-t", "0")
     assert r.returncode == 0, r.stderr
     text = dbrxq.load().generate("Hello", max_new_tokens=10)
     assert r.stdout == "Hello" + text + "\n"

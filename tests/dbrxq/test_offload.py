@@ -328,6 +328,35 @@ def test_prepared_expert_file_only_when_needed_where_asked_listed_and_cleared(cd
         dbrxq.load(cdir, cpu_memory=_budget(cdir, 2), context=32, offload_options={"cache_dir": cache})
 
 
+def test_cache_lists_checkpoint_size_and_use_and_clears_one_or_the_stale(cdir, tmp_path):
+    """`dbrxq cache` names the checkpoint each file was built from, its size and last use; a file whose
+    checkpoint changed (or is gone) is listed as stale; --clear MODEL removes that checkpoint's files
+    only, --clear-stale the stale ones."""
+    cache = tmp_path / "cache"
+    other = tmp_path / "other"
+    shutil.copytree(cdir, other)
+    for folder in (cdir, other):
+        r = CliRunner().invoke(cli, ["run", str(folder), "-p", "Hi", "-n", "2", "--cpu-memory",
+                                     f"{_budget(folder, 2)}B", "--context", "32", "--cache-dir", str(cache)])
+        assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["cache", "--cache-dir", str(cache)])
+    assert r.exit_code == 0 and "2 file(s)" in r.output and "stale" not in r.output, r.output
+    assert str(cdir.resolve()) in r.output and str(other.resolve()) in r.output and "last used " in r.output
+    shard = sorted(other.glob("*.safetensors"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # the checkpoint changed
+    r = CliRunner().invoke(cli, ["cache", "--cache-dir", str(cache)])
+    assert "STALE: its checkpoint changed since" in r.output and "1 stale" in r.output, r.output
+    r = CliRunner().invoke(cli, ["cache", "--cache-dir", str(cache), "--clear-stale"])
+    assert r.exit_code == 0 and "removed 1 file(s)" in r.output
+    r = CliRunner().invoke(cli, ["cache", "--cache-dir", str(cache)])
+    assert "1 file(s)" in r.output and str(cdir.resolve()) in r.output and str(other.resolve()) not in r.output
+    r = CliRunner().invoke(cli, ["cache", "--cache-dir", str(cache), "--clear", str(other)])
+    assert r.exit_code != 0 and "no file" in str(r.exception)
+    r = CliRunner().invoke(cli, ["cache", "--cache-dir", str(cache), "--clear", str(cdir)])
+    assert r.exit_code == 0 and "removed 1 file(s)" in r.output
+    assert not list((cache / "prepared").iterdir())
+
+
 def test_prepared_expert_file_is_checked_like_a_checkpoint(cdir, tmp_path, caplog):
     """The prepared-expert file is a cache, so untrusted: a damaged expert is caught on its first
     read (CRC-32 from the sidecar), the file removed and the error one line; the next load rebuilds
