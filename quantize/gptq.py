@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from dbrxq.core.errors import QuantizationError
+from quantize import kquants
 from quantize.primitives import (
     QuantizedTensor,
     compute_qparams,
@@ -126,18 +127,7 @@ class GPTQ:
                 static groups, unsupported settings, or a Hessian that stays indefinite.
         """
         t0 = time.perf_counter()
-        if self.H is None:
-            raise QuantizationError("GPTQ.quantize called after free(); the Hessian is gone")
-        if w.dim() != 2 or w.shape[1] != self.columns:
-            raise QuantizationError(
-                f"GPTQ expects a weight [N, {self.columns}], got {tuple(w.shape)}"
-            )
-        if self.nsamples == 0:
-            raise QuantizationError("GPTQ has no calibration inputs (add_batch was never fed)")
-        if not torch.isfinite(self.H).all():
-            raise QuantizationError(
-                "GPTQ Hessian has NaN/inf entries: the calibration inputs are not finite"
-            )
+        W, H, dead = self._prepare(w)
         if static_groups is None:
             static_groups = act_order
         if act_order and not static_groups:
@@ -148,14 +138,6 @@ class GPTQ:
         n_rows, k = w.shape
         g = resolve_group_size(group_size, k, bits)
         maxq, sym_zero = 2**bits - 1, float(2 ** (bits - 1))
-
-        W = w.to(self.device, torch.float32).clone()
-        H = self.H.clone()
-        # Inputs that never fire carry no information: pin their diagonal so H stays
-        # invertible and zero the weights, which cannot affect the output on this data.
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1.0
-        W[:, dead] = 0.0
 
         scales = torch.empty(n_rows, k // g, dtype=torch.float16, device=self.device)
         zeros = None if symmetric else torch.empty_like(scales, dtype=torch.uint8)
@@ -229,6 +211,78 @@ class GPTQ:
             "seconds": time.perf_counter() - t0,
         }
         return qt, stats
+
+    def _prepare(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W float32 copy, H copy, dead columns) after the checks every solve makes. Inputs that
+        never fire carry no information: their diagonal is pinned so H stays invertible, and their
+        weights are zeroed, which cannot affect the output on this data."""
+        if self.H is None:
+            raise QuantizationError("GPTQ.quantize called after free(); the Hessian is gone")
+        if w.dim() != 2 or w.shape[1] != self.columns:
+            raise QuantizationError(
+                f"GPTQ expects a weight [N, {self.columns}], got {tuple(w.shape)}"
+            )
+        if self.nsamples == 0:
+            raise QuantizationError("GPTQ has no calibration inputs (add_batch was never fed)")
+        if not torch.isfinite(self.H).all():
+            raise QuantizationError(
+                "GPTQ Hessian has NaN/inf entries: the calibration inputs are not finite"
+            )
+        W = w.to(self.device, torch.float32).clone()
+        H = self.H.clone()
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
+        return W, H, dead
+
+    @torch.no_grad()
+    def quantize_grid(self, w: torch.Tensor, name: str, *, damp: float = 0.01,
+                      block_size: int = 128) -> tuple[kquants.KQuantized, dict[str, Any]]:
+        """GPTQ onto llama.cpp's grid ``name`` (quantize.kquants: Q8_0, Q4_K, Q5_K, Q6_K): at each
+        block's first column its quantized scales (and mins) are chosen from the weights as updated so
+        far, weighted by the Hessian's diagonal (llama.cpp's importance-matrix weighting), and the
+        columns are then rounded onto exactly that grid, so what is written is what GPTQ solved for.
+        Returns ``(KQuantized, stats)`` with ``output_error`` as in :meth:`quantize`."""
+        t0 = time.perf_counter()
+        grid = kquants.grid(name)
+        kquants.check_shape(w, grid)
+        W, H, dead = self._prepare(w)
+        n_rows, k = W.shape
+        hinv, used_damp = _upper_cholesky_of_inverse(H, damp)
+        B = grid.block
+        if B % block_size and block_size % B:
+            block_size = math.gcd(B, block_size)
+        fields = kquants.empty_fields(grid, n_rows, k // B)
+        codes = torch.empty(n_rows, k, dtype=torch.int16)
+        col_s, col_o = torch.empty_like(W), torch.zeros_like(W)
+        importance = torch.diag(self.H)
+        for i1 in range(0, k, block_size):
+            i2 = min(i1 + block_size, k)
+            W1, err1, hinv1 = W[:, i1:i2].clone(), torch.zeros(n_rows, i2 - i1, device=W.device), hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                j = i1 + i
+                if j % B == 0:  # the block's grid, from the weights as updated so far
+                    src = W[:, j:j + B] if i == 0 else W1[:, i:i + B]
+                    p = grid.params(src, kquants.importance_weights(src, importance[j:j + B]))
+                    for key, v in p.items():
+                        fields[key][:, j // B] = v.view(n_rows, -1).cpu()
+                    S, O = grid.scale_offset(p)
+                    col_s[:, j:j + B] = S.repeat_interleave(grid.sub, dim=1)
+                    if O is not None:
+                        col_o[:, j:j + B] = O.repeat_interleave(grid.sub, dim=1)
+                col = W1[:, i]
+                q = grid.codes(col, col_s[:, j], col_o[:, j] if grid.asym else None)
+                codes[:, j] = q.to(torch.int16).cpu()
+                e = (col - (col_s[:, j] * q - col_o[:, j])) / hinv1[i, i]
+                W1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+                err1[:, i] = e
+            W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        kq = kquants.KQuantized(grid, codes, fields)
+        stats = {"output_error": quadratic_energy(w.to(self.device).float() - kquants.dequantize(kq).to(self.device),
+                                                  self.H),
+                 "damp": used_damp, "dead_columns": int(dead.sum()), "nsamples": self.nsamples,
+                 "seconds": time.perf_counter() - t0}
+        return kq, stats
 
     @torch.no_grad()
     def output_error(self, w: torch.Tensor, qt: QuantizedTensor) -> float:
