@@ -371,6 +371,21 @@ def test_tokenizer_json_whose_ids_are_not_ranks_is_refused(tmp_path, ranks):
         DbrxTokenizer.from_pretrained(tmp_path)
 
 
+def test_a_large_tokenizer_json_repeating_a_vocab_key_is_refused(tmp_path, ranks):
+    """Above 1 MiB the nesting scan is skipped, the repeated-key check is not: a vocab that lists a
+    token twice (the last id would silently win) is refused however large the file."""
+    data = to_hf_tokenizer_json(ranks, dbrx_specials_after(N_RANKS))
+    text = json.dumps(data)
+    first = next(iter(data["model"]["vocab"]))
+    key = json.dumps(first)
+    i = text.index(key + ":")
+    text = text[:i] + f"{key}: 7, " + text[i:]  # the same token once more, with another id
+    text += " " * ((1 << 20) + 1 - len(text))  # a file above the 1 MiB nesting-scan limit
+    (tmp_path / tk.HF_TOKENIZER_FILE).write_text(text)
+    with pytest.raises(TokenizerError, match=r"key .* appears twice in one object"):
+        DbrxTokenizer.from_pretrained(tmp_path)
+
+
 def test_own_files_win_over_tokenizer_json(vocab_dir, ranks):
     (vocab_dir / tk.HF_TOKENIZER_FILE).write_text("not json")  # would fail if read
     assert DbrxTokenizer.from_pretrained(vocab_dir).source.endswith(tk.VOCAB_FILE)
