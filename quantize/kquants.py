@@ -1,4 +1,4 @@
-"""llama.cpp's block grids, chosen by dbrxq: Q8_0, Q4_K, Q5_K and Q6_K codes and scales for a weight
+"""llama.cpp's block grids, chosen by dbrxq: Q8_0 and Q6_K ... Q2_K codes and scales for a weight
 ``[N, K]``, their exact bytes in GGUF's layout, and their dequantization.
 
 A grid says, per row and per block of columns, how a code maps back to a value: ``x = S * c - O``
@@ -14,6 +14,8 @@ rounds onto the very grid that is written.
 | Q6_K | 256 = 16 x 16 | -32..31 | d (fp16) x sc (int8) | 0 | 210 |
 | Q5_K | 256 = 8 x 32 | 0..31 | d (fp16) x sc (6-bit) | dmin (fp16) x m (6-bit) | 176 |
 | Q4_K | 256 = 8 x 32 | 0..15 | d (fp16) x sc (6-bit) | dmin (fp16) x m (6-bit) | 144 |
+| Q3_K | 256 = 16 x 16 | -4..3 | d (fp16) x sc (6-bit signed) | 0 | 110 |
+| Q2_K | 256 = 16 x 16 | 0..3 | d (fp16) x sc (4-bit) | dmin (fp16) x m (4-bit) | 84 |
 
 Exactness: :func:`dequantize` computes in float32 in the order llama.cpp's reference (and the
 ``gguf`` package's numpy port) does, ``(d * sc) * c - dmin * m``, so dbrxq's dequantized weight and
@@ -24,8 +26,8 @@ Choosing S and O. For the K-types each sub-block's scale (and min) is fitted by 
 21 candidate scales around ``(max - min) / hi``, codes by rounding, then the weighted least-squares
 (scale, min) for those codes (weights ``rms(x) + |x|``, llama.cpp's without an importance matrix, or
 the caller's, e.g. the diagonal of the calibration Hessian); the best fit per sub-block wins. The
-sub-block scales and mins are then put on their 6-bit (Q4_K/Q5_K) or int8 (Q6_K) grid under a fp16
-super-scale, and only those quantized values are used from there on.
+sub-block scales and mins are then put on their integer grid (4-bit Q2_K, 6-bit Q3_K/Q4_K/Q5_K,
+8-bit Q6_K) under a fp16 super-scale, and only those quantized values are used from there on.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class Grid:
     lo: int
     hi: int
     asym: bool  # a per-sub-block min (O) as well as a scale
-    scale_bits: int  # of the sub-block scales (and mins): 6, or 8 (signed); 0 for Q8_0 (d only)
+    sc_hi: int  # the sub-block scales (and mins) are integers up to this (from 0, or from -sc_hi - 1
+    #            when signed); 0 for Q8_0, whose blocks have d only
 
     @property
     def subs(self) -> int:
@@ -66,17 +69,17 @@ class Grid:
             return {"d": d.view(n, 1)}
         xs = x.view(n, self.subs, self.sub)
         w = _weights(xs) if weights is None else weights.view(n, self.subs, self.sub).float()
+        top = self.sc_hi
         if self.asym:
             s, mval = _fit_asym(xs, w, self.hi)  # x ~ s * c - mval, s >= 0, mval >= 0
-            top = (1 << self.scale_bits) - 1
             d = (s.amax(dim=1) / top).to(torch.float16)
             dmin = (mval.amax(dim=1) / top).to(torch.float16)
             sc = _ratio(s, d, 0, top)
             m = _ratio(mval, dmin, 0, top)
             return {"d": d.view(n, 1), "dmin": dmin.view(n, 1), "sc": sc, "m": m}
         s = _fit_sym(xs, w, self.lo, self.hi)  # signed: the extreme may take the lowest code
-        d = (s.abs().amax(dim=1) / 127).to(torch.float16)
-        sc = _ratio(s, d, -127, 127)
+        d = (s.abs().amax(dim=1) / top).to(torch.float16)
+        sc = _ratio(s, d, -top - 1, top)
         return {"d": d.view(n, 1), "sc": sc}
 
     def scale_offset(self, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -96,9 +99,11 @@ class Grid:
 
 GRIDS = {
     "Q8_0": Grid("Q8_0", 32, 32, -127, 127, False, 0),
-    "Q6_K": Grid("Q6_K", QK_K, 16, -32, 31, False, 8),
-    "Q5_K": Grid("Q5_K", QK_K, 32, 0, 31, True, 6),
-    "Q4_K": Grid("Q4_K", QK_K, 32, 0, 15, True, 6),
+    "Q6_K": Grid("Q6_K", QK_K, 16, -32, 31, False, 127),
+    "Q5_K": Grid("Q5_K", QK_K, 32, 0, 31, True, 63),
+    "Q4_K": Grid("Q4_K", QK_K, 32, 0, 15, True, 63),
+    "Q3_K": Grid("Q3_K", QK_K, 16, -4, 3, False, 31),
+    "Q2_K": Grid("Q2_K", QK_K, 16, 0, 3, True, 15),
 }
 
 
@@ -261,6 +266,24 @@ def to_bytes(kq: KQuantized) -> np.ndarray:
         qh = qh[:, :, 0] | (qh[:, :, 1] << 2) | (qh[:, :, 2] << 4) | (qh[:, :, 3] << 6)
         sc = kq.fields["sc"].numpy().reshape(n * nb, 16).view(np.uint8)
         out = np.concatenate([ql.reshape(n * nb, 128), qh.reshape(n * nb, 64), sc, d], axis=1)
+    elif g.name == "Q3_K":
+        q = c.reshape(n * nb, 2, 4, 32)  # halves of 128: 4 runs of 32, 2 bits each in the 64 qs bytes
+        low = (q & 3).astype(np.uint8)
+        qs = low[:, :, 0] | (low[:, :, 1] << 2) | (low[:, :, 2] << 4) | (low[:, :, 3] << 6)
+        hb = (c.reshape(n * nb, 8, 32) >= 0).astype(np.uint8)  # the high bit is set for codes 0..3
+        hmask = np.bitwise_or.reduce(hb << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
+        sc = (kq.fields["sc"].numpy().reshape(n * nb, 16).astype(np.int16) + 32).astype(np.uint8)
+        scales = np.empty((n * nb, 12), dtype=np.uint8)
+        scales[:, :8] = (sc[:, :8] & 0x0F) | ((sc[:, 8:] & 0x0F) << 4)
+        hi2 = (sc >> 4).reshape(n * nb, 4, 4)  # [shift s, byte k]: scale s * 4 + k
+        scales[:, 8:] = hi2[:, 0] | (hi2[:, 1] << 2) | (hi2[:, 2] << 4) | (hi2[:, 3] << 6)
+        out = np.concatenate([hmask, qs.reshape(n * nb, 64), scales, d], axis=1)
+    elif g.name == "Q2_K":
+        q = c.astype(np.uint8).reshape(n * nb, 2, 4, 32)
+        qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
+        scales = (kq.fields["sc"].numpy().reshape(n * nb, 16) & 0x0F) | (kq.fields["m"].numpy().reshape(n * nb, 16) << 4)
+        dmin = kq.fields["dmin"].numpy().reshape(n * nb, 1).view(np.uint8)
+        out = np.concatenate([scales.astype(np.uint8), qs.reshape(n * nb, 64), d, dmin], axis=1)
     else:
         dmin = kq.fields["dmin"].numpy().reshape(n * nb, 1).view(np.uint8)
         scales = _pack_scale_min(kq.fields["sc"].numpy().reshape(n * nb, 8), kq.fields["m"].numpy().reshape(n * nb, 8))

@@ -14,7 +14,7 @@ from quantize.primitives import quantize_tensor
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize as llama_dequantize  # noqa: E402
 
-TYPES = ["Q8_0", "Q6_K", "Q5_K", "Q4_K"]
+TYPES = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
 
 
 def weight(n=48, k=512, seed=0) -> torch.Tensor:
@@ -39,16 +39,20 @@ def test_bytes_dequantize_in_llama_cpp_to_exactly_our_weight(name):
     assert np.array_equal(theirs, kquants.dequantize(kq).numpy())  # the bound is zero
     g = kquants.grid(name)
     assert int(kq.codes.min()) >= g.lo and int(kq.codes.max()) <= g.hi
+    if "sc" in kq.fields:
+        assert -g.sc_hi - 1 <= int(kq.fields["sc"].min()) and int(kq.fields["sc"].max()) <= g.sc_hi
     if g.asym:
-        assert int(kq.fields["sc"].max()) <= 63 and int(kq.fields["m"].max()) <= 63
+        assert 0 <= int(kq.fields["m"].min()) and int(kq.fields["m"].max()) <= g.sc_hi
     assert torch.equal(kquants.dequantize(kq)[5], torch.zeros(512))  # zeros stay zeros
 
 
 @pytest.mark.parametrize("name, bits, group, sym", [("Q8_0", 8, 32, True), ("Q6_K", 4, 32, True),
-                                                    ("Q5_K", 4, 32, False), ("Q4_K", 4, 32, False)])
+                                                    ("Q5_K", 4, 32, False), ("Q4_K", 4, 32, False),
+                                                    ("Q3_K", 3, 32, False), ("Q2_K", 2, 32, False)])
 def test_error_is_below_a_plain_grid_with_as_many_or_more_bytes(name, bits, group, sym):
     """Sanity of the scale search: each type's error is at most that of dbrxq's plain RTN at a
-    comparable width with fp16 scales (Q4_K and Q5_K: int4 asym g32, 4.5+ bits per value)."""
+    comparable or larger width with fp16 scales (Q4_K: int4 asym g32, 5 bits per value; Q3_K, 3.44
+    bits: int3 asym g32, 3.75; Q2_K, 2.63 bits: int2 asym g32, 2.75)."""
     w = torch.randn(64, 1024, generator=torch.Generator().manual_seed(1)) * 0.02
     mine = (kquants.dequantize(kquants.quantize(w, name)) - w).square().mean()
     plain = (quantize_tensor(w, bits, group, sym).dequantize() - w).square().mean()
@@ -81,5 +85,5 @@ def test_gptq_onto_the_grid_is_exact_and_beats_round_to_nearest(name):
 def test_shapes_the_grids_cannot_hold_are_refused():
     with pytest.raises(QuantizationError, match=r"Q4_K needs rows of a multiple of 256 values, got a weight \(4, 320\)"):
         kquants.quantize(torch.zeros(4, 320), "Q4_K")
-    with pytest.raises(QuantizationError, match="'Q3_K': expected one of Q8_0, Q6_K, Q5_K, Q4_K"):
-        kquants.quantize(torch.zeros(4, 256), "Q3_K")
+    with pytest.raises(QuantizationError, match="'IQ4_XS': expected one of Q8_0, Q6_K, Q5_K, Q4_K, Q3_K, Q2_K"):
+        kquants.quantize(torch.zeros(4, 256), "IQ4_XS")
