@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from dbrxq.core.errors import QuantizationError
+from quantize import kquants
 from quantize.primitives import QuantizedTensor, quantize_tensor
 
 BLOCK = 32
@@ -54,10 +55,17 @@ def exact_type(bits: int, symmetric: bool, group: int, k: int) -> str | None:
     return None
 
 
+# K-types: (values, bytes) per block of 256 (quantize.kquants)
+K_BLOCK_BYTES = {"Q6_K": 210, "Q5_K": 176, "Q4_K": 144, "Q3_K": 110, "Q2_K": 84}
+
+
 def row_bytes(ggml_type: str, k: int) -> int:
     """Bytes of one row of K values in ``ggml_type``."""
     if ggml_type in FLOAT_BYTES:
         return k * FLOAT_BYTES[ggml_type]
+    if ggml_type in K_BLOCK_BYTES:
+        assert k % kquants.QK_K == 0, (ggml_type, k)
+        return k // kquants.QK_K * K_BLOCK_BYTES[ggml_type]
     assert k % BLOCK == 0, (ggml_type, k)
     return k // BLOCK * BLOCK_BYTES[ggml_type]
 
@@ -138,7 +146,8 @@ def float_to_type(w: torch.Tensor, ggml_type: str, what: str = "tensor") -> np.n
     """Float weights ``[..., N, K]`` -> bytes of ``ggml_type``.
 
     F32/F16/BF16 are conversions; Q8_0/Q4_0 quantize with dbrxq's own round-to-nearest at group
-    32, symmetric (quantize.primitives), which then maps exactly onto the GGML type.
+    32, symmetric (quantize.primitives), which then maps exactly onto the GGML type; the K-types
+    round to nearest on their own grid (quantize.kquants).
     """
     if ggml_type == "F32":
         return w.float().contiguous().numpy().view(np.uint8)
@@ -154,4 +163,7 @@ def float_to_type(w: torch.Tensor, ggml_type: str, what: str = "tensor") -> np.n
         return q8_0(quantize_tensor(w.float(), 8, BLOCK, True))
     if ggml_type == "Q4_0":
         return q4_0(quantize_tensor(w.float(), 4, BLOCK, True))
+    if ggml_type in K_BLOCK_BYTES:  # dbrxq's round to nearest on llama.cpp's grid (quantize.kquants)
+        rows = w.float().reshape(-1, w.shape[-1])
+        return kquants.to_bytes(kquants.quantize(rows, ggml_type)).reshape(*w.shape[:-1], -1)
     raise AssertionError(ggml_type)

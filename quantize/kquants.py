@@ -62,7 +62,11 @@ class Grid:
 
     def params(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Quantized parameters of ``x [N, block]`` (float32): a dict of the stored fields (fp16 ``d``,
-        ``dmin``; integer ``sc``, ``m``), from which :meth:`scale_offset` derives S and O."""
+        ``dmin``; integer ``sc``, ``m``), from which :meth:`scale_offset` derives S and O. The same
+        numbers whatever ``x``'s memory layout (a transposed view is copied first: sums over strided
+        memory can round differently)."""
+        x = x.contiguous()
+        weights = None if weights is None else weights.contiguous()
         n = x.shape[0]
         if self.name == "Q8_0":
             d = (x.abs().amax(dim=1) / 127).to(torch.float16)

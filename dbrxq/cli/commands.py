@@ -239,15 +239,18 @@ def cache(cache_dir, clear, clear_stale) -> None:
 @click.command(context_settings=CONTEXT, epilog=examples(
     'dbrxq export QUANTIZED model.gguf                    # its codes as they are: Q4_0 / Q4_1 / Q8_0',
     'dbrxq export FLOAT model.gguf --type q8_0            # a float checkpoint, quantized on the way',
+    'dbrxq export FLOAT model.gguf --type q4_k_m          # llama.cpp\'s Q4_K_M mix, rounded by dbrxq',
     'llama-cli -m model.gguf -p "The function returns"    # then run it in llama.cpp or Ollama',
 ))
 @click.argument("model")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--type", "type_", default="auto", show_default=True,
-              type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0", "q4_0"], case_sensitive=False),
+              type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m",
+                                 "q6_k"], case_sensitive=False),
               help="Float checkpoints only: the type of the experts and attention (q8_0/q4_0 quantize them "
-                   "with dbrxq's RTN, g32). auto: quantized checkpoints keep their codes (int4 sym -> Q4_0, "
-                   "int4 asym -> Q4_1, int8 sym -> Q8_0); float ones keep their precision.")
+                   "with dbrxq's RTN, g32; q2_k ... q6_k are llama.cpp's K-quant mixes, per tensor as "
+                   "llama-quantize chooses, rounded by dbrxq). auto: quantized checkpoints keep their codes "
+                   "(int4 sym -> Q4_0, int4 asym -> Q4_1, int8 sym -> Q8_0); float ones keep their precision.")
 @click.option("--float-type", default="auto", show_default=True,
               type=click.Choice(["auto", "f32", "f16", "bf16"], case_sensitive=False),
               help="Type of the unquantized matrices (embedding, output head); auto = as stored. "

@@ -50,6 +50,7 @@ from quantize.config import quantization_of
 from quantize import blocks
 from quantize.ggml import (
     BLOCK,
+    K_BLOCK_BYTES,
     exact_type,
     float_to_type,
     from_codes,
@@ -57,6 +58,7 @@ from quantize.ggml import (
     row_bytes,
 )
 from quantize.primitives import QuantizedTensor, check_qparams, logical_k
+from quantize.recipes import FILE_TYPES, RECIPES, fit_type, tensor_type
 from quantize.rtn import EXPERT_KINDS
 from quantize.specs import expected_tensors, expert_slot, expert_stack
 
@@ -64,7 +66,7 @@ log = logging.getLogger(__name__)
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 QUANT_TYPES = ("Q8_0", "Q4_0")
-TYPES = ("auto", "f32", "f16", "bf16", "q8_0", "q4_0")  # --type
+TYPES = ("auto", "f32", "f16", "bf16", "q8_0", "q4_0", *RECIPES)  # --type
 FLOAT_TYPE_CHOICES = ("auto", "f32", "f16", "bf16")  # --float-type
 CHUNK_BYTES = 64 << 20  # rows of a float matrix converted at a time
 _SOURCE_FLOAT = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -151,9 +153,13 @@ class _Planner:
         return PlannedTensor(gguf_name, "F32", shape, chunks, name)
 
     def float_matrix(self, gguf_name: str, name: str, ggml_type: str | None = None) -> PlannedTensor:
-        """A 2-D float tensor (embedding, head, unquantized attention) in the float type."""
+        """A 2-D float tensor (embedding, head, unquantized attention) in the float type, or in a
+        K-quant mix's type for it."""
         shape = self.r.shape(name)
         kind = ggml_type or _float_type(self.float_choice, self.r.dtype(name))
+        if ggml_type is None and self.type.lower() in RECIPES and self.q is None:
+            kind = fit_type(tensor_type(self.type.lower(), gguf_name, self.c.n_layers,
+                                          self.c.n_heads // self.c.kv_n_heads), shape[-1])
         def chunks():
             for part in self.row_chunks(name):
                 yield float_to_type(part, kind, name)
@@ -262,7 +268,10 @@ class _Planner:
             shape = tuple(stored)
         ggml_type = _float_type(self.float_choice, self.r.dtype(name))
         origin = f"{name} (float)"
-        if self.type in QUANT_TYPES and kind != "lm_head":
+        if self.type.lower() in RECIPES:  # llama.cpp's mix, the head included
+            ggml_type = fit_type(tensor_type(self.type.lower(), gguf_name, c.n_layers, c.n_heads // c.kv_n_heads), shape[-1])
+            origin = f"{name} (float, dbrxq RTN on {ggml_type}'s grid, {self.type} mix)"
+        elif self.type in QUANT_TYPES and kind != "lm_head":
             if shape[-1] % BLOCK == 0:
                 ggml_type = self.type
                 origin = f"{name} (float, dbrxq RTN g32 symmetric -> {ggml_type})"
@@ -307,16 +316,18 @@ class _Planner:
 
 # ----------------------------------------------------------------------------- writing
 
-def _file_type(plan: list[PlannedTensor]):
-    """general.file_type: the type holding most of the bytes (the experts')."""
+def _file_type(plan: list[PlannedTensor], recipe: str = "auto"):
+    """general.file_type: a K-quant mix's own, else the type holding most of the bytes (the experts')."""
     import gguf
     by: dict[str, int] = {}
     for t in plan:
         by[t.ggml_type] = by.get(t.ggml_type, 0) + t.nbytes
     main = max(by, key=by.get)
     names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4_0": "MOSTLY_Q4_0",
-             "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0"}
-    return main, gguf.LlamaFileType[names[main]]
+             "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0", **{t: f"MOSTLY_{t}" for t in K_BLOCK_BYTES}}
+    if recipe in FILE_TYPES:
+        return main, gguf.LlamaFileType[FILE_TYPES[recipe]]
+    return main, gguf.LlamaFileType[names[main] if main != "Q3_K" else "MOSTLY_Q3_K_M"]
 
 
 def _check_supported(config: DbrxConfig, folder: Path) -> None:
@@ -380,9 +391,12 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str 
             planner.warnings.insert(0, f"--type {type_}: experts and attention quantized with dbrxq's RTN "
                                        f"(g32, symmetric) from the float weights; embeddings and the output "
                                        f"head stay {_float_type(float_type, reader.dtype('transformer.wte.weight'))}")
+        if type_ in RECIPES:
+            planner.warnings.insert(0, f"--type {type_}: llama.cpp's {type_.upper()} mix of types, each tensor rounded "
+                                       f"to nearest on its grid by dbrxq (no calibration data)")
         for msg in planner.warnings:
             log.warning(msg)
-        main, file_type = _file_type(plan)
+        main, file_type = _file_type(plan, type_)
         total = sum(t.nbytes for t in plan)
         remove_stale_temps(out.parent, prefix=out.name + ".tmp.")  # left by a killed export of OUT
         free = shutil.disk_usage(out.parent).free

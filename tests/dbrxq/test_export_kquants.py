@@ -1,0 +1,93 @@
+"""`dbrxq export --type q2_k|q3_k_m|q4_k_m|q5_k_m|q6_k`: llama.cpp's K-quant mixes from a float
+checkpoint, each tensor rounded by dbrxq onto its grid. The tensor types are llama.cpp's own (recorded
+from llama-cpp-python 0.3.36's ``llama_model_quantize`` of the same models), and every byte written
+dequantizes in llama.cpp's reference to what dbrxq chose."""
+
+import numpy as np
+import pytest
+import torch
+
+from dbrxq.export.gguf import export_gguf
+from dbrxq.formats.random import make_random_checkpoint, preset_config
+from dbrxq.formats.hub import default_model_dir
+from quantize import kquants
+from quantize.recipes import tensor_type
+
+gguf = pytest.importorskip("gguf")
+from gguf.quants import dequantize as llama_dequantize  # noqa: E402
+
+RECIPES = ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")
+BASE = {"q2_k": "Q2_K", "q3_k_m": "Q3_K", "q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}
+# llama.cpp on a 40-layer model with 8 query heads per 2 KV heads: the layers whose attn_qkv and
+# ffn_down_exps get more bits (Q6_K in Q4_K_M and Q5_K_M; Q5_K in Q3_K_M)
+MORE_BITS_40 = [0, 1, 2, 3, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34, 35, 36, 37, 38, 39]
+# ... and on a 2-layer model with 4 query heads per 2 KV heads (the one exported below)
+TWO_LAYERS = {
+    "q2_k": {"output": "Q6_K", "token_embd": "Q2_K", "attn_qkv": ["Q3_K", "Q3_K"], "attn_output": ["Q3_K", "Q3_K"],
+             "ffn_down_exps": ["Q3_K", "Q3_K"], "ffn_gate_exps": ["Q2_K", "Q2_K"]},
+    "q3_k_m": {"output": "Q6_K", "token_embd": "Q3_K", "attn_qkv": ["Q5_K", "Q5_K"], "attn_output": ["Q4_K", "Q4_K"],
+               "ffn_down_exps": ["Q4_K", "Q4_K"], "ffn_gate_exps": ["Q3_K", "Q3_K"]},
+    "q4_k_m": {"output": "Q6_K", "token_embd": "Q4_K", "attn_qkv": ["Q4_K", "Q6_K"], "attn_output": ["Q4_K", "Q4_K"],
+               "ffn_down_exps": ["Q4_K", "Q6_K"], "ffn_gate_exps": ["Q4_K", "Q4_K"]},
+    "q5_k_m": {"output": "Q6_K", "token_embd": "Q5_K", "attn_qkv": ["Q5_K", "Q6_K"], "attn_output": ["Q5_K", "Q5_K"],
+               "ffn_down_exps": ["Q5_K", "Q6_K"], "ffn_gate_exps": ["Q5_K", "Q5_K"]},
+    "q6_k": {"output": "Q6_K", "token_embd": "Q6_K", "attn_qkv": ["Q6_K", "Q6_K"], "attn_output": ["Q6_K", "Q6_K"],
+             "ffn_down_exps": ["Q6_K", "Q6_K"], "ffn_gate_exps": ["Q6_K", "Q6_K"]},
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_mix_is_llama_cpps_at_40_layers(recipe):
+    base = BASE[recipe]
+    t = lambda name: tensor_type(recipe, name, 40, 4)  # noqa: E731
+    assert (t("output.weight"), t("token_embd.weight")) == ("Q6_K", base)
+    for i in range(40):
+        qkv, down = t(f"blk.{i}.attn_qkv.weight"), t(f"blk.{i}.ffn_down_exps.weight")
+        more = i in MORE_BITS_40
+        want_qkv = {"q2_k": "Q4_K", "q3_k_m": "Q5_K" if i < 2 else "Q4_K", "q4_k_m": "Q6_K" if more else "Q4_K",
+                    "q5_k_m": "Q6_K" if more else "Q5_K", "q6_k": "Q6_K"}[recipe]
+        want_down = {"q2_k": "Q3_K", "q3_k_m": "Q5_K" if i < 2 else "Q4_K", "q4_k_m": "Q6_K" if more else "Q4_K",
+                     "q5_k_m": "Q6_K" if more else "Q5_K", "q6_k": "Q6_K"}[recipe]
+        assert (qkv, down) == (want_qkv, want_down), (recipe, i)
+        assert t(f"blk.{i}.attn_output.weight") == {"q2_k": "Q3_K", "q3_k_m": "Q4_K"}.get(recipe, base)
+        assert t(f"blk.{i}.ffn_gate_exps.weight") == t(f"blk.{i}.ffn_up_exps.weight") == base
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A random float checkpoint whose rows are whole 256-value blocks (2 layers, d 256, 4 query
+    heads per 2 KV heads), and its F32 export (the float weights in GGUF's orientation)."""
+    root = tmp_path_factory.mktemp("kq")
+    src = make_random_checkpoint(root / "src", preset_config("tiny", d_model=256, ffn_hidden_size=256, n_heads=4, vocab_size=1536),
+                                 dtype=torch.float32, tokenizer_dir=default_model_dir(), progress=False)
+    export_gguf(src, root / "f32.gguf", type_="f32")
+    floats = {t.name: np.asarray(t.data, dtype=np.float32) for t in gguf.GGUFReader(root / "f32.gguf").tensors}
+    return src, root, floats
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_export_writes_llama_cpps_types_with_the_codes_dbrxq_chose(wide, recipe):
+    src, root, floats = wide
+    out = export_gguf(src, root / f"{recipe}.gguf", type_=recipe).path
+    reader = gguf.GGUFReader(out)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    ref = TWO_LAYERS[recipe]
+    assert (types["output.weight"], types["token_embd.weight"]) == (ref["output"], ref["token_embd"])
+    for kind in ("attn_qkv", "attn_output", "ffn_down_exps", "ffn_gate_exps"):
+        assert [types[f"blk.{i}.{kind}.weight"] for i in range(2)] == ref[kind], kind
+    file_type = reader.fields["general.file_type"]
+    assert int(file_type.parts[file_type.data[0]][0]) == int(gguf.LlamaFileType[f"MOSTLY_{recipe.upper()}"])
+    for t in reader.tensors:
+        if t.tensor_type.name == "F32":
+            continue
+        w = torch.from_numpy(floats[t.name].reshape(-1, floats[t.name].shape[-1]).copy())
+        mine = kquants.dequantize(kquants.quantize(w, t.tensor_type.name)).numpy()
+        theirs = llama_dequantize(np.asarray(t.data), t.tensor_type).reshape(mine.shape)
+        assert np.array_equal(theirs, mine), t.name  # what llama.cpp reads is what dbrxq chose
+
+
+def test_rows_that_are_not_whole_blocks_fall_back(tmp_path):
+    """The demo's rows of 128 values cannot hold K-types: Q8_0, as the exporter warns."""
+    out = export_gguf(default_model_dir(), tmp_path / "demo.gguf", type_="q4_k_m").path
+    types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types == {"Q8_0", "F32"}
