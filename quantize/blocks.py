@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from dbrxq.core.errors import QuantizationError
-from quantize.primitives import QuantizedTensor, pack_codes, resolve_group_size
+from quantize.primitives import QuantizedTensor, check_qparams, pack_codes, resolve_group_size
 
 RB = 16  # rows per block
 ALIGN = 64  # a block, and each weight inside a slot, starts on a cache line
@@ -173,6 +173,33 @@ def scales_of(blocks: torch.Tensor, bits: int, n: int, k: int, group_size: int, 
     return scales, zeros
 
 
+def check_numbers(blocks: torch.Tensor, bits: int, n: int, k: int, group_size: int, asym: bool, what: str) -> None:
+    """:func:`quantize.primitives.check_qparams` of a weight stored in blocks, without gathering its
+    scales: in the whole row blocks they are checked where they lie, as one strided reduction over
+    their bit patterns (a positive finite half is a pattern in (0, 0x7C00)), and the zeros by their
+    maximum. For a real-width DBRX matrix that is ~0.05 ms against ~20 ms for gathering and
+    transposing them first (the first read of an offloaded expert pays it). A failure, or a last
+    partial row block (whose padding rows hold zeros), goes through the exact check, which counts."""
+    g = resolve_group_size(group_size, k, bits)
+    nb, ng = -(-n // RB), k // g
+    bb, cb = block_bytes(bits, k, g, asym), codes_bytes(bits, k)
+    full = n // RB
+    ok = False
+    if full:
+        b = blocks.reshape(-1)[: nb * bb].reshape(nb, bb)[:full]
+        try:
+            lo, hi = b[:, cb:cb + 2 * RB * ng].view(torch.int16).aminmax()
+        except RuntimeError:  # a layout whose rows do not keep the scales 2-byte aligned
+            lo, hi = torch.tensor(0), torch.tensor(0)
+        ok = int(lo) > 0 and int(hi) < 0x7C00
+        if ok and asym:
+            ok = int(b[:, cb + 2 * RB * ng:cb + 3 * RB * ng].max()) <= 2**bits - 1
+    if ok and full == nb:
+        return
+    scales, zeros = scales_of(blocks, bits, n, k, group_size, asym)
+    check_qparams(scales, zeros, bits, what)
+
+
 def set_qparams(blocks: torch.Tensor, bits: int, n: int, k: int, group_size: int, scales: torch.Tensor,
                 zeros: torch.Tensor | None) -> None:
     """Write a weight's scales ``[N, K/G]`` (and zeros) into its blocks in place (the codes stay): with
@@ -285,6 +312,11 @@ class BlocksTensor:
         return unpack(self.blocks, self.bits, n, k, self.group_size, self.asym)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Its scales and zeros (for checking the numbers)."""
+        """Its scales and zeros."""
         n, k = self.shape
         return scales_of(self.blocks, self.bits, n, k, self.group_size, self.asym)
+
+    def check_numbers(self, what: str) -> None:
+        """Refuse (one line) scales that are not finite and positive, zeros beyond the codes."""
+        n, k = self.shape
+        check_numbers(self.blocks, self.bits, n, k, self.group_size, self.asym, what)

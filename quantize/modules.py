@@ -37,7 +37,7 @@ from quantize import kernels
 from quantize.blocks import BLOCKS, BlocksTensor, ExpertSlot, weight_stored_bytes
 from quantize.config import ModuleQuant, QuantConfig
 from quantize.format import MIXED_PART, QWEIGHT, QZEROS, SCALES
-from quantize.primitives import QuantizedTensor, check_qparams, packed_k, resolve_group_size
+from quantize.primitives import QuantizedTensor, packed_k, resolve_group_size
 from quantize.rtn import EXPERT_KINDS, quantize_experts_rtn, quantize_rtn
 from quantize.specs import resolve_layout
 
@@ -283,8 +283,7 @@ def in_place(module: nn.Module) -> bool:
 
 
 def _check_numbers(source: BlocksTensor, what: str) -> None:
-    scales, zeros = source.qparams()
-    check_qparams(scales, zeros, source.bits, what)
+    source.check_numbers(what)
 
 
 class QBlocksLinear(nn.Module):

@@ -31,7 +31,7 @@ from dbrxq.core.untrusted import MAX_INDEX_BYTES, is_int, read_json
 from dbrxq.formats.checkpoint import CheckpointReader
 from dbrxq.plan.slots import SlotLayout, prepare_expert
 from quantize import cext
-from quantize.blocks import scales_of
+from quantize.blocks import check_numbers
 from quantize.primitives import check_qparams
 from quantize.specs import expert_stack
 
@@ -179,9 +179,8 @@ class CheckpointExperts(ExpertFiles):
         j, _ = mod.where[expert]
         slot = mod.slots[j]
         for kind, view, (n, k) in zip(("w1", "v1", "w2"), slot.views(data), slot.shapes()):
-            scales, zeros = scales_of(view, slot.bits, n, k, slot.group_size, slot.asym)
-            check_qparams(scales, zeros, slot.bits, f"{self.paths[self.table[layer][expert][0]]}: expert {expert} "
-                                                    f"{kind} of layer {layer}")
+            check_numbers(view, slot.bits, n, k, slot.group_size, slot.asym,
+                          f"{self.paths[self.table[layer][expert][0]]}: expert {expert} {kind} of layer {layer}")
 
 
 class PreparedExpertFile(ExpertFiles):
