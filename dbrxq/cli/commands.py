@@ -11,6 +11,7 @@ import time
 
 import click
 
+from calibration.options import CalibrationOptions
 from dbrxq.api import load
 from dbrxq.cli.chat import chat_loop
 from dbrxq.cli.options import (
@@ -240,6 +241,7 @@ def cache(cache_dir, clear, clear_stale) -> None:
     'dbrxq export QUANTIZED model.gguf                    # its codes as they are: Q4_0 / Q4_1 / Q8_0',
     'dbrxq export FLOAT model.gguf --type q8_0            # a float checkpoint, quantized on the way',
     'dbrxq export FLOAT model.gguf --type q4_k_m          # llama.cpp\'s Q4_K_M mix, rounded by dbrxq',
+    'dbrxq export FLOAT model.gguf --type q4_k_m --calibrate   # ... solved by GPTQ on calibration text',
     'llama-cli -m model.gguf -p "The function returns"    # then run it in llama.cpp or Ollama',
 ))
 @click.argument("model")
@@ -257,13 +259,25 @@ def cache(cache_dir, clear, clear_stale) -> None:
                    "Norms and the router are always F32.")
 @click.option("--requantize", is_flag=True,
               help="Re-round tensors whose recipe has no exact GGML type (int8 asym -> Q8_0), with a warning.")
+@click.option("--calibrate", is_flag=True,
+              help="With a K-quant mix: solve the attention and expert matrices by GPTQ onto their grids on "
+                   "calibration text (as dbrxq quantize does), instead of rounding to nearest.")
+@click.option("--calib-data", metavar="PATH", help="Calibration text for --calibrate: .txt, .jsonl or "
+              "hf://datasets/... [default: the packaged calibration/data/calib.txt].")
+@click.option("--calib-samples", default=64, show_default=True, type=click.IntRange(1, 1 << 16),
+              help="Calibration sequences.")
+@click.option("--calib-seq-len", default=512, show_default=True, type=click.IntRange(2, 1 << 16),
+              help="Tokens per calibration sequence.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--revision", help="Hub revision when MODEL is a repo id.")
-def export(model, out, type_, float_type, requantize, overwrite, revision) -> None:
+def export(model, out, type_, float_type, requantize, calibrate, calib_data, calib_samples, calib_seq_len, overwrite,
+           revision) -> None:
     """Write MODEL (a dbrxq-quantized or float checkpoint folder, a hub repo id, or demo) as the GGUF
     file OUT for llama.cpp, Ollama and llama.cpp's RPC backend (docs/gguf.md)."""
+    options = (CalibrationOptions(data=calib_data, samples=calib_samples, seq_len=calib_seq_len)
+               if calibrate else None)
     r = export_gguf(model, out, type_=type_.lower(), float_type=float_type.lower(), requantize=requantize,
-                    overwrite=overwrite, revision=revision, progress=sys.stderr.isatty())
+                    overwrite=overwrite, revision=revision, progress=sys.stderr.isatty(), calibrate=options)
     for msg in r.warnings:
         click.echo(f"warning: {msg}", err=True)
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(r.types.items(), key=lambda kv: -kv[1]))

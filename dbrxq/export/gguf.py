@@ -26,9 +26,11 @@ OUT is always whole.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +39,12 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from calibration.options import CalibrationOptions
 from dbrxq.core.errors import CheckpointError, ConfigError, QuantizationError
 from dbrxq.core.files import fsync_dir, remove_stale_temps, temp_path
 from dbrxq.core.units import format_size
 from dbrxq.core.untrusted import check_finite
+from dbrxq.export.calibrated import calibrate_kquants
 from dbrxq.export.gguf_meta import add_metadata
 from dbrxq.formats.checkpoint import CheckpointReader, check_checkpoint
 from dbrxq.formats.hub import resolve_model_dir, resolve_model_name
@@ -127,6 +131,7 @@ class _Planner:
         self.r, self.c, self.q = reader, config, qcfg
         self.type, self.float_choice, self.requantize = type_, float_type, requantize
         self.warnings: list[str] = []
+        self.solved: dict[str, tuple[str, Path]] = {}  # GGUF name -> (type, file of its bytes), when calibrated
 
     # -- reading: rows at a time, the shard unmapped after each read, so the pages of the source
     # that were read do not pile up in RSS (they are file-backed, but a mapping keeps them counted)
@@ -266,6 +271,15 @@ class _Planner:
             shape = (e, d, f) if transpose_float else (e, f, d)
         else:
             shape = tuple(stored)
+        if gguf_name in self.solved:  # calibrated: the bytes GPTQ chose (dbrxq.export.calibrated)
+            ggml_type, path = self.solved[gguf_name]
+
+            def solved_chunks():
+                data = np.load(path, mmap_mode="r")
+                for part in (data if experts else [data]):
+                    yield np.ascontiguousarray(part)
+            return PlannedTensor(gguf_name, ggml_type, shape, solved_chunks,
+                                 f"{name} (float, GPTQ onto {ggml_type}'s grid, {self.type} mix)")
         ggml_type = _float_type(self.float_choice, self.r.dtype(name))
         origin = f"{name} (float)"
         if self.type.lower() in RECIPES:  # llama.cpp's mix, the head included
@@ -343,15 +357,16 @@ def _check_supported(config: DbrxConfig, folder: Path) -> None:
 
 def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str = "auto",
                 float_type: str = "auto", requantize: bool = False, overwrite: bool = False,
-                revision: str | None = None, progress: bool = False) -> ExportResult:
+                revision: str | None = None, progress: bool = False,
+                calibrate: CalibrationOptions | None = None) -> ExportResult:
     """Write MODEL (a folder, hub repo id or 'demo') as the GGUF file OUT; see the module docstring.
+    ``calibrate``: with a K-quant mix (``type_`` q2_k ... q6_k), solve the attention and expert
+    matrices by GPTQ onto their grids on this calibration data (dbrxq.export.calibrated).
 
     Raises:
         CheckpointError, ConfigError, QuantizationError, TokenizerError: one line each; nothing
         named OUT is left behind on failure.
     """
-    import gguf
-    from tqdm.auto import tqdm
 
 
     if type_ not in TYPES:
@@ -380,20 +395,44 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str 
     if qcfg is not None and type_ != "auto":
         raise ConfigError(f"--type {type_}: {src} is dbrxq-quantized and its codes map onto GGML types as they "
                           f"are; --type applies to float checkpoints (export the float source instead)")
+    if calibrate is not None and (type_ not in RECIPES or qcfg is not None):
+        raise ConfigError(f"--calibrate solves a float checkpoint onto a K-quant mix: give --type one of "
+                          f"{', '.join(RECIPES)} and a float MODEL")
     float_choice = type_ if type_ in FLOAT_TYPE_CHOICES and type_ != "auto" else float_type
     tok = DbrxTokenizer.from_pretrained(folder)
     t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        solved = None
+        if calibrate is not None:
+            with CheckpointReader(folder) as reader:
+                check_checkpoint(reader, config, folder, expected_tensors(config, qcfg))  # before hours of work
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=out.parent, prefix=f"{out.name}.calib.")))
+            solved = calibrate_kquants(str(folder), type_, work, calibrate, progress=progress)
+        return _write(out, src, folder, config, qcfg, tok, type_, float_choice, float_type, requantize, progress,
+                      solved, t0)
+
+
+def _write(out: Path, src, folder, config, qcfg, tok, type_, float_choice, float_type, requantize, progress,
+           solved, t0) -> ExportResult:
+    import gguf
+    from tqdm.auto import tqdm
+
     with CheckpointReader(folder) as reader:
         check_checkpoint(reader, config, folder, expected_tensors(config, qcfg))  # before planning
         planner = _Planner(reader, config, qcfg, type_=type_.upper(), float_type=float_choice, requantize=requantize)
+        if solved is not None:
+            planner.solved = solved.tensors
         plan = planner.plan()  # every refusal happens here, before a byte is written
         if type_ in ("q8_0", "q4_0"):
             planner.warnings.insert(0, f"--type {type_}: experts and attention quantized with dbrxq's RTN "
                                        f"(g32, symmetric) from the float weights; embeddings and the output "
                                        f"head stay {_float_type(float_type, reader.dtype('transformer.wte.weight'))}")
-        if type_ in RECIPES:
+        if type_ in RECIPES and solved is None:
             planner.warnings.insert(0, f"--type {type_}: llama.cpp's {type_.upper()} mix of types, each tensor rounded "
                                        f"to nearest on its grid by dbrxq (no calibration data)")
+        if solved is not None:
+            log.info("--calibrate: output error tr(E H E^T) summed over the solved matrices: GPTQ %.4g, round to "
+                     "nearest on the same grids %.4g", solved.gptq_error, solved.rtn_error)
         for msg in planner.warnings:
             log.warning(msg)
         main, file_type = _file_type(plan, type_)

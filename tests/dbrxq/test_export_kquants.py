@@ -91,3 +91,37 @@ def test_rows_that_are_not_whole_blocks_fall_back(tmp_path):
     out = export_gguf(default_model_dir(), tmp_path / "demo.gguf", type_="q4_k_m").path
     types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
     assert types == {"Q8_0", "F32"}
+
+
+def test_calibrated_mix_is_gptq_onto_the_grids_and_writes_what_it_solved(wide):
+    """--calibrate: the attention and expert matrices are solved by GPTQ onto the mix's grids on
+    calibration text; their summed output error is well below round to nearest's on the same grids
+    and inputs, the file holds exactly the solved bytes, and the types are the mix's."""
+    from calibration.options import CalibrationOptions
+    from dbrxq.export.calibrated import calibrate_kquants
+    src, root, _ = wide
+    work = root / "solved"
+    work.mkdir()
+    opts = CalibrationOptions(samples=4, seq_len=64)
+    solved = calibrate_kquants(str(src), "q4_k_m", work, opts)
+    assert len(solved.tensors) == 2 * (2 + 3)  # attn_qkv, attn_output, three expert stacks per layer
+    assert solved.gptq_error < solved.rtn_error / 2, (solved.gptq_error, solved.rtn_error)
+    out = export_gguf(src, root / "cal.gguf", type_="q4_k_m", calibrate=opts).path
+    reader = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    ref = TWO_LAYERS["q4_k_m"]
+    for name, (ggml_type, path) in solved.tensors.items():
+        t = reader[name]
+        assert t.tensor_type.name == ggml_type
+        assert np.array_equal(np.asarray(t.data).reshape(-1), np.load(path).reshape(-1)), name
+    assert [reader[f"blk.{i}.ffn_down_exps.weight"].tensor_type.name for i in range(2)] == ref["ffn_down_exps"]
+    plain = {t.name: t for t in gguf.GGUFReader(root / "q4_k_m.gguf").tensors} if (root / "q4_k_m.gguf").exists() \
+        else {t.name: t for t in gguf.GGUFReader(export_gguf(src, root / "plain.gguf", type_="q4_k_m").path).tensors}
+    assert not np.array_equal(np.asarray(plain["blk.0.attn_output.weight"].data),
+                              np.asarray(reader["blk.0.attn_output.weight"].data))  # GPTQ chose other codes
+
+
+def test_calibrate_needs_a_float_model_and_a_mix(tmp_path):
+    from calibration.options import CalibrationOptions
+    from dbrxq.core.errors import ConfigError
+    with pytest.raises(ConfigError, match="--calibrate solves a float checkpoint onto a K-quant mix"):
+        export_gguf(default_model_dir(), tmp_path / "x.gguf", type_="q8_0", calibrate=CalibrationOptions())
