@@ -339,7 +339,7 @@ def _file_type(plan: list[PlannedTensor], recipe: str = "auto"):
     main = max(by, key=by.get)
     names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4_0": "MOSTLY_Q4_0",
              "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0", **{t: f"MOSTLY_{t}" for t in K_BLOCK_BYTES}}
-    if recipe in FILE_TYPES:
+    if recipe in FILE_TYPES and main in K_BLOCK_BYTES:  # the mix, unless every row fell back (the demo's)
         return main, gguf.LlamaFileType[FILE_TYPES[recipe]]
     return main, gguf.LlamaFileType[names[main] if main != "Q3_K" else "MOSTLY_Q3_K_M"]
 

@@ -89,8 +89,10 @@ def test_export_writes_llama_cpps_types_with_the_codes_dbrxq_chose(wide, recipe)
 def test_rows_that_are_not_whole_blocks_fall_back(tmp_path):
     """The demo's rows of 128 values cannot hold K-types: Q8_0, as the exporter warns."""
     out = export_gguf(default_model_dir(), tmp_path / "demo.gguf", type_="q4_k_m").path
-    types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
-    assert types == {"Q8_0", "F32"}
+    reader = gguf.GGUFReader(out)
+    assert {t.tensor_type.name for t in reader.tensors} == {"Q8_0", "F32"}
+    file_type = reader.fields["general.file_type"]
+    assert int(file_type.parts[file_type.data[0]][0]) == int(gguf.LlamaFileType.MOSTLY_Q8_0)  # what it holds
 
 
 def test_calibrated_mix_is_gptq_onto_the_grids_and_writes_what_it_solved(wide):
