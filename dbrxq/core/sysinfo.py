@@ -83,8 +83,8 @@ def max_threads() -> int:
 def busy_before(threads: int | None) -> str | None:
     """A warning (to print after a run) when the machine was already busy as it started and ``threads``
     was left at its default, every core: OpenMP threads wait for each other at every matmul, and one
-    descheduled thread stalls them all (on a 2-core box with one busy process, 2 threads ran 16x
-    slower than 1). None when a thread count was chosen, or the load average left cores free."""
+    descheduled thread stalls them all (see :func:`set_threads`). None when a thread count was
+    chosen, or the load average left cores free."""
     if threads is not None or torch.get_num_threads() < 2 or not hasattr(os, "getloadavg"):
         return None
     cpus = os.cpu_count() or 1

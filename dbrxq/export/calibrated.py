@@ -60,13 +60,11 @@ class Solved:
 def _solve(w: torch.Tensor, solver: GPTQ, ggml_type: str, policy: ExpertPolicy, use_gptq: bool, out: Solved
            ) -> kquants.KQuantized:
     rtn = kquants.quantize(w.float().cpu(), ggml_type)
-    if solver.nsamples:
-        out.rtn_error += quadratic_energy(w.to(solver.device).float() - kquants.dequantize(rtn).to(solver.device),
-                                          solver.H)
+    rtn_error = (quadratic_energy(w.to(solver.device).float() - kquants.dequantize(rtn).to(solver.device), solver.H)
+                 if solver.nsamples else 0.0)
+    out.rtn_error += rtn_error
     if not use_gptq or not solver.nsamples:
-        if solver.nsamples:
-            out.gptq_error += quadratic_energy(w.to(solver.device).float() - kquants.dequantize(rtn).to(solver.device),
-                                               solver.H)
+        out.gptq_error += rtn_error  # this matrix is rounded to nearest either way
         return rtn
     kq, st = solver.quantize_grid(w, ggml_type, damp=policy.damp)
     out.gptq_error += st["output_error"]

@@ -123,17 +123,18 @@ def test_chat_repl_commands_through_a_pseudo_terminal(tmp_path):
         os.execv(sys.executable, [sys.executable, "-m", "dbrxq.cli", "run", "--chat", "-n", "4", "-t", "0"])
     out = b""
 
-    def read_until(marker: bytes, timeout: float = 120) -> bytes:
+    def read_until(marker: bytes, start: int = 0, timeout: float = 120) -> bytes:
+        """Read the terminal until ``marker`` appears after byte ``start`` of what was read."""
         nonlocal out
         end = time.time() + timeout
-        while marker not in out and time.time() < end:
+        while marker not in out[start:] and time.time() < end:
             ready, _, _ = select.select([fd], [], [], 1)
             if ready:
                 try:
                     out += os.read(fd, 4096)
                 except OSError:
                     break
-        assert marker in out, out.decode(errors="replace")[-2000:]
+        assert marker in out[start:], out.decode(errors="replace")[-2000:]
         return out
 
     try:
@@ -146,8 +147,8 @@ def test_chat_repl_commands_through_a_pseudo_terminal(tmp_path):
                              (b"/clear", b"conversation cleared"), (b"/nope", b"unknown command /nope")):
             start = len(out)
             os.write(fd, line + b"\n")
-            read_until(expect)
-            read_until(b">>> ", 120) if out.rfind(b">>> ") < start else None
+            read_until(expect, start)
+            read_until(b">>> ", start)  # the next prompt, before the next line is typed
         os.write(fd, b"/bye\n")
         _, status = os.waitpid(pid, 0)
         assert os.WEXITSTATUS(status) == 0

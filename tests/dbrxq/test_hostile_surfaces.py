@@ -120,10 +120,8 @@ def test_tiktoken_vocabulary_listing_the_same_bytes_twice_is_refused(tmp_path):
 
 
 def test_split_pattern_that_gives_up_is_refused_at_load_or_at_encode(tmp_path):
-    t0 = time.perf_counter()
     with pytest.raises(TokenizerError, match=r"split pattern \(pat_str\) fails on ordinary text.*backtracking"):
         DbrxTokenizer.from_pretrained(_own_tokenizer(tmp_path, pat_str=r"(\w+\s?)+(?=\d)|\s+|[\s\S]"))
-    assert time.perf_counter() - t0 < 10  # not a hang (a loose bound: a regex that gives up, not a timing)
     # one that splits ordinary text but gives up on a run of q's: refused when it meets one
     shutil.rmtree(tmp_path / "tok")
     tok = DbrxTokenizer.from_pretrained(_own_tokenizer(tmp_path, pat_str=r"(?:(q|qq)+)\1(?=x)|[\s\S]"))
@@ -270,11 +268,9 @@ def slow_server(tmp_path_factory):
 
 
 def test_a_body_that_never_comes_gets_408_in_the_body_timeout(slow_server):
-    t0 = time.perf_counter()
     s = _raw(slow_server.port, POST + b"Content-Length: 100\r\n\r\n")
-    status, body = _answer(s)
+    status, body = _answer(s)  # within the socket's 30 s: the server answers, it does not hold the connection
     assert status == 408 and "did not arrive within 1.5 s (--body-timeout)" in body["error"]["message"]
-    assert time.perf_counter() - t0 < 20  # released, not held: a loose bound, the point is that it ends
 
 
 def test_a_body_dribbled_byte_by_byte_is_bounded_by_the_same_timeout(slow_server):
@@ -312,18 +308,16 @@ def test_a_chunked_body_without_its_end_gets_408(slow_server):
 
 def test_sigterm_with_a_body_pending_exits_at_once_and_cleanly(tmp_path):
     """The default body timeout (30 s) is longer than a shutdown should take: a stopping server
-    answers a request still waiting for its body with 503 and exits 0, without a traceback."""
+    answers a request still waiting for its body with 503 and exits 0, without a traceback (uvicorn's
+    backstop, which cancels the task, would log a CancelledError and send no answer)."""
     server = ServerProcess(tmp_path, "--shutdown-timeout", "1")
     try:
         s = _raw(server.port, POST + b"Content-Length: 100\r\n\r\n")
         time.sleep(0.5)
-        t0 = time.perf_counter()
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(60) == 0
-        took = time.perf_counter() - t0
-        status, body = _answer(s)
+        status, body = _answer(s)  # answered by the guard, not cut off by uvicorn's backstop
         assert status == 503 and body["error"]["message"] == "the server is stopping"
-        assert took < 15, took  # uvicorn's backstop (shutdown timeout + 10 s) was not what ended it
         log = server.log.read_text()
         assert "Traceback" not in log and "CancelledError" not in log, log
     finally:
