@@ -26,7 +26,7 @@ from dbrxq.cli.options import (
 from dbrxq.core.errors import ConfigError
 from dbrxq.core.sysinfo import busy_before
 from dbrxq.core.units import format_rate, format_size
-from dbrxq.export.gguf import export_gguf
+from dbrxq.export.gguf import TYPES, export_gguf
 from dbrxq.formats.hub import resolve_model_name
 from dbrxq.plan.checkpoint import describe_plan
 from dbrxq.runtime.generate import Penalties, check_request, check_sampling
@@ -42,8 +42,8 @@ from dbrxq.serve.server import Server
 # Ollama's defaults (llama.cpp's but for the repetition penalty): readable text from the start; -t 0
 # is exact greedy decoding, with no penalty unless one is asked for.
 DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1}
-MAX_PROMPT_CHARS = 16 << 20
-ALL = "\0all"  # --clear with no MODEL  # a prompt file: far beyond any context (DBRX's 32768 tokens are ~130,000 characters)
+MAX_PROMPT_CHARS = 16 << 20  # a prompt file: far beyond any context (DBRX's 32768 tokens are ~130,000 characters)
+ALL = "\0all"  # --clear with no MODEL
 
 
 @click.command(context_settings=CONTEXT, epilog=examples(
@@ -247,8 +247,7 @@ def cache(cache_dir, clear, clear_stale) -> None:
 @click.argument("model")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--type", "type_", default="auto", show_default=True,
-              type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m",
-                                 "q6_k"], case_sensitive=False),
+              type=click.Choice(TYPES, case_sensitive=False),
               help="Float checkpoints only: the type of the experts and attention (q8_0/q4_0 quantize them "
                    "with dbrxq's RTN, g32; q2_k ... q6_k are llama.cpp's K-quant mixes, per tensor as "
                    "llama-quantize chooses, rounded by dbrxq). auto: quantized checkpoints keep their codes "

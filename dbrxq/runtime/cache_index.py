@@ -33,17 +33,20 @@ class CacheEntry:
 
 
 def _stale(source: str | None, files) -> str | None:
+    """Why nothing will read this file again, from its sidecar's (untrusted) record of its checkpoint."""
     if source is None:
         return "no readable sidecar"
-    folder = Path(source)
-    if not folder.is_dir():
-        return "its checkpoint is gone"
     if not isinstance(files, list):
         return "no record of the checkpoint's files"
-    now = sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in folder.glob("*.safetensors"))
-    if sorted(f for f in files if isinstance(f, list)) != now:
-        return "its checkpoint changed since"
-    return None
+    try:
+        folder = Path(source)
+        if not folder.is_dir():
+            return "its checkpoint is gone"
+        now = {(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors")}
+    except (OSError, ValueError):  # a path the file system refuses (a NUL byte, too long): gone for us
+        return "its checkpoint is gone"
+    recorded = {tuple(f) for f in files if isinstance(f, list) and all(isinstance(x, (str, int)) for x in f)}
+    return None if recorded == now else "its checkpoint changed since"
 
 
 def cache_entries(root: Path) -> list[CacheEntry]:

@@ -56,7 +56,8 @@ class Guard:
             await self._handle(scope, receive, sent, state)
         finally:
             self.server.metrics.request(status[0] or 499)
-            access.info("%s %s %d %d tokens %.0f ms", scope.get("method"), scope.get("path"), status[0] or 499,
+            path = str(scope.get("path", ""))[:200].encode("unicode_escape").decode("ascii")  # one line, always
+            access.info("%s %s %d %d tokens %.0f ms", scope.get("method"), path, status[0] or 499,
                         state.get("tokens", 0), 1e3 * (time.perf_counter() - t0))
 
     async def _handle(self, scope, receive, send, state):

@@ -200,8 +200,11 @@ def test_model_card_open_health_and_metrics(server):
     for name in ('dbrxq_requests_total{status="200"}', 'dbrxq_requests_total{status="401"}',
                  "dbrxq_completion_tokens_total", "dbrxq_requests_waiting 0", "dbrxq_decode_step_seconds_mean"):
         assert name in text, text
+    status, _ = server.get("/v1/x%0Aforged%20line")  # a path that decodes to a newline stays on one log line
+    assert status == 404
     log = server.log.read_text()
     assert "POST /v1/completions 200 " in log and " tokens " in log and " ms" in log, log[-2000:]
+    assert "GET /v1/x\\nforged line 404" in log and not any(line.startswith("forged") for line in log.splitlines())
 
 
 def test_penalties_are_honoured_and_unsupported_fields_refused(server, demo):

@@ -347,3 +347,18 @@ def test_a_prompt_the_split_pattern_cannot_tokenize_is_400_not_500(tmp_path):
         assert "Traceback" not in server.log.read_text()
     finally:
         server.stop()
+
+
+def test_cache_listing_survives_hostile_sidecars(tmp_path, dbrxq_main):
+    """`dbrxq cache` reads each prepared file's sidecar (untrusted, like the file): a source path the
+    file system refuses, or a files record of mixed types, lists the file as stale, never a traceback."""
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for key, side in (("a" * 20, {"source": "/tmp/x\u0000y", "files": []}),
+                      ("b" * 20, {"source": str(tmp_path), "files": [["m.safetensors", 1], [1, "m"], "z", [None]]})):
+        (prepared / f"{key}.bin").write_bytes(b"\0" * 16)
+        (prepared / f"{key}.json").write_text(json.dumps(side))
+    code, err = dbrxq_main("cache", "--cache-dir", str(tmp_path))
+    assert code == 0 and "Traceback" not in err, err
+    code, err = dbrxq_main("cache", "--cache-dir", str(tmp_path), "--clear-stale")
+    assert code == 0 and not list(prepared.iterdir()), err
