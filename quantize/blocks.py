@@ -176,8 +176,8 @@ def scales_of(blocks: torch.Tensor, bits: int, n: int, k: int, group_size: int, 
 def check_numbers(blocks: torch.Tensor, bits: int, n: int, k: int, group_size: int, asym: bool, what: str) -> None:
     """:func:`quantize.primitives.check_qparams` of a weight stored in blocks, without gathering its
     scales: in the whole row blocks they are checked where they lie, as one strided reduction over
-    their bit patterns (a positive finite half is a pattern in (0, 0x7C00)), and the zeros by their
-    maximum, with no gathered and transposed copy (the first read of an offloaded expert pays this
+    their bit patterns (a positive finite half is a pattern in (0, 0x7C00); a symmetric one's sign bit
+    is masked off first), and the zeros by their maximum, with no gathered and transposed copy (the first read of an offloaded expert pays this
     check). A failure, or a last partial row block (whose padding rows hold zeros), goes through the
     exact check, which counts."""
     g = resolve_group_size(group_size, k, bits)
@@ -188,7 +188,8 @@ def check_numbers(blocks: torch.Tensor, bits: int, n: int, k: int, group_size: i
     if full:
         b = blocks.reshape(-1)[: nb * bb].reshape(nb, bb)[:full]
         try:
-            lo, hi = b[:, cb:cb + 2 * RB * ng].view(torch.int16).aminmax()
+            s16 = b[:, cb:cb + 2 * RB * ng].view(torch.int16)
+            lo, hi = (s16 if asym else s16 & 0x7FFF).aminmax()  # symmetric scales may be negative
         except RuntimeError:  # a layout whose rows do not keep the scales 2-byte aligned
             lo, hi = torch.tensor(0), torch.tensor(0)
         ok = int(lo) > 0 and int(hi) < 0x7C00
@@ -317,6 +318,7 @@ class BlocksTensor:
         return scales_of(self.blocks, self.bits, n, k, self.group_size, self.asym)
 
     def check_numbers(self, what: str) -> None:
-        """Refuse (one line) scales that are not finite and positive, zeros beyond the codes."""
+        """Refuse (one line) scales that are not finite and positive (symmetric: non-zero), zeros beyond the
+        codes."""
         n, k = self.shape
         check_numbers(self.blocks, self.bits, n, k, self.group_size, self.asym, what)

@@ -161,19 +161,34 @@ class QuantConfig:
     # checkpoint), "canonical" (qweight/scales/qzeros, repacked for the kernel at every load), or "auto":
     # blocks wherever the kernel's blocks hold every weight of the model (quantize.specs.resolve_layout).
     layout: str = "auto"
+    # Symmetric 2-4 bit scales over all 2**bits levels, their sign putting the grid's long side on each
+    # group's extreme (quantize.primitives.compute_qparams; format_version 5). False as read from a
+    # checkpoint that does not say so: those scales are all positive (amax / (2**(bits-1) - 1)).
+    full_range: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
         _check(self.layout in LAYOUTS + ("auto",), "layout", self.layout, f"one of {LAYOUTS} or auto")
+        _check(isinstance(self.full_range, bool), "full_range", self.full_range, "true or false")
         _check(self.format_version in READABLE_FORMAT_VERSIONS, "format_version",
                self.format_version,
                f"one of {READABLE_FORMAT_VERSIONS} (the versions this dbrxq reads)")
 
     @property
+    def signed_scales(self) -> bool:
+        """Whether some stored scale may be negative: full-range symmetric weights of 2-4 bits."""
+        recipes = [self.for_kind(k) for k in MODULE_KINDS]
+        if self.expert_mix is not None:
+            recipes += list(self.expert_mix.options)
+        return self.full_range and any(r.symmetric and r.bits in (2, 3, 4) for r in recipes)
+
+    @property
     def required_version(self) -> int:
-        """The format_version this recipe's tensors need: 4 in the blocks layout, 3 with per-expert
-        recipes, 2 with 2- or 3-bit codes, else 1 (so a canonical 4/8-bit checkpoint stays readable by a
-        dbrxq that knows only version 1)."""
+        """The format_version this recipe's tensors need: 5 with signed (full-range) scales, 4 in the
+        blocks layout, 3 with per-expert recipes, 2 with 2- or 3-bit codes, else 1 (so a canonical
+        4/8-bit checkpoint of positive scales stays readable by a dbrxq that knows only version 1)."""
+        if self.signed_scales:
+            return 5
         if self.layout == "blocks":
             return 4
         if self.expert_mix is not None:
@@ -211,6 +226,8 @@ class QuantConfig:
             d["expert_mix"] = self.expert_mix.to_dict()
         if self.layout != "canonical":
             d["layout"] = self.layout
+        if self.signed_scales:
+            d["full_range"] = True
         if self.calibration:
             d["calibration"] = dict(self.calibration)
         return d
@@ -247,11 +264,14 @@ class QuantConfig:
         if not isinstance(layout, str) or layout not in LAYOUTS:
             raise QuantizationError(f"quantization_config.layout={layout!r:.40} is not supported; expected one of "
                                     f"{LAYOUTS}")
+        full_range = d.get("full_range", False)
+        if not isinstance(full_range, bool):
+            raise QuantizationError(f"quantization_config.full_range={full_range!r:.40} is not true or false")
         cfg = cls(method=method, calibration=calibration, format_version=version, expert_mix=mix, layout=layout,
-                  **kinds)
+                  full_range=full_range, **kinds)
         if version < cfg.required_version:
-            what = ("the blocks layout" if layout == "blocks" else "per-expert recipes" if mix is not None
-                    else "2- or 3-bit codes")
+            what = ("signed (full-range) scales" if cfg.signed_scales else "the blocks layout" if layout == "blocks"
+                    else "per-expert recipes" if mix is not None else "2- or 3-bit codes")
             raise QuantizationError(f"quantization_config.format_version={version} cannot hold {what} "
                                     f"(format_version {cfg.required_version} can); the checkpoint is damaged")
         return cfg

@@ -24,7 +24,9 @@ Codes are always unsigned, 0 .. 2**bits - 1, and dequantize as
 
     W[n, k] = (code[n, k] - zero[n, k // G]) * scale[n, k // G]
 
-with zero = 2**(bits-1) (8 for int4, 128 for int8) when symmetric (not stored). Groups run
+with zero = 2**(bits-1) (8 for int4, 128 for int8) when symmetric (not stored). A symmetric
+scale of 2-4 bits may be negative (format_version 5): the grid's 2**(bits-1) steps on one side of
+zero then lie on the positive side, so all 2**bits codes are used (llama.cpp's Q4_0 does the same). Groups run
 along the input dimension K; G == K is per-channel (one scale per output row). K must be
 divisible by G (and by 2 for 4-bit, 4 for 2-bit, 8 for 3-bit); DBRX's dims (6144, 10752, 8192) are multiples of 128.
 
@@ -47,9 +49,10 @@ import re
 # 2: adds 2- and 3-bit codes; 3: adds per-expert recipes (quantization_config.expert_mix, expert tensors
 # stacked per recipe: MIXED_PART); 4: adds the "blocks" layout (LAYOUTS). Each checkpoint says the lowest
 # version its tensors need, so a uniform 4/8-bit canonical one stays version 1 and reads unchanged in an
-# older dbrxq.
-FORMAT_VERSION = 4
-READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)
+# older dbrxq; 5: symmetric 2-4 bit weights over all 2**bits levels, their scales signed (quantization_config
+# .full_range; the dequantization formula is unchanged, so versions 1-4 read as before).
+FORMAT_VERSION = 5
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4, 5)
 # How quantized weights are stored: "canonical" (qweight/scales/qzeros, above) or "blocks" (format_version 4:
 # the CPU kernel's own layout, quantize.blocks; one <name>.qblocks tensor per weight, one
 # ...ffn.experts.mlp.qblocks [E, stride] per layer's experts), which loads as a memory map, no repack.

@@ -106,6 +106,44 @@ def _round_up_fp16(s: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- qparams
 
+# Divisors d of the full-range symmetric grid (scale = -m / d, m the group's signed extreme) tried per
+# group, as offsets from q = 2**(bits-1): q - 1 is the old amax / (q - 1) grid, q puts m on code 0.
+FULL_RANGE_OFFSETS = (-1.0, -0.5, 0.0, 0.5)
+
+
+def _fp16_scales(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 scales (any sign; 0 for an all-zero group) -> float16, magnitudes rounded up and 0 -> 1.0;
+    refuses a magnitude beyond float16's range."""
+    mag = scale.abs()
+    mag = torch.where(mag > 0, mag, torch.ones_like(mag))
+    out = _round_up_fp16(mag)
+    if not torch.isfinite(out).all():
+        raise QuantizationError(
+            f"weight of shape {tuple(w.shape)} has a range too large for float16 scales "
+            f"(max |w| = {w.abs().max().item():.3g})"
+        )
+    return torch.where(scale < 0, -out, out)
+
+
+def _full_range_scales(w: torch.Tensor, wg: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric scales at 2-4 bits over all 2**bits levels: see :func:`compute_qparams`."""
+    q = 2 ** (bits - 1)
+    m = wg.gather(-1, wg.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)  # NaN/inf win the argmax
+    if not bool(torch.isfinite(m).all()):
+        raise QuantizationError(f"weight of shape {tuple(w.shape)} contains NaN or inf values")
+    best = err = None
+    for off in FULL_RANGE_OFFSETS:
+        s = _fp16_scales(w, -m / (q + off))
+        sf = s.float().unsqueeze(-1)
+        e = (wg / sf).round_().clamp_(-q, q - 1).mul_(sf).sub_(wg).square_().sum(dim=-1)
+        if best is None:
+            best, err = s, e
+        else:
+            better = e < err
+            best, err = torch.where(better, s, best), torch.where(better, e, err)
+    return best
+
+
 
 @torch.no_grad()
 def compute_qparams(
@@ -123,9 +161,15 @@ def compute_qparams(
         ``(scales, zeros)``: scales float16 ``[..., N, K // G]``; zeros uint8 of the same shape,
         or None when symmetric.
 
-    Formulas, per group g (amax, min, max over the group's G values):
-        symmetric:  scale = amax / (2**(bits-1) - 1)      (codes use -qmax..qmax around 2**(bits-1);
-                                                          code 0 is representable but unused)
+    Formulas, per group g (amax, min, max over the group's G values; q = 2**(bits-1)):
+        symmetric, 8 bits: scale = amax / (q - 1)          (codes use -127..127 around 128)
+        symmetric, 2-4 bits: all 2**bits levels (c - q) * scale, c = 0 .. 2q - 1: with m the
+                    group's signed extreme (|m| = amax), scale = -m / d for the d in
+                    (q - 1, q - 1/2, q, q + 1/2) whose grid has the least squared error over
+                    the group. The scale's sign puts the grid's long side (q steps: code 0)
+                    on m's side, as llama.cpp's Q4_0 does; d = q - 1 is the old
+                    amax / (q - 1) grid (15 of 16 levels at 4 bits), so no group is worse
+                    than there. Scales may be negative here (format_version 5).
         asymmetric: lo = min(min, 0), hi = max(max, 0)   (widened so 0 is exactly representable)
                     scale = (hi - lo) / (2**bits - 1)
                     zero = clamp(round(-lo / scale), 0, 2**bits - 1)   (with the fp16 scale)
@@ -140,6 +184,8 @@ def compute_qparams(
     wg = _grouped(w.float(), g)
     # NaN and inf propagate through amax/amin, so checking the per-group statistics is enough
     # (a full-tensor isfinite costs as much as the quantization itself).
+    if symmetric and bits < 8:
+        return _full_range_scales(w, wg, bits), None
     if symmetric:
         amax = wg.abs().amax(dim=-1)
         stats = (amax,)
@@ -151,13 +197,7 @@ def compute_qparams(
         scale = (hi - lo) / (2**bits - 1)
     if not all(bool(torch.isfinite(t).all()) for t in stats):
         raise QuantizationError(f"weight of shape {tuple(w.shape)} contains NaN or inf values")
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scales = _round_up_fp16(scale)
-    if not torch.isfinite(scales).all():
-        raise QuantizationError(
-            f"weight of shape {tuple(w.shape)} has a range too large for float16 scales "
-            f"(max |w| = {w.abs().max().item():.3g})"
-        )
+    scales = _fp16_scales(w, scale)
     if symmetric:
         return scales, None
     zeros = torch.round(-lo / scales.float()).clamp(0, 2**bits - 1).to(torch.uint8)
@@ -468,20 +508,27 @@ def quantize_tensor(
     return QuantizedTensor(qweight, scales, zeros, bits, group_size, w.shape)
 
 
-def check_qparams(scales: torch.Tensor | None, qzeros: torch.Tensor | None, bits: int, what: str) -> None:
-    """Refuse (CheckpointError, one line naming ``what``) scales that are not finite and positive, or
-    zero points beyond the code range: such codes dequantize to NaN or garbage. One pass over small
-    tensors (1/32 of the codes' bytes at int4 g128: 2 bytes of scale per 64 bytes of codes)."""
+def check_qparams(scales: torch.Tensor | None, qzeros: torch.Tensor | None, bits: int, what: str, *,
+                  symmetric: bool | None = None) -> None:
+    """Refuse (CheckpointError, one line naming ``what``) scales that are not finite and positive
+    (symmetric: finite and non-zero, format_version 5's full-range scales being signed), or zero points
+    beyond the code range: such codes dequantize to NaN or garbage. ``symmetric`` None: whether
+    ``qzeros`` is None. One pass over small tensors (1/32 of the codes' bytes at int4 g128: 2 bytes of
+    scale per 64 bytes of codes)."""
     if scales is not None and scales.numel():
+        signed = qzeros is None if symmetric is None else symmetric
         if scales.dtype == torch.float16:
-            # one reduction, no temporaries: a positive finite half is a bit pattern in (0, 0x7C00)
-            lo, hi = scales.view(torch.int16).aminmax()
+            # one reduction: a positive finite half is a bit pattern in (0, 0x7C00), a finite non-zero one
+            # such a pattern with any sign bit
+            bits16 = scales.view(torch.int16)
+            lo, hi = (bits16 & 0x7FFF if signed else bits16).aminmax()
             if int(lo) > 0 and int(hi) < 0x7C00:
-                return check_qparams(None, qzeros, bits, what)
+                return check_qparams(None, qzeros, bits, what, symmetric=signed)
         s = scales.float()
-        bad = int((~(torch.isfinite(s) & (s > 0))).sum())
+        bad = int((~(torch.isfinite(s) & ((s != 0) if signed else (s > 0)))).sum())
         if bad:
-            raise CheckpointError(f"{what}: {bad} scale(s) not finite and positive; the checkpoint is damaged")
+            want = "finite and non-zero" if signed else "finite and positive"
+            raise CheckpointError(f"{what}: {bad} scale(s) not {want}; the checkpoint is damaged")
     if qzeros is not None and qzeros.numel() and int(qzeros.max()) > 2**bits - 1:
         raise CheckpointError(f"{what}: zero points up to {int(qzeros.max())}, beyond the {bits}-bit code "
                               f"range; the checkpoint is damaged")

@@ -83,11 +83,11 @@ def _check_qparams(name: str, t: torch.Tensor, qconfig, where) -> None:
     base = name.rsplit(".", 1)[0]
     j = mixed_option(base)
     if qconfig.expert_mix is not None and j is not None:
-        bits = qconfig.expert_mix.options[j].bits  # a per-recipe stack (quantize.format.MIXED_PART)
+        mq = qconfig.expert_mix.options[j]  # a per-recipe stack (quantize.format.MIXED_PART)
     else:
-        bits = qconfig.for_kind(module_kind(base) or module_kind(f"{base}.weight")).bits
+        mq = qconfig.for_kind(module_kind(base) or module_kind(f"{base}.weight"))
     scales, zeros = (t, None) if name.endswith(".scales") else (None, t)
-    check_qparams(scales, zeros, bits, f"{where}: tensor {name}")
+    check_qparams(scales, zeros, mq.bits, f"{where}: tensor {name}", symmetric=mq.symmetric)
 
 
 @register_loader

@@ -5,6 +5,7 @@ mixed experts (offloading, GGUF export, the RTN writer) says so in one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -61,7 +62,7 @@ def test_budget_met_recipes_stored_and_loaded(src, mixed):
     alloc = qc.calibration["allocation"]
     budget = allocation.budget_from_bits(config, 2.5)
     assert alloc["budget_bytes"] == budget and alloc["expert_bytes"] <= budget
-    assert qc.format_version == 3 and qc.expert_mix is not None
+    assert qc.format_version == (5 if qc.signed_scales else 3) and qc.expert_mix is not None
     used = {j for row in qc.expert_mix.choice for j in row}
     assert len(used) >= 2  # a real mix at 2.5 bits (2 and 3 at least)
     t = tensors(out)
@@ -152,7 +153,8 @@ def test_resume_of_a_mixed_run_is_byte_identical(src, mixed, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda q: q.update(format_version=2), "format_version=2 cannot hold per-expert recipes"),
+    (lambda q: q.update(format_version=2), "format_version=2 cannot hold signed"),  # full-range sym int4 base
+    (lambda q: q.update(format_version=2, full_range=False), "format_version=2 cannot hold per-expert recipes"),
     (lambda q: q["expert_mix"]["choice"].pop(), "rows"),
     (lambda q: q["expert_mix"]["choice"][0].append(0), "the model has 2 layers of 16"),
     (lambda q: q["expert_mix"]["choice"][1].__setitem__(0, 9), "an index into the"),
@@ -237,13 +239,14 @@ def test_specs_stack_each_recipe_and_version_one_still_loads(tmp_path):
     config = preset_config("tiny", d_model=128, ffn_hidden_size=128)
     options = (ModuleQuant(2, 64, False), ModuleQuant(4, 128, True))
     choice = ((0,) * 16, (1, 0) * 8)
-    qc = QuantConfig(expert_mix=ExpertMix(options, choice), layout="canonical")
+    qc = QuantConfig(expert_mix=ExpertMix(options, choice), layout="canonical", full_range=False)
     specs = {n: (s, d) for n, s, d in quantized_tensor_specs(config, qc)}
     assert "transformer.blocks.0.ffn.experts.mlp.w1.o1.qweight" not in specs  # layer 0 uses recipe 0 only
     assert specs["transformer.blocks.0.ffn.experts.mlp.w1.o0.qweight"][0] == (16, 128, 32)  # 2-bit: 4 per byte
     assert specs["transformer.blocks.1.ffn.experts.mlp.w2.o1.qweight"][0] == (8, 128, 64)
     assert specs["transformer.blocks.1.ffn.experts.mlp.w2.o0.qzeros"][0] == (8, 128, 2)
-    assert qc.required_version == 3 and QuantConfig(layout="canonical").required_version == 1
+    assert qc.required_version == 3 and QuantConfig(layout="canonical", full_range=False).required_version == 1
+    assert dataclasses.replace(qc, full_range=True).required_version == 5  # option 1: symmetric int4, signed
     total = sum(tensor_nbytes(s, d) for n, (s, d) in specs.items() if ".ffn.experts." in n)
     assert total == sum(allocation.expert_bytes(config, options[j]) for row in choice for j in row)
     assert QuantConfig.from_dict(qc.to_dict()) == qc
@@ -254,7 +257,8 @@ def test_cli_target_bits_and_its_errors(dbrxq_main, tmp_path):
                            "--calib-samples", "8", "--calib-seq-len", "64")
     assert code == 0, err
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert qc["method"] == "rtn" and qc["format_version"] == 4 and qc["layout"] == "blocks"  # the CLI default
+    assert qc["method"] == "rtn" and qc["layout"] == "blocks"  # the CLI default
+    assert qc["format_version"] == (5 if QuantConfig.from_dict(qc).signed_scales else 4)
     assert not (tmp_path / "q" / progress.MANIFEST_NAME).exists()
     for args, msg in ((["--target-bits", "9"], "--target-bits 9.0: expected a number from 2 to 8"),
                       (["--target-bits", "3", "--target-size", "1GB"], "give one budget"),

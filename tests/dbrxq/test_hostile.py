@@ -335,7 +335,9 @@ CASES = [
     ("blocks-expert-scales-negative", "blocks", lambda c, o: rewrite(c, _blocks_scales(-1.0)),
      {"load": None, "run": "not finite and positive", "eval": "not finite and positive"}),
     ("blocks-attn-scales-inf", "blocks", lambda c, o: rewrite(c, _blocks_scales(float("inf"), "attn")),
-     {"load": None, "run": r"Wqkv.qblocks: 3 scale\(s\) not finite", "eval": "not finite and positive"}),
+     {"load": None, "run": r"Wqkv.qblocks: 3 scale\(s\) not finite", "eval": "not finite and non-zero"}),
+    ("blocks-attn-scales-minus-zero", "blocks", lambda c, o: rewrite(c, _blocks_scales(-0.0, "attn")),
+     {"load": None, "run": r"Wqkv.qblocks: 3 scale\(s\) not finite and non-zero", "eval": "not finite and non-zero"}),
     ("blocks-misshapen", "blocks", lambda c, o: rewrite(c, lambda t: t.__setitem__(
         _b(), t[_b()][:, :-4096].contiguous())), "mlp.qblocks has shape"),
     ("blocks-float", "blocks", lambda c, o: rewrite(c, lambda t: t.__setitem__(_b(), t[_b()].float())),

@@ -58,7 +58,7 @@ def _int4_terms(qt) -> torch.Tensor:
     q = qt.codes().double()
     z = (qt.qzeros.double() if qt.qzeros is not None else torch.full_like(qt.scales.double(), 2 ** (qt.bits - 1)))
     g = qt.shape[-1] // qt.scales.shape[-1]
-    s, z = qt.scales.double().repeat_interleave(g, 1), z.repeat_interleave(g, 1)
+    s, z = qt.scales.double().abs().repeat_interleave(g, 1), z.repeat_interleave(g, 1)  # signed when symmetric
     return ((q - 8).abs() + (8 - z).abs()) * s
 
 

@@ -119,9 +119,12 @@ def test_round_trip_error_bound(bits, g, sym, shape):
     w_hat = qt.dequantize()
     assert w_hat.shape == w.shape and w_hat.dtype == torch.float32
 
+    wg = w.reshape(*shape[:-1], k // G, G)
+    if sym and bits < 8:
+        _check_full_range(w, wg, qt, bits, k)
+        return
     # The fp16 scale is the exact one rounded UP by at most one fp16 step (2**-10 relative
     # for normal halves), so the grid always covers the group and nothing is clamped.
-    wg = w.reshape(*shape[:-1], k // G, G)
     exact = (
         wg.abs().amax(-1) / (2 ** (bits - 1) - 1)
         if sym
@@ -142,6 +145,59 @@ def test_round_trip_error_bound(bits, g, sym, shape):
     # dequantized weight with the same qparams is the identity (quantize/dequantize agree).
     assert torch.equal(dequantize(qt.qweight, qt.scales, qt.qzeros, bits, g), w_hat)
     assert torch.equal(quantize_codes(w_hat, qt.scales, qt.qzeros, bits, g), qt.codes())
+
+
+def _check_full_range(w, wg, qt, bits, k):
+    """Symmetric 2-4 bits: the scale is one of the documented candidates -m / d (m the group's signed
+    extreme, d in q - 1 .. q + 1/2, magnitude rounded up to fp16), of m's opposite sign, and no group's
+    squared error exceeds the old amax / (q - 1) grid's (computed here from its definition)."""
+    q = 2 ** (bits - 1)
+    m = wg.gather(-1, wg.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    s = qt.scales.float()
+    mag = m.abs()
+    assert ((s * m) < 0).all(), "the grid's long side (code 0) is on the extreme's side"
+    assert (s.abs() >= mag / (q + 0.5)).all() and (s.abs() <= mag / (q - 1) * (1 + 2**-10)).all()
+    exact = mag / (q - 1)
+    h = exact.half()  # the old scale: the float16 at or above the exact one
+    old_s = torch.where(h.float() < exact, torch.nextafter(h, torch.full_like(h, math.inf)), h).float()
+    old_s = old_s.unsqueeze(-1)
+    old_err = ((wg / old_s).round().clamp(-q, q - 1) * old_s - wg).square().sum(-1)
+    new_err = (qt.dequantize().reshape(wg.shape) - wg).square().sum(-1)
+    assert (new_err <= old_err * (1 + 1e-5) + 1e-12).all(), float((new_err / old_err).max())
+    # Elementwise: within |s|/2 of the grid, or clamped at its short end: beyond (q - 1/2)|s| on the
+    # side opposite the extreme, at most (q + 1/2) - (q - 1) = 1.5 |s| away.
+    s_col = _per_column(s.abs(), k)
+    err = (w - qt.dequantize()).abs()
+    assert (err <= 1.5 * s_col * (1 + 1e-6)).all()
+    inside = (w / _per_column(s, k)).abs() <= q - 0.5  # on the grid's span: round to nearest
+    assert (err[inside] <= s_col[inside] / 2 * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_full_range_grid_uses_every_level(bits):
+    """All 2**bits codes occur, the extreme of a group whose scale is -m / q comes back exactly (code 0),
+    and the grid beats the old amax / (q - 1) one by the margin Gaussian weights give (measured: 4 bits
+    g128 +1.4 dB, 3 bits +3.0 dB, 2 bits +6.1 dB SQNR)."""
+    w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(5)) * 0.02
+    qt = quantize_tensor(w, bits, 128, True)
+    codes = qt.codes()
+    assert set(codes.unique().tolist()) == set(range(2**bits))
+    q = 2 ** (bits - 1)
+    wg, sg = w.reshape(256, 8, 128), qt.scales.float()
+    m = wg.gather(-1, wg.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    at_q = (m / sg + q).abs() < 1e-3  # groups whose extreme lies on code 0 exactly (d = q)
+    assert at_q.any()
+    idx = wg.abs().argmax(-1)
+    ext_codes = codes.reshape(256, 8, 128).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    assert (ext_codes[at_q] == 0).all()
+    old = torch.tensor(0.0)
+    for g in range(8):  # the old grid, from its definition
+        blk = wg[:, g]
+        so = blk.abs().amax(-1, keepdim=True) / (q - 1)
+        old += ((blk / so).round().clamp(-q, q - 1) * so - blk).square().sum()
+    new = (qt.dequantize() - w).square().sum()
+    gain_db = 10 * math.log10(float(old / new))
+    assert gain_db > {4: 1.0, 3: 2.0, 2: 4.0}[bits], gain_db
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -263,13 +319,20 @@ def test_expert_bad_kind_and_shape():
 
 def test_quant_config_defaults_and_round_trip():
     assert QuantConfig().layout == "auto"  # resolved per model by quantize.specs.resolve_layout
-    blocks = QuantConfig(layout="blocks")
+    blocks = QuantConfig(layout="blocks", full_range=False)
     assert blocks.to_dict()["format_version"] == 4 and blocks.to_dict()["layout"] == "blocks"
     assert QuantConfig.from_dict(json.loads(json.dumps(blocks.to_dict()))) == blocks
-    cfg = QuantConfig(layout="canonical")
+    # What the quantizer writes now: symmetric int4 experts over all 16 levels, scales signed (version 5).
+    new = QuantConfig(layout="canonical").to_dict()
+    assert new["format_version"] == 5 == FORMAT_VERSION and new["full_range"] is True
+    assert QuantConfig.from_dict(json.loads(json.dumps(new))).full_range
+    assert "full_range" not in QuantConfig(experts=ModuleQuant(4, 128, False), layout="canonical").to_dict()
+    cfg = QuantConfig(layout="canonical", full_range=False)  # positive scales only: an older dbrxq's grid
     d = cfg.to_dict()
-    assert d["quant_method"] == "dbrxq" and d["format_version"] == 1 < FORMAT_VERSION  # 4/8 bits: readable by v1 readers
-    assert QuantConfig(experts=ModuleQuant(3, 128, True), layout="canonical").to_dict()["format_version"] == 2
+    assert d["quant_method"] == "dbrxq" and d["format_version"] == 1  # 4/8 bits: readable by v1 readers
+    assert not QuantConfig.from_dict(json.loads(json.dumps(d))).full_range  # absent: positive scales
+    assert QuantConfig(experts=ModuleQuant(3, 128, True), layout="canonical",
+                       full_range=False).to_dict()["format_version"] == 2
     assert d["experts"] == {"bits": 4, "group_size": 128, "symmetric": True}
     assert d["attn"] == {"bits": 8, "group_size": -1, "symmetric": True}
     assert d["lm_head"]["bits"] is None and d["embed"]["bits"] is None
@@ -304,11 +367,13 @@ def test_quant_config_defaults_and_round_trip():
         ({"layout": "rows"}, "layout='rows' is not supported"),
         ({"layout": "blocks"}, "format_version=1 cannot hold the blocks layout"),
         ({"layout": ["blocks"]}, "layout=\\['blocks'\\] is not supported"),
+        ({"full_range": True}, r"format_version=1 cannot hold signed \(full-range\) scales"),
+        ({"full_range": "yes"}, "full_range='yes' is not true or false"),
     ],
 )
 def test_quant_config_errors(patch, msg):
     with pytest.raises(QuantizationError, match=msg):
-        QuantConfig.from_dict({**QuantConfig(layout="canonical").to_dict(), **patch})
+        QuantConfig.from_dict({**QuantConfig(layout="canonical", full_range=False).to_dict(), **patch})
 
 
 # ----------------------------------------------------------------------------- 2- and 3-bit codes
@@ -333,14 +398,18 @@ def test_low_bit_pack_round_trip_and_layout(bits):
 @pytest.mark.parametrize("bits", [2, 3])
 @pytest.mark.parametrize("g, sym", [(32, True), (128, False), (-1, True), (64, False)])
 def test_low_bit_error_bound(bits, g, sym):
-    """|w - w_hat| <= scale / 2 elementwise at 2 and 3 bits (the grid covers every group)."""
+    """At 2 and 3 bits, asymmetric: |w - w_hat| <= scale / 2 elementwise (the grid covers every group);
+    symmetric (full range): as test_round_trip_error_bound states it."""
     w = torch.randn(16, 256, generator=torch.Generator().manual_seed(0))
     qt = quantize_tensor(w, bits, g, sym)
     G = 256 if g == -1 else g
-    half = qt.scales.float().repeat_interleave(G, dim=-1) / 2
-    err = (w - qt.dequantize()).abs()
-    assert bool((err <= half * (1 + 1e-6)).all()), float((err / half).max())
-    assert float((err / half).max()) > 0.5  # not vacuous: errors reach the bound's order
+    if sym:
+        _check_full_range(w, w.reshape(16, 256 // G, G), qt, bits, 256)
+    else:
+        half = qt.scales.float().repeat_interleave(G, dim=-1) / 2
+        err = (w - qt.dequantize()).abs()
+        assert bool((err <= half * (1 + 1e-6)).all()), float((err / half).max())
+        assert float((err / half).max()) > 0.5  # not vacuous: errors reach the bound's order
     assert qt.qweight.shape[-1] == 256 * bits // 8
     back = QuantizedTensor.from_tensors(qt.tensors("w"), "w", bits, g)
     assert back.shape == qt.shape and torch.equal(back.codes(), qt.codes())

@@ -31,7 +31,7 @@ RECIPES = {  # the canonical layout, whose tensors these tests spell out (the bl
     "asym-lmhead": QuantConfig(experts=ModuleQuant(8, 32, False), attn=ModuleQuant(4, 64, False),
                                lm_head=ModuleQuant(8, -1, True), layout="canonical"),
     "attn-bf16": QuantConfig(experts=ModuleQuant(4, -1, True), attn=ModuleQuant(None), layout="canonical"),
-    "int3": QuantConfig(experts=ModuleQuant(3, 64, True), layout="canonical"),  # format_version 2
+    "int3": QuantConfig(experts=ModuleQuant(3, 64, True), layout="canonical"),  # format_version 5 (2 with positive scales)
     "int2-asym": QuantConfig(experts=ModuleQuant(2, 32, False), layout="canonical"),
 }
 
@@ -73,7 +73,11 @@ def test_tensors_follow_the_format(src, quantized, recipe):
             codes = torch.stack((low, high), -1).reshape(w.shape)
             w_hat = (codes - 8) * scales.repeat_interleave(128, dim=-1)
             assert torch.equal(codes, unpack_int4(packed).float())
-            assert ((w_hat - w).abs() <= scales.repeat_interleave(128, -1) / 2 * (1 + 1e-6)).all()
+            # all 16 levels: within |scale| / 2 of the grid, or clamped at its short end (<= 1.5 |scale|)
+            err, step = (w_hat - w).abs(), scales.abs().repeat_interleave(128, -1)
+            assert (err <= 1.5 * step * (1 + 1e-6)).all() and codes.min() == 0 and codes.max() == 15
+            inside = (w / scales.repeat_interleave(128, -1)).abs() <= 7.5
+            assert (err[inside] <= step[inside] / 2 * (1 + 1e-6)).all()
 
 
 def s_get(folder, name):
@@ -84,8 +88,10 @@ def s_get(folder, name):
 def test_quantization_config_round_trips(src, quantized):
     for recipe, out in quantized.items():
         d = json.loads((out / "config.json").read_text())
-        # a 4/8-bit checkpoint stays format_version 1 (older readers take it); 2- and 3-bit need 2
-        assert d["quantization_config"]["format_version"] == (2 if recipe.startswith("int") else 1)
+        # symmetric 2-4 bit weights have signed scales (5); else a 4/8-bit checkpoint stays format_version 1
+        # (older readers take it), and 2- and 3-bit need 2
+        want = 5 if RECIPES[recipe].signed_scales else 2 if recipe.startswith("int") else 1
+        assert d["quantization_config"]["format_version"] == want
         assert d.pop("quantization_config") == RECIPES[recipe].to_dict()
         assert QuantConfig.from_dict(RECIPES[recipe].to_dict()) == RECIPES[recipe]
         assert d == json.loads((src / "config.json").read_text())  # everything else as in SRC
@@ -149,7 +155,7 @@ def test_wrong_packed_shape_is_one_line(quantized, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("format_version", 5, "format_version=5"),  # a version newer than this dbrxq reads
+    ("format_version", 6, "format_version=6"),  # a version newer than this dbrxq reads
     ("method", "awq", "method='awq'"),
 ])
 def test_bad_quantization_config_is_one_line(quantized, tmp_path, field, value, match):
@@ -244,7 +250,7 @@ def test_blocks_layout_holds_the_same_codes_page_aligned(quantized, in_blocks, r
         for n in c.keys():
             assert torch.equal(canonical[n], c.get(n)), n
     d = json.loads((in_blocks[recipe] / "config.json").read_text())["quantization_config"]
-    assert d["format_version"] == 4 and d["layout"] == "blocks"
+    assert d["format_version"] == (5 if qc.signed_scales else 4) and d["layout"] == "blocks"
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
