@@ -52,7 +52,8 @@ from quantize.specs import expert_slot, quantized_tensor_specs, weight_specs
 
 log = logging.getLogger(__name__)
 
-OPTIONS = (ModuleQuant(2, 64, False), ModuleQuant(3, 64, False), ModuleQuant(4, 128, True), ModuleQuant(8, -1, True))
+# Symmetric at every width: over all 2**bits levels as accurate as a zero point or more, and smaller.
+OPTIONS = (ModuleQuant(2, 64, True), ModuleQuant(3, 64, True), ModuleQuant(4, 128, True), ModuleQuant(8, -1, True))
 
 
 def expert_bytes(config, mq: ModuleQuant, layout: str = "canonical") -> int:

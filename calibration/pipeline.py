@@ -199,6 +199,7 @@ def quantize_with_calibration(src: str | Path, out: str | Path, qconfig: QuantCo
     try:
         config = source.config
         _check_options(opts, qconfig, config)
+        qconfig.check_writable()
         qconfig = resolve_layout(config, qconfig)
         device = parse_device(opts.device)
         torch.manual_seed(opts.seed)

@@ -195,6 +195,13 @@ class QuantConfig:
             return 3
         return 2 if any(self.for_kind(k).bits in (2, 3) for k in MODULE_KINDS) else 1
 
+    def check_writable(self) -> None:
+        """A quantizer writes full-range symmetric scales only: the positive-only grid of format_version 1-4
+        (``full_range`` False) is read, no longer written, so a config saying so would misdescribe them."""
+        if not self.full_range:
+            raise QuantizationError("quantization_config.full_range=false (positive-only symmetric scales) is "
+                                    "read but no longer written; quantize with full_range (the default)")
+
     def expert_recipe(self, layer: int, expert: int) -> ModuleQuant:
         """How expert ``expert`` of ``layer`` is stored."""
         return self.experts if self.expert_mix is None else self.expert_mix.recipe(layer, expert)

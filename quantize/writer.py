@@ -249,6 +249,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, qconfig:
     """
     if qconfig.method != "rtn":
         raise QuantizationError(f"method={qconfig.method!r}: quantize_checkpoint writes rtn only")
+    qconfig.check_writable()
     if qconfig.expert_mix is not None:  # chosen from calibration data: the calibration pipeline writes them
         raise QuantizationError("per-expert recipes (expert_mix) are written by calibration.pipeline."
                                 "quantize_with_calibration (`dbrxq quantize --target-bits/--target-size`)")

@@ -11,8 +11,8 @@ disk. Rows:
 - bf16: the reference itself (KL 0 by construction: a check of the harness).
 - int8 RTN: experts and attention int8 per-channel.
 - int4 RTN / GPTQ, g128 and g32: experts int4 (symmetric), attention int8 per-channel.
-- int3 RTN / GPTQ (g128 symmetric, g64 asymmetric) and int2 RTN / GPTQ (asymmetric, g64 and g32):
-  experts at 3 and 2 bits (format_version 2), attention int8 per-channel.
+- int3 RTN / GPTQ (g128, g64) and int2 RTN / GPTQ (g64, g32), symmetric over all 2**bits levels, and
+  GPTQ g64 with zero points (asym) beside them: experts at 3 and 2 bits, attention int8 per-channel.
 - mixed GPTQ at an average of 3.0 and 2.5 bits: each expert's width chosen by `dbrxq quantize
   --target-bits` (calibration.allocation) under the byte budget of that average; attention int8.
 - int4 RTN / GPTQ g128 with int4 attention as well: the harder setting,
@@ -61,15 +61,17 @@ def recipes() -> list[tuple]:
         ("int4 GPTQ g32", "gptq", QuantConfig(method="gptq", experts=int4(32), attn=INT8)),
         ("int4 RTN g128, int4 attention", "rtn", QuantConfig(method="rtn", experts=int4(128), attn=int4(128))),
         ("int4 GPTQ g128, int4 attention", "gptq", QuantConfig(method="gptq", experts=int4(128), attn=int4(128))),
-        # format_version 2: 3-bit experts symmetric (7 of 8 levels), 2-bit asymmetric (symmetric 2-bit
-        # has only 3 levels: -1, 0, 1), smaller groups as llama.cpp's low-bit types use
+        # format_version 2 (5: symmetric over all 2**bits levels): 3- and 2-bit experts, symmetric unless
+        # "asym", smaller groups as llama.cpp's low-bit types use
         ("int3 RTN g128", "rtn", QuantConfig(method="rtn", experts=ModuleQuant(3, 128, True), attn=INT8)),
         ("int3 GPTQ g128", "gptq", QuantConfig(method="gptq", experts=ModuleQuant(3, 128, True), attn=INT8)),
+        ("int3 GPTQ g64", "gptq", QuantConfig(method="gptq", experts=ModuleQuant(3, 64, True), attn=INT8)),
         ("int3 GPTQ g64 asym", "gptq", QuantConfig(method="gptq", experts=ModuleQuant(3, 64, False), attn=INT8)),
-        ("int2 RTN g64 asym", "rtn", QuantConfig(method="rtn", experts=ModuleQuant(2, 64, False), attn=INT8)),
+        ("int2 RTN g64", "rtn", QuantConfig(method="rtn", experts=ModuleQuant(2, 64, True), attn=INT8)),
+        ("int2 GPTQ g64", "gptq", QuantConfig(method="gptq", experts=ModuleQuant(2, 64, True), attn=INT8)),
         ("int2 GPTQ g64 asym", "gptq", QuantConfig(method="gptq", experts=ModuleQuant(2, 64, False), attn=INT8)),
-        ("int2 GPTQ g32 asym", "gptq", QuantConfig(method="gptq", experts=ModuleQuant(2, 32, False), attn=INT8)),
-        # format_version 3: each expert's recipe (2/3 bits g64 asym, 4 bits g128, 8 bits per channel) chosen by
+        ("int2 GPTQ g32", "gptq", QuantConfig(method="gptq", experts=ModuleQuant(2, 32, True), attn=INT8)),
+        # format_version 3: each expert's recipe (2/3 bits g64, 4 bits g128, 8 bits per channel) chosen by
         # `dbrxq quantize --target-bits B` to minimise the predicted error at an average of B bits
         ("mixed GPTQ, average 3.0 bits", "gptq", QuantConfig(method="gptq", attn=INT8), 3.0),
         ("mixed GPTQ, average 2.5 bits", "gptq", QuantConfig(method="gptq", attn=INT8), 2.5),

@@ -32,7 +32,6 @@ from quantize.writer import checkpoint_size, quantize_checkpoint
 METHODS = ("rtn", "gptq")
 RARE_STRATEGIES = ("route-all", "rtn")
 EXPERT_BITS, ATTN_BITS, LM_HEAD_BITS = (2, 3, 4, 8), (4, 8, 16), (8, 16)
-ASYM_BY_DEFAULT = (2, 3)  # expert widths quantized with a zero point unless --sym
 GROUP_SIZES = (32, 64, 128, -1)
 
 
@@ -67,9 +66,9 @@ def _choice(option: str, value, allowed: tuple) -> None:
               help="Attention group size; -1 = per-channel.")
 @click.option("--lm-head-bits", default=16, show_default=True, type=int, metavar="[8|16]",
               help="8 quantizes lm_head per-channel; 16 keeps it bf16.")
-@click.option("--asym/--sym", default=None,
-              help="Experts asymmetric (a zero point per group) or symmetric [default: asymmetric at 2 and 3 "
-                   "bits, where symmetric codes waste a level of 4 or 8, symmetric at 4 and 8].")
+@click.option("--asym/--sym", default=False,
+              help="Experts asymmetric (a zero point per group) or symmetric [default: symmetric, over all "
+                   "2**bits levels: as accurate or more at every width, with no zero points to store].")
 @click.option("--attn-asym", is_flag=True, help="Attention (and an int8 lm_head) asymmetric too.")
 @click.option("--layout", default="auto", show_default=True, type=click.Choice(["auto", "blocks", "canonical"]),
               help="How the codes are stored: blocks, the CPU kernel's own layout (loads as a memory map; "
@@ -120,8 +119,6 @@ def quantize_command(src, out, method, expert_bits, target_bits, target_size, gr
         raise QuantizationError("--resume continues a --method gptq run; an rtn run is one pass: rerun it "
                                 "with --overwrite")
 
-    if asym is None:
-        asym = expert_bits in ASYM_BY_DEFAULT
     qconfig = QuantConfig(
         method=method,
         experts=ModuleQuant(expert_bits, group_size, not asym),

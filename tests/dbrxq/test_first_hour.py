@@ -256,17 +256,16 @@ def test_target_size_bounds_the_files_written(tmp_path, dbrxq_main):
 
 
 @pytest.mark.parametrize("bits, args, experts_sym, attn_sym", [
-    ("2", [], False, True), ("3", [], False, True), ("4", [], True, True), ("2", ["--sym"], True, True),
+    ("2", [], True, True), ("3", [], True, True), ("4", [], True, True), ("2", ["--asym"], False, True),
     ("4", ["--asym"], False, True), ("4", ["--attn-asym"], True, False)])
-def test_asymmetric_by_default_below_4_bits_and_attention_apart(tmp_path, dbrxq_main, bits, args, experts_sym,
-                                                                attn_sym):
+def test_symmetric_by_default_and_attention_apart(tmp_path, dbrxq_main, bits, args, experts_sym, attn_sym):
     from quantize.config import QuantConfig
     out = tmp_path / "q"
     code, err = dbrxq_main("quantize", "demo", str(out), "--method", "rtn", "--expert-bits", bits, *args)
     assert code == 0, err
     qc = QuantConfig.from_dict(json.loads((out / "config.json").read_text())["quantization_config"])
     assert (qc.experts.symmetric, qc.attn.symmetric) == (experts_sym, attn_sym)
-    if args == ["--asym"]:  # int4 asym experts + int8 attention: the README's Q4_1 + Q8_0 export
+    if args == ["--asym"] and bits == "4":  # int4 asym experts + int8 attention: the README's Q4_1 + Q8_0 export
         code, err = dbrxq_main("export", str(out), str(tmp_path / "m.gguf"))
         assert code == 0, err
     if args == ["--attn-asym"]:  # int8 asym attention has no exact GGML type: the refusal names the way out

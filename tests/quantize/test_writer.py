@@ -262,3 +262,45 @@ def test_blocks_layout_loads_to_the_same_logits(quantized, in_blocks, recipe, ba
         a = load_model(quantized[recipe], dtype=dtype, backend=backend)(IDS).logits
         b = load_model(in_blocks[recipe], dtype=dtype, backend=backend)(IDS).logits
         assert torch.equal(a, b), (recipe, backend, dtype)
+
+
+def test_checkpoints_of_positive_scales_still_load(src, tmp_path, monkeypatch):
+    """What an older dbrxq wrote (format_version 1, symmetric int4 scales amax / 7 > 0, no full_range) still
+    loads, to the same logits as the same numbers with signed scales: the grid d = q - 1 written now,
+    each group of negative scale mirrored (code 16 - c, scale -s: (c' - 8) s' = (c - 8) s exactly)."""
+    import quantize.primitives as prim
+    monkeypatch.setattr(prim, "FULL_RANGE_OFFSETS", (-1.0,))  # only the old grid's width (codes 1..15)
+    new = quantize_checkpoint(src, tmp_path / "new", RECIPES["default"], progress=False)
+    old = tmp_path / "old"
+    old.mkdir()
+    flipped = 0
+    for f in new.iterdir():
+        if f.suffix != ".safetensors":
+            (old / f.name).write_bytes(f.read_bytes())
+            continue
+        t = load_file(str(f))
+        for name in [n for n in t if n.endswith(".scales") and ".ffn.experts." in n]:
+            base = name[: -len(".scales")]
+            s, codes = t[name], prim.unpack_codes(t[f"{base}.qweight"], 4)
+            neg = (s < 0).repeat_interleave(codes.shape[-1] // s.shape[-1], dim=-1)
+            assert int(codes.min()) >= 1  # the old grid: 15 levels
+            t[f"{base}.qweight"] = prim.pack_codes(torch.where(neg, 16 - codes, codes), 4)
+            t[name] = s.abs()
+            flipped += int((s < 0).sum())
+        save_file(t, str(old / f.name), metadata={"format": "pt"})
+    assert flipped > 0
+    d = json.loads((old / "config.json").read_text())
+    assert d["quantization_config"].pop("full_range") is True
+    d["quantization_config"]["format_version"] = 1
+    (old / "config.json").write_text(json.dumps(d))
+    for backend in ("torch", None):
+        a, b = load_model(new, backend=backend), load_model(old, backend=backend)
+        assert "full_range" not in b.config.quantization_config and a.config.quantization_config["full_range"]
+        assert torch.equal(a(IDS).logits, b(IDS).logits), backend
+
+
+def test_the_positive_only_grid_is_not_written(src, tmp_path):
+    with pytest.raises(QuantizationError, match="full_range=false .* no longer written") as e:
+        quantize_checkpoint(src, tmp_path / "q", dataclasses.replace(RECIPES["default"], full_range=False),
+                            progress=False)
+    _one_line(e)
