@@ -1,7 +1,7 @@
 """Bits per expert under a size budget: ``dbrxq quantize --target-bits B`` / ``--target-size SIZE``.
 
-Each expert (its w1, v1, w2 together) gets one recipe from ``OPTIONS`` (2-bit g64 and 3-bit g64
-asymmetric, 4-bit g128, 8-bit per-channel), chosen to minimise the summed predicted output error
+Each expert (its w1, v1, w2 together) gets one recipe from ``OPTIONS`` (2-bit g64 and 3-bit g64, 4-bit
+g128, 8-bit per-channel, all symmetric over every level), chosen to minimise the summed predicted output error
 under the byte budget (quantize.allocate: exact dynamic program, the convex-hull greedy when the
 program would be too large). The predicted error of expert e at a recipe is its RTN output error on
 its own calibration tokens, ``sum over its matrices of tr(dW H dW^T)`` with ``H = X^T X`` over the
@@ -16,10 +16,8 @@ OPTIONS, interpolated linearly between the two nearest otherwise (2.5 bits: half
 experts at 2 and all at 3); ``--target-size`` is the whole checkpoint, from which the other tensors'
 bytes (the recipe's attention, embeddings, norms, router) are taken first.
 
-Measured on the demo model (``python scripts/plan_bits.py --eval``; in-memory GPTQ at the chosen
-widths, held-out text): at an average of 3.0 bits the mixed recipe's mean KL to the float model is
-6.70e-3 against 1.02e-2 for uniform 3-bit g64 GPTQ; at 2.5 bits 1.66e-2 against 5.59e-2 for uniform
-2-bit g64 GPTQ.
+What it buys on the demo model against uniform widths: ``python scripts/plan_bits.py --eval`` (in-memory
+GPTQ at the chosen widths, held-out text) and the mixed rows of docs/benchmarks.md.
 """
 
 from __future__ import annotations

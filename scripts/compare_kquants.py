@@ -16,6 +16,9 @@ with the F32 file. ``--llama-bin DIR`` (llama.cpp's tools built from source: doc
 llama.cpp's quant of each mix made with an importance matrix that ``llama-imatrix`` computes on the
 same calibration text and token count as ``--calibrate`` (SAMPLES chunks of SEQ_LEN tokens), and
 ``--llama-only TYPES`` llama.cpp types dbrxq does not write (e.g. iq4_xs), with and without it.
+``--sized`` adds, beside each llama.cpp file made with the importance matrix, dbrxq's
+``export --target-size`` of that file's size (each tensor's type allocated by calibration.fisher),
+rounded to nearest and solved by GPTQ (``--calibrate``).
 """
 
 from __future__ import annotations
@@ -135,9 +138,12 @@ def main(argv=None) -> int:
     p.add_argument("--kl-tokens", type=int, default=1024)
     p.add_argument("--llama-bin", type=Path, help="folder of llama.cpp's llama-imatrix and llama-quantize")
     p.add_argument("--llama-only", default="", help="comma-separated llama.cpp types to add (e.g. iq4_xs)")
+    p.add_argument("--sized", action="store_true", help="dbrxq --target-size files of the imatrix files' sizes")
     args = p.parse_args(argv)
     if args.llama_bin and not args.calibrate:
         p.error("--llama-bin computes the importance matrix on the --calibrate SAMPLES SEQ_LEN tokens")
+    if args.sized and not args.llama_bin:
+        p.error("--sized matches the sizes of the --llama-bin importance-matrix files")
     args.workdir.mkdir(parents=True, exist_ok=True)
     f32 = export_gguf(args.model, args.workdir / "f32.gguf", type_="f32", overwrite=True).path
     ref = tensors(f32)
@@ -171,12 +177,19 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             ours = export_gguf(args.model, args.workdir / f"dbrxq-{recipe}.gguf", type_=recipe, overwrite=True).path
             files.append(("dbrxq", ours, time.perf_counter() - t0))
+        opts = CalibrationOptions(samples=args.calibrate[0], seq_len=args.calibrate[1]) if args.calibrate else None
         if args.calibrate and recipe not in only:
             t0 = time.perf_counter()
-            opts = CalibrationOptions(samples=args.calibrate[0], seq_len=args.calibrate[1])
             cal = export_gguf(args.model, args.workdir / f"dbrxq-cal-{recipe}.gguf", type_=recipe, overwrite=True,
                               calibrate=opts).path
             files.append(("dbrxq --calibrate", cal, time.perf_counter() - t0))
+        if args.sized:
+            size = (args.workdir / f"llama-imatrix-{recipe}.gguf").stat().st_size
+            for label, cal in (("dbrxq --target-size", None), ("dbrxq --target-size --calibrate", opts)):
+                t0 = time.perf_counter()
+                path = args.workdir / f"dbrxq-sized{'-cal' if cal else ''}-{recipe}.gguf"
+                export_gguf(args.model, path, overwrite=True, calibrate=cal, target_size=size)
+                files.append((label, path, time.perf_counter() - t0))
         b = tensors(theirs)
         for label, path, seconds in files:
             a = tensors(path)

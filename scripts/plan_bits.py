@@ -6,7 +6,7 @@
     python scripts/plan_bits.py --eval               # + the quality of each allocation on held-out text
 
 The float demo model runs over calibration/data/calib.txt (64 x 256 tokens); each layer's router
-sends each expert its tokens. Per expert and per option (2-bit g64 asym, 3-bit g64 asym, 4-bit g128,
+sends each expert its tokens. Per expert and per option (2-bit g64, 3-bit g64, 4-bit g128,
 8-bit per-channel) the predicted error is the RTN output error of its three matrices on its own
 tokens, tr(E H E^T) with H = X^T X summed over the routed tokens (so an expert's routing share
 weighs its error; w2's X are the float intermediate activations). The option costs are the bytes
@@ -174,7 +174,7 @@ def main() -> int:
                   f"{OPTIONS[got[tok.index(max(tok))]][0]} bits, the least ({min(tok)}) "
                   f"{OPTIONS[got[tok.index(min(tok))]][0]}")
         if a.eval:
-            evals += [(f"uniform int{lo} GPTQ g64 asym", [uni] * n, sum(c[uni] for c in costs)),
+            evals += [(f"uniform int{lo} GPTQ g64", [uni] * n, sum(c[uni] for c in costs)),
                       (f"mixed, average {avg} bits", exact.choice, exact.bytes)]
     if evals:
         evaluate(runner.model, evals, routed)

@@ -25,7 +25,7 @@ from dbrxq.cli.options import (
 )
 from dbrxq.core.errors import ConfigError
 from dbrxq.core.sysinfo import busy_before
-from dbrxq.core.units import format_rate, format_size
+from dbrxq.core.units import format_rate, format_size, parse_size
 from dbrxq.export.gguf import TYPES, export_gguf
 from dbrxq.formats.hub import resolve_model_name
 from dbrxq.plan.checkpoint import describe_plan
@@ -242,6 +242,7 @@ def cache(cache_dir, clear, clear_stale) -> None:
     'dbrxq export FLOAT model.gguf --type q8_0            # a float checkpoint, quantized on the way',
     'dbrxq export FLOAT model.gguf --type q4_k_m          # llama.cpp\'s Q4_K_M mix, rounded by dbrxq',
     'dbrxq export FLOAT model.gguf --type q4_k_m --calibrate   # ... solved by GPTQ on calibration text',
+    'dbrxq export FLOAT model.gguf --target-size 40GB --calibrate  # each tensor\'s type chosen to fit',
     'llama-cli -m model.gguf -p "The function returns"    # then run it in llama.cpp or Ollama',
 ))
 @click.argument("model")
@@ -258,9 +259,13 @@ def cache(cache_dir, clear, clear_stale) -> None:
                    "Norms and the router are always F32.")
 @click.option("--requantize", is_flag=True,
               help="Re-round tensors whose recipe has no exact GGML type (int8 asym -> Q8_0), with a warning.")
+@click.option("--target-size", metavar="SIZE",
+              help="Float checkpoints: a file of at most SIZE (e.g. 40GB, 38GiB), each matrix in the K-quant "
+                   "(or Q8_0, F16) type that keeps the predicted KL to the float model least, measured on "
+                   "calibration text (docs/gguf.md); instead of --type.")
 @click.option("--calibrate", is_flag=True,
-              help="With a K-quant mix: solve the attention and expert matrices by GPTQ onto their grids on "
-                   "calibration text (as dbrxq quantize does), instead of rounding to nearest.")
+              help="With a K-quant mix or --target-size: solve the attention, expert and output matrices by GPTQ "
+                   "onto their grids on calibration text (as dbrxq quantize does), instead of rounding to nearest.")
 @click.option("--calib-data", metavar="PATH", help="Calibration text for --calibrate: .txt, .jsonl or "
               "hf://datasets/... [default: the packaged calibration/data/calib.txt].")
 @click.option("--calib-samples", default=64, show_default=True, type=click.IntRange(1, 1 << 16),
@@ -269,14 +274,15 @@ def cache(cache_dir, clear, clear_stale) -> None:
               help="Tokens per calibration sequence.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--revision", help="Hub revision when MODEL is a repo id.")
-def export(model, out, type_, float_type, requantize, calibrate, calib_data, calib_samples, calib_seq_len, overwrite,
-           revision) -> None:
+def export(model, out, type_, float_type, requantize, target_size, calibrate, calib_data, calib_samples,
+           calib_seq_len, overwrite, revision) -> None:
     """Write MODEL (a dbrxq-quantized or float checkpoint folder, a hub repo id, or demo) as the GGUF
     file OUT for llama.cpp, Ollama and llama.cpp's RPC backend (docs/gguf.md)."""
-    options = (CalibrationOptions(data=calib_data, samples=calib_samples, seq_len=calib_seq_len)
-               if calibrate else None)
+    options = CalibrationOptions(data=calib_data, samples=calib_samples, seq_len=calib_seq_len)
+    size = parse_size(target_size, "--target-size") if target_size is not None else None
     r = export_gguf(model, out, type_=type_.lower(), float_type=float_type.lower(), requantize=requantize,
-                    overwrite=overwrite, revision=revision, progress=sys.stderr.isatty(), calibrate=options)
+                    overwrite=overwrite, revision=revision, progress=sys.stderr.isatty(),
+                    calibrate=options if calibrate else None, target_size=size)
     for msg in r.warnings:
         click.echo(f"warning: {msg}", err=True)
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(r.types.items(), key=lambda kv: -kv[1]))

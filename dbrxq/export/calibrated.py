@@ -7,8 +7,9 @@ router sends it (w1 and v1 on their inputs, w2 on the intermediate of the quanti
 routed fewer than ``min_expert_tokens`` tokens on every token: the rare-expert rule), and the layer's
 output is propagated through the quantized weights. Each matrix is solved by
 :meth:`quantize.gptq.GPTQ.quantize_grid` onto its type's grid, so the bytes written are what GPTQ
-chose. The embedding and the output head have no calibration here (rounded to nearest on their grids,
-as the plain mix does), and a matrix whose rows are not whole blocks takes the plain mix's fallback.
+chose; the output head last, on the final norm of the quantized model's last hidden states. The
+embedding has no calibration here (a lookup: rounded to nearest on its grid, as the plain mix does),
+and a matrix whose rows are not whole blocks takes the plain mix's fallback.
 
 The GGUF bytes of each solved tensor go to a temporary folder beside OUT (one file per tensor, read
 back by the exporter), so memory holds one layer's float weights and the activations, not the file.
@@ -39,7 +40,7 @@ from dbrxq.text.tokenizer import DbrxTokenizer
 from quantize import kquants
 from quantize.config import QuantConfig
 from quantize.gptq import GPTQ, quadratic_energy
-from quantize.recipes import fit_type, tensor_type
+from quantize.recipes import RECIPES, fit_type, tensor_type
 
 ATTENTION = (("norm_attn_norm.attn.Wqkv", "attn_qkv"), ("norm_attn_norm.attn.out_proj", "attn_output"))
 EXPERTS = (("w1", "ffn_gate_exps"), ("v1", "ffn_up_exps"), ("w2", "ffn_down_exps"))
@@ -71,10 +72,31 @@ def _solve(w: torch.Tensor, solver: GPTQ, ggml_type: str, policy: ExpertPolicy, 
     return kq
 
 
+def _solve_head(source, config, x: torch.Tensor, ggml_type: str | None, policy: ExpertPolicy, workdir: Path,
+                out: Solved) -> None:
+    """The output head on its input, the final norm of the quantized model's last hidden states."""
+    shapes = hub_tensor_shapes(config)
+    if "lm_head.weight" not in shapes or ggml_type not in kquants.GRIDS:
+        return  # tied to the embedding, or a float type: nothing to solve
+    get = lambda n: check_finite(source.reader.get(n, expected_shape=shapes[n]), n, source.reader.file_of(n))  # noqa: E731
+    norm, w = get("transformer.norm_f.weight"), get("lm_head.weight")
+    solver = GPTQ(config.d_model, device=x.device)
+    x = x.reshape(-1, config.d_model)
+    for sl in chunks(x.shape[0], policy.chunk):
+        solver.add_batch(torch.nn.functional.layer_norm(x[sl], (config.d_model,), norm.to(x), None, 1e-5))
+    kq = _solve(w, solver, ggml_type, policy, True, out)
+    solver.free()
+    path = workdir / "output.weight.npy"
+    np.save(path, kquants.to_bytes(kq))
+    out.tensors["output.weight"] = (ggml_type, path)
+
+
 def calibrate_kquants(src: str, recipe: str, workdir: Path, opts: CalibrationOptions | None = None, *,
-                      revision: str | None = None, progress: bool = False) -> Solved:
-    """Solve every attention and expert matrix of the float checkpoint ``src`` onto ``recipe``'s grids
-    (see the module docstring); the bytes go to files under ``workdir``."""
+                      types: dict[str, str] | None = None, revision: str | None = None,
+                      progress: bool = False) -> Solved:
+    """Solve every attention, expert and output matrix of the float checkpoint ``src`` onto the grids of
+    ``recipe``'s types, or of ``types`` (GGUF name -> type) where it names one (see the module docstring);
+    the bytes go to files under ``workdir``."""
     opts = opts or CalibrationOptions()
     t0 = time.perf_counter()
     source = open_source(str(src), revision=revision)
@@ -89,7 +111,12 @@ def calibrate_kquants(src: str, recipe: str, workdir: Path, opts: CalibrationOpt
     run = Run(source, QuantConfig(), opts, policy, workdir, device, None, {}, {}, progress)
     out = Solved({}, info={**data_info, "min_expert_tokens": min_tokens, "rare_strategy": opts.rare_strategy})
     gqa = config.n_heads // config.kv_n_heads
-    kind = lambda name, k: fit_type(tensor_type(recipe, name, config.n_layers, gqa), k)  # noqa: E731
+    types = types or {}
+
+    def kind(name: str, k: int) -> str | None:
+        if name in types or recipe not in RECIPES:
+            return types.get(name)
+        return fit_type(tensor_type(recipe, name, config.n_layers, gqa), k)
     wte = source.reader.get("transformer.wte.weight", expected_shape=(config.vocab_size, config.d_model))
     x = check_finite(wte, "transformer.wte.weight", source.reader.file_of("transformer.wte.weight"))[tokens]
     x = x.to(device, torch.float32)
@@ -156,6 +183,7 @@ def calibrate_kquants(src: str, recipe: str, workdir: Path, opts: CalibrationOpt
                     deq[f"transformer.blocks.{i}.ffn.experts.mlp.{k}"] = hubs[k]
             x = propagate({**raw, **deq}, run, i, x)
             del raw, deq
+        _solve_head(source, config, x, kind("output.weight", config.d_model), policy, workdir, out)
     finally:
         source.close()
     out.info["seconds"] = time.perf_counter() - t0

@@ -44,6 +44,7 @@ from dbrxq.core.errors import CheckpointError, ConfigError, QuantizationError
 from dbrxq.core.files import fsync_dir, remove_stale_temps, temp_path
 from dbrxq.core.units import format_size
 from dbrxq.core.untrusted import check_finite
+from calibration.fisher import Sensitivity, allocate, measure
 from dbrxq.export.calibrated import calibrate_kquants
 from dbrxq.export.gguf_meta import add_metadata
 from dbrxq.formats.checkpoint import CheckpointReader, check_checkpoint
@@ -132,6 +133,20 @@ class _Planner:
         self.type, self.float_choice, self.requantize = type_, float_type, requantize
         self.warnings: list[str] = []
         self.solved: dict[str, tuple[str, Path]] = {}  # GGUF name -> (type, file of its bytes), when calibrated
+        self.types: dict[str, str] = {}  # GGUF name -> the type --target-size allocated it
+
+    def mix_type(self, gguf_name: str, k: int) -> str | None:
+        """A float matrix's type: the one allocated to it (--target-size), else the K-quant mix's (fitted to
+        rows of ``k`` values), else None."""
+        if gguf_name in self.types:
+            return self.types[gguf_name]
+        if self.type.lower() in RECIPES:
+            c = self.c
+            return fit_type(tensor_type(self.type.lower(), gguf_name, c.n_layers, c.n_heads // c.kv_n_heads), k)
+        return None
+
+    def why(self, gguf_name: str) -> str:
+        return "allocated by --target-size" if gguf_name in self.types else f"{self.type} mix"
 
     # -- reading: rows at a time, the shard unmapped after each read, so the pages of the source
     # that were read do not pile up in RSS (they are file-backed, but a mapping keeps them counted)
@@ -162,9 +177,8 @@ class _Planner:
         K-quant mix's type for it."""
         shape = self.r.shape(name)
         kind = ggml_type or _float_type(self.float_choice, self.r.dtype(name))
-        if ggml_type is None and self.type.lower() in RECIPES and self.q is None:
-            kind = fit_type(tensor_type(self.type.lower(), gguf_name, self.c.n_layers,
-                                          self.c.n_heads // self.c.kv_n_heads), shape[-1])
+        if ggml_type is None and self.q is None:
+            kind = self.mix_type(gguf_name, shape[-1]) or kind
         def chunks():
             for part in self.row_chunks(name):
                 yield float_to_type(part, kind, name)
@@ -279,12 +293,13 @@ class _Planner:
                 for part in (data if experts else [data]):
                     yield np.ascontiguousarray(part)
             return PlannedTensor(gguf_name, ggml_type, shape, solved_chunks,
-                                 f"{name} (float, GPTQ onto {ggml_type}'s grid, {self.type} mix)")
+                                 f"{name} (float, GPTQ onto {ggml_type}'s grid, {self.why(gguf_name)})")
         ggml_type = _float_type(self.float_choice, self.r.dtype(name))
         origin = f"{name} (float)"
-        if self.type.lower() in RECIPES:  # llama.cpp's mix, the head included
-            ggml_type = fit_type(tensor_type(self.type.lower(), gguf_name, c.n_layers, c.n_heads // c.kv_n_heads), shape[-1])
-            origin = f"{name} (float, dbrxq RTN on {ggml_type}'s grid, {self.type} mix)"
+        mixed = self.mix_type(gguf_name, shape[-1])
+        if mixed is not None:  # llama.cpp's mix (the head included), or the allocation
+            ggml_type = mixed
+            origin = f"{name} (float, dbrxq RTN on {ggml_type}'s grid, {self.why(gguf_name)})"
         elif self.type in QUANT_TYPES and kind != "lm_head":
             if shape[-1] % BLOCK == 0:
                 ggml_type = self.type
@@ -358,10 +373,12 @@ def _check_supported(config: DbrxConfig, folder: Path) -> None:
 def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str = "auto",
                 float_type: str = "auto", requantize: bool = False, overwrite: bool = False,
                 revision: str | None = None, progress: bool = False,
-                calibrate: CalibrationOptions | None = None) -> ExportResult:
+                calibrate: CalibrationOptions | None = None, target_size: int | None = None) -> ExportResult:
     """Write MODEL (a folder, hub repo id or 'demo') as the GGUF file OUT; see the module docstring.
-    ``calibrate``: with a K-quant mix (``type_`` q2_k ... q6_k), solve the attention and expert
-    matrices by GPTQ onto their grids on this calibration data (dbrxq.export.calibrated).
+    ``calibrate``: with a K-quant mix (``type_`` q2_k ... q6_k) or ``target_size``, solve the attention,
+    expert and output matrices by GPTQ onto their grids on this calibration data (dbrxq.export.calibrated).
+    ``target_size``: a float MODEL's file of at most this many bytes, each matrix in the type that
+    calibration.fisher allocates it (``type_`` auto).
 
     Raises:
         CheckpointError, ConfigError, QuantizationError, TokenizerError: one line each; nothing
@@ -395,26 +412,83 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str 
     if qcfg is not None and type_ != "auto":
         raise ConfigError(f"--type {type_}: {src} is dbrxq-quantized and its codes map onto GGML types as they "
                           f"are; --type applies to float checkpoints (export the float source instead)")
-    if calibrate is not None and (type_ not in RECIPES or qcfg is not None):
+    if target_size is not None and (qcfg is not None or type_ != "auto"):
+        raise ConfigError("--target-size chooses the type of every tensor of a float MODEL: leave --type out"
+                          if qcfg is None else f"--target-size: {src} is dbrxq-quantized; export its float source")
+    if calibrate is not None and ((type_ not in RECIPES and target_size is None) or qcfg is not None):
         raise ConfigError(f"--calibrate solves a float checkpoint onto a K-quant mix: give --type one of "
-                          f"{', '.join(RECIPES)} and a float MODEL")
+                          f"{', '.join(RECIPES)} (or --target-size) and a float MODEL")
     float_choice = type_ if type_ in FLOAT_TYPE_CHOICES and type_ != "auto" else float_type
     tok = DbrxTokenizer.from_pretrained(folder)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        solved = None
-        if calibrate is not None:
+        solved, types = None, {}
+        if calibrate is not None or target_size is not None:
             with CheckpointReader(folder) as reader:
                 check_checkpoint(reader, config, folder, expected_tensors(config, qcfg))  # before hours of work
+        if target_size is not None:
+            types = _allocate_types(out, src, folder, config, tok, target_size,
+                                    measure(folder, calibrate or CalibrationOptions(), progress=progress))
+        if calibrate is not None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=out.parent, prefix=f"{out.name}.calib.")))
-            solved = calibrate_kquants(str(folder), type_, work, calibrate, progress=progress)
+            solved = calibrate_kquants(str(folder), type_, work, calibrate, types=types, progress=progress)
         return _write(out, src, folder, config, qcfg, tok, type_, float_choice, float_type, requantize, progress,
-                      solved, t0)
+                      solved, t0, types, target_size)
+
+
+def _padded(nbytes: int) -> int:
+    import gguf
+    return -(-nbytes // gguf.GGUF_DEFAULT_ALIGNMENT) * gguf.GGUF_DEFAULT_ALIGNMENT
+
+
+def _writer(config, tok, file_type, src, qcfg, plan: list[PlannedTensor]):
+    """A GGUFWriter holding the metadata and the tensor infos of ``plan``."""
+    import gguf
+    w = gguf.GGUFWriter(None, "dbrx")
+    name = Path(str(src)).name if Path(str(src)).is_dir() else str(src)
+    add_metadata(w, config, tok, file_type, name, qcfg)
+    for t in plan:
+        nb = t.nbytes
+        w.add_tensor_info(t.name, (*t.shape[:-1], nb // max(1, int(np.prod(t.shape[:-1], dtype=np.int64)))),
+                          np.dtype(np.uint8), nb, raw_dtype=gguf.GGMLQuantizationType[t.ggml_type])
+    return w
+
+
+def _file_bytes(w, plan: list[PlannedTensor], folder: Path) -> int:
+    """The exact size of the file ``w`` (see :func:`_writer`) writes: its header, measured by writing it to
+    a temporary file, then every tensor padded to the alignment."""
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".gguf-header.") as d:
+        w.write_header_to_file(path=Path(d) / "h")
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        head = w.fout[0].tell()
+        w.close()
+    return _padded(head) + sum(_padded(t.nbytes) for t in plan)
+
+
+def _allocate_types(out: Path, src, folder, config, tok, target: int, sens: Sensitivity) -> dict[str, str]:
+    """Each measured matrix's GGML type: the least summed predicted KL within what ``target`` bytes leave
+    once the header and the always-F32 tensors are counted (calibration.fisher)."""
+    with CheckpointReader(folder) as reader:
+        planner = _Planner(reader, config, None, type_="AUTO", float_type="auto", requantize=False)
+        planner.types = {n: min(sens.kl[n], key=lambda t: row_bytes(t, sens.shapes[n][-1])) for n in sens.kl}
+        plan = planner.plan()
+    least = _file_bytes(_writer(config, tok, _file_type(plan)[1], src, None, plan), plan, out.parent)
+    if target < least:
+        raise QuantizationError(f"--target-size {format_size(target)}: the smallest file of this model ({least} "
+                                f"bytes: every matrix Q2_K, or Q8_0 where rows are not whole 256-blocks) is larger")
+    fixed = least - sum(_padded(t.nbytes) for t in plan if t.name in sens.kl)  # header and F32 tensors
+    nbytes = lambda t, shape: _padded(int(np.prod(shape[:-1])) * row_bytes(t, shape[-1]))  # noqa: E731
+    types, predicted, used = allocate(sens, target - fixed, nbytes)
+    counts = {t: sum(1 for v in types.values() if v == t) for t in sorted(set(types.values()))}
+    log.info("--target-size %s: %s; predicted mean KL %.3g per token (calibration.fisher, %d tokens); %d bytes",
+             format_size(target), ", ".join(f"{n} x {t}" for t, n in counts.items()), predicted, sens.tokens,
+             fixed + used)
+    return types
 
 
 def _write(out: Path, src, folder, config, qcfg, tok, type_, float_choice, float_type, requantize, progress,
-           solved, t0) -> ExportResult:
-    import gguf
+           solved, t0, types: dict[str, str] | None = None, limit: int | None = None) -> ExportResult:
     from tqdm.auto import tqdm
 
     with CheckpointReader(folder) as reader:
@@ -422,6 +496,7 @@ def _write(out: Path, src, folder, config, qcfg, tok, type_, float_choice, float
         planner = _Planner(reader, config, qcfg, type_=type_.upper(), float_type=float_choice, requantize=requantize)
         if solved is not None:
             planner.solved = solved.tensors
+        planner.types = dict(types or {})
         plan = planner.plan()  # every refusal happens here, before a byte is written
         if type_ in ("q8_0", "q4_0"):
             planner.warnings.insert(0, f"--type {type_}: experts and attention quantized with dbrxq's RTN "
@@ -442,14 +517,12 @@ def _write(out: Path, src, folder, config, qcfg, tok, type_, float_choice, float
         if free < total + (1 << 20):
             raise CheckpointError(f"{out.parent}: not enough disk space for {out.name}: needs about "
                                   f"{format_size(total)}, {format_size(free)} free")
+        if limit is not None:
+            size = _file_bytes(_writer(config, tok, file_type, src, qcfg, plan), plan, out.parent)
+            if size > limit:  # the allocation counts the same bytes: a bug, refused before writing
+                raise QuantizationError(f"--target-size {limit}: the planned file has {size} bytes")
         tmp = temp_path(out)
-        w = gguf.GGUFWriter(None, "dbrx")
-        name = Path(str(src)).name if Path(str(src)).is_dir() else str(src)
-        add_metadata(w, config, tok, file_type, name, qcfg)
-        for t in plan:
-            nb = t.nbytes
-            w.add_tensor_info(t.name, (*t.shape[:-1], nb // max(1, int(np.prod(t.shape[:-1], dtype=np.int64)))),
-                              np.dtype(np.uint8), nb, raw_dtype=gguf.GGMLQuantizationType[t.ggml_type])
+        w = _writer(config, tok, file_type, src, qcfg, plan)
         try:
             w.write_header_to_file(path=tmp)
             w.write_kv_data_to_file()
