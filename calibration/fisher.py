@@ -34,11 +34,12 @@ import torch
 
 from calibration.options import CalibrationOptions
 from calibration.tokens import calibration_tokens
-from dbrxq.core.errors import QuantizationError
+from dbrxq.core.errors import ConfigError, QuantizationError
 from dbrxq.loading.loader import load_model
 from dbrxq.text.tokenizer import DbrxTokenizer
 from quantize import kquants
 from quantize.allocate import solve_exact, solve_greedy
+from quantize.primitives import quantize_tensor
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ def round_to(w: torch.Tensor, ggml_type: str) -> torch.Tensor:
     if ggml_type == "F16":
         return w.half().float()
     flat = w.reshape(-1, w.shape[-1])
+    if ggml_type == "Q8_0":  # as the exporter writes it (quantize.ggml.float_to_type)
+        return quantize_tensor(flat, 8, 32, True).dequantize().reshape(w.shape)
     return kquants.dequantize(kquants.quantize(flat, ggml_type)).reshape(w.shape)
 
 
@@ -129,6 +132,9 @@ def measure(model_dir, opts: CalibrationOptions | None = None, *, progress: bool
     tokenizer = DbrxTokenizer.from_pretrained(model_dir)
     tokens, _ = calibration_tokens(opts.data, tokenizer, samples=opts.samples, seq_len=opts.seq_len, seed=opts.seed,
                                    text_field=opts.text_field, vocab_size=config.vocab_size)
+    if opts.seq_len > config.max_seq_len:
+        raise ConfigError(f"--calib-seq-len {opts.seq_len} is longer than the model's context (max_seq_len "
+                          f"{config.max_seq_len})")
     params = dict(model.named_parameters())
     mats = matrices(config, set(params))
     errors = _errors(model, mats)

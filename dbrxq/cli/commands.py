@@ -282,7 +282,7 @@ def export(model, out, type_, float_type, requantize, target_size, calibrate, ca
     size = parse_size(target_size, "--target-size") if target_size is not None else None
     r = export_gguf(model, out, type_=type_.lower(), float_type=float_type.lower(), requantize=requantize,
                     overwrite=overwrite, revision=revision, progress=sys.stderr.isatty(),
-                    calibrate=options if calibrate else None, target_size=size)
+                    calibrate=options if calibrate else None, target_size=size, calibration=options)
     for msg in r.warnings:
         click.echo(f"warning: {msg}", err=True)
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(r.types.items(), key=lambda kv: -kv[1]))

@@ -353,10 +353,11 @@ def _file_type(plan: list[PlannedTensor], recipe: str = "auto"):
         by[t.ggml_type] = by.get(t.ggml_type, 0) + t.nbytes
     main = max(by, key=by.get)
     names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4_0": "MOSTLY_Q4_0",
-             "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0", **{t: f"MOSTLY_{t}" for t in K_BLOCK_BYTES}}
+             "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0", "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M",
+             "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K"}  # K-types: their _M mixes
     if recipe in FILE_TYPES and main in K_BLOCK_BYTES:  # the mix, unless every row fell back (the demo's)
         return main, gguf.LlamaFileType[FILE_TYPES[recipe]]
-    return main, gguf.LlamaFileType[names[main] if main != "Q3_K" else "MOSTLY_Q3_K_M"]
+    return main, gguf.LlamaFileType[names[main]]
 
 
 def _check_supported(config: DbrxConfig, folder: Path) -> None:
@@ -373,12 +374,14 @@ def _check_supported(config: DbrxConfig, folder: Path) -> None:
 def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str = "auto",
                 float_type: str = "auto", requantize: bool = False, overwrite: bool = False,
                 revision: str | None = None, progress: bool = False,
-                calibrate: CalibrationOptions | None = None, target_size: int | None = None) -> ExportResult:
+                calibrate: CalibrationOptions | None = None, target_size: int | None = None,
+                calibration: CalibrationOptions | None = None) -> ExportResult:
     """Write MODEL (a folder, hub repo id or 'demo') as the GGUF file OUT; see the module docstring.
     ``calibrate``: with a K-quant mix (``type_`` q2_k ... q6_k) or ``target_size``, solve the attention,
     expert and output matrices by GPTQ onto their grids on this calibration data (dbrxq.export.calibrated).
     ``target_size``: a float MODEL's file of at most this many bytes, each matrix in the type that
-    calibration.fisher allocates it (``type_`` auto).
+    calibration.fisher allocates it (``type_`` auto), measured on ``calibrate`` or else ``calibration``
+    (default: the packaged text, 64 sequences of up to 512 tokens).
 
     Raises:
         CheckpointError, ConfigError, QuantizationError, TokenizerError: one line each; nothing
@@ -427,8 +430,8 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str 
             with CheckpointReader(folder) as reader:
                 check_checkpoint(reader, config, folder, expected_tensors(config, qcfg))  # before hours of work
         if target_size is not None:
-            types = _allocate_types(out, src, folder, config, tok, target_size,
-                                    measure(folder, calibrate or CalibrationOptions(), progress=progress))
+            opts = calibrate or calibration or CalibrationOptions(seq_len=min(512, config.max_seq_len))
+            types = _allocate_types(out, src, folder, config, tok, target_size, measure(folder, opts, progress=progress))
         if calibrate is not None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=out.parent, prefix=f"{out.name}.calib.")))
             solved = calibrate_kquants(str(folder), type_, work, calibrate, types=types, progress=progress)

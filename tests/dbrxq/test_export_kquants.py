@@ -106,7 +106,7 @@ def test_calibrated_mix_is_gptq_onto_the_grids_and_writes_what_it_solved(wide):
     work.mkdir()
     opts = CalibrationOptions(samples=4, seq_len=64)
     solved = calibrate_kquants(str(src), "q4_k_m", work, opts)
-    assert len(solved.tensors) == 2 * (2 + 3)  # attn_qkv, attn_output, three expert stacks per layer
+    assert len(solved.tensors) == 2 * (2 + 3) + 1  # attn_qkv, attn_output, three expert stacks per layer; head
     assert solved.gptq_error < solved.rtn_error / 2, (solved.gptq_error, solved.rtn_error)
     out = export_gguf(src, root / "cal.gguf", type_="q4_k_m", calibrate=opts).path
     reader = {t.name: t for t in gguf.GGUFReader(out).tensors}
@@ -127,3 +127,101 @@ def test_calibrate_needs_a_float_model_and_a_mix(tmp_path):
     from dbrxq.core.errors import ConfigError
     with pytest.raises(ConfigError, match="--calibrate solves a float checkpoint onto a K-quant mix"):
         export_gguf(default_model_dir(), tmp_path / "x.gguf", type_="q8_0", calibrate=CalibrationOptions())
+
+
+def _fisher(wide):
+    from calibration.fisher import measure
+    from calibration.options import CalibrationOptions
+    src, root, _ = wide
+    if not hasattr(_fisher, "cache"):
+        _fisher.cache = measure(src, CalibrationOptions(samples=4, seq_len=64))
+    return _fisher.cache
+
+
+def test_predicted_kl_is_what_quantizing_one_tensor_costs(wide):
+    """calibration.fisher: per tensor and type, 1/2 sum F dW^2 (F from the float model's gradients on
+    calibration tokens) predicts the mean KL that quantizing that tensor alone costs on those tokens
+    (measured here by replacing it in the float model), and falls with every finer type."""
+    from calibration.fisher import candidates, matrices, round_to
+    from calibration.options import CalibrationOptions
+    from calibration.tokens import calibration_tokens
+    from dbrxq.loading.loader import load_model
+    from dbrxq.text.tokenizer import DbrxTokenizer
+    src, _, _ = wide
+    sens = _fisher(wide)
+    assert candidates(256) == ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16")
+    assert candidates(128) == ("Q8_0", "F16") and candidates(48) == ("F16",)
+    assert len(sens.kl) == 1 + 2 * 5 + 1 and sens.tokens == 4 * 64
+    for name, kl in sens.kl.items():
+        v = list(kl.values())
+        assert all(a > b for a, b in zip(v, v[1:])), (name, kl)  # finer grids, less KL
+    model = load_model(src, dtype="float32")
+    opts = CalibrationOptions(samples=4, seq_len=64)
+    ids, _ = calibration_tokens(None, DbrxTokenizer.from_pretrained(src), samples=4, seq_len=64, seed=opts.seed,
+                                vocab_size=model.config.vocab_size)
+    params = dict(model.named_parameters())
+    mats = {m.gguf: m for m in matrices(model.config, set(params))}
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids).logits.float(), -1)
+        for name, t in (("blk.1.ffn_down_exps.weight", "Q2_K"), ("blk.0.attn_qkv.weight", "Q3_K"),
+                        ("output.weight", "Q2_K"), ("token_embd.weight", "Q2_K")):
+            m, p = mats[name], params[mats[name].param]
+            keep = p.data.clone()
+            p.data.copy_(m.back(round_to(m.rows(p), t), p))
+            got = torch.log_softmax(model(ids).logits.float(), -1)
+            p.data.copy_(keep)
+            measured = float((ref.exp() * (ref - got)).sum(-1).mean())
+            assert 1 / 3 < sens.kl[name][t] / measured < 3, (name, t, sens.kl[name][t], measured)
+
+
+def test_allocation_fits_the_budget_and_beats_any_uniform_type_there(wide):
+    from calibration.fisher import allocate
+    from quantize.ggml import row_bytes
+    sens = _fisher(wide)
+    nbytes = lambda t, shape: int(np.prod(shape[:-1])) * row_bytes(t, shape[-1])  # noqa: E731
+    for uniform in ("Q3_K", "Q4_K"):
+        budget = sum(nbytes(uniform, sens.shapes[n]) for n in sens.kl)
+        types, predicted, used = allocate(sens, budget, nbytes)
+        assert used <= budget and used == sum(nbytes(types[n], sens.shapes[n]) for n in sens.kl)
+        assert predicted <= sum(sens.kl[n][uniform] for n in sens.kl) * 0.9  # well below the uniform file's
+        assert predicted == pytest.approx(sum(sens.kl[n][types[n]] for n in sens.kl))
+        assert len(set(types.values())) > 1
+    from dbrxq.core.errors import QuantizationError
+    with pytest.raises(QuantizationError, match="smallest types take"):
+        allocate(sens, 1000, nbytes)
+
+
+def test_export_target_size_writes_a_file_of_at_most_that_size(wide):
+    """--target-size: the file is never larger than asked and spends the budget (within one tensor's step),
+    every matrix in a type its rows can hold, and its bytes are dbrxq's rounding of the float weights."""
+    from calibration.fisher import candidates, round_to
+    from calibration.options import CalibrationOptions
+    from quantize.ggml import float_to_type
+    from dbrxq.core.errors import ConfigError, QuantizationError
+    src, root, floats = wide
+    target = export_gguf(src, root / "mix.gguf", type_="q4_k_m").path.stat().st_size
+    opts = CalibrationOptions(samples=4, seq_len=64)
+    out = export_gguf(src, root / "sized.gguf", target_size=target, calibration=opts).path
+    size = out.stat().st_size
+    assert size <= target and size > 0.97 * target, (size, target)
+    reader = gguf.GGUFReader(out)
+    kinds = {}
+    for t in reader.tensors:
+        kinds[t.name] = t.tensor_type.name
+        if t.tensor_type.name == "F32":
+            continue
+        w = torch.from_numpy(floats[t.name].reshape(-1, floats[t.name].shape[-1]).copy())
+        assert t.tensor_type.name in candidates(w.shape[-1])
+        mine = llama_dequantize(float_to_type(w, t.tensor_type.name), t.tensor_type).reshape(w.shape)
+        theirs = llama_dequantize(np.asarray(t.data), t.tensor_type).reshape(w.shape)
+        assert np.array_equal(theirs, mine), t.name
+        if t.tensor_type.name != "F16":  # the Fisher's candidate is that rounding
+            assert np.array_equal(round_to(w, t.tensor_type.name).numpy(), mine), t.name
+    assert len({v for v in kinds.values() if v != "F32"}) > 1  # a mix, not one type
+    with pytest.raises(QuantizationError, match="--target-size .* the smallest file of this model"):
+        export_gguf(src, root / "tiny.gguf", target_size=100_000, calibration=opts)
+    assert not (root / "tiny.gguf").exists()
+    with pytest.raises(ConfigError, match="--calib-seq-len 512 is longer than the model's context"):
+        export_gguf(src, root / "x.gguf", target_size=target, calibration=CalibrationOptions(seq_len=512))
+    with pytest.raises(ConfigError, match="--target-size chooses the type of every tensor"):
+        export_gguf(src, root / "x.gguf", type_="q4_k_m", target_size=target)
