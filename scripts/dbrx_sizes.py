@@ -50,9 +50,9 @@ def main() -> int:
         ("int4 g128 (dbrxq's default)", ModuleQuant(4, 128, True)),
         ("int4 g32", ModuleQuant(4, 32, True)),
         ("int3 g128", ModuleQuant(3, 128, True)),
-        ("int3 g64 asym", ModuleQuant(3, 64, False)),
-        ("int2 g64 asym", ModuleQuant(2, 64, False)),
-        ("int2 g32 asym", ModuleQuant(2, 32, False)),
+        ("int3 g64", ModuleQuant(3, 64, True)),
+        ("int2 g64", ModuleQuant(2, 64, True)),
+        ("int2 g32", ModuleQuant(2, 32, True)),
     ]
     print("| experts (attention int8 per-channel, embedding and head bf16) | experts | attention | other | total |")
     print("|---|---:|---:|---:|---:|")

@@ -156,6 +156,8 @@ def main() -> None:
         return r["ppl_a"]
 
     base_ppl = row("bf16", ref, src_bytes)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for name, method, qc, *target in recipes():
             if args.only and not any(name.startswith(p) for p in args.only.split(",")):
