@@ -17,7 +17,7 @@ llama.cpp's quant of each mix made with an importance matrix that ``llama-imatri
 same calibration text and token count as ``--calibrate`` (SAMPLES chunks of SEQ_LEN tokens), and
 ``--llama-only TYPES`` llama.cpp types dbrxq does not write (e.g. iq4_xs), with and without it.
 ``--sized`` adds, beside each llama.cpp file made with the importance matrix, dbrxq's
-``export --target-size`` of that file's size (each tensor's type allocated by calibration.fisher),
+``export --target-size`` of that file's size (each tensor's type allocated by dbrxq.export.fisher),
 rounded to nearest and solved by GPTQ (``--calibrate``).
 """
 

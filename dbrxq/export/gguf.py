@@ -44,7 +44,7 @@ from dbrxq.core.errors import CheckpointError, ConfigError, QuantizationError
 from dbrxq.core.files import fsync_dir, remove_stale_temps, temp_path
 from dbrxq.core.units import format_size
 from dbrxq.core.untrusted import check_finite
-from calibration.fisher import Sensitivity, allocate, measure
+from dbrxq.export.fisher import Sensitivity, allocate, measure
 from dbrxq.export.calibrated import calibrate_kquants
 from dbrxq.export.gguf_meta import add_metadata
 from dbrxq.formats.checkpoint import CheckpointReader, check_checkpoint
@@ -380,7 +380,7 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str 
     ``calibrate``: with a K-quant mix (``type_`` q2_k ... q6_k) or ``target_size``, solve the attention,
     expert and output matrices by GPTQ onto their grids on this calibration data (dbrxq.export.calibrated).
     ``target_size``: a float MODEL's file of at most this many bytes, each matrix in the type that
-    calibration.fisher allocates it (``type_`` auto), measured on ``calibrate`` or else ``calibration``
+    dbrxq.export.fisher allocates it (``type_`` auto), measured on ``calibrate`` or else ``calibration``
     (default: the packaged text, 64 sequences of up to 512 tokens).
 
     Raises:
@@ -471,7 +471,7 @@ def _file_bytes(w, plan: list[PlannedTensor], folder: Path) -> int:
 
 def _allocate_types(out: Path, src, folder, config, tok, target: int, sens: Sensitivity) -> dict[str, str]:
     """Each measured matrix's GGML type: the least summed predicted KL within what ``target`` bytes leave
-    once the header and the always-F32 tensors are counted (calibration.fisher)."""
+    once the header and the always-F32 tensors are counted (dbrxq.export.fisher)."""
     with CheckpointReader(folder) as reader:
         planner = _Planner(reader, config, None, type_="AUTO", float_type="auto", requantize=False)
         planner.types = {n: min(sens.kl[n], key=lambda t: row_bytes(t, sens.shapes[n][-1])) for n in sens.kl}
@@ -484,7 +484,7 @@ def _allocate_types(out: Path, src, folder, config, tok, target: int, sens: Sens
     nbytes = lambda t, shape: _padded(int(np.prod(shape[:-1])) * row_bytes(t, shape[-1]))  # noqa: E731
     types, predicted, used = allocate(sens, target - fixed, nbytes)
     counts = {t: sum(1 for v in types.values() if v == t) for t in sorted(set(types.values()))}
-    log.info("--target-size %s: %s; predicted mean KL %.3g per token (calibration.fisher, %d tokens); %d bytes",
+    log.info("--target-size %s: %s; predicted mean KL %.3g per token (dbrxq.export.fisher, %d tokens); %d bytes",
              format_size(target), ", ".join(f"{n} x {t}" for t, n in counts.items()), predicted, sens.tokens,
              fixed + used)
     return types

@@ -130,7 +130,7 @@ def test_calibrate_needs_a_float_model_and_a_mix(tmp_path):
 
 
 def _fisher(wide):
-    from calibration.fisher import measure
+    from dbrxq.export.fisher import measure
     from calibration.options import CalibrationOptions
     src, root, _ = wide
     if not hasattr(_fisher, "cache"):
@@ -139,10 +139,10 @@ def _fisher(wide):
 
 
 def test_predicted_kl_is_what_quantizing_one_tensor_costs(wide):
-    """calibration.fisher: per tensor and type, 1/2 sum F dW^2 (F from the float model's gradients on
+    """dbrxq.export.fisher: per tensor and type, 1/2 sum F dW^2 (F from the float model's gradients on
     calibration tokens) predicts the mean KL that quantizing that tensor alone costs on those tokens
     (measured here by replacing it in the float model), and falls with every finer type."""
-    from calibration.fisher import candidates, matrices, round_to
+    from dbrxq.export.fisher import candidates, matrices, round_to
     from calibration.options import CalibrationOptions
     from calibration.tokens import calibration_tokens
     from dbrxq.loading.loader import load_model
@@ -175,7 +175,7 @@ def test_predicted_kl_is_what_quantizing_one_tensor_costs(wide):
 
 
 def test_allocation_fits_the_budget_and_beats_any_uniform_type_there(wide):
-    from calibration.fisher import allocate
+    from dbrxq.export.fisher import allocate
     from quantize.ggml import row_bytes
     sens = _fisher(wide)
     nbytes = lambda t, shape: int(np.prod(shape[:-1])) * row_bytes(t, shape[-1])  # noqa: E731
@@ -194,7 +194,7 @@ def test_allocation_fits_the_budget_and_beats_any_uniform_type_there(wide):
 def test_export_target_size_writes_a_file_of_at_most_that_size(wide):
     """--target-size: the file is never larger than asked and spends the budget (within one tensor's step),
     every matrix in a type its rows can hold, and its bytes are dbrxq's rounding of the float weights."""
-    from calibration.fisher import candidates, round_to
+    from dbrxq.export.fisher import candidates, round_to
     from calibration.options import CalibrationOptions
     from quantize.ggml import float_to_type
     from dbrxq.core.errors import ConfigError, QuantizationError
