@@ -44,7 +44,7 @@ from dbrxq.core.errors import CheckpointError, ConfigError, QuantizationError
 from dbrxq.core.files import fsync_dir, remove_stale_temps, temp_path
 from dbrxq.core.units import format_size
 from dbrxq.core.untrusted import check_finite
-from dbrxq.export.fisher import Sensitivity, allocate, measure
+from dbrxq.export.fisher import Sensitivity, allocate, candidates, matrices, measure
 from dbrxq.export.calibrated import calibrate_kquants
 from dbrxq.export.gguf_meta import add_metadata
 from dbrxq.formats.checkpoint import CheckpointReader, check_checkpoint
@@ -430,8 +430,9 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str 
             with CheckpointReader(folder) as reader:
                 check_checkpoint(reader, config, folder, expected_tensors(config, qcfg))  # before hours of work
         if target_size is not None:
+            fixed = _unallocated_bytes(out, src, folder, config, tok, target_size)  # refused before measuring
             opts = calibrate or calibration or CalibrationOptions(seq_len=min(512, config.max_seq_len))
-            types = _allocate_types(out, src, folder, config, tok, target_size, measure(folder, opts, progress=progress))
+            types = _allocate_types(target_size, fixed, measure(folder, opts, progress=progress))
         if calibrate is not None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=out.parent, prefix=f"{out.name}.calib.")))
             solved = calibrate_kquants(str(folder), type_, work, calibrate, types=types, progress=progress)
@@ -469,18 +470,24 @@ def _file_bytes(w, plan: list[PlannedTensor], folder: Path) -> int:
     return _padded(head) + sum(_padded(t.nbytes) for t in plan)
 
 
-def _allocate_types(out: Path, src, folder, config, tok, target: int, sens: Sensitivity) -> dict[str, str]:
-    """Each measured matrix's GGML type: the least summed predicted KL within what ``target`` bytes leave
-    once the header and the always-F32 tensors are counted (dbrxq.export.fisher)."""
+def _unallocated_bytes(out: Path, src, folder, config, tok, target: int) -> int:
+    """The bytes of a ``target``-sized file that are not the allocated matrices' (the header and the F32
+    tensors, counted exactly); QuantizationError when even the smallest types do not fit."""
     with CheckpointReader(folder) as reader:
         planner = _Planner(reader, config, None, type_="AUTO", float_type="auto", requantize=False)
-        planner.types = {n: min(sens.kl[n], key=lambda t: row_bytes(t, sens.shapes[n][-1])) for n in sens.kl}
+        planner.types = {m.gguf: candidates(config.ffn_hidden_size if m.transpose else config.d_model)[0]
+                         for m in matrices(config, set(reader.keys()))}
         plan = planner.plan()
     least = _file_bytes(_writer(config, tok, _file_type(plan)[1], src, None, plan), plan, out.parent)
     if target < least:
         raise QuantizationError(f"--target-size {format_size(target)}: the smallest file of this model ({least} "
                                 f"bytes: every matrix Q2_K, or Q8_0 where rows are not whole 256-blocks) is larger")
-    fixed = least - sum(_padded(t.nbytes) for t in plan if t.name in sens.kl)  # header and F32 tensors
+    return least - sum(_padded(t.nbytes) for t in plan if t.name in planner.types)
+
+
+def _allocate_types(target: int, fixed: int, sens: Sensitivity) -> dict[str, str]:
+    """Each measured matrix's GGML type: the least summed predicted KL within the ``target`` bytes less the
+    ``fixed`` ones (dbrxq.export.fisher)."""
     nbytes = lambda t, shape: _padded(int(np.prod(shape[:-1])) * row_bytes(t, shape[-1]))  # noqa: E731
     types, predicted, used = allocate(sens, target - fixed, nbytes)
     counts = {t: sum(1 for v in types.values() if v == t) for t in sorted(set(types.values()))}

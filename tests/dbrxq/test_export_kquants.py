@@ -225,3 +225,17 @@ def test_export_target_size_writes_a_file_of_at_most_that_size(wide):
         export_gguf(src, root / "x.gguf", target_size=target, calibration=CalibrationOptions(seq_len=512))
     with pytest.raises(ConfigError, match="--target-size chooses the type of every tensor"):
         export_gguf(src, root / "x.gguf", type_="q4_k_m", target_size=target)
+
+
+def test_cli_target_size_is_checked_before_the_measurement(dbrxq_main, tmp_path, monkeypatch):
+    """`dbrxq export --target-size`: a size the model cannot fit, or that is not a size, is one line before
+    any calibration work (the Fisher pass is never started), and nothing is written."""
+    import dbrxq.export.gguf as g
+    monkeypatch.setattr(g, "measure", lambda *a, **k: pytest.fail("measured a model that cannot fit"))
+    code, err = dbrxq_main("export", "demo", tmp_path / "x.gguf", "--target-size", "1MB")
+    assert code == 2 and err.count("\n") == 1 and "the smallest file of this model (" in err, err
+    code, err = dbrxq_main("export", "demo", tmp_path / "x.gguf", "--target-size", "4XB")
+    assert code == 2 and "--target-size: cannot read '4XB' as a size" in err, err
+    code, err = dbrxq_main("export", "demo", tmp_path / "x.gguf", "--target-size", "8MB", "--type", "q8_0")
+    assert code == 2 and "--target-size chooses the type of every tensor of a float MODEL" in err, err
+    assert not list(tmp_path.iterdir())
