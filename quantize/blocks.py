@@ -177,9 +177,9 @@ def check_numbers(blocks: torch.Tensor, bits: int, n: int, k: int, group_size: i
     """:func:`quantize.primitives.check_qparams` of a weight stored in blocks, without gathering its
     scales: in the whole row blocks they are checked where they lie, as one strided reduction over
     their bit patterns (a positive finite half is a pattern in (0, 0x7C00); a symmetric one's sign bit
-    is masked off first), and the zeros by their maximum, with no gathered and transposed copy (the first read of an offloaded expert pays this
-    check). A failure, or a last partial row block (whose padding rows hold zeros), goes through the
-    exact check, which counts."""
+    is masked off first), and the zeros by their maximum, with no gathered and transposed copy (the
+    first read of an offloaded expert pays this check). A failure, or a last partial row block (whose
+    padding rows hold zeros), goes through the exact check, which counts."""
     g = resolve_group_size(group_size, k, bits)
     nb, ng = -(-n // RB), k // g
     bb, cb = block_bytes(bits, k, g, asym), codes_bytes(bits, k)

@@ -13,11 +13,14 @@ in float32.
 We do not pad: K must be a multiple of G (and even for 4-bit). DBRX's dims (6144, 10752,
 8192) are multiples of 128, so padding would only buy support for shapes we never serve.
 
-Scales are rounded to float16 *up* (to the next representable value at or above the exact
-scale) before any code is computed, and codes are computed with that rounded scale. Hence
-(a) dequantize reproduces exactly what quantize intended, and (b) the grid always covers the
-group's range, so no in-range value is ever clamped and ``|w - w_hat| <= scale / 2``
-elementwise (up to float32 arithmetic rounding).
+Scale magnitudes are rounded to float16 *up* (to the next representable value at or above the
+exact one) before any code is computed, and codes are computed with that rounded scale. Hence
+(a) dequantize reproduces exactly what quantize intended, and (b) for asymmetric and 8-bit
+symmetric weights the grid covers the group's range, so no value is clamped and
+``|w - w_hat| <= scale / 2`` elementwise (up to float32 arithmetic rounding). Symmetric 2-4 bit
+weights use every level and may clamp where that costs less squared error: there
+``|w - w_hat| <= |scale| / 2`` within the grid's span and ``<= 1.5 |scale|`` beyond its short end
+(:func:`compute_qparams`).
 """
 
 from __future__ import annotations
@@ -142,7 +145,6 @@ def _full_range_scales(w: torch.Tensor, wg: torch.Tensor, bits: int) -> torch.Te
             better = e < err
             best, err = torch.where(better, s, best), torch.where(better, e, err)
     return best
-
 
 
 @torch.no_grad()

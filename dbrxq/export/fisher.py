@@ -129,12 +129,12 @@ def measure(model_dir, opts: CalibrationOptions | None = None, *, progress: bool
     t0 = time.perf_counter()
     model = load_model(model_dir, dtype="float32")
     config = model.config
-    tokenizer = DbrxTokenizer.from_pretrained(model_dir)
-    tokens, _ = calibration_tokens(opts.data, tokenizer, samples=opts.samples, seq_len=opts.seq_len, seed=opts.seed,
-                                   text_field=opts.text_field, vocab_size=config.vocab_size)
     if opts.seq_len > config.max_seq_len:
         raise ConfigError(f"--calib-seq-len {opts.seq_len} is longer than the model's context (max_seq_len "
                           f"{config.max_seq_len})")
+    tokenizer = DbrxTokenizer.from_pretrained(model_dir)
+    tokens, _ = calibration_tokens(opts.data, tokenizer, samples=opts.samples, seq_len=opts.seq_len, seed=opts.seed,
+                                   text_field=opts.text_field, vocab_size=config.vocab_size)
     params = dict(model.named_parameters())
     mats = matrices(config, set(params))
     errors = _errors(model, mats)

@@ -62,7 +62,7 @@ def test_budget_met_recipes_stored_and_loaded(src, mixed):
     alloc = qc.calibration["allocation"]
     budget = allocation.budget_from_bits(config, 2.5)
     assert alloc["budget_bytes"] == budget and alloc["expert_bytes"] <= budget
-    assert qc.format_version == (5 if qc.signed_scales else 3) and qc.expert_mix is not None
+    assert qc.format_version == 5 and qc.expert_mix is not None  # per-expert recipes, symmetric (signed) options
     used = {j for row in qc.expert_mix.choice for j in row}
     assert len(used) >= 2  # a real mix at 2.5 bits (2 and 3 at least)
     t = tensors(out)
@@ -258,7 +258,7 @@ def test_cli_target_bits_and_its_errors(dbrxq_main, tmp_path):
     assert code == 0, err
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["method"] == "rtn" and qc["layout"] == "blocks"  # the CLI default
-    assert qc["format_version"] == (5 if QuantConfig.from_dict(qc).signed_scales else 4)
+    assert qc["format_version"] == 5 and qc["full_range"] is True  # blocks with symmetric (signed) options
     assert not (tmp_path / "q" / progress.MANIFEST_NAME).exists()
     for args, msg in ((["--target-bits", "9"], "--target-bits 9.0: expected a number from 2 to 8"),
                       (["--target-bits", "3", "--target-size", "1GB"], "give one budget"),

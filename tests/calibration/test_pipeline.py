@@ -110,7 +110,9 @@ def test_gptq_is_closer_to_the_float_model_than_rtn(src, tmp_path):
         quantize_with_calibration(src, tmp_path / m, qc, OPTS, progress=False)
         q = load_model(tmp_path / m, dtype="float32", backend="torch")
         kl[m] = compare(ref, q, ids, window=256, stride=256)["mean_kl"]
-    assert kl["gptq"] < 0.8 * kl["rtn"], kl  # measured: 1.07e-4 vs 1.52e-4 (int4: 2.9e-5 vs 3.4e-5)
+    # measured 1.07e-4 vs 1.52e-4 (0.70; int4, where the full-range RTN grid closes most of the gap: 0.86);
+    # 0.8 leaves room for the thread count's effect on GPTQ's float sums
+    assert kl["gptq"] < 0.8 * kl["rtn"], kl
 
 
 def test_token_counts_are_the_routers(src, clean):
