@@ -1,6 +1,6 @@
-"""Build, cache and load dbrxq's C kernel (quantize/csrc/qmatmul.c) with gcc + ctypes.
+"""Build, cache and load dbrxq's C kernels (quantize/csrc/qmatmul.c and fmoe.c, one library) with gcc + ctypes.
 
-The C file has no torch headers, so it compiles in about a second at first use. The shared
+The C files have no torch headers, so it compiles in about a second at first use. The shared
 library lands in ``$DBRXQ_CACHE`` (default ``~/.cache/dbrxq``) under a name keyed by a hash of
 the source, the flags and the compiler's version, so an edited kernel rebuilds and concurrent
 processes never see a half-written file (compile to a temp name, then rename).
@@ -30,7 +30,8 @@ from dbrxq.core.sysinfo import cpu_flags
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "qmatmul.c"
+# qmatmul.c: the quantized kernels; fmoe.c: float experts (bf16/float32 weights) in one call per layer
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("qmatmul.c", "fmoe.c")]
 FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp"]
 PATHS = {"generic": 0, "avx2": 1, "avx512": 2}  # the `path` argument of dbrxq_matmul
 # CPU flags (/proc/cpuinfo names) each path needs; "avx512" is AVX512F/BW/VL with VNNI (vpdpbusd).
@@ -60,7 +61,7 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str) -> Path:
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in SOURCES)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(src + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     out = cache_dir() / f"qmatmul-{key}.so"
@@ -70,7 +71,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        r = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed:\n{r.stderr[-2000:]}")
         os.replace(tmp, out)
@@ -114,6 +115,9 @@ def load() -> ctypes.CDLL | None:
     lib.dbrxq_glu.restype = _c_int
     lib.dbrxq_moe.argtypes = [_vp, _c_int, _c_int, _c_int, _c_int, _vp, _vp, _vp, _c_int, _vp, _c_int, _c_int]
     lib.dbrxq_moe.restype = _c_int
+    lib.dbrxq_moe_float.argtypes = [_vp, _c_int, _c_int, _c_int, _c_int, _vp, _vp, _vp, _vp, _vp, _c_int, _c_int, _vp,
+                                    _c_int, _c_int]
+    lib.dbrxq_moe_float.restype = _c_int
     lib.dbrxq_act_span.argtypes = [_c_int, _c_int]
     lib.dbrxq_act_span.restype = _c_int
     return lib

@@ -42,6 +42,7 @@ from dbrxq.model.dbrx import DbrxForCausalLM, register_loader, skip_init
 from dbrxq.plan.checkpoint import plan_offload
 from quantize.config import quantization_of
 from quantize.format import mixed_option
+from quantize.float_experts import use_float_kernel
 from quantize.modules import in_place, quantize_model_modules
 from quantize.primitives import check_qparams
 from quantize.specs import expected_tensors, module_kind
@@ -189,6 +190,8 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
             release(buf)
         trim_heap()  # per module: the repack's freed temporaries otherwise double the peak
     bar.close()
+    if dev.type == "cpu":
+        use_float_kernel(model)  # float experts (a float checkpoint's) step through the C kernel, one call a layer
     model.eval()
     model.requires_grad_(False)
     model.source_dir = Path(folder)

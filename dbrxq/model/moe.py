@@ -42,7 +42,8 @@ def route(router_logits: torch.Tensor, top_k: int, norm_p: float | None):
     probs = torch.softmax(router_logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if norm_p is not None:
-        weights = weights / torch.norm(weights, p=norm_p, dim=-1, keepdim=True)
+        # torch.norm's own call (what HF's route writes), without its Python wrapper: the same kernel
+        weights = weights / torch.linalg.vector_norm(weights, norm_p, dim=-1, keepdim=True)
     return weights, ids
 
 
@@ -137,6 +138,10 @@ class DbrxExperts(nn.Module):
         self.num_experts, self.ffn_hidden_size = config.num_experts, config.ffn_hidden_size
         self.act = ACTIVATIONS[config.activation]
         self.mlp = DbrxExpertGLU(config)
+        # A layer's step in one call (x, expert_ids, weights) -> out or None, given by the loader on a CPU
+        # (quantize.float_experts): the same float32 arithmetic without the dispatch of gathered()'s ops.
+        # Used where gathered() would be, and for one token (a decode step reads each routed expert once).
+        self.fused: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         Fh = self.ffn_hidden_size
@@ -164,7 +169,12 @@ class DbrxExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n, k = expert_ids.shape
-        if n * k * 3 * self.ffn_hidden_size * x.shape[-1] * 4 <= self.GATHER_BYTES:
+        small = n * k * 3 * self.ffn_hidden_size * x.shape[-1] * 4 <= self.GATHER_BYTES
+        if self.fused is not None and (small or n == 1):
+            out = self.fused(x, expert_ids, weights)
+            if out is not None:
+                return out
+        if small:
             if invariant() and n > 1:  # each row alone, as a batch of one computes it
                 return torch.cat([self.gathered(x[i:i + 1], expert_ids[i:i + 1], weights[i:i + 1]) for i in range(n)])
             return self.gathered(x, expert_ids, weights)
