@@ -128,7 +128,7 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache, *, chunk_size: int = 512) -> torch.Tensor:
     """Run the prompt through the model in chunks; returns the last position's logits (B, V)."""
     pos = positions_from_mask(mask)
@@ -142,7 +142,7 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache, *, chunk_size: 
     return logits
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_one_token(model, token: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, cache):
     """token, pos (B,) -> logits (B, V) for the next position."""
     out = model(token[:, None], attention_mask=mask, position_ids=pos[:, None], past_key_values=cache,

@@ -345,7 +345,8 @@ class Engine:
         ids = torch.tensor([r.prompt[s:e]], dtype=torch.long, device=dev)
         pos = torch.arange(s, e, device=dev)[None]
         view = self.pool.view([r.slot])
-        out = self.model(ids, position_ids=pos, past_key_values=view, use_cache=True, logits_to_keep=1)
+        with torch.inference_mode():
+            out = self.model(ids, position_ids=pos, past_key_values=view, use_cache=True, logits_to_keep=1)
         view.commit()
         r.prefilled = e
         self.stats.prefill_tokens += e - s
@@ -363,7 +364,7 @@ class Engine:
         view = self.pool.view([r.slot for r in rows])
         self._touched = []
         try:
-            with batch_invariant(self.invariant):
+            with batch_invariant(self.invariant), torch.inference_mode():
                 out = self.model(tok, position_ids=pos, past_key_values=view, use_cache=True)
         finally:
             touched, self._touched = self._touched, None

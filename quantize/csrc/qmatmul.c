@@ -704,7 +704,7 @@ int dbrxq_matmul(const float *x, int M, int K, const uint8_t *w, int N, int bits
     acts_quant(&a, x, 0, M);
     int ni = nitems_of(N);
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1)
     for (int c = 0; c < ni; c++) {
         int b0, b1;
         item_blocks(c, N, &b0, &b1);
@@ -729,7 +729,7 @@ int dbrxq_glu(const float *x, int M, int D, int F, const uint8_t *w1, const uint
     float *up = h + (size_t)M * F;
     int n1 = nitems_of(F), n2 = nitems_of(D);
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
 #pragma omp for schedule(static)
         for (int m = 0; m < M; m++) acts_quant(&ax, x, m, m + 1);
