@@ -102,8 +102,9 @@ def runtime_options(f):
         click.option("--expert-prefetch/--no-expert-prefetch", default=None,
                      help="With offloading, guess the next layer's experts and start reading them early "
                           "[default: on with CUDA, off on CPU, where a wrong guess costs the scarce reads]."),
-        click.option("--direct-io", is_flag=True,
-                     help="With offloading on CPU, read experts with O_DIRECT (bypassing the page cache)."),
+        click.option("--direct-io/--page-cache-io", default=None,
+                     help="With offloading on CPU, read experts with O_DIRECT (bypassing the page cache) or through "
+                          "the page cache [default: each source's reads try both and take the faster, by measurement]."),
         threads_option,
     ]):
         f = opt(f)
@@ -112,7 +113,7 @@ def runtime_options(f):
 
 def offload_options(cache_dir, policy, prefetch, direct, timing=False) -> dict:
     """The --cache-dir / --expert-policy / --expert-prefetch / --direct-io / --stats choices that were made."""
-    opts = {"cache_dir": cache_dir, "policy": policy, "prefetch": prefetch, "direct": direct or None,
+    opts = {"cache_dir": cache_dir, "policy": policy, "prefetch": prefetch, "direct": direct,
             "timing": timing or None}
     return {k: v for k, v in opts.items() if v is not None}
 
@@ -129,6 +130,9 @@ def offload_report(rt) -> str:
                      f"{ph.hit_rate:.1%} ({ph.hits} hits, {ph.misses} misses); moved "
                      f"{format_size(ph.bytes_moved / n)}/token]")
     peak = ", ".join(f"{k} {format_size(v)}" for k, v in rt.stats.peak.items())
+    choice = getattr(rt.file, "choice", None)
+    if choice is not None:
+        lines.append(f"[{choice.summary()}]")
     lines.append(f"[tracked peak per tier: {peak}; peak RSS {format_size(peak_rss_bytes())}; "
                  f"prefetched {rt.cache.counters.prefetched}, evictions {rt.cache.counters.evictions}]")
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from dbrxq.core.pages import PAGE, PageReleaser, whole_pages
 from dbrxq.core.untrusted import MAX_INDEX_BYTES, is_int, read_json
 from dbrxq.formats.checkpoint import CheckpointReader
 from dbrxq.plan.slots import SlotLayout, prepare_expert
+from dbrxq.runtime.read_choice import CACHE, DIRECT, ReadChoice
 from quantize import cext
 from quantize.blocks import check_numbers
 from quantize.primitives import check_qparams
@@ -47,14 +48,17 @@ class ExpertFiles:
 
     ALIGN = PAGE
 
-    def __init__(self, paths: list[Path], *, drop_page_cache: bool = False, direct: bool = False):
+    def __init__(self, paths: list[Path], *, drop_page_cache: bool = False, direct: bool | None = False):
         self.paths = [Path(p) for p in paths]
         self.drop_page_cache = drop_page_cache
         self.verified: set[tuple[int, int]] = set()
         self.fds = [os.open(p, os.O_RDONLY) for p in self.paths]
         self.dfds = [-1] * len(self.paths)  # O_DIRECT descriptors: reads from the disk, never the page cache
         self.mms: list = [None] * len(self.paths)
-        if direct:
+        # direct None: both ways, chosen per read by measurement (read_choice); True: O_DIRECT; False: page cache
+        self.choice = ReadChoice(name=str(self.paths[0].parent if len(self.paths) > 1 else self.paths[0])) \
+            if direct is None else None
+        if direct is not False:
             try:
                 self.dfds = [os.open(p, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) for p in self.paths]
             except OSError as e:
@@ -80,12 +84,17 @@ class ExpertFiles:
         """Check expert (layer, e)'s bytes (uint8) on their first read; raise CheckpointError if damaged."""
 
     def _no_direct(self, e: OSError) -> None:
-        log.warning("%s: O_DIRECT is not supported here (%s); reading through the page cache and dropping "
-                    "each read from it", self.path, e.strerror or e)
         for i, d in enumerate(self.dfds):
             if d >= 0:
                 os.close(d)
             self.dfds[i] = -1
+        if self.choice is not None:  # chosen by measurement: the page cache is the one way left
+            log.info("%s: O_DIRECT is not supported here (%s); reading through the page cache", self.path,
+                     e.strerror or e)
+            self.choice = None
+            return
+        log.warning("%s: O_DIRECT is not supported here (%s); reading through the page cache and dropping "
+                    "each read from it", self.path, e.strerror or e)
         self.drop_page_cache = True
 
     def read_into(self, layer: int, expert: int, dst: torch.Tensor) -> None:
@@ -93,7 +102,11 @@ class ExpertFiles:
         page-aligned dst of whole pages is read with O_DIRECT when the files were opened ``direct``."""
         f, off, n = self.locate(layer, expert)
         whole = whole_pages(n)  # O_DIRECT reads whole pages
-        if self.dfds[f] >= 0 and dst.numel() >= whole and dst.data_ptr() % self.ALIGN == 0 and off % self.ALIGN == 0:
+        can = self.dfds[f] >= 0 and dst.numel() >= whole and dst.data_ptr() % self.ALIGN == 0 and off % self.ALIGN == 0
+        choice = self.choice if can else None
+        way = choice.pick() if choice is not None else DIRECT if can else CACHE
+        t0 = time.perf_counter()
+        if way == DIRECT:
             try:
                 got = os.preadv(self.dfds[f], [memoryview(dst[:whole].numpy()).cast("B")], off)
             except OSError as e:  # a file system that opens O_DIRECT but refuses the read
@@ -104,6 +117,8 @@ class ExpertFiles:
             got = os.preadv(self.fds[f], [memoryview(dst[:n].numpy()).cast("B")], off)
             if self.drop_page_cache:
                 os.posix_fadvise(self.fds[f], off, whole_pages(n), os.POSIX_FADV_DONTNEED)
+        if choice is not None:
+            choice.record(way, n, time.perf_counter() - t0)
         if got != n:
             self.damaged(layer, expert, f"short read ({got} of {n} bytes)")
         if (layer, expert) not in self.verified:
@@ -151,7 +166,7 @@ class CheckpointExperts(ExpertFiles):
     file. The first read of each expert checks its scales and zero points (a damaged checkpoint is
     refused with one line, and left as it is: it is the user's file)."""
 
-    def __init__(self, folder: Path, experts: list, *, drop_page_cache: bool = False, direct: bool = False):
+    def __init__(self, folder: Path, experts: list, *, drop_page_cache: bool = False, direct: bool | None = False):
         self.experts = experts  # QBlocksExperts per layer: where each expert sits in its stacks
         self.table: list[list[tuple[int, int, int]]] = []
         files: dict[Path, int] = {}
@@ -167,9 +182,10 @@ class CheckpointExperts(ExpertFiles):
                     row.append((f, reader.data_offset(name) + r * slot.stride, slot.nbytes))
                 self.table.append(row)
         super().__init__(list(files), drop_page_cache=drop_page_cache, direct=direct)
-        if direct and any(off % PAGE for row in self.table for _, off, _ in row):
-            log.warning("%s: its experts do not start on 4 KiB pages; reading them through the page cache", folder)
-            self._no_direct(OSError("unaligned"))
+        if direct is not False and any(off % PAGE for row in self.table for _, off, _ in row):
+            if direct:
+                log.warning("%s: its experts do not start on 4 KiB pages; reading them through the page cache", folder)
+            self._no_direct(OSError("its experts do not start on 4 KiB pages"))
 
     def locate(self, layer: int, expert: int) -> tuple[int, int, int]:
         return self.table[layer][expert]
@@ -198,7 +214,7 @@ class PreparedExpertFile(ExpertFiles):
     FORMAT = "dbrxq-prepared-experts-v2"  # v2: experts at a stride of whole 4 KiB pages (O_DIRECT)
 
     def __init__(self, path: Path, nbytes: int, num_experts: int, *, crcs: list[int] | None = None,
-                 drop_page_cache: bool = False, direct: bool = False, sizes: list[int] | None = None):
+                 drop_page_cache: bool = False, direct: bool | None = False, sizes: list[int] | None = None):
         super().__init__([path], drop_page_cache=drop_page_cache, direct=direct)
         self.nbytes, self.num_experts = nbytes, num_experts
         self.sizes = sizes  # per expert (layer-major) when they differ (MixedLayout), else every one nbytes

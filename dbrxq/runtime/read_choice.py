@@ -1,0 +1,79 @@
+"""Which way a source's misses are read, chosen by measurement: through the page cache or with O_DIRECT.
+
+Neither wins everywhere. O_DIRECT streams from the disk with no copy and leaves the page cache alone,
+which decodes a memory-starved model faster; but it never profits from pages already cached, so with
+memory to spare, or experts that earlier runs left in the page cache, the buffered read is a memory copy
+and wins (docs/benchmarks.md, "Low memory", measures both ways on one checkpoint). So each source (a checkpoint's shards, a prepared
+file) times its own reads: :class:`ReadChoice` tries each way a few times, then reads the faster one,
+still trying the other once every ``explore`` reads so that a change (the page cache filling, or
+being taken by someone else) moves the choice. Costs are seconds per byte, decayed, so a run's recent
+reads count most.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from dbrxq.core.units import format_size
+
+log = logging.getLogger(__name__)
+
+CACHE, DIRECT = "page cache", "O_DIRECT"
+
+
+class ReadChoice:
+    """Per read: :meth:`pick` a way, do the read, :meth:`record` its bytes and seconds.
+
+    ``warmup`` reads of each way first (alternating), then the way of the least decayed seconds per byte,
+    except every ``explore``-th read, which takes the other; ``decay`` weighs the older average against
+    each new read. Thread-safe (the reader thread and the compute thread may both read)."""
+
+    def __init__(self, ways: tuple[str, ...] = (DIRECT, CACHE), *, warmup: int = 2, explore: int = 16,
+                 decay: float = 0.75, name: str = ""):
+        self.ways, self.warmup, self.explore, self.decay, self.name = ways, warmup, explore, decay, name
+        self.cost: dict[str, float | None] = {w: None for w in ways}  # decayed seconds per byte
+        self.reads = {w: 0 for w in ways}
+        self.bytes = {w: 0 for w in ways}
+        self.seconds = {w: 0.0 for w in ways}
+        self.picks = 0
+        self.current: str | None = None
+        self._lock = threading.Lock()
+
+    def best(self) -> str | None:
+        """The way of the least measured cost, None while any way is still warming up."""
+        if any(self.reads[w] < self.warmup for w in self.ways):
+            return None
+        return min(self.ways, key=lambda w: self.cost[w])
+
+    def pick(self) -> str:
+        with self._lock:
+            n, self.picks = self.picks, self.picks + 1
+            best = self.best()
+            if best is None:  # warming up: the way with the fewest reads, in order
+                return min(self.ways, key=lambda w: self.reads[w])
+            if n % self.explore == 0:
+                others = [w for w in self.ways if w != best]
+                return others[(n // self.explore) % len(others)]
+            return best
+
+    def record(self, way: str, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            spb = seconds / max(nbytes, 1)
+            old = self.cost[way]
+            self.cost[way] = spb if old is None else self.decay * old + (1 - self.decay) * spb
+            self.reads[way] += 1
+            self.bytes[way] += nbytes
+            self.seconds[way] += seconds
+            best = self.best()
+            if best is not None and best != self.current:
+                log.info("%sreading experts %s (%s/s measured) rather than %s", f"{self.name}: " if self.name else "",
+                         "with O_DIRECT" if best == DIRECT else "through the page cache", format_size(1 / self.cost[best]),
+                         ", ".join(f"{w} ({format_size(1 / self.cost[w])}/s)" for w in self.ways if w != best))
+                self.current = best
+
+    def summary(self) -> str:
+        """One line for --stats: each way's reads and measured rate, and the way now chosen."""
+        parts = [f"{w} {self.reads[w]} reads at {format_size(self.bytes[w] / self.seconds[w]) if self.seconds[w] else '-'}/s"
+                 for w in self.ways]
+        return f"reads by measurement: {', '.join(parts)}; now {self.current or 'warming up'}"

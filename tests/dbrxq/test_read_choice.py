@@ -1,0 +1,96 @@
+"""How misses are read, chosen by measurement (dbrxq.runtime.read_choice): the chooser on made-up timings,
+then an offloaded model reading both ways with the resident model's bits, and the fallbacks."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from dbrxq.cli.options import offload_options
+from dbrxq.loading.offloading import offload_model
+from dbrxq.runtime import prepared
+from dbrxq.runtime.read_choice import CACHE, DIRECT, ReadChoice
+from tests.dbrxq.test_offload import budget_for, quantized_model, reference, run_steps  # noqa: F401 (a fixture)
+
+MB = 1 << 20
+
+
+def feed(choice: ReadChoice, reads: int, seconds_per_mb: dict[str, float]) -> list[str]:
+    """``reads`` reads of 1 MiB each at the given costs; the ways picked, in order."""
+    ways = []
+    for _ in range(reads):
+        w = choice.pick()
+        choice.record(w, MB, seconds_per_mb[w])
+        ways.append(w)
+    return ways
+
+
+def test_warms_up_both_ways_then_reads_the_faster_and_still_explores():
+    c = ReadChoice(warmup=2, explore=8)
+    ways = feed(c, 4, {DIRECT: 0.001, CACHE: 0.004})
+    assert sorted(ways) == sorted([CACHE, CACHE, DIRECT, DIRECT])  # two of each first
+    ways = feed(c, 32, {DIRECT: 0.001, CACHE: 0.004})
+    assert ways.count(CACHE) == 4 and ways.count(DIRECT) == 28  # one read in 8 tries the slower way
+    assert c.current == DIRECT and c.best() == DIRECT
+    line = c.summary()
+    assert "O_DIRECT 30 reads" in line and "page cache 6 reads" in line and line.endswith("now O_DIRECT")
+
+
+def test_the_choice_follows_a_change():
+    """The page cache warming up (earlier runs' pages, memory to spare): its reads become memory copies."""
+    c = ReadChoice(warmup=2, explore=4, decay=0.5)
+    feed(c, 16, {DIRECT: 0.001, CACHE: 0.004})
+    assert c.current == DIRECT
+    feed(c, 32, {DIRECT: 0.001, CACHE: 0.0002})
+    assert c.current == CACHE
+    assert feed(c, 8, {DIRECT: 0.001, CACHE: 0.0002}).count(CACHE) == 6
+
+
+def test_offloaded_reads_take_both_ways_and_keep_the_bits(reference, tmp_path):  # noqa: F811
+    m = quantized_model()
+    rt = offload_model(m, cpu_memory=budget_for(1), context=32, cache_dir=tmp_path)  # direct=None: measure
+    got = run_steps(m, rt.kv_factory)
+    assert all(torch.equal(a, b) for a, b in zip(got, reference))
+    if rt.file.dfd < 0:
+        pytest.skip("this file system refuses O_DIRECT: one way only")
+    c = rt.file.choice
+    assert c is not None and c.reads[DIRECT] >= c.warmup and c.reads[CACHE] >= c.warmup
+    assert c.current in (DIRECT, CACHE)
+
+
+@pytest.mark.parametrize("direct, way", [(True, DIRECT), (False, CACHE)])
+def test_a_forced_way_is_the_only_way(reference, tmp_path, direct, way):  # noqa: F811
+    m = quantized_model()
+    rt = offload_model(m, cpu_memory=budget_for(1), context=32, cache_dir=tmp_path, direct=direct)
+    assert rt.file.choice is None
+    if not direct:
+        assert rt.file.dfd == -1
+    got = run_steps(m, rt.kv_factory)
+    assert all(torch.equal(a, b) for a, b in zip(got, reference))
+
+
+def test_without_o_direct_the_measured_choice_quietly_uses_the_page_cache(reference, tmp_path, monkeypatch,  # noqa: F811
+                                                                           caplog):
+    real_open = os.open
+
+    def no_direct(path, flags, *a):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *a)
+    monkeypatch.setattr(prepared.os, "open", no_direct)
+    m = quantized_model()
+    with caplog.at_level(logging.INFO, logger="dbrxq.runtime.prepared"):
+        rt = offload_model(m, cpu_memory=budget_for(1), context=32, cache_dir=tmp_path)
+    assert rt.file.dfd == -1 and rt.file.choice is None and not rt.file.drop_page_cache  # nothing forced
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "O_DIRECT" in r.getMessage()]
+    got = run_steps(m, rt.kv_factory)
+    assert all(torch.equal(a, b) for a, b in zip(got, reference))
+
+
+def test_cli_flags():
+    assert offload_options(None, None, None, None) == {}
+    assert offload_options(None, None, None, True)["direct"] is True
+    assert offload_options(None, None, None, False)["direct"] is False
