@@ -69,7 +69,8 @@ print(json.dumps({"first_token": marks["first"], "prompt_tok_s": len(args["promp
                   "decode_tok_s": st.decode_steps / st.decode_s, "steps": st.decode_steps,
                   "read_per_token": (read_bytes() - marks["read0"]) / max(1, st.decode_steps),
                   "hit_rate": None if ph is None else ph.hit_rate, "peak_rss": peak_rss(),
-                  "slots": None if r.offload is None else sum(r.offload.plan.slots_per_layer)}))
+                  "slots": None if r.offload is None else sum(r.offload.plan.slots_per_layer),
+                  "reads": None if r.offload is None or r.offload.file.choice is None else r.offload.file.choice.summary()}))
 """
 
 LLAMA_CHILD = COMMON + """
@@ -244,6 +245,9 @@ def main() -> int:
             print(f"| {frac:g} x model = {format_size(r['limit'])} | {r['engine']} | {r['startup_s']:.1f} | "
                   f"{r['prompt_tok_s']:.1f} | {r['decode_tok_s']:.2f} | {format_size(r['read_per_token'])} | {hit} | "
                   f"{format_size(r['peak_cgroup'])} | {r['oom_kills']} | {ratio} |")
+    for r in results:  # how dbrxq read its misses (measured per source unless --dbrxq-options forced a way)
+        if r["engine"] == "dbrxq" and r.get("reads"):
+            print(f"- {r['fraction']:g} x model: dbrxq's {r['reads']}")
     return 0
 
 
