@@ -105,7 +105,7 @@ class ExpertFiles:
         can = self.dfds[f] >= 0 and dst.numel() >= whole and dst.data_ptr() % self.ALIGN == 0 and off % self.ALIGN == 0
         choice = self.choice if can else None
         way = choice.pick() if choice is not None else DIRECT if can else CACHE
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         if way == DIRECT:
             try:
                 got = os.preadv(self.dfds[f], [memoryview(dst[:whole].numpy()).cast("B")], off)
@@ -118,7 +118,7 @@ class ExpertFiles:
             if self.drop_page_cache:
                 os.posix_fadvise(self.fds[f], off, whole_pages(n), os.POSIX_FADV_DONTNEED)
         if choice is not None:
-            choice.record(way, n, time.perf_counter() - t0)
+            choice.record(way, n, time.perf_counter() - t0, time.thread_time() - c0)
         if got != n:
             self.damaged(layer, expert, f"short read ({got} of {n} bytes)")
         if (layer, expert) not in self.verified:

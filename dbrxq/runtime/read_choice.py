@@ -3,11 +3,16 @@
 Neither wins everywhere. O_DIRECT streams from the disk with no copy and leaves the page cache alone,
 which decodes a memory-starved model faster; but it never profits from pages already cached, so with
 memory to spare, or experts that earlier runs left in the page cache, the buffered read is a memory copy
-and wins (docs/benchmarks.md, "Low memory", measures both ways on one checkpoint). So each source (a checkpoint's shards, a prepared
-file) times its own reads: :class:`ReadChoice` tries each way a few times, then reads the faster one,
-still trying the other once every ``explore`` reads so that a change (the page cache filling, or
-being taken by someone else) moves the choice. Costs are seconds per byte, decayed, so a run's recent
-reads count most.
+and wins (docs/benchmarks.md, "Low memory", measures both ways on one checkpoint). So each source (a
+checkpoint's shards, a prepared file) times its own reads: :class:`ReadChoice` tries each way a few times, then reads the cheaper one,
+still trying the other once every ``explore`` reads so that a change (the page cache filling, or being
+taken by someone else) can move the choice, and moving only for a clear difference (``margin``).
+
+A read's cost is its wall time plus the CPU time it takes (the reading thread's, user and system): on a
+machine whose cores are all computing while the reader reads, a buffered read's copy out of the page
+cache (and dropping the pages after it) is time taken from the computation, which its wall time alone
+does not show; an O_DIRECT read's thread sleeps while the device writes into the slot. Costs are
+seconds per byte, decayed, so a run's recent reads count most.
 """
 
 from __future__ import annotations
@@ -29,22 +34,28 @@ class ReadChoice:
     except every ``explore``-th read, which takes the other; ``decay`` weighs the older average against
     each new read. Thread-safe (the reader thread and the compute thread may both read)."""
 
-    def __init__(self, ways: tuple[str, ...] = (DIRECT, CACHE), *, warmup: int = 2, explore: int = 16,
-                 decay: float = 0.75, name: str = ""):
+    def __init__(self, ways: tuple[str, ...] = (DIRECT, CACHE), *, warmup: int = 2, explore: int = 32,
+                 decay: float = 0.75, margin: float = 0.1, name: str = ""):
         self.ways, self.warmup, self.explore, self.decay, self.name = ways, warmup, explore, decay, name
+        self.margin = margin
         self.cost: dict[str, float | None] = {w: None for w in ways}  # decayed seconds per byte
         self.reads = {w: 0 for w in ways}
         self.bytes = {w: 0 for w in ways}
         self.seconds = {w: 0.0 for w in ways}
+        self.cpu = {w: 0.0 for w in ways}
         self.picks = 0
         self.current: str | None = None
         self._lock = threading.Lock()
 
     def best(self) -> str | None:
-        """The way of the least measured cost, None while any way is still warming up."""
+        """The way of the least measured cost (the current one unless another costs ``margin`` less), None
+        while any way is still warming up."""
         if any(self.reads[w] < self.warmup for w in self.ways):
             return None
-        return min(self.ways, key=lambda w: self.cost[w])
+        cheapest = min(self.ways, key=lambda w: self.cost[w])
+        if self.current is not None and self.cost[cheapest] >= (1 - self.margin) * self.cost[self.current]:
+            return self.current
+        return cheapest
 
     def pick(self) -> str:
         with self._lock:
@@ -57,23 +68,27 @@ class ReadChoice:
                 return others[(n // self.explore) % len(others)]
             return best
 
-    def record(self, way: str, nbytes: int, seconds: float) -> None:
+    def record(self, way: str, nbytes: int, seconds: float, cpu: float = 0.0) -> None:
+        """A read of ``nbytes`` by ``way`` that took ``seconds`` of wall time and ``cpu`` seconds of its thread's
+        CPU time."""
         with self._lock:
-            spb = seconds / max(nbytes, 1)
+            spb = (seconds + cpu) / max(nbytes, 1)
             old = self.cost[way]
             self.cost[way] = spb if old is None else self.decay * old + (1 - self.decay) * spb
             self.reads[way] += 1
             self.bytes[way] += nbytes
             self.seconds[way] += seconds
+            self.cpu[way] += cpu
             best = self.best()
             if best is not None and best != self.current:
-                log.info("%sreading experts %s (%s/s measured) rather than %s", f"{self.name}: " if self.name else "",
-                         "with O_DIRECT" if best == DIRECT else "through the page cache", format_size(1 / self.cost[best]),
-                         ", ".join(f"{w} ({format_size(1 / self.cost[w])}/s)" for w in self.ways if w != best))
+                log.info("%sreading experts %s (%.2f s/GB of wall and CPU time measured) rather than %s",
+                         f"{self.name}: " if self.name else "", "with O_DIRECT" if best == DIRECT else
+                         "through the page cache", self.cost[best] * 1e9,
+                         ", ".join(f"{w} ({self.cost[w] * 1e9:.2f} s/GB)" for w in self.ways if w != best))
                 self.current = best
 
     def summary(self) -> str:
         """One line for --stats: each way's reads and measured rate, and the way now chosen."""
         parts = [f"{w} {self.reads[w]} reads at {format_size(self.bytes[w] / self.seconds[w]) if self.seconds[w] else '-'}/s"
-                 for w in self.ways]
+                 f" ({self.cpu[w] / self.seconds[w] if self.seconds[w] else 0:.0%} CPU)" for w in self.ways]
         return f"reads by measurement: {', '.join(parts)}; now {self.current or 'warming up'}"

@@ -18,12 +18,12 @@ from tests.dbrxq.test_offload import budget_for, quantized_model, reference, run
 MB = 1 << 20
 
 
-def feed(choice: ReadChoice, reads: int, seconds_per_mb: dict[str, float]) -> list[str]:
-    """``reads`` reads of 1 MiB each at the given costs; the ways picked, in order."""
+def feed(choice: ReadChoice, reads: int, seconds_per_mb: dict[str, float], cpu_per_mb: dict | None = None) -> list[str]:
+    """``reads`` reads of 1 MiB each at the given wall (and CPU) times; the ways picked, in order."""
     ways = []
     for _ in range(reads):
         w = choice.pick()
-        choice.record(w, MB, seconds_per_mb[w])
+        choice.record(w, MB, seconds_per_mb[w], (cpu_per_mb or {}).get(w, 0.0))
         ways.append(w)
     return ways
 
@@ -47,6 +47,19 @@ def test_the_choice_follows_a_change():
     feed(c, 32, {DIRECT: 0.001, CACHE: 0.0002})
     assert c.current == CACHE
     assert feed(c, 8, {DIRECT: 0.001, CACHE: 0.0002}).count(CACHE) == 6
+
+
+def test_cpu_time_counts_and_small_differences_do_not_move_the_choice():
+    """Equal wall times, but the buffered read copies (CPU time taken from computing): O_DIRECT. Then the page
+    cache 5% cheaper: within the margin, the choice stays; 30% cheaper: it moves."""
+    c = ReadChoice(warmup=2, explore=4, margin=0.1)
+    feed(c, 12, {DIRECT: 0.001, CACHE: 0.001}, {CACHE: 0.0005})
+    assert c.current == DIRECT
+    feed(c, 24, {DIRECT: 0.001, CACHE: 0.00095})
+    assert c.current == DIRECT
+    feed(c, 24, {DIRECT: 0.001, CACHE: 0.0007})
+    assert c.current == CACHE
+    assert "% CPU)" in c.summary()
 
 
 def test_offloaded_reads_take_both_ways_and_keep_the_bits(reference, tmp_path):  # noqa: F811
