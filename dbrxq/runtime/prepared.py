@@ -47,10 +47,6 @@ class ExpertFiles:
     in a process checks it (:meth:`verify`)."""
 
     ALIGN = PAGE
-    # Buffered reads whose pages are dropped go this many bytes at a time: a whole expert (100 MB at DBRX's
-    # width) through the page cache at once is charged to a memory cgroup that has no room for it, and
-    # the kernel makes room by evicting the process's own mapped weights, which are then read again.
-    DROP_CHUNK = 8 << 20
 
     def __init__(self, paths: list[Path], *, drop_page_cache: bool = False, direct: bool | None = False):
         self.paths = [Path(p) for p in paths]
@@ -117,16 +113,10 @@ class ExpertFiles:
                 self._no_direct(e)
                 return self.read_into(layer, expert, dst)
             got = min(got, n)
-        elif not self.drop_page_cache:
+        else:
             got = os.preadv(self.fds[f], [memoryview(dst[:n].numpy()).cast("B")], off)
-        else:  # a chunk at a time, each dropped at once: the page cache never holds more than a chunk of it
-            view, got = memoryview(dst[:n].numpy()).cast("B"), 0
-            for at in range(0, n, self.DROP_CHUNK):
-                part = os.preadv(self.fds[f], [view[at:at + self.DROP_CHUNK]], off + at)
-                os.posix_fadvise(self.fds[f], off + at, whole_pages(min(self.DROP_CHUNK, n - at)), os.POSIX_FADV_DONTNEED)
-                got += part
-                if part < min(self.DROP_CHUNK, n - at):
-                    break
+            if self.drop_page_cache:
+                os.posix_fadvise(self.fds[f], off, whole_pages(n), os.POSIX_FADV_DONTNEED)
         if choice is not None:
             choice.record(way, n, time.perf_counter() - t0, time.thread_time() - c0)
         if got != n:

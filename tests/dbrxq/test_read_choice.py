@@ -108,20 +108,3 @@ def test_cli_flags():
     assert offload_options(None, None, None, True)["direct"] is True
     assert offload_options(None, None, None, False)["direct"] is False
 
-
-def test_dropped_buffered_reads_go_a_chunk_at_a_time(reference, tmp_path, monkeypatch):  # noqa: F811
-    """With the page cache dropped after each read, a read goes DROP_CHUNK bytes at a time, each chunk dropped
-    at once (the same bytes land in the slot)."""
-    monkeypatch.setattr(prepared.ExpertFiles, "DROP_CHUNK", 3 * 4096)
-    dropped = []
-    real = os.posix_fadvise
-
-    def fadvise(fd, offset, length, advice):
-        dropped.append(length)
-        return real(fd, offset, length, advice)
-    monkeypatch.setattr(prepared.os, "posix_fadvise", fadvise)
-    m = quantized_model()
-    rt = offload_model(m, cpu_memory=budget_for(1), context=32, cache_dir=tmp_path, direct=False, drop_page_cache=True)
-    got = run_steps(m, rt.kv_factory)
-    assert all(torch.equal(a, b) for a, b in zip(got, reference))
-    assert dropped and max(dropped) == 3 * 4096 and len(dropped) > rt.cache.counters.misses
