@@ -55,9 +55,12 @@ class ExpertFiles:
         self.fds = [os.open(p, os.O_RDONLY) for p in self.paths]
         self.dfds = [-1] * len(self.paths)  # O_DIRECT descriptors: reads from the disk, never the page cache
         self.mms: list = [None] * len(self.paths)
-        # direct None: both ways, chosen per read by measurement (read_choice); True: O_DIRECT; False: page cache
+        # direct True: O_DIRECT; False: the page cache; None: O_DIRECT where every read is dropped from the page
+        # cache (the process has all the memory: cached pages cannot outlive a read), else both ways, chosen per
+        # read by their measured cost (read_choice), as the page cache may already hold the experts
+        self.forced_direct = direct is True
         self.choice = ReadChoice(name=str(self.paths[0].parent if len(self.paths) > 1 else self.paths[0])) \
-            if direct is None else None
+            if direct is None and not drop_page_cache else None
         if direct is not False:
             try:
                 self.dfds = [os.open(p, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) for p in self.paths]
@@ -88,7 +91,7 @@ class ExpertFiles:
             if d >= 0:
                 os.close(d)
             self.dfds[i] = -1
-        if self.choice is not None:  # chosen by measurement: the page cache is the one way left
+        if not self.forced_direct:  # not asked for: the page cache is the one way left, as it is
             log.info("%s: O_DIRECT is not supported here (%s); reading through the page cache", self.path,
                      e.strerror or e)
             self.choice = None

@@ -52,7 +52,7 @@ def test_the_choice_follows_a_change():
 def test_cpu_time_counts_and_small_differences_do_not_move_the_choice():
     """Equal wall times, but the buffered read copies (CPU time taken from computing): O_DIRECT. Then the page
     cache 5% cheaper: within the margin, the choice stays; 30% cheaper: it moves."""
-    c = ReadChoice(warmup=2, explore=4, margin=0.1)
+    c = ReadChoice(warmup=2, explore=4, margin=0.1)  # (the default margin is 25%)
     feed(c, 12, {DIRECT: 0.001, CACHE: 0.001}, {CACHE: 0.0005})
     assert c.current == DIRECT
     feed(c, 24, {DIRECT: 0.001, CACHE: 0.00095})
@@ -108,3 +108,12 @@ def test_cli_flags():
     assert offload_options(None, None, None, True)["direct"] is True
     assert offload_options(None, None, None, False)["direct"] is False
 
+
+
+def test_with_every_read_dropped_o_direct_is_read_without_measuring(reference, tmp_path):  # noqa: F811
+    """drop_page_cache (what cpu_memory="auto" sets): no page outlives a read, so nothing is measured."""
+    m = quantized_model()
+    rt = offload_model(m, cpu_memory=budget_for(1), context=32, cache_dir=tmp_path, drop_page_cache=True)
+    assert rt.file.choice is None and not rt.file.forced_direct
+    got = run_steps(m, rt.kv_factory)
+    assert all(torch.equal(a, b) for a, b in zip(got, reference))
