@@ -71,6 +71,31 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
     return cos.to(dtype)[:, :, None], torch.cat((-sin, sin), dim=-1).to(dtype)[:, :, None]
 
 
+class RopeTables:
+    """:func:`rope_cos_sin` for positions 0..n-1, made once per (device, dtype, head_dim, theta) and grown to the
+    next power of two a position needs; a forward indexes them (two gathers instead of the tables' ten
+    operators: a decode step's tables took about a layer's fixed cost). Every position's values are the
+    ones rope_cos_sin computes for it among 0..n-1, so a prompt and the same tokens decoded one at a time
+    meet the same tables. Negative positions get rope_cos_sin itself."""
+
+    MIN = 256
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.cos = self.sin = None
+
+    def __call__(self, position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+        lo, hi = (int(v) for v in torch.aminmax(position_ids))
+        if lo < 0:
+            return rope_cos_sin(position_ids, head_dim, theta, dtype)
+        key = (position_ids.device, dtype, head_dim, theta)
+        if self.key != key or hi >= self.cos.shape[0]:
+            n = max(self.MIN, 1 << hi.bit_length())
+            cos, sin = rope_cos_sin(torch.arange(n, device=position_ids.device)[None], head_dim, theta, dtype)
+            self.cos, self.sin, self.key = cos[0], sin[0], key  # (n, 1, head_dim)
+        return self.cos[position_ids], self.sin[position_ids]  # (B, T, 1, head_dim)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """NeoX rotate-half RoPE, x (B, T, heads, hd) with :func:`rope_cos_sin`'s tables: x * cos +
     rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1) is ``roll(x) * [-1, 1]``, the sign folded
@@ -251,6 +276,7 @@ class DbrxForCausalLM(nn.Module):
         self.transformer = DbrxModel(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size,
                                                                           bias=False)
+        self.rope = RopeTables()
 
     # the checkpoint loader (dbrxq.loading.loader.load_model), registered by it: the model imports nothing above it
     _loader: ClassVar[Callable[..., DbrxForCausalLM] | None] = None
@@ -326,7 +352,7 @@ class DbrxForCausalLM(nn.Module):
         start = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=x.device)[None].expand(B, T)
-        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.attn_config.rope_theta, x.dtype)
+        cos, sin = self.rope(position_ids, c.head_dim, c.attn_config.rope_theta, x.dtype)
         mask = attention_mask_4d(attention_mask, B, T, start, x.device)
 
         hidden: list[torch.Tensor] = [x] if output_hidden_states else []

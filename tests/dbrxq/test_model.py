@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dbrxq.core.errors import GenerationError
-from dbrxq.model.dbrx import causal_attention
+from dbrxq.model.dbrx import RopeTables, causal_attention, rope_cos_sin
 from dbrxq.model.moe import down_proj, moe_dispatch, route
 
 
@@ -120,3 +120,15 @@ def test_chunked_prefill_equals_one_pass(tiny_model):
         with torch.no_grad():
             got = prefill(model, ids, torch.ones_like(ids), cache, chunk_size=chunk)
         assert torch.allclose(got, full, atol=1e-5, rtol=1e-5), chunk
+
+
+def test_rope_tables_are_rope_cos_sin_at_every_position():
+    """The cached tables give each position exactly what rope_cos_sin computes for it, through growth, a
+    change of dtype and negative positions (computed directly)."""
+    tables = RopeTables()
+    for pos, dtype in (([[0, 1, 2]], torch.float32), ([[7], [300]], torch.float32), ([[1000, 5]], torch.bfloat16),
+                       ([[-3, 4]], torch.bfloat16)):
+        p = torch.tensor(pos)
+        got, want = tables(p, 32, 500000.0, dtype), rope_cos_sin(p, 32, 500000.0, dtype)
+        assert all(g.shape == w.shape and g.dtype == dtype and torch.equal(g, w) for g, w in zip(got, want))
+    assert tables.cos.shape[0] == 1024  # grown to the power of two that holds position 1000
