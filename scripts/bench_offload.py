@@ -67,8 +67,9 @@ def child(args) -> dict:
         kw = {"cpu_memory": plan.device_fixed_bytes + args.slots * cfg.n_layers * layout.nbytes}
     t0 = time.perf_counter()
     if kw:
-        opts = {"timing": True, "direct": args.source == "disk", "mmap": args.source == "mmap",
-                "cache_dir": args.cache_dir}
+        opts = {"timing": True, "mmap": args.source == "mmap", "cache_dir": args.cache_dir}
+        if args.source != "default":  # default: the runtime's own choice of how to read
+            opts["direct"] = args.source == "disk"
         if args.policy:
             opts["policy"] = args.policy
         if args.prefetch:
@@ -79,10 +80,11 @@ def child(args) -> dict:
         model = dbrxq.DbrxForCausalLM.from_pretrained(args.model, device=args.device)
     load_s = time.perf_counter() - t0
     rt = getattr(model, "offload", None)
-    if rt is not None and args.source in ("page-cache", "mmap"):  # one pass puts the whole file in the page cache
-        with open(rt.file.path, "rb") as f:
-            while f.read(64 << 20):
-                pass
+    if rt is not None and args.source in ("page-cache", "mmap", "default"):  # one pass puts the files in the page cache
+        for path in rt.file.paths:
+            with open(path, "rb") as f:
+                while f.read(64 << 20):
+                    pass
     generate(model, PROMPT, max_new_tokens=2, kv_cache=rt.kv_factory if rt else None)  # warm-up
     if rt is not None:
         from dbrxq.runtime.offload import OffloadStats
@@ -100,7 +102,8 @@ def child(args) -> dict:
         res.update(hit_rate=d.hit_rate, hits_per_tok=d.hits / d.tokens, misses_per_tok=d.misses / d.tokens,
                    moved_per_tok=d.bytes_moved / d.tokens, slot_bytes=rt.layout.nbytes,
                    prefetched=rt.cache.counters.prefetched, non_expert=rt.non_expert_bytes,
-                   tracked_peak=rt.stats.peak["device"], file=str(rt.file.path), stride=rt.file.stride,
+                   tracked_peak=rt.stats.peak["device"], file=str(rt.file.paths[rt.file.locate(0, 0)[0]]),
+                   stride=getattr(rt.file, "stride", None) or rt.file.locate(0, 1)[1] - rt.file.locate(0, 0)[1],
                    direct=rt.file.dfd >= 0, plan=rt.plan.describe())
     return res
 
@@ -162,7 +165,8 @@ def main() -> int:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--fractions", default="0.25,0.5,0.75", help="share of each layer's experts resident")
     p.add_argument("--sources", default="page-cache,mmap,disk",
-                   help="page-cache (preadv copies), mmap (misses computed in place from the mapped file), disk")
+                   help="page-cache (preadv copies), mmap (misses computed in place from the mapped file), disk, "
+                        "default (the runtime's own choice of how to read, after the same warming pass)")
     p.add_argument("--policy", help="lru, lfu or static (default: dbrxq's)")
     p.add_argument("--prefetch", action="store_true", help="speculative prefetch (default: off on CPU)")
     p.add_argument("--cache-dir", default=None, help="where the prepared-expert file goes (default: --workdir/cache)")

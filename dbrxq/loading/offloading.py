@@ -133,9 +133,10 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
     misses). Default: on with CUDA, off on CPU, where reads are the bottleneck and a wrong guess
     spends exactly that: on the random-weight real-width 2-layer checkpoint the guesses moved 41%
     more bytes per token and decoding from the page cache took 193 instead of 157 ms/token
-    (scripts/bench_offload.py with and without --prefetch). ``direct``: how misses are read on a CPU: True with O_DIRECT
-    (bypassing the page cache, so the disk is what is measured), False through the page cache, None
-    (default) both, each read taking the way this source's own reads measured faster (dbrxq.runtime.read_choice). ``policy``: which experts stay in the
+    (scripts/bench_offload.py with and without --prefetch). ``direct``: how misses are read on a CPU: True
+    with O_DIRECT (bypassing the page cache, so the disk is what is measured), False through the page
+    cache, None (default) with O_DIRECT when every read is dropped from the page cache, else either way
+    as this source's own reads measure cheaper (dbrxq.runtime.read_choice). ``policy``: which experts stay in the
     slots: "lfu" (default: decayed LFU with frequency-aware admission, seeded with the routing counts
     of the checkpoint's quantize report when it has one; the best hit rate at every budget on the
     demo model's real routing, scripts/bench_placement.py), "lru" or "static" (the report's most-routed experts fill the slots and
