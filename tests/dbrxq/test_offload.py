@@ -604,6 +604,17 @@ def test_a_wrong_prefetch_changes_only_counters(reference, tmp_path):
     assert guessed and rt.cache.counters.prefetched > 0
 
 
+def refuse_o_direct(monkeypatch) -> None:
+    """The runtime's os.open refuses O_DIRECT from here on, as some file systems do."""
+    real_open = os.open
+
+    def no_direct(path, flags, *a):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *a)
+    monkeypatch.setattr(prepared.os, "open", no_direct)
+
+
 def test_direct_reads_and_their_fallback(reference, tmp_path, monkeypatch, caplog):
     """O_DIRECT (page-aligned slots and a 4 KiB stride in the file) reads the same bytes; where the
     file system refuses O_DIRECT the file is read through the page cache, dropped after each read."""
@@ -613,13 +624,7 @@ def test_direct_reads_and_their_fallback(reference, tmp_path, monkeypatch, caplo
     assert rt.file.stride % 4096 == 0 and os.fstat(rt.file.fd).st_size == 2 * 16 * rt.file.stride
     got = run_steps(m, rt.kv_factory)
     assert all(torch.equal(a, b) for a, b in zip(got, reference))
-    real_open = os.open
-
-    def no_direct(path, flags, *a):
-        if flags & getattr(os, "O_DIRECT", 0):
-            raise OSError(22, "Invalid argument")
-        return real_open(path, flags, *a)
-    monkeypatch.setattr(prepared.os, "open", no_direct)
+    refuse_o_direct(monkeypatch)
     m = quantized_model()
     with caplog.at_level(logging.WARNING, logger="dbrxq.runtime.prepared"):
         rt = offload_model(m, cpu_memory=budget_for(1), context=32, cache_dir=tmp_path, direct=True)

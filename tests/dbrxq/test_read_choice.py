@@ -4,16 +4,15 @@ then an offloaded model reading both ways with the resident model's bits, and th
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
 
 from dbrxq.cli.options import offload_options
 from dbrxq.loading.offloading import offload_model
-from dbrxq.runtime import prepared
 from dbrxq.runtime.read_choice import CACHE, DIRECT, ReadChoice
-from tests.dbrxq.test_offload import budget_for, quantized_model, reference, run_steps  # noqa: F401 (a fixture)
+from tests.dbrxq.test_offload import (  # noqa: F401 (reference: a fixture)
+    budget_for, quantized_model, reference, refuse_o_direct, run_steps)
 
 MB = 1 << 20
 
@@ -87,13 +86,7 @@ def test_a_forced_way_is_the_only_way(reference, tmp_path, direct, way):  # noqa
 
 def test_without_o_direct_the_measured_choice_quietly_uses_the_page_cache(reference, tmp_path, monkeypatch,  # noqa: F811
                                                                            caplog):
-    real_open = os.open
-
-    def no_direct(path, flags, *a):
-        if flags & getattr(os, "O_DIRECT", 0):
-            raise OSError(22, "Invalid argument")
-        return real_open(path, flags, *a)
-    monkeypatch.setattr(prepared.os, "open", no_direct)
+    refuse_o_direct(monkeypatch)
     m = quantized_model()
     with caplog.at_level(logging.INFO, logger="dbrxq.runtime.prepared"):
         rt = offload_model(m, cpu_memory=budget_for(1), context=32, cache_dir=tmp_path)
