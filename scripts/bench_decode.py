@@ -54,9 +54,10 @@ def fill_random(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def make_block(config: DbrxConfig, dtype: torch.dtype, quant: bool) -> DbrxBlock:
+def make_block(config: DbrxConfig, dtype: torch.dtype, quant: bool, float_kernel: bool = True) -> DbrxBlock:
     """One real-width block with random weights; with ``quant``, int4 g128 experts and int8
-    per-channel attention (the product's default recipe) swapped in by RTN."""
+    per-channel attention (the product's default recipe) swapped in by RTN. Float experts step through
+    the C kernel the loader gives them (quantize.float_experts) unless ``float_kernel`` is off."""
     one_layer = DbrxConfig.from_dict(dict(config.to_dict(), n_layers=1, vocab_size=256))
     with torch.device("meta"):
         model = DbrxForCausalLM(one_layer)
@@ -67,12 +68,15 @@ def make_block(config: DbrxConfig, dtype: torch.dtype, quant: bool) -> DbrxBlock
         quantize_model_rtn(model, QuantConfig())
         for p in model.parameters():  # what stays float (norms, router) runs in the activation dtype
             p.data = p.data.to(dtype)
+    elif float_kernel:
+        from quantize.float_experts import use_float_kernel
+        use_float_kernel(model)
     return model.transformer.blocks[0].eval().requires_grad_(False)
 
 
 def bench(config: DbrxConfig, dtype: torch.dtype, quant: bool, context: int, steps: int,
-          bandwidth: float) -> dict:
-    block = make_block(config, dtype, quant)
+          bandwidth: float, float_kernel: bool = True) -> dict:
+    block = make_block(config, dtype, quant, float_kernel)
     c = config
     cache = StaticKVCache(1, 1, context + 1, c.kv_n_heads, c.head_dim, dtype=dtype)
     cache.k[0].normal_()
@@ -103,7 +107,8 @@ def bench(config: DbrxConfig, dtype: torch.dtype, quant: bool, context: int, ste
     bound = nbytes / bandwidth
     del block, cache
     gc.collect()
-    name = "int4 g128 experts + int8 attention (cpu kernels)" if quant else str(dtype).removeprefix("torch.")
+    name = "int4 g128 experts + int8 attention (cpu kernels)" if quant else str(dtype).removeprefix("torch.") + (
+        " (float experts' C kernel)" if float_kernel else " (torch's float path)")
     return dict(dtype=name, ms=t * 1e3, mb=nbytes / 1e6, bound_ms=bound * 1e3,
                 ratio=t / bound)
 
@@ -114,6 +119,8 @@ def main() -> None:
                     help="float variants to run ('none': only --quant)")
     ap.add_argument("--quant", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the quantized layer (int4 g128 experts, int8 attention, float32 activations)")
+    ap.add_argument("--torch-float", action="store_true",
+                    help="also run the float rows on torch's float expert path (without the C kernel)")
     ap.add_argument("--context", type=int, default=256, help="tokens already in the KV cache")
     ap.add_argument("--steps", type=int, default=12, help="timed decode steps (median reported)")
     ap.add_argument("--quick", action="store_true", help="quarter-width model (d_model 1536, ffn 2688)")
@@ -128,8 +135,9 @@ def main() -> None:
     print(f"read-only bandwidth (sum over 1 GiB float32, best of 5): {bw / 1e9:.1f} GB/s")
     named = {"both": [torch.bfloat16, torch.float32], "none": []}
     dtypes = named[args.dtype] if args.dtype in named else [getattr(torch, args.dtype)]  # "none": [] (was a crash)
-    runs = [(dt, False) for dt in dtypes] + ([(torch.float32, True)] if args.quant else [])
-    rows = [bench(config, dt, quant, args.context, args.steps, bw) for dt, quant in runs]
+    runs = [(dt, False, True) for dt in dtypes] + [(dt, False, False) for dt in dtypes if args.torch_float] + (
+        [(torch.float32, True, True)] if args.quant else [])
+    rows = [bench(config, dt, quant, args.context, args.steps, bw, fk) for dt, quant, fk in runs]
     width = "quarter width" if args.quick else "real width"
     print(f"\nOne DBRX layer ({width}), decode batch 1, context {args.context}, median of {args.steps} steps\n")
     print("| weights | ms / token / layer | MB read / token | bound (ms) | ratio to bound |")
