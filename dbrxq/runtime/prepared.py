@@ -55,6 +55,9 @@ class ExpertFiles:
         self.fds = [os.open(p, os.O_RDONLY) for p in self.paths]
         self.dfds = [-1] * len(self.paths)  # O_DIRECT descriptors: reads from the disk, never the page cache
         self.mms: list = [None] * len(self.paths)
+        # destinations read into before: a first read into a buffer also faults its pages in (zero-filling them),
+        # a cost of the buffer, not of the way it was read, so it is not measured
+        self.filled: set[int] = set()
         # direct True: O_DIRECT; False: the page cache; None: O_DIRECT where every read is dropped from the page
         # cache (the process has all the memory: cached pages cannot outlive a read), else both ways, chosen per
         # read by their measured cost (read_choice), as the page cache may already hold the experts
@@ -120,8 +123,9 @@ class ExpertFiles:
             got = os.preadv(self.fds[f], [memoryview(dst[:n].numpy()).cast("B")], off)
             if self.drop_page_cache:
                 os.posix_fadvise(self.fds[f], off, whole_pages(n), os.POSIX_FADV_DONTNEED)
-        if choice is not None:
+        if choice is not None and dst.data_ptr() in self.filled:
             choice.record(way, n, time.perf_counter() - t0, time.thread_time() - c0)
+        self.filled.add(dst.data_ptr())
         if got != n:
             self.damaged(layer, expert, f"short read ({got} of {n} bytes)")
         if (layer, expert) not in self.verified:
