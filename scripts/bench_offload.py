@@ -68,8 +68,10 @@ def child(args) -> dict:
     t0 = time.perf_counter()
     if kw:
         opts = {"timing": True, "mmap": args.source == "mmap", "cache_dir": args.cache_dir}
-        if args.source != "default":  # default: the runtime's own choice of how to read
+        if args.source not in ("default", "map-cached"):  # default: the runtime's own choice of how to read
             opts["direct"] = args.source == "disk"
+        if args.source == "map-cached":
+            opts["map_cached"] = True
         if args.policy:
             opts["policy"] = args.policy
         if args.prefetch:
@@ -80,7 +82,7 @@ def child(args) -> dict:
         model = dbrxq.DbrxForCausalLM.from_pretrained(args.model, device=args.device)
     load_s = time.perf_counter() - t0
     rt = getattr(model, "offload", None)
-    if rt is not None and args.source in ("page-cache", "mmap", "default"):  # one pass puts the files in the page cache
+    if rt is not None and args.source in ("page-cache", "mmap", "default", "map-cached"):  # one pass puts the files in the page cache
         for path in rt.file.paths:
             with open(path, "rb") as f:
                 while f.read(64 << 20):
@@ -100,6 +102,7 @@ def child(args) -> dict:
     if rt is not None:
         d = rt.stats.phases["decode"]
         res.update(hit_rate=d.hit_rate, hits_per_tok=d.hits / d.tokens, misses_per_tok=d.misses / d.tokens,
+                   mapped_per_tok=d.from_page_cache / d.tokens,
                    moved_per_tok=d.bytes_moved / d.tokens, slot_bytes=rt.layout.nbytes,
                    prefetched=rt.cache.counters.prefetched, non_expert=rt.non_expert_bytes,
                    tracked_peak=rt.stats.peak["device"], file=str(rt.file.paths[rt.file.locate(0, 0)[0]]),
@@ -221,6 +224,8 @@ def main() -> int:
             serial = missed / bw + local / ram
             ms = 1e3 * r["decode_s_per_tok"]
             src = source + ("" if source != "disk" or r["direct"] else " (no O_DIRECT here)")
+            if source == "map-cached":
+                src += f" ({r['mapped_per_tok']:.1f} of {r['misses_per_tok']:.1f} misses/token computed from the page cache)"
             print(f"| {slots}/{E} | {src} | {bw / 1e9:.2f} | {r['decode_tok_s']:.2f} | {ms:.0f} | {r['hit_rate']:.1%} | "
                   f"{format_size(r['moved_per_tok'])} | {1e3 * serial:.0f} / {1e3 * overlap:.0f} | "
                   f"{ms / (1e3 * serial):.2f} | {ms / (1e3 * overlap):.2f} | {format_size(r['budget'])} | "

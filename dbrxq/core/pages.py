@@ -87,3 +87,25 @@ def aligned_empty(nbytes: int, align: int = PAGE) -> torch.Tensor:
     base = torch.empty(nbytes + align, dtype=torch.uint8)
     off = -base.data_ptr() % align
     return base[off:off + nbytes]
+
+
+_LIBC = None
+
+
+def in_page_cache(address: int, length: int) -> bool:
+    """Whether every page of the mapped range [address, address + length) is in memory (mincore(2)): for a
+    file mapping, whether the page cache holds it. False when the kernel will not say."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _LIBC = False
+    if _LIBC is False or length <= 0:
+        return False
+    start = address - address % _PAGE
+    pages = -(-(address + length - start) // _PAGE)
+    vec = (ctypes.c_ubyte * pages)()
+    if _LIBC.mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * _PAGE), vec) != 0:
+        return False
+    return bool((torch.frombuffer(vec, dtype=torch.uint8) & 1).all())

@@ -126,7 +126,7 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
                       non_expert_bytes: int, cache_dir: str | os.PathLike | None = None, prefetch: bool | None = None,
                       drop_page_cache: bool = False, direct: bool | None = None, timing: bool = False,
                       miss_policy: MissPolicy | None = None, policy: str = "lfu",
-                      warm_start: bool = True, mmap: bool = False) -> OffloadRuntime:
+                      warm_start: bool = True, mmap: bool = False, map_cached: bool = False) -> OffloadRuntime:
     """Wrap every layer's experts in :class:`OffloadedExperts` per ``plan``; returns the runtime
     (also at ``model.offload``). ``prefetch``: guess the next block's experts and start bringing them
     in early (CUDA: side-stream copies; CPU: the reader thread, behind the current block's own
@@ -189,7 +189,7 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
         counts = observed
     rt = OffloadRuntime(plan, layout, file, experts, act=experts[0].act, act_dtype=act_dtype,
                         non_expert_bytes=non_expert_bytes, miss_policy=miss_policy, timing=timing, policy=policy,
-                        routing_counts=counts, mapped=mmap)
+                        routing_counts=counts, mapped=mmap, map_cached=map_cached)
     if key:
         rt.routing_file = routing_path(path)
         if observed is not None:

@@ -69,6 +69,7 @@ class PhaseStats:
     bytes_moved: int = 0
     hits: int = 0
     misses: int = 0
+    from_page_cache: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -91,9 +92,10 @@ class OffloadRuntime:
     def __init__(self, plan: PlacementPlan, layout: SlotLayout, file: PreparedExpertFile, experts: list, *,
                  act, act_dtype: torch.dtype, non_expert_bytes: int, miss_policy: MissPolicy | None = None,
                  timing: bool = False, policy: str = "lfu", routing_counts: list[list[int]] | None = None,
-                 mapped: bool = False):
+                 mapped: bool = False, map_cached: bool = False):
         self.plan, self.layout, self.file, self.inner = plan, layout, file, experts
         self.mapped = mapped and plan.device == "cpu"  # misses computed in place from the mapped file
+        self.map_cached = map_cached and plan.device == "cpu" and not self.mapped
         self.device = torch.device(plan.device)
         self.cuda = self.device.type == "cuda"
         self.act, self.act_dtype = act, act_dtype
@@ -368,6 +370,10 @@ class OffloadRuntime:
                 out[e] = ("mapped", None)
                 continue
             dest = None if self.pinned[layer] is not None else self.cache.admit(layer, e, keep)
+            if dest is None and self.map_cached and self.file.in_page_cache(layer, e):
+                ph.from_page_cache += 1
+                out[e] = ("mapped", None)
+                continue
             if dest is not None and dest.pending is not None:  # a background read of its old expert
                 self.reader.cancel(dest.pending)
             job = self.reader.submit(layer, e, dest)

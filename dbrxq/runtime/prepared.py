@@ -13,6 +13,7 @@ cache, untrusted like a checkpoint: a sidecar records what it was built from and
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import mmap
@@ -26,7 +27,7 @@ import torch
 
 from dbrxq.core.errors import CheckpointError, ConfigError, DbrxqError
 from dbrxq.core.files import temp_path, write_json_atomic
-from dbrxq.core.pages import PAGE, PageReleaser, whole_pages
+from dbrxq.core.pages import PAGE, PageReleaser, in_page_cache, whole_pages
 from dbrxq.core.untrusted import MAX_INDEX_BYTES, is_int, read_json
 from dbrxq.formats.checkpoint import CheckpointReader
 from dbrxq.plan.slots import SlotLayout, prepare_expert
@@ -55,6 +56,7 @@ class ExpertFiles:
         self.fds = [os.open(p, os.O_RDONLY) for p in self.paths]
         self.dfds = [-1] * len(self.paths)  # O_DIRECT descriptors: reads from the disk, never the page cache
         self.mms: list = [None] * len(self.paths)
+        self.maddr: list = [None] * len(self.paths)
         # destinations read into before: a first read into a buffer also faults its pages in (zero-filling them),
         # a cost of the buffer, not of the way it was read, so it is not measured
         self.filled: set[int] = set()
@@ -147,6 +149,16 @@ class ExpertFiles:
             self.verified.add((layer, expert))
         return t
 
+    def in_page_cache(self, layer: int, expert: int) -> bool:
+        f, off, n = self.locate(layer, expert)
+        if self.mms[f] is None:
+            self.mms[f] = mmap.mmap(self.fds[f], 0, access=mmap.ACCESS_COPY)
+        if self.maddr[f] is None:
+            buf = ctypes.c_char.from_buffer(self.mms[f])
+            self.maddr[f] = ctypes.addressof(buf)
+            del buf
+        return in_page_cache(self.maddr[f] + off, n)
+
     def unmap(self, layer: int, expert: int) -> None:
         """Drop expert (layer, e)'s pages from this process (MADV_DONTNEED: they stay in the page
         cache, and count in our RSS no more)."""
@@ -158,7 +170,7 @@ class ExpertFiles:
         for i, m in enumerate(self.mms):
             if m is not None:
                 m.close()
-                self.mms[i] = None
+                self.mms[i] = self.maddr[i] = None
         for fds in (self.fds, self.dfds):
             for i, d in enumerate(fds):
                 if d >= 0:
