@@ -68,10 +68,9 @@ def child(args) -> dict:
     t0 = time.perf_counter()
     if kw:
         opts = {"timing": True, "mmap": args.source == "mmap", "cache_dir": args.cache_dir}
-        if args.source not in ("default", "map-cached"):  # default: the runtime's own choice of how to read
+        if args.source != "default":  # default: the runtime's own choices (how to read, cached misses mapped)
             opts["direct"] = args.source == "disk"
-        if args.source == "map-cached":
-            opts["map_cached"] = True
+            opts["map_cached"] = args.source == "map-cached"
         if args.policy:
             opts["policy"] = args.policy
         if args.prefetch:
@@ -169,7 +168,9 @@ def main() -> int:
     p.add_argument("--fractions", default="0.25,0.5,0.75", help="share of each layer's experts resident")
     p.add_argument("--sources", default="page-cache,mmap,disk",
                    help="page-cache (preadv copies), mmap (misses computed in place from the mapped file), disk, "
-                        "default (the runtime's own choice of how to read, after the same warming pass)")
+                        "map-cached (page-cache, with misses the cache does not admit computed from the mapping "
+                        "where the page cache holds them), default (the runtime's own choices, after the same "
+                        "warming pass)")
     p.add_argument("--policy", help="lru, lfu or static (default: dbrxq's)")
     p.add_argument("--prefetch", action="store_true", help="speculative prefetch (default: off on CPU)")
     p.add_argument("--cache-dir", default=None, help="where the prepared-expert file goes (default: --workdir/cache)")
@@ -224,7 +225,7 @@ def main() -> int:
             serial = missed / bw + local / ram
             ms = 1e3 * r["decode_s_per_tok"]
             src = source + ("" if source != "disk" or r["direct"] else " (no O_DIRECT here)")
-            if source == "map-cached":
+            if source in ("map-cached", "default"):
                 src += f" ({r['mapped_per_tok']:.1f} of {r['misses_per_tok']:.1f} misses/token computed from the page cache)"
             print(f"| {slots}/{E} | {src} | {bw / 1e9:.2f} | {r['decode_tok_s']:.2f} | {ms:.0f} | {r['hit_rate']:.1%} | "
                   f"{format_size(r['moved_per_tok'])} | {1e3 * serial:.0f} / {1e3 * overlap:.0f} | "

@@ -127,7 +127,8 @@ def offload_report(rt) -> str:
         n = ph.tokens
         lines.append(f"[{name}: per token attention {1e3 * ph.attention_s / n:.1f} ms, experts resident "
                      f"{1e3 * ph.resident_s / n:.1f} ms, experts missed {1e3 * ph.missed_s / n:.1f} ms; hit rate "
-                     f"{ph.hit_rate:.1%} ({ph.hits} hits, {ph.misses} misses); moved "
+                     f"{ph.hit_rate:.1%} ({ph.hits} hits, {ph.misses} misses"
+                     f"{f', {ph.from_page_cache} computed from the page cache' if ph.from_page_cache else ''}); moved "
                      f"{format_size(ph.bytes_moved / n)}/token]")
     peak = ", ".join(f"{k} {format_size(v)}" for k, v in rt.stats.peak.items())
     choice = getattr(rt.file, "choice", None)

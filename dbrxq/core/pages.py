@@ -94,7 +94,8 @@ _LIBC = None
 
 def in_page_cache(address: int, length: int) -> bool:
     """Whether every page of the mapped range [address, address + length) is in memory (mincore(2)): for a
-    file mapping, whether the page cache holds it. False when the kernel will not say."""
+    file mapping, whether the page cache holds it, so reading it costs no I/O. False when the kernel will not
+    say (mincore refused, e.g. for a file the process may neither write nor owns; or no libc)."""
     global _LIBC
     if _LIBC is None:
         try:

@@ -126,7 +126,7 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
                       non_expert_bytes: int, cache_dir: str | os.PathLike | None = None, prefetch: bool | None = None,
                       drop_page_cache: bool = False, direct: bool | None = None, timing: bool = False,
                       miss_policy: MissPolicy | None = None, policy: str = "lfu",
-                      warm_start: bool = True, mmap: bool = False, map_cached: bool = False) -> OffloadRuntime:
+                      warm_start: bool = True, mmap: bool = False, map_cached: bool | None = None) -> OffloadRuntime:
     """Wrap every layer's experts in :class:`OffloadedExperts` per ``plan``; returns the runtime
     (also at ``model.offload``). ``prefetch``: guess the next block's experts and start bringing them
     in early (CUDA: side-stream copies; CPU: the reader thread, behind the current block's own
@@ -136,7 +136,10 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
     (scripts/bench_offload.py with and without --prefetch). ``direct``: how misses are read on a CPU: True
     with O_DIRECT (bypassing the page cache, so the disk is what is measured), False through the page
     cache, None (default) with O_DIRECT when every read is dropped from the page cache, else either way
-    as this source's own reads measure cheaper (dbrxq.runtime.read_choice). ``policy``: which experts stay in the
+    as this source's own reads measure cheaper (dbrxq.runtime.read_choice). ``map_cached``: a miss the
+    cache does not admit (it would pass through a staging slot) whose pages the page cache holds
+    (mincore) is computed from the mapping, with no copy; default: where the page cache is not dropped and
+    ``direct`` is None. ``policy``: which experts stay in the
     slots: "lfu" (default: decayed LFU with frequency-aware admission, seeded with the routing counts
     of the checkpoint's quantize report when it has one; the best hit rate at every budget on the
     demo model's real routing, scripts/bench_placement.py), "lru" or "static" (the report's most-routed experts fill the slots and
@@ -187,6 +190,8 @@ def enable_offloading(model: nn.Module, plan: PlacementPlan, layout: SlotLayout,
     if counts is None and observed is not None:  # no quantize report: what earlier runs of it routed
         log.info("expert placement from the routing observed in earlier runs (%s)", routing_path(path))
         counts = observed
+    if map_cached is None:  # where the page cache may hold experts (it is not dropped, the reads' way is measured)
+        map_cached = direct is None and not drop_page_cache
     rt = OffloadRuntime(plan, layout, file, experts, act=experts[0].act, act_dtype=act_dtype,
                         non_expert_bytes=non_expert_bytes, miss_policy=miss_policy, timing=timing, policy=policy,
                         routing_counts=counts, mapped=mmap, map_cached=map_cached)

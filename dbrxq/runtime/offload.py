@@ -69,7 +69,7 @@ class PhaseStats:
     bytes_moved: int = 0
     hits: int = 0
     misses: int = 0
-    from_page_cache: int = 0
+    from_page_cache: int = 0  # misses computed from the mapping, the page cache holding their pages
 
     @property
     def hit_rate(self) -> float:
@@ -95,6 +95,8 @@ class OffloadRuntime:
                  mapped: bool = False, map_cached: bool = False):
         self.plan, self.layout, self.file, self.inner = plan, layout, file, experts
         self.mapped = mapped and plan.device == "cpu"  # misses computed in place from the mapped file
+        # CPU: a miss the cache does not admit, whose pages the page cache holds, computed from the mapping (no
+        # copy into a staging slot)
         self.map_cached = map_cached and plan.device == "cpu" and not self.mapped
         self.device = torch.device(plan.device)
         self.cuda = self.device.type == "cuda"
@@ -370,7 +372,7 @@ class OffloadRuntime:
                 out[e] = ("mapped", None)
                 continue
             dest = None if self.pinned[layer] is not None else self.cache.admit(layer, e, keep)
-            if dest is None and self.map_cached and self.file.in_page_cache(layer, e):
+            if dest is None and self.map_cached and self.file.in_page_cache(layer, e):  # memory already
                 ph.from_page_cache += 1
                 out[e] = ("mapped", None)
                 continue

@@ -56,7 +56,7 @@ class ExpertFiles:
         self.fds = [os.open(p, os.O_RDONLY) for p in self.paths]
         self.dfds = [-1] * len(self.paths)  # O_DIRECT descriptors: reads from the disk, never the page cache
         self.mms: list = [None] * len(self.paths)
-        self.maddr: list = [None] * len(self.paths)
+        self.maddr: list[int | None] = [None] * len(self.paths)  # each mapping's address (in_page_cache)
         # destinations read into before: a first read into a buffer also faults its pages in (zero-filling them),
         # a cost of the buffer, not of the way it was read, so it is not measured
         self.filled: set[int] = set()
@@ -150,11 +150,13 @@ class ExpertFiles:
         return t
 
     def in_page_cache(self, layer: int, expert: int) -> bool:
+        """Whether the page cache holds every page of expert (layer, e) (mincore on a mapping of its file;
+        False where the kernel will not say): computing from the mapping then reads memory."""
         f, off, n = self.locate(layer, expert)
         if self.mms[f] is None:
             self.mms[f] = mmap.mmap(self.fds[f], 0, access=mmap.ACCESS_COPY)
         if self.maddr[f] is None:
-            buf = ctypes.c_char.from_buffer(self.mms[f])
+            buf = ctypes.c_char.from_buffer(self.mms[f])  # its address; the export ends with the object
             self.maddr[f] = ctypes.addressof(buf)
             del buf
         return in_page_cache(self.maddr[f] + off, n)

@@ -4,12 +4,14 @@ then an offloaded model reading both ways with the resident model's bits, and th
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
 
 from dbrxq.cli.options import offload_options
 from dbrxq.loading.offloading import offload_model
+from dbrxq.runtime import prepared
 from dbrxq.runtime.read_choice import CACHE, DIRECT, ReadChoice
 from tests.dbrxq.test_offload import (  # noqa: F401 (reference: a fixture)
     budget_for, quantized_model, reference, refuse_o_direct, run_steps)
@@ -63,7 +65,8 @@ def test_cpu_time_counts_and_small_differences_do_not_move_the_choice():
 
 def test_offloaded_reads_take_both_ways_and_keep_the_bits(reference, tmp_path):  # noqa: F811
     m = quantized_model()
-    rt = offload_model(m, cpu_memory=budget_for(1), context=32, cache_dir=tmp_path)  # direct=None: measure
+    # direct=None: measured (every miss read: none computed from the page cache, which holds the file just written)
+    rt = offload_model(m, cpu_memory=budget_for(1), context=32, cache_dir=tmp_path, map_cached=False)
     got = run_steps(m, rt.kv_factory)
     assert all(torch.equal(a, b) for a, b in zip(got, reference))
     if rt.file.dfd < 0:
@@ -112,3 +115,47 @@ def test_with_every_read_dropped_o_direct_is_read_without_measuring(reference, t
     assert rt.file.choice is None and not rt.file.forced_direct
     got = run_steps(m, rt.kv_factory)
     assert all(torch.equal(a, b) for a, b in zip(got, reference))
+
+
+def test_a_miss_the_page_cache_holds_is_computed_where_it_lies(reference, tmp_path, monkeypatch):  # noqa: F811
+    """Where the page cache is not dropped, a miss the cache does not admit (no slots here) whose pages are all
+    in the page cache is computed from the mapping, with no copy into a staging slot; one whose pages are not
+    is read. The same bits either way."""
+    m = quantized_model()
+    rt = offload_model(m, cpu_memory=budget_for(0), context=32, cache_dir=tmp_path)
+    assert rt.map_cached
+    for layer in range(2):  # every expert's pages into the page cache
+        for e in range(16):
+            _, off, n = rt.file.locate(layer, e)
+            os.pread(rt.file.fd, n, off)
+    assert all(rt.file.in_page_cache(layer, e) for layer in range(2) for e in range(16))
+    got = run_steps(m, rt.kv_factory)
+    assert all(torch.equal(a, b) for a, b in zip(got, reference))
+    ph = rt.stats.phases["decode"]
+    assert ph.from_page_cache == ph.misses > 0
+    monkeypatch.setattr(prepared, "in_page_cache", lambda address, length: False)  # the kernel will not say
+    before = ph.from_page_cache
+    got = run_steps(m, rt.kv_factory)
+    assert all(torch.equal(a, b) for a, b in zip(got, reference))
+    assert ph.from_page_cache == before
+
+
+def test_in_page_cache_reads_the_kernels_answer(tmp_path):
+    """mincore on a file just read (in the page cache) and after the page cache dropped it."""
+    import mmap
+    from dbrxq.core.pages import in_page_cache
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        t = torch.frombuffer(mm, dtype=torch.uint8)
+        os.pread(fd, 1 << 20, 0)
+        assert in_page_cache(t.data_ptr(), 1 << 20)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 1 << 20, os.POSIX_FADV_DONTNEED)
+        assert not in_page_cache(t.data_ptr(), 1 << 20)
+        del t
+        mm.close()
+    finally:
+        os.close(fd)
