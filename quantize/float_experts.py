@@ -37,6 +37,8 @@ class FloatMoE:
             return None
         n, k = expert_ids.shape
         d, f = x.shape[-1], self.experts.ffn_hidden_size
+        if not (w1.shape == v1.shape == w2.shape == (self.experts.num_experts * f, d)):
+            return None  # the kernel reads [E, F, D] from each pointer: anything else goes to torch, which says why
         x2 = x.float().contiguous()
         ids = expert_ids.to(torch.int64).contiguous()
         wts = weights.float().contiguous()

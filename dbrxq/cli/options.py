@@ -104,7 +104,8 @@ def runtime_options(f):
                           "[default: on with CUDA, off on CPU, where a wrong guess costs the scarce reads]."),
         click.option("--direct-io/--page-cache-io", default=None,
                      help="With offloading on CPU, read experts with O_DIRECT (bypassing the page cache) or through "
-                          "the page cache [default: each source's reads try both and take the faster, by measurement]."),
+                          "the page cache [default: O_DIRECT under --cpu-memory auto, where every read is dropped from "
+                          "the page cache; otherwise the way each source's reads measure cheaper]."),
         threads_option,
     ]):
         f = opt(f)

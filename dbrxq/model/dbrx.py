@@ -73,25 +73,30 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
 
 class RopeTables:
     """:func:`rope_cos_sin` for positions 0..n-1, made once per (device, dtype, head_dim, theta) and grown to the
-    next power of two a position needs; a forward indexes them (two gathers instead of the tables' ten
-    operators: a decode step's tables took about a layer's fixed cost). Every position's values are the
-    ones rope_cos_sin computes for it among 0..n-1, so a prompt and the same tokens decoded one at a time
-    meet the same tables. Negative positions get rope_cos_sin itself."""
+    next power of two a position needs, up to ``limit`` (the model's max_seq_len); a forward indexes them (two
+    gathers instead of the tables' ten operators: a decode step's tables took about a layer's fixed cost).
+    Every position's values are the ones rope_cos_sin computes for it among 0..n-1, so a prompt and the same
+    tokens decoded one at a time meet the same tables. Positions below 0 or from ``limit`` on get
+    rope_cos_sin itself, and so does any device but the CPU (reading the largest position back would make
+    the host wait for the device at every step)."""
 
     MIN = 256
 
-    def __init__(self):
+    def __init__(self, limit: int):
+        self.limit = limit
         self.key: tuple | None = None
         self.cos = self.sin = None
 
     def __call__(self, position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-        lo, hi = (int(v) for v in torch.aminmax(position_ids))
-        if lo < 0:
+        if position_ids.device.type != "cpu" or position_ids.numel() == 0:
             return rope_cos_sin(position_ids, head_dim, theta, dtype)
-        key = (position_ids.device, dtype, head_dim, theta)
+        lo, hi = (int(v) for v in torch.aminmax(position_ids))
+        if lo < 0 or hi >= self.limit:
+            return rope_cos_sin(position_ids, head_dim, theta, dtype)
+        key = (dtype, head_dim, theta)
         if self.key != key or hi >= self.cos.shape[0]:
-            n = max(self.MIN, 1 << hi.bit_length())
-            cos, sin = rope_cos_sin(torch.arange(n, device=position_ids.device)[None], head_dim, theta, dtype)
+            n = min(max(self.MIN, 1 << hi.bit_length()), self.limit)
+            cos, sin = rope_cos_sin(torch.arange(n)[None], head_dim, theta, dtype)
             self.cos, self.sin, self.key = cos[0], sin[0], key  # (n, 1, head_dim)
         return self.cos[position_ids], self.sin[position_ids]  # (B, T, 1, head_dim)
 
@@ -276,7 +281,7 @@ class DbrxForCausalLM(nn.Module):
         self.transformer = DbrxModel(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size,
                                                                           bias=False)
-        self.rope = RopeTables()
+        self.rope = RopeTables(config.max_seq_len)
 
     # the checkpoint loader (dbrxq.loading.loader.load_model), registered by it: the model imports nothing above it
     _loader: ClassVar[Callable[..., DbrxForCausalLM] | None] = None

@@ -141,9 +141,7 @@ class ExpertFiles:
         """Expert (layer, e)'s bytes in place, in a read-only mapping of its file (no copy: served by
         the page cache, or faulted in from the disk); hand them back with :meth:`unmap`."""
         f, off, n = self.locate(layer, expert)
-        if self.mms[f] is None:
-            self.mms[f] = mmap.mmap(self.fds[f], 0, access=mmap.ACCESS_COPY)  # private: never written, never copied
-        t = torch.frombuffer(self.mms[f], dtype=torch.uint8, count=n, offset=off)
+        t = torch.frombuffer(self._mapping(f), dtype=torch.uint8, count=n, offset=off)
         if (layer, expert) not in self.verified:
             self.verify(layer, expert, t)
             self.verified.add((layer, expert))
@@ -153,13 +151,17 @@ class ExpertFiles:
         """Whether the page cache holds every page of expert (layer, e) (mincore on a mapping of its file;
         False where the kernel will not say): computing from the mapping then reads memory."""
         f, off, n = self.locate(layer, expert)
+        self._mapping(f)
+        return in_page_cache(self.maddr[f] + off, n)
+
+    def _mapping(self, f: int) -> mmap.mmap:
+        """File f mapped read-only (private: never written, never copied), once, and its address."""
         if self.mms[f] is None:
             self.mms[f] = mmap.mmap(self.fds[f], 0, access=mmap.ACCESS_COPY)
-        if self.maddr[f] is None:
             buf = ctypes.c_char.from_buffer(self.mms[f])  # its address; the export ends with the object
             self.maddr[f] = ctypes.addressof(buf)
             del buf
-        return in_page_cache(self.maddr[f] + off, n)
+        return self.mms[f]
 
     def unmap(self, layer: int, expert: int) -> None:
         """Drop expert (layer, e)'s pages from this process (MADV_DONTNEED: they stay in the page

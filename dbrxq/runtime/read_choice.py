@@ -4,16 +4,17 @@ Neither wins everywhere. O_DIRECT streams from the disk with no copy and leaves 
 which decodes a memory-starved model faster; but it never profits from pages already cached, so with
 memory to spare, or experts that earlier runs left in the page cache, the buffered read is a memory copy
 and wins (docs/benchmarks.md, "Low memory", measures both ways on one checkpoint). So each source (a
-checkpoint's shards, a prepared file) times its own reads: :class:`ReadChoice` tries each way a few times, then reads the cheaper one,
-still trying the other once every ``explore`` reads so that a change (the page cache filling, or being
-taken by someone else) can move the choice, and moving only for a clear difference (``margin``).
+checkpoint's shards, a prepared file) times its own reads: :class:`ReadChoice` tries each way a few
+times, then reads the cheaper one, still trying the other once every ``explore`` reads so that a change
+(the page cache filling, or being taken by someone else) can move the choice, and moving only for a clear
+difference (``margin``).
 
-Where every read is dropped from the page cache (the process was given all the memory: ``cpu_memory="auto"``)
-no page can stay cached for a later read, and the files are read with O_DIRECT without measuring: in
-bench_lowmem's cgroups every O_DIRECT run decoded faster than its page-cache twin, while per-read
-measurement there sometimes chose the page cache (docs/benchmarks.md). Measurement is for the other case,
-memory left to the page cache, where a cached expert's read is a memory copy several times faster than the
-disk: a difference the margin (25%) does not hide.
+Where every read is dropped from the page cache (the process was given all the memory:
+``cpu_memory="auto"``) no page can stay cached for a later read, and the files are read with O_DIRECT
+without measuring: in bench_lowmem's cgroups every O_DIRECT run decoded faster than its page-cache twin,
+while per-read measurement there sometimes chose the page cache (docs/benchmarks.md). Measurement is for
+the other case, memory left to the page cache, where a cached expert's read is a memory copy several times
+faster than the disk: a difference the margin (25%) does not hide.
 
 A read's cost is its wall time plus the CPU time it takes (the reading thread's, user and system): on a
 machine whose cores are all computing while the reader reads, a buffered read's copy out of the page

@@ -124,11 +124,11 @@ def test_chunked_prefill_equals_one_pass(tiny_model):
 
 def test_rope_tables_are_rope_cos_sin_at_every_position():
     """The cached tables give each position exactly what rope_cos_sin computes for it, through growth, a
-    change of dtype and negative positions (computed directly)."""
-    tables = RopeTables()
+    change of dtype, negative positions and positions past the limit (both computed directly)."""
+    tables = RopeTables(limit=4096)
     for pos, dtype in (([[0, 1, 2]], torch.float32), ([[7], [300]], torch.float32), ([[1000, 5]], torch.bfloat16),
-                       ([[-3, 4]], torch.bfloat16)):
+                       ([[-3, 4]], torch.bfloat16), ([[5000, 2]], torch.bfloat16), ([[2**40]], torch.float32)):
         p = torch.tensor(pos)
         got, want = tables(p, 32, 500000.0, dtype), rope_cos_sin(p, 32, 500000.0, dtype)
         assert all(g.shape == w.shape and g.dtype == dtype and torch.equal(g, w) for g, w in zip(got, want))
-    assert tables.cos.shape[0] == 1024  # grown to the power of two that holds position 1000
+    assert tables.cos.shape[0] == 1024  # grown to the power of two that held position 1000, never past the limit
