@@ -55,8 +55,8 @@ def exact_type(bits: int, symmetric: bool, group: int, k: int) -> str | None:
     return None
 
 
-# K-types: (values, bytes) per block of 256 (quantize.kquants)
-K_BLOCK_BYTES = {"Q6_K": 210, "Q5_K": 176, "Q4_K": 144, "Q3_K": 110, "Q2_K": 84}
+# K-types: bytes per block of 256 values (quantize.kquants)
+K_BLOCK_BYTES = {t: n for t, n in kquants.BLOCK_BYTES.items() if t.endswith("_K")}
 
 
 def row_bytes(ggml_type: str, k: int) -> int:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from dbrxq.core.errors import QuantizationError
-from quantize import cext
+from quantize import cext, kquants
 from quantize.blocks import BlocksTensor
 from quantize.primitives import QuantizedTensor, pack_codes
 
@@ -389,6 +389,63 @@ class CpuQWeight(PreparedWeight):
     __call__ = matmul
 
 
+# GGML type ids of the K-quants; the C kernel takes KQ_BITS + id where other weights give their bits
+GGML_TYPE_IDS = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+KQ_BITS = 16
+
+
+class CpuKQWeight(CpuQWeight):
+    """A weight on one of llama.cpp's K-quant grids (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) in dbrxq's C kernel,
+    its integers kept: blocks of 16 rows as :class:`CpuQWeight`'s, the codes in the 2-, 3-, 4- or 8-bit
+    layout (5- and 6-bit codes in the 8-bit one), each row's sub-block scales (and mins) as int8, its fp16
+    ``d`` (and ``dmin``) per 256 values. The weight computed with is llama.cpp's dequantization of the
+    block exactly; activations take one int8 scale per 256 values (as llama.cpp's Q8_K), so
+    ``|y - y_ref| <= sum_k |W[n, k]| d_256(k) / 2`` (+ float32 rounding). Q8_0 needs no class of its own:
+    it is dbrxq's int8 symmetric g32 (:func:`prepare_ggml`)."""
+
+    def __init__(self, kq, cpu_path: str | None = None):
+        n, k = kq.shape
+        g = kq.grid
+        self.shape, self.group_size, self.group, self.symmetric = (n, k), g.block, g.block, not g.asym
+        self.device = torch.device("cpu")
+        self.ggml_type = g.name
+        self.bits = KQ_BITS + GGML_TYPE_IDS[g.name]
+        self.backend = "cpu_q4"
+        self.lib = cext.load()
+        self.path = cpu_path or cext.cpu_path()
+        self.asym = 0
+        self.act_span = self.lib.dbrxq_act_span(self.bits, self.group)
+        codes = (kq.codes - g.lo).to(torch.uint8).contiguous()  # unsigned: c - off is llama.cpp's code
+        f = kq.fields
+        sc = f["sc"].reshape(n, -1).to(torch.int8).contiguous()  # |sc| <= 127 on every grid (Q6_K: int8 as stored)
+        mn = f["m"].reshape(n, -1).to(torch.uint8).contiguous() if g.asym else None
+        d = f["d"].reshape(n, -1).contiguous()
+        dmin = f["dmin"].reshape(n, -1).contiguous() if g.asym else None
+        self.nbytes = self.lib.dbrxq_packed_bytes(self.bits, n, k, self.group, 0)
+        self.w = torch.empty(self.nbytes, dtype=torch.uint8)
+        self.lib.dbrxq_kq_repack(codes.data_ptr(), sc.data_ptr(), None if mn is None else mn.data_ptr(), d.data_ptr(),
+                                 None if dmin is None else dmin.data_ptr(), self.bits, n, k, self.w.data_ptr())
+
+    def __repr__(self) -> str:
+        return f"CpuKQWeight({self.ggml_type}, shape={self.shape}, path={self.path!r})"
+
+
+def prepare_ggml(raw, ggml_type: str, shape: tuple[int, int], cpu_path: str | None = None) -> PreparedWeight:
+    """A GGUF tensor's bytes (Q8_0 or a K-quant, rows of ``shape[1]`` values) as dbrxq's C kernel weight,
+    its numbers unchanged: Q8_0 becomes int8 symmetric g32 (code + 128, the fp16 scale as stored), a
+    K-quant a :class:`CpuKQWeight`. Raises QuantizationError for another type or a short tensor."""
+    why = cext.unavailable_reason()
+    if why is not None:
+        raise QuantizationError(f"{ggml_type} tensor {list(shape)}: {why}")
+    kq = kquants.from_bytes(raw, ggml_type, shape)
+    if ggml_type == "Q8_0":
+        n, k = shape
+        codes = (kq.codes + 128).to(torch.uint8)
+        qt = QuantizedTensor(codes, kq.fields["d"].reshape(n, k // 32).contiguous(), None, 8, 32, (n, k))
+        return CpuQWeight(qt, torch.device("cpu"), cpu_path)
+    return CpuKQWeight(kq, cpu_path)
+
+
 _CLASSES = {"torch": TorchWeight, "torch_int4": TorchInt4Weight, "torch_int8": TorchInt8Weight,
             "bnb": BnbWeight, "cpu_q4": CpuQWeight, "cpu_q8": CpuQWeight}
 
@@ -434,7 +491,8 @@ def _fusable(w1: PreparedWeight, v1: PreparedWeight, w2: PreparedWeight) -> bool
     if not all(isinstance(w, CpuQWeight) for w in ws):
         return False
     f, d = w1.shape
-    return (v1.shape == (f, d) and w2.shape == (d, f) and len({w.bits for w in ws}) == 1
+    same_x = w1.bits == v1.bits or (w1.bits >= KQ_BITS and v1.bits >= KQ_BITS)  # x quantized once for both
+    return (v1.shape == (f, d) and w2.shape == (d, f) and same_x
             and len({w.asym for w in ws}) == 1 and len({w.path for w in ws}) == 1
             and w1.group == v1.group)
 
@@ -456,23 +514,23 @@ def glu(x: torch.Tensor, w1: PreparedWeight, v1: PreparedWeight, w2: PreparedWei
         raise QuantizationError(f"glu: input of shape {tuple(x.shape)} has last dim {x.shape[-1]}, expected d_model={d}")
     x2 = x.reshape(-1, d).float().contiguous()
     y = torch.empty(x2.shape[0], d, dtype=torch.float32)
-    rc = w1.lib.dbrxq_glu(x2.data_ptr(), x2.shape[0], d, f, w1.w.data_ptr(), v1.w.data_ptr(), w2.w.data_ptr(),
-                          w1.bits, w1.group, w2.group, w1.asym, y.data_ptr(), cext.PATHS[w1.path],
-                          torch.get_num_threads())
+    rc = w1.lib.dbrxq_glu2(x2.data_ptr(), x2.shape[0], d, f, w1.w.data_ptr(), v1.w.data_ptr(), w2.w.data_ptr(),
+                           w1.bits, v1.bits, w1.group, w2.bits, w2.group, w1.asym, y.data_ptr(), cext.PATHS[w1.path],
+                           torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"dbrxq_glu could not allocate its buffers (M={x2.shape[0]}, D={d}, F={f})")
     return y.to(out_dtype or x.dtype).reshape(x.shape)
 
 
 def moe_table(experts: list[tuple[PreparedWeight, PreparedWeight, PreparedWeight]], act=F.silu) -> torch.Tensor | None:
-    """For :func:`moe`: per expert its blocks and recipe (int64 ``[E, 7]``), or None when a layer's experts
+    """For :func:`moe`: per expert its blocks and recipe (int64 ``[E, 9]``), or None when a layer's experts
     cannot take the one-call path (another kernel, another activation, shapes the fused GLU does not take)."""
     if act is not F.silu or not all(_fusable(*p) for p in experts):
         return None
     if len({(p[0].shape, p[2].shape, p[0].path) for p in experts}) != 1:
         return None
-    return torch.tensor([[w1.w.data_ptr(), v1.w.data_ptr(), w2.w.data_ptr(), w1.bits, w1.group, w2.group, w1.asym]
-                         for w1, v1, w2 in experts], dtype=torch.int64)
+    return torch.tensor([[w1.w.data_ptr(), v1.w.data_ptr(), w2.w.data_ptr(), w1.bits, v1.bits, w1.group, w2.bits,
+                          w2.group, w1.asym] for w1, v1, w2 in experts], dtype=torch.int64)
 
 
 def moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,

@@ -111,6 +111,10 @@ GRIDS = {
 }
 
 
+# bytes of one block of each type in a GGUF file
+BLOCK_BYTES = {"Q8_0": 34, "Q6_K": 210, "Q5_K": 176, "Q4_K": 144, "Q3_K": 110, "Q2_K": 84}
+
+
 def grid(name: str) -> Grid:
     try:
         return GRIDS[name.upper()]
@@ -309,3 +313,67 @@ def _pack_scale_min(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
     out[:, 4:8] = (m[:, :4] & 0x3F) | ((m[:, 4:] >> 4) << 6)
     out[:, 8:12] = (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
     return out
+
+
+def _unpack_scale_min(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 12 bytes -> eight 6-bit scales and eight mins (the inverse of :func:`_pack_scale_min`)."""
+    sc = np.concatenate([b[:, 0:4] & 0x3F, (b[:, 8:12] & 0x0F) | ((b[:, 0:4] >> 6) << 4)], axis=1)
+    m = np.concatenate([b[:, 4:8] & 0x3F, (b[:, 8:12] >> 4) | ((b[:, 4:8] >> 6) << 4)], axis=1)
+    return sc, m
+
+
+def _bits_of(planes: np.ndarray, count: int) -> np.ndarray:
+    """``planes [rows, 32]`` -> ``[rows, count, 32]``: bit u of each byte, u < count."""
+    return (planes[:, None, :] >> np.arange(count, dtype=np.uint8).reshape(1, count, 1)) & 1
+
+
+def from_bytes(raw: np.ndarray, name: str, shape: tuple[int, int]) -> KQuantized:
+    """A tensor's GGUF bytes (``uint8``, rows of ``shape[1]`` values) back to codes and fields: the
+    inverse of :func:`to_bytes`, integers and halves as stored."""
+    g = grid(name)
+    n, k = shape
+    if k % g.block:
+        raise QuantizationError(f"{g.name} needs rows of a multiple of {g.block} values, got {k}")
+    nb = k // g.block
+    per = BLOCK_BYTES[g.name]
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
+    if raw.size != n * nb * per:
+        raise QuantizationError(f"{g.name} tensor of shape {list(shape)} needs {n * nb * per} bytes, got {raw.size}")
+    b = raw.reshape(n * nb, per)
+    half = lambda col: torch.from_numpy(b[:, col:col + 2].copy().view(np.float16)).view(n, nb, 1)  # noqa: E731
+    fields: dict[str, torch.Tensor] = {}
+    if g.name == "Q8_0":
+        fields["d"] = half(0)
+        c = b[:, 2:].view(np.int8).astype(np.int16)
+    elif g.name == "Q6_K":
+        ql = b[:, :128].reshape(-1, 2, 2, 32)
+        qh = b[:, 128:192].reshape(-1, 2, 32)
+        low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # runs 0, 1 in the low nibbles, 2, 3 in the high
+        high = np.stack([(qh >> (2 * r)) & 3 for r in range(4)], axis=2)
+        c = (low | (high << 4)).astype(np.int16).reshape(-1, g.block) - 32
+        fields["sc"] = torch.from_numpy(b[:, 192:208].copy().view(np.int8)).view(n, nb, 16)
+        fields["d"] = half(208)
+    elif g.name == "Q3_K":
+        hmask, qs, sb = b[:, :32], b[:, 32:96].reshape(-1, 2, 32), b[:, 96:108]
+        low = np.stack([(qs >> (2 * r)) & 3 for r in range(4)], axis=2).reshape(-1, 8, 32)
+        c = (low.astype(np.int16) - 4 * (1 - _bits_of(hmask, 8).astype(np.int16))).reshape(-1, g.block)
+        lo4 = np.concatenate([sb[:, :8] & 0x0F, sb[:, :8] >> 4], axis=1)
+        hi2 = np.stack([(sb[:, 8:12] >> (2 * s)) & 3 for s in range(4)], axis=1).reshape(-1, 16)
+        fields["sc"] = torch.from_numpy((lo4 | (hi2 << 4)).astype(np.int16) - 32).to(torch.int8).view(n, nb, 16)
+        fields["d"] = half(108)
+    elif g.name == "Q2_K":
+        sb, qs = b[:, :16], b[:, 16:80].reshape(-1, 2, 32)
+        c = np.stack([(qs >> (2 * r)) & 3 for r in range(4)], axis=2).astype(np.int16).reshape(-1, g.block)
+        fields["sc"] = torch.from_numpy(sb & 0x0F).view(n, nb, 16)
+        fields["m"] = torch.from_numpy(sb >> 4).view(n, nb, 16)
+        fields["d"], fields["dmin"] = half(80), half(82)
+    else:  # Q4_K, Q5_K
+        fields["d"], fields["dmin"] = half(0), half(2)
+        sc, m = _unpack_scale_min(b[:, 4:16])
+        fields["sc"] = torch.from_numpy(sc.astype(np.uint8)).view(n, nb, 8)
+        fields["m"] = torch.from_numpy(m.astype(np.uint8)).view(n, nb, 8)
+        qs = b[:, -128:].reshape(-1, 4, 32)
+        c = np.stack([qs & 0x0F, qs >> 4], axis=2).astype(np.int16).reshape(-1, g.block)
+        if g.name == "Q5_K":
+            c = c | (_bits_of(b[:, 16:48], 8).astype(np.int16).reshape(-1, g.block) << 4)
+    return KQuantized(g, torch.from_numpy(np.ascontiguousarray(c)).view(n, k), fields)

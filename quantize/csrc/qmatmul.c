@@ -72,8 +72,35 @@ static int64_t codes_bytes(int bits, int K) {
     return (int64_t)RB * (bits == 4 ? K / 2 : bits == 8 ? K : bits == 2 ? K / 4 : 3 * K / 8);
 }
 
+/* K-quant weights (llama.cpp's Q2_K .. Q6_K, exactly): bits = KQ + the GGML type id. Per type: the
+ * code width as stored (5 and 6 bits in the 8-bit layout), the sub-block (values per integer scale),
+ * whether sub-blocks have an integer min, and the code offset (W = d sc (c - off) - dmin m). */
+#define KQ 16
+#define QKK 256 /* a super-block: one fp16 d (and dmin) */
+typedef struct { int cbits, sub, mins, off; } kqi_t;
+static kqi_t kq_info(int bits) {
+    switch (bits - KQ) {
+    case 10: return (kqi_t){2, 16, 1, 0};  /* Q2_K */
+    case 11: return (kqi_t){3, 16, 0, 4};  /* Q3_K */
+    case 12: return (kqi_t){4, 32, 1, 0};  /* Q4_K */
+    case 13: return (kqi_t){8, 32, 1, 0};  /* Q5_K */
+    case 14: return (kqi_t){8, 16, 0, 32}; /* Q6_K */
+    }
+    return (kqi_t){0, 0, 0, 0};
+}
+int dbrxq_kq_kind(int bits) { return kq_info(bits).cbits != 0; }
+
+/* Bytes of one K-quant block of RB rows: codes, int8 sub-scales [K/sub][RB], uint8 mins [K/sub][RB]
+ * (types with mins), fp16 d [K/256][RB], fp16 dmin [K/256][RB] (types with mins); a multiple of 64. */
+static int64_t kq_block_bytes(int bits, int K) {
+    kqi_t t = kq_info(bits);
+    int64_t b = codes_bytes(t.cbits, K) + (int64_t)RB * (K / t.sub) * (1 + t.mins) + (int64_t)RB * (K / QKK) * 2 * (1 + t.mins);
+    return (b + 63) / 64 * 64;
+}
+
 /* Bytes of one block of RB rows (codes, scales, zeros), a multiple of 64. */
 static int64_t block_bytes(int bits, int K, int G, int asym) {
+    if (bits >= KQ) return kq_block_bytes(bits, K);
     int64_t b = codes_bytes(bits, K) + (int64_t)RB * (K / G) * (asym ? 3 : 2);
     return (b + 63) / 64 * 64;
 }
@@ -86,6 +113,38 @@ int64_t dbrxq_packed_bytes(int bits, int N, int K, int G, int asym) {
 /* Bytes per row (a block's bytes / RB), for callers that size one row's share. */
 int64_t dbrxq_row_bytes(int bits, int K, int G, int asym) { return block_bytes(bits, K, G, asym) / RB; }
 
+/* Row r's codes c [K] into its block (the layouts above). */
+static void put_codes(uint8_t *blk, const uint8_t *c, int bits, int K, int r) {
+    if (bits == 4) {
+        for (int k0 = 0; k0 < K; k0 += 8)
+            for (int j = 0; j < 4; j++)
+                blk[(k0 / 8) * (RB * 4) + r * 4 + j] = (uint8_t)(c[k0 + j] | c[k0 + 4 + j] << 4);
+    } else if (bits == 2) { /* per 16 columns: byte j of row r = c[k0+j] | c[k0+4+j] << 2 | ... << 6 */
+        for (int k0 = 0; k0 < K; k0 += 16)
+            for (int j = 0; j < 4; j++)
+                blk[(k0 / 16) * (RB * 4) + r * 4 + j] =
+                    (uint8_t)(c[k0 + j] | c[k0 + 4 + j] << 2 | c[k0 + 8 + j] << 4 | c[k0 + 12 + j] << 6);
+    } else if (bits == 3) { /* per 32 columns, 3 x 64 bytes: the low 2 bits of columns 0-15 and 16-31
+                               (as at 2 bits), then the high bits: bit u of byte j of row r = column 4u + j */
+        for (int k0 = 0; k0 < K; k0 += 32) {
+            uint8_t *o = blk + (k0 / 32) * (RB * 4 * 3);
+            for (int j = 0; j < 4; j++) {
+                for (int half = 0; half < 2; half++) {
+                    const uint8_t *ch = c + k0 + 16 * half;
+                    o[half * (RB * 4) + r * 4 + j] = (uint8_t)((ch[j] & 3) | (ch[4 + j] & 3) << 2 |
+                                                               (ch[8 + j] & 3) << 4 | (ch[12 + j] & 3) << 6);
+                }
+                uint8_t hb = 0;
+                for (int u = 0; u < 8; u++) hb |= (uint8_t)(((c[k0 + 4 * u + j] >> 2) & 1) << u);
+                o[2 * (RB * 4) + r * 4 + j] = hb;
+            }
+        }
+    } else {
+        for (int k0 = 0; k0 < K; k0 += 4)
+            for (int j = 0; j < 4; j++) blk[(k0 / 4) * (RB * 4) + r * 4 + j] = (uint8_t)(c[k0 + j] ^ 0x80);
+    }
+}
+
 /* Repack one canonical weight (codes uint8 [N, K] unpacked, scales fp16 [N, K/G],
  * zeros uint8 [N, K/G] or NULL) into blocks (dst: dbrxq_packed_bytes). Padding rows are zero. */
 void dbrxq_repack(const uint8_t *codes, const uint16_t *scales, const uint8_t *zeros,
@@ -94,37 +153,9 @@ void dbrxq_repack(const uint8_t *codes, const uint16_t *scales, const uint8_t *z
     int64_t bb = block_bytes(bits, K, G, zeros != NULL), cb = codes_bytes(bits, K);
     memset(dst, 0, (size_t)(nb * bb));
     for (int n = 0; n < N; n++) {
-        const uint8_t *c = codes + (int64_t)n * K;
         uint8_t *blk = dst + (n / RB) * bb;
         int r = n % RB;
-        if (bits == 4) {
-            for (int k0 = 0; k0 < K; k0 += 8)
-                for (int j = 0; j < 4; j++)
-                    blk[(k0 / 8) * (RB * 4) + r * 4 + j] = (uint8_t)(c[k0 + j] | c[k0 + 4 + j] << 4);
-        } else if (bits == 2) { /* per 16 columns: byte j of row r = c[k0+j] | c[k0+4+j] << 2 | ... << 6 */
-            for (int k0 = 0; k0 < K; k0 += 16)
-                for (int j = 0; j < 4; j++)
-                    blk[(k0 / 16) * (RB * 4) + r * 4 + j] =
-                        (uint8_t)(c[k0 + j] | c[k0 + 4 + j] << 2 | c[k0 + 8 + j] << 4 | c[k0 + 12 + j] << 6);
-        } else if (bits == 3) { /* per 32 columns, 3 x 64 bytes: the low 2 bits of columns 0-15 and 16-31
-                                   (as at 2 bits), then the high bits: bit u of byte j of row r = column 4u + j */
-            for (int k0 = 0; k0 < K; k0 += 32) {
-                uint8_t *o = blk + (k0 / 32) * (RB * 4 * 3);
-                for (int j = 0; j < 4; j++) {
-                    for (int half = 0; half < 2; half++) {
-                        const uint8_t *ch = c + k0 + 16 * half;
-                        o[half * (RB * 4) + r * 4 + j] = (uint8_t)((ch[j] & 3) | (ch[4 + j] & 3) << 2 |
-                                                                   (ch[8 + j] & 3) << 4 | (ch[12 + j] & 3) << 6);
-                    }
-                    uint8_t hb = 0;
-                    for (int u = 0; u < 8; u++) hb |= (uint8_t)(((c[k0 + 4 * u + j] >> 2) & 1) << u);
-                    o[2 * (RB * 4) + r * 4 + j] = hb;
-                }
-            }
-        } else {
-            for (int k0 = 0; k0 < K; k0 += 4)
-                for (int j = 0; j < 4; j++) blk[(k0 / 4) * (RB * 4) + r * 4 + j] = (uint8_t)(c[k0 + j] ^ 0x80);
-        }
+        put_codes(blk, codes + (int64_t)n * K, bits, K, r);
         uint16_t *sc = (uint16_t *)(blk + cb);
         for (int g = 0; g < ng; g++) sc[g * RB + r] = scales[(int64_t)n * ng + g];
         if (zeros) {
@@ -134,10 +165,39 @@ void dbrxq_repack(const uint8_t *codes, const uint16_t *scales, const uint8_t *z
     }
 }
 
+/* Repack one K-quant weight [N, K] (K a multiple of 256) into blocks (dst: dbrxq_packed_bytes):
+ * codes uint8 [N, K] unsigned (the grid's code minus its lowest, so c - off is llama.cpp's signed
+ * code), sc int8 [N, K/sub], mn uint8 [N, K/sub] (types with mins, else NULL), d and dmin fp16
+ * [N, K/256] (dmin NULL without mins). The integers and halves are copied, never rounded: the
+ * weight the kernel computes with is llama.cpp's dequantization of the same block. */
+void dbrxq_kq_repack(const uint8_t *codes, const int8_t *sc, const uint8_t *mn, const uint16_t *d,
+                     const uint16_t *dmin, int bits, int N, int K, uint8_t *dst) {
+    kqi_t t = kq_info(bits);
+    int ns = K / t.sub, nsb = K / QKK, nb = (N + RB - 1) / RB;
+    int64_t bb = kq_block_bytes(bits, K), cb = codes_bytes(t.cbits, K);
+    memset(dst, 0, (size_t)(nb * bb));
+    for (int n = 0; n < N; n++) {
+        uint8_t *blk = dst + (n / RB) * bb;
+        int r = n % RB;
+        put_codes(blk, codes + (int64_t)n * K, t.cbits, K, r);
+        int8_t *s = (int8_t *)(blk + cb);
+        uint8_t *m = (uint8_t *)s + (int64_t)RB * ns;
+        uint16_t *dd = (uint16_t *)(m + (t.mins ? (int64_t)RB * ns : 0)), *dm = dd + RB * nsb;
+        for (int j = 0; j < ns; j++) {
+            s[j * RB + r] = sc[(int64_t)n * ns + j];
+            if (t.mins) m[j * RB + r] = mn[(int64_t)n * ns + j];
+        }
+        for (int j = 0; j < nsb; j++) {
+            dd[j * RB + r] = d[(int64_t)n * nsb + j];
+            if (t.mins) dm[j * RB + r] = dmin[(int64_t)n * nsb + j];
+        }
+    }
+}
+
 /* Activation values that share one scale: 128 for q4 weights whose group size is a multiple
- * of 128, else QK. A coarser grid than 32 (llama.cpp's Q8_K uses 256) for fewer float steps
- * per integer product. */
-int dbrxq_act_span(int bits, int G) { return bits == 4 && G % 128 == 0 ? 128 : QK; }
+ * of 128, 256 (a super-block, as llama.cpp's Q8_K) for K-quants, else QK. A coarser grid than 32
+ * for fewer float steps per integer product. */
+int dbrxq_act_span(int bits, int G) { return bits >= KQ ? QKK : bits == 4 && G % 128 == 0 ? 128 : QK; }
 
 /* ------------------------------------------------------------------ activations */
 
@@ -216,20 +276,23 @@ typedef struct {
     int8_t *qa;      /* [M, K] int8 codes */
     float *d, *bsum; /* [M, K/32]: block scales and d_b * sum(q_b) */
     int32_t *qs;     /* [M, K/32]: sum(q_b) */
-    float *ag;       /* [M, K/G]: A_g for the zero-point correction */
+    float *ag;       /* [M, K/G]: A_g for the zero-point correction (K-quants: unused) */
+    int32_t *qs16;   /* [M, K/16]: sum of the codes of each 16 values (K-quants only, else NULL) */
 } acts_t;
 
-static void acts_free(acts_t *a) { free(a->qa); free(a->d); free(a->bsum); free(a->qs); free(a->ag); }
+static void acts_free(acts_t *a) { free(a->qa); free(a->d); free(a->bsum); free(a->qs); free(a->ag); free(a->qs16); }
 
 static int acts_alloc(acts_t *a, int M, int K, int bits, int G, int path) {
     int nb = K / QK;
-    *a = (acts_t){M, K, G, bits, path, NULL, NULL, NULL, NULL, NULL};
+    if (bits >= KQ) G = QKK;
+    *a = (acts_t){M, K, G, bits, path, NULL, NULL, NULL, NULL, NULL, NULL};
     a->qa = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
     a->d = malloc(sizeof(float) * M * nb);
     a->bsum = malloc(sizeof(float) * M * nb);
     a->qs = malloc(sizeof(int32_t) * M * nb);
     a->ag = malloc(sizeof(float) * M * (K / G));
-    if (!a->qa || !a->d || !a->bsum || !a->qs || !a->ag) {
+    if (bits >= KQ) a->qs16 = malloc(sizeof(int32_t) * M * (K / 16));
+    if (!a->qa || !a->d || !a->bsum || !a->qs || !a->ag || (bits >= KQ && !a->qs16)) {
         acts_free(a);
         return -1;
     }
@@ -242,6 +305,14 @@ static void acts_quant(acts_t *a, const float *x, int m0, int m1) {
     int64_t o = (int64_t)m0 * K, ob = (int64_t)m0 * nb;
     (a->path >= 1 ? quant_act_avx2 : quant_act)(x + o, m1 - m0, K, dbrxq_act_span(a->bits, G), a->qa + o,
                                                 a->d + ob, a->qs + ob, a->bsum + ob);
+    if (a->qs16) { /* K-quants: integer code sums per 16 values (exact; the span's one d applies) */
+        for (int64_t i = (int64_t)m0 * (K / 16); i < (int64_t)m1 * (K / 16); i++) {
+            int32_t t = 0;
+            for (int j = 0; j < 16; j++) t += a->qa[i * 16 + j];
+            a->qs16[i] = t;
+        }
+        return;
+    }
     for (int m = m0; m < m1; m++)
         for (int g = 0; g < K / G; g++) {
             float s = 0.f;
@@ -666,11 +737,314 @@ TGT static void block_avx2(const blk_t *w, const acts_t *a, int m0, int mt, floa
     }
 }
 
+/* ------------------------------------------------------------------ K-quant blocks */
+
+/* K-quant weights keep llama.cpp's integers: per row, per sub-block of 16 or 32 values an integer scale
+ * sc (and, with mins, an integer min m), per 256 values fp16 d (and dmin); W = d sc (c - off) - dmin m.
+ * Activations take one scale d_a per 256 values (dbrxq_act_span), so per (row, activation row) and
+ * super-block j the whole sum is integer but for two float steps, in this order on every path:
+ *
+ *   isb  = sum over sub-blocks s of sc_s * (sum_k c_k q_k - off * qsum_s)     exact int32
+ *   msb  = sum over sub-blocks s of m_s * qsum_s                              exact int32 (mins only)
+ *   acc  = fma(float(isb), d_j * d_a, acc);   corr = fma(float(msb), dmin_j * d_a, corr)
+ *   y    = acc - corr
+ *
+ * |isb| <= 32 * 127 * 16 * 128 * 16 (Q6_K, the largest) < 2^31. The codes sit in the 2-, 3-, 4- and
+ * 8-bit layouts of dbrxq_repack (5- and 6-bit codes in the 8-bit one). */
+typedef struct {
+    const uint8_t *codes;
+    const int8_t *sc;          /* [K/sub][RB] */
+    const uint8_t *mn;         /* [K/sub][RB] or NULL */
+    const uint16_t *d, *dmin;  /* [K/256][RB]; dmin NULL without mins */
+    int K;
+    kqi_t t;
+} kqb_t;
+
+static kqb_t kq_block_at(const uint8_t *w, int b, int bits, int K) {
+    kqi_t t = kq_info(bits);
+    const uint8_t *p = w + (int64_t)b * kq_block_bytes(bits, K);
+    int64_t ns = K / t.sub;
+    const int8_t *sc = (const int8_t *)(p + codes_bytes(t.cbits, K));
+    const uint8_t *mn = (const uint8_t *)sc + RB * ns;
+    const uint16_t *d = (const uint16_t *)(mn + (t.mins ? RB * ns : 0));
+    return (kqb_t){p, sc, t.mins ? mn : NULL, d, t.mins ? d + RB * (K / QKK) : NULL, K, t};
+}
+
+/* Unsigned code of row r at column k (the generic path's decoder). */
+static inline int kq_code(const kqb_t *w, int r, int k) {
+    if (w->t.cbits == 4) {
+        uint8_t byte = w->codes[(k / 8) * (RB * 4) + r * 4 + (k & 3)];
+        return (k & 4) ? byte >> 4 : byte & 15;
+    }
+    if (w->t.cbits == 8) return w->codes[(k / 4) * (RB * 4) + r * 4 + (k & 3)] ^ 0x80;
+    blk_t b = {w->codes, NULL, NULL, w->K, 0, w->t.cbits, 0};
+    return low_code(&b, r, k);
+}
+
+/* The activation codes' sum over the sub-block at k0 of row m. */
+static inline int32_t kq_qsum(const acts_t *a, int m, int k0, int sub) {
+    const int32_t *q = a->qs16 + (int64_t)m * (a->K / 16) + k0 / 16;
+    return sub == 16 ? q[0] : q[0] + q[1];
+}
+
+static void kq_generic(const kqb_t *w, const acts_t *a, int m0, int mt, float *y, int64_t ldy, int n0, int nrows) {
+    const int K = w->K, sub = w->t.sub, nb = K / QK;
+    for (int m = m0; m < m0 + mt; m++) {
+        const int8_t *q = a->qa + (int64_t)m * K;
+        float out[RB];
+        for (int r = 0; r < RB; r++) {
+            float acc = 0.f, corr = 0.f;
+            for (int j = 0; j < K / QKK; j++) {
+                int32_t isb = 0, msb = 0;
+                for (int k0 = j * QKK; k0 < (j + 1) * QKK; k0 += sub) {
+                    int32_t t = 0, qsum = kq_qsum(a, m, k0, sub);
+                    for (int k = k0; k < k0 + sub; k++) t += kq_code(w, r, k) * q[k];
+                    isb += w->sc[(k0 / sub) * RB + r] * (t - w->t.off * qsum);
+                    if (w->mn) msb += w->mn[(k0 / sub) * RB + r] * qsum;
+                }
+                float da = a->d[(int64_t)m * nb + j * (QKK / QK)];
+                acc = fmaf((float)isb, h2f(w->d[j * RB + r]) * da, acc);
+                if (w->mn) corr = fmaf((float)msb, h2f(w->dmin[j * RB + r]) * da, corr);
+            }
+            out[r] = acc - corr;
+        }
+        store_rows(y, ldy, m, n0, nrows, out);
+    }
+}
+
+/* One block (16 rows, one per 32-bit lane) x nt <= 4 activation rows (a compile-time constant after
+ * inlining): per sub-block two integer chains per row, then the sub-block's scales as int32 lanes. */
+TGT5 INL void kq512(const kqb_t *w, const acts_t *a, int m0, const int nt, float *y, int64_t ldy, int n0, int nrows) {
+    const int K = w->K, sub = w->t.sub, cbits = w->t.cbits, off = w->t.off, nbk = K / QK;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(0x03), b2 = _mm512_set1_epi8(0x04);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[4], corr[4];
+    const int8_t *q[4];
+    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+        q[i] = a->qa + (int64_t)(m0 + i) * K;
+        acc[i] = corr[i] = _mm512_setzero_ps();
+    }
+    for (int j = 0; j < K / QKK; j++) {
+        __m512i isb[4], msb[4];
+        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) isb[i] = msb[i] = _mm512_setzero_si512();
+        for (int k0 = j * QKK; k0 < (j + 1) * QKK; k0 += sub) {
+            __m512i t0[4], t1[4];
+            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) t0[i] = t1[i] = _mm512_setzero_si512();
+            if (cbits == 4) { /* sub-blocks of 32: four lines of 8 columns */
+                const uint8_t *cp = w->codes + (int64_t)(k0 / 8) * 64;
+                for (int k = k0; k < k0 + 32; k += 8, cp += 64) {
+                    prefetch_line(cp);
+                    __m512i v = _mm512_loadu_si512((const void *)cp);
+                    __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                        DPBUSD(t0[i], lo, bcast_quad(q[i] + k));
+                        DPBUSD(t1[i], hi, bcast_quad(q[i] + k + 4));
+                    }
+                }
+            } else if (cbits == 8) { /* a line per 4 columns, stored c ^ 0x80 */
+                const uint8_t *cp = w->codes + (int64_t)(k0 / 4) * 64;
+                for (int k = k0; k < k0 + sub; k += 8, cp += 128) {
+                    prefetch_line(cp);
+                    prefetch_line(cp + 64);
+                    __m512i lo = _mm512_xor_si512(_mm512_loadu_si512((const void *)cp), flip);
+                    __m512i hi = _mm512_xor_si512(_mm512_loadu_si512((const void *)(cp + 64)), flip);
+                    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                        DPBUSD(t0[i], lo, bcast_quad(q[i] + k));
+                        DPBUSD(t1[i], hi, bcast_quad(q[i] + k + 4));
+                    }
+                }
+            } else if (cbits == 2) { /* sub-blocks of 16: one line */
+                const uint8_t *cp = w->codes + (int64_t)(k0 / 16) * 64;
+                prefetch_line(cp);
+                __m512i v = _mm512_loadu_si512((const void *)cp);
+                __m512i c0 = _mm512_and_si512(v, m2), c1 = _mm512_and_si512(_mm512_srli_epi16(v, 2), m2);
+                __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(v, 4), m2), c3 = _mm512_and_si512(_mm512_srli_epi16(v, 6), m2);
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                    DPBUSD(t0[i], c0, bcast_quad(q[i] + k0));
+                    DPBUSD(t1[i], c1, bcast_quad(q[i] + k0 + 4));
+                    DPBUSD(t0[i], c2, bcast_quad(q[i] + k0 + 8));
+                    DPBUSD(t1[i], c3, bcast_quad(q[i] + k0 + 12));
+                }
+            } else { /* 3 bits, sub-blocks of 16: half h of a 32-column group (low bits in line h, high bits in line 2) */
+                const uint8_t *cp = w->codes + (int64_t)(k0 / 32) * 192;
+                const int h = (k0 / 16) & 1;
+                if (!h) { prefetch_line(cp); prefetch_line(cp + 64); prefetch_line(cp + 128); }
+                __m512i l = _mm512_loadu_si512((const void *)(cp + 64 * h)), hb = _mm512_loadu_si512((const void *)(cp + 128));
+                if (h) hb = _mm512_srli_epi16(hb, 4); /* quads 4..7: their high bits now at bits 0..3 */
+#define KQ3(uu)                                                                                           \
+    do {                                                                                                  \
+        __m512i c = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 2 * (uu)), m2),                  \
+                                    _mm512_and_si512((uu) >= 2 ? _mm512_srli_epi16(hb, (uu) - 2)           \
+                                                               : _mm512_slli_epi16(hb, 2 - (uu)), b2));   \
+        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {                                            \
+            if ((uu) & 1) DPBUSD(t1[i], c, bcast_quad(q[i] + k0 + 4 * (uu)));                             \
+            else DPBUSD(t0[i], c, bcast_quad(q[i] + k0 + 4 * (uu)));                                      \
+        }                                                                                                 \
+    } while (0)
+                KQ3(0); KQ3(1); KQ3(2); KQ3(3);
+#undef KQ3
+            }
+            const int s = k0 / sub;
+            __m512i scv = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w->sc + s * RB)));
+            __m512i mnv = w->mn ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->mn + s * RB))) : scv;
+            _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                int32_t qsum = kq_qsum(a, m0 + i, k0, sub);
+                __m512i t = _mm512_add_epi32(t0[i], t1[i]);
+                if (off) t = _mm512_sub_epi32(t, _mm512_set1_epi32(off * qsum));
+                isb[i] = _mm512_add_epi32(isb[i], _mm512_mullo_epi32(t, scv));
+                if (w->mn) msb[i] = _mm512_add_epi32(msb[i], _mm512_mullo_epi32(mnv, _mm512_set1_epi32(qsum)));
+            }
+        }
+        __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->d + j * RB)));
+        __m512 dmv = w->mn ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->dmin + j * RB))) : dv;
+        _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+            __m512 da = _mm512_set1_ps(a->d[(int64_t)(m0 + i) * nbk + j * (QKK / QK)]);
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isb[i]), _mm512_mul_ps(dv, da), acc[i]);
+            if (w->mn) corr[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(msb[i]), _mm512_mul_ps(dmv, da), corr[i]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+        float out[RB];
+        _mm512_storeu_ps(out, _mm512_sub_ps(acc[i], corr[i]));
+        store_rows(y, ldy, m0 + i, n0, nrows, out);
+    }
+}
+
+TGT5 static void kq_avx512(const kqb_t *w, const acts_t *a, int m0, int mt, float *y, int64_t ldy, int n0, int nrows) {
+    switch (mt) {
+    case 4: kq512(w, a, m0, 4, y, ldy, n0, nrows); break;
+    case 3: kq512(w, a, m0, 3, y, ldy, n0, nrows); break;
+    case 2: kq512(w, a, m0, 2, y, ldy, n0, nrows); break;
+    default: kq512(w, a, m0, 1, y, ldy, n0, nrows); break;
+    }
+}
+
+/* Half h (rows 8h..8h+7, one per lane) of one block x nt <= 2 activation rows. vpmaddubsw's int16
+ * pairs stay in range: 4 bits, <= 4 octets x 2 x 2 x 15 x 127 = 30480 before widening; 2 and 3 bits,
+ * 4 quads x 2 x 7 x 127; 8-bit codes (<= 63) are widened per quad (pairs <= 2 x 63 x 127). */
+TGT INL void kq2(const kqb_t *w, const acts_t *a, int m0, const int nt, const int h, float *y, int64_t ldy, int n0,
+                 int nrows) {
+    const int K = w->K, sub = w->t.sub, cbits = w->t.cbits, off = w->t.off, nbk = K / QK;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03), b2 = _mm256_set1_epi8(0x04);
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    __m256 acc[2], corr[2];
+    const int8_t *q[2];
+    _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) {
+        q[i] = a->qa + (int64_t)(m0 + i) * K;
+        acc[i] = corr[i] = _mm256_setzero_ps();
+    }
+    for (int j = 0; j < K / QKK; j++) {
+        __m256i isb[2], msb[2];
+        _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) isb[i] = msb[i] = _mm256_setzero_si256();
+        for (int k0 = j * QKK; k0 < (j + 1) * QKK; k0 += sub) {
+            __m256i t[2];
+            if (cbits == 8) {
+                _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) t[i] = _mm256_setzero_si256();
+                const uint8_t *cp = w->codes + (int64_t)(k0 / 4) * 64 + 32 * h;
+                for (int k = k0; k < k0 + sub; k += 4, cp += 64) {
+                    if (h == 0) prefetch_line(cp);
+                    __m256i c = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)cp), flip);
+                    _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++)
+                        t[i] = _mm256_add_epi32(t[i], _mm256_madd_epi16(_mm256_maddubs_epi16(c, _mm256_set1_epi32(quad(q[i] + k))), ones));
+                }
+            } else {
+                __m256i s16[2];
+                _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) s16[i] = _mm256_setzero_si256();
+                if (cbits == 4) {
+                    const uint8_t *cp = w->codes + (int64_t)(k0 / 8) * 64 + 32 * h;
+                    for (int k = k0; k < k0 + 32; k += 8, cp += 64) {
+                        if (h == 0) prefetch_line(cp);
+                        __m256i v = _mm256_loadu_si256((const __m256i *)cp);
+                        __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                        _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++)
+                            s16[i] = _mm256_add_epi16(s16[i], _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(q[i] + k))),
+                                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad(q[i] + k + 4)))));
+                    }
+                } else if (cbits == 2) {
+                    const uint8_t *cp = w->codes + (int64_t)(k0 / 16) * 64 + 32 * h;
+                    if (h == 0) prefetch_line(cp);
+                    __m256i v = _mm256_loadu_si256((const __m256i *)cp);
+                    _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {
+                        __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, 2 * u), m2);
+                        _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++)
+                            s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(c, _mm256_set1_epi32(quad(q[i] + k0 + 4 * u))));
+                    }
+                } else {
+                    const uint8_t *cp = w->codes + (int64_t)(k0 / 32) * 192 + 32 * h;
+                    const int half = (k0 / 16) & 1;
+                    if (h == 0 && !half) { prefetch_line(cp); prefetch_line(cp + 64); prefetch_line(cp + 128); }
+                    __m256i l = _mm256_loadu_si256((const __m256i *)(cp + 64 * half));
+                    __m256i hb = _mm256_loadu_si256((const __m256i *)(cp + 128));
+                    if (half) hb = _mm256_srli_epi16(hb, 4);
+                    _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {
+                        __m256i lo = _mm256_and_si256(_mm256_srli_epi16(l, 2 * u), m2);
+                        __m256i hi = _mm256_and_si256(u >= 2 ? _mm256_srli_epi16(hb, u - 2) : _mm256_slli_epi16(hb, 2 - u), b2);
+                        __m256i c = _mm256_or_si256(lo, hi);
+                        _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++)
+                            s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(c, _mm256_set1_epi32(quad(q[i] + k0 + 4 * u))));
+                    }
+                }
+                _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) t[i] = _mm256_madd_epi16(s16[i], ones);
+            }
+            const int s = k0 / sub;
+            __m256i scv = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w->sc + s * RB + 8 * h)));
+            __m256i mnv = w->mn ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w->mn + s * RB + 8 * h))) : scv;
+            _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) {
+                int32_t qsum = kq_qsum(a, m0 + i, k0, sub);
+                __m256i tt = off ? _mm256_sub_epi32(t[i], _mm256_set1_epi32(off * qsum)) : t[i];
+                isb[i] = _mm256_add_epi32(isb[i], _mm256_mullo_epi32(tt, scv));
+                if (w->mn) msb[i] = _mm256_add_epi32(msb[i], _mm256_mullo_epi32(mnv, _mm256_set1_epi32(qsum)));
+            }
+        }
+        __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->d + j * RB + 8 * h)));
+        __m256 dmv = w->mn ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->dmin + j * RB + 8 * h))) : dv;
+        _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) {
+            __m256 da = _mm256_set1_ps(a->d[(int64_t)(m0 + i) * nbk + j * (QKK / QK)]);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isb[i]), _mm256_mul_ps(dv, da), acc[i]);
+            if (w->mn) corr[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(msb[i]), _mm256_mul_ps(dmv, da), corr[i]);
+        }
+    }
+    int rows = nrows - 8 * h;
+    if (rows <= 0) return;
+    _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) {
+        float out[8];
+        _mm256_storeu_ps(out, _mm256_sub_ps(acc[i], corr[i]));
+        store_rows(y, ldy, m0 + i, n0 + 8 * h, rows < 8 ? rows : 8, out);
+    }
+}
+
+TGT static void kq_avx2(const kqb_t *w, const acts_t *a, int m0, int mt, float *y, int64_t ldy, int n0, int nrows) {
+    for (int i = m0; i < m0 + mt; i += 2)
+        for (int h = 0; h < 2 && 8 * h < nrows; h++) {
+            if (m0 + mt - i >= 2) kq2(w, a, i, 2, h, y, ldy, n0, nrows);
+            else kq2(w, a, i, 1, h, y, ldy, n0, nrows);
+        }
+}
+
+/* Blocks b0..b1 of a K-quant weight, all activation rows, tiles of 4. */
+static void run_kq_blocks(const acts_t *a, const uint8_t *w, int N, int b0, int b1, float *y, int64_t ldy) {
+    for (int b = b0; b < b1; b++) {
+        kqb_t blk = kq_block_at(w, b, a->bits, a->K);
+        int n0 = b * RB, nrows = N - n0 < RB ? N - n0 : RB;
+        for (int m0 = 0; m0 < a->M; m0 += 4) {
+            int mt = a->M - m0 < 4 ? a->M - m0 : 4;
+            if (a->path == 2) kq_avx512(&blk, a, m0, mt, y, ldy, n0, nrows);
+            else if (a->path == 1) kq_avx2(&blk, a, m0, mt, y, ldy, n0, nrows);
+            else kq_generic(&blk, a, m0, mt, y, ldy, n0, nrows);
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ entry points */
 
 /* y[:, rows of blocks b0..b1) (row stride ldy), all activation rows: each block once from
  * memory, then every activation tile over it while it sits in cache. */
 static void run_blocks(const acts_t *a, const uint8_t *w, int asym, int N, int b0, int b1, float *y, int64_t ldy) {
+    if (a->bits >= KQ) {
+        run_kq_blocks(a, w, N, b0, b1, y, ldy);
+        return;
+    }
     for (int b = b0; b < b1;) {
         /* AVX-512 batches take two blocks at a time (each activation load feeds 32 rows) */
         int nb = a->path == 2 && a->M > 1 && b + 1 < b1 && a->bits >= 4 ? 2 : 1;
@@ -720,13 +1094,17 @@ int dbrxq_matmul(const float *x, int M, int K, const uint8_t *w, int N, int bits
  * hidden state are split over the threads; then W2. Against three dbrxq_matmul calls this saves
  * two thread wake-ups and barriers, one activation quantization and the Python in between.
  * silu(t) = t / (1 + exp(-t)) in float32. Returns 0, or -1 on allocation failure. */
-int dbrxq_glu(const float *x, int M, int D, int F, const uint8_t *w1, const uint8_t *v1,
-              const uint8_t *w2, int bits, int G1, int G2, int asym, float *y, int path, int nthreads) {
+static int glu_run(const float *x, int M, int D, int F, const uint8_t *w1, const uint8_t *v1,
+                   const uint8_t *w2, int bits, int bitsv, int G1, int bits2, int G2, int asym, float *y, int path,
+                   int nthreads) {
     acts_t ax, ah;
+    if (bitsv != bits && (bits < KQ || bitsv < KQ)) return -3; /* W1 and V1 share x's quantization */
     float *h = malloc(sizeof(float) * 2 * (size_t)M * F); /* [M, F] gate, then [M, F] up */
     if (!h || acts_alloc(&ax, M, D, bits, G1, path)) { free(h); return -1; }
-    if (acts_alloc(&ah, M, F, bits, G2, path)) { free(h); acts_free(&ax); return -1; }
+    if (acts_alloc(&ah, M, F, bits2, G2, path)) { free(h); acts_free(&ax); return -1; }
     float *up = h + (size_t)M * F;
+    acts_t axv = ax; /* V1's view of x: the same buffers (every K-quant quantizes x alike), its own kind */
+    axv.bits = bitsv;
     int n1 = nitems_of(F), n2 = nitems_of(D);
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
@@ -737,7 +1115,7 @@ int dbrxq_glu(const float *x, int M, int D, int F, const uint8_t *w1, const uint
         for (int c = 0; c < 2 * n1; c++) {
             int b0, b1;
             item_blocks(c < n1 ? c : c - n1, F, &b0, &b1);
-            run_blocks(&ax, c < n1 ? w1 : v1, asym, F, b0, b1, c < n1 ? h : up, F);
+            run_blocks(c < n1 ? &ax : &axv, c < n1 ? w1 : v1, asym, F, b0, b1, c < n1 ? h : up, F);
         }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < (int64_t)M * F; i++) h[i] = h[i] / (1.f + expf(-h[i])) * up[i];
@@ -754,9 +1132,23 @@ int dbrxq_glu(const float *x, int M, int D, int F, const uint8_t *w1, const uint
     return 0;
 }
 
+int dbrxq_glu(const float *x, int M, int D, int F, const uint8_t *w1, const uint8_t *v1,
+              const uint8_t *w2, int bits, int G1, int G2, int asym, float *y, int path, int nthreads) {
+    return glu_run(x, M, D, F, w1, v1, w2, bits, bits, G1, bits, G2, asym, y, path, nthreads);
+}
+
+/* dbrxq_glu with V1 and W2 of their own kinds (bitsv; bits2, G2): a K-quant mix may give ffn_gate, ffn_up
+ * and ffn_down three types. V1's kind differs from W1's only between K-quants (else -3). */
+int dbrxq_glu2(const float *x, int M, int D, int F, const uint8_t *w1, const uint8_t *v1,
+               const uint8_t *w2, int bits, int bitsv, int G1, int bits2, int G2, int asym, float *y, int path,
+               int nthreads) {
+    return glu_run(x, M, D, F, w1, v1, w2, bits, bitsv, G1, bits2, G2, asym, y, path, nthreads);
+}
+
 /* One MoE step of a layer in ONE call: out [M, D] = the sum over each token's K routed experts, in
  * increasing expert id, of w * expert(x). ids [M * K] (int64 expert ids), wts [M * K] (float32
- * routing weights); table, per expert e: 7 int64 (w1, v1, w2 block pointers, bits, G1, G2, asym).
+ * routing weights); table, per expert e: 9 int64 (w1, v1, w2 block pointers, bits, bitsv, G1, bits2, G2,
+ * asym).
  * Each active expert is one dbrxq_glu over its tokens (gathered in token order), so every row is what
  * a dbrxq_glu call of that expert gives it (rows are independent of the batch); the sum is float32,
  * each y * w rounded, then added (as torch's index_add_ of y * w; this function is compiled without
@@ -788,10 +1180,10 @@ int dbrxq_moe(const float *x, int M, int D, int F, int K, const int64_t *ids, co
     for (int e = 0; e < E; e++) {
         int n = start[e + 1] - start[e];
         if (!n) continue;
-        const int64_t *t = table + 7 * (int64_t)e;
+        const int64_t *t = table + 9 * (int64_t)e;
         for (int i = 0; i < n; i++) memcpy(xe + (int64_t)i * D, x + (int64_t)tok[start[e] + i] * D, sizeof(float) * D);
-        if (dbrxq_glu(xe, n, D, F, (const uint8_t *)t[0], (const uint8_t *)t[1], (const uint8_t *)t[2], (int)t[3],
-                      (int)t[4], (int)t[5], (int)t[6], ye, path, nthreads)) { rc = -1; goto done; }
+        if (glu_run(xe, n, D, F, (const uint8_t *)t[0], (const uint8_t *)t[1], (const uint8_t *)t[2], (int)t[3],
+                    (int)t[4], (int)t[5], (int)t[6], (int)t[7], (int)t[8], ye, path, nthreads)) { rc = -1; goto done; }
         for (int i = 0; i < n; i++) {
             float w = wt[start[e] + i], *o = out + (int64_t)tok[start[e] + i] * D;
             const float *y = ye + (int64_t)i * D;
