@@ -118,7 +118,7 @@ def load(path_or_repo_id: str | Path | None = None, *, device: str | torch.devic
     """Load a float or quantized DBRX checkpoint with its tokenizer.
 
     Args:
-        path_or_repo_id: a local folder or a hub repo id; None or "demo" for the small model shipped
+        path_or_repo_id: a local folder, a hub repo id or a DBRX ``.gguf`` file; None or "demo" for the small model shipped
             with dbrxq (a local folder named "demo" wins).
         device: cpu, cuda, cuda:N or auto.
         dtype: float32, bfloat16, float16 or auto/None (the checkpoint's).
@@ -138,7 +138,7 @@ def load(path_or_repo_id: str | Path | None = None, *, device: str | torch.devic
     model = load_model(src, device=device, dtype=dtype, revision=revision, backend=backend,
                        gpu_memory=gpu_memory, cpu_memory=cpu_memory, context=context, batch_size=batch_size,
                        kv_cache=check_flavour(kv_cache), offload_options=offload_options)
-    tokenizer = DbrxTokenizer.from_pretrained(model.source_dir)
+    tokenizer = getattr(model, "tokenizer_from_file", None) or DbrxTokenizer.from_pretrained(model.source_dir)
     check_tokenizer_fits(tokenizer, model.config.vocab_size)
     return DbrxRunner(model=model, tokenizer=tokenizer, kv_cache=kv_cache)
 

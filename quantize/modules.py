@@ -202,7 +202,68 @@ class QExpertGLU(nn.Module):
                 setattr(self, kind, QMixedWeight(shapes[kind][1:], *mix, device=device, name=f"{name}.{kind}"))
 
 
-class QExperts(nn.Module):
+class PreparedExperts(nn.Module):
+    """Experts computing with prepared kernel weights, one ``(w1, v1, w2)`` per expert (each with
+    ``.matmul``): expert e is ``(act(x @ w1.T) * (x @ v1.T)) @ w2.T``. A layer whose experts are all on
+    the C kernel runs in one call (:func:`quantize.kernels.moe`). Built directly from weights (a GGUF
+    file's, dbrxq.loading.gguf), or by :class:`QExperts` from its buffers."""
+
+    def __init__(self, num_experts: int, ffn_hidden_size: int, act: Callable[[torch.Tensor], torch.Tensor],
+                 prepared: list[tuple[Any, Any, Any]] | None = None) -> None:
+        super().__init__()
+        self.num_experts, self.ffn_hidden_size, self.act = num_experts, ffn_hidden_size, act
+        self._prepared: list[tuple[Any, Any, Any]] | None = None
+        if prepared is not None:
+            assert len(prepared) == num_experts
+            self._prepared = [tuple(p) for p in prepared]
+            self._prepared_changed()
+
+    def set_prepared(self, e: int, prepared: tuple[Any, Any, Any]) -> None:
+        """Replace expert e's kernel weights (for an offloading cache that moved them)."""
+        assert self._prepared is not None and len(prepared) == 3
+        self._prepared[e] = tuple(prepared)
+        self._prepared_changed()
+
+    def _prepared_changed(self) -> None:
+        self._row_independent = all(isinstance(w, kernels.CpuQWeight) for p in self._prepared for w in p)
+        self._table = kernels.moe_table(self._prepared, self.act)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x ``(n, D)`` -> ``(n, D)`` through expert e."""
+        assert self._prepared is not None, f"{type(self).__name__} used before its weights were prepared"
+        return kernels.glu(x, *self._prepared[e], self.act, out_dtype=torch.float32)
+
+    @property
+    def row_independent(self) -> bool:
+        """Every expert on dbrxq's C kernels, which compute each row alone (dbrxq.model.batch.batch_invariant)."""
+        return self._prepared is not None and self._row_independent
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self._table is not None:  # every expert on the C kernel: the layer in one call (the same bits)
+            return kernels.moe(x, expert_ids, weights, self._table, self._prepared)
+        return moe_dispatch(x, expert_ids, weights, self.num_experts, self.expert, self.row_independent)
+
+
+class PreparedLinear(nn.Module):
+    """Bias-free ``nn.Linear`` replacement computing with one prepared kernel weight (a GGUF file's)."""
+
+    def __init__(self, prepared: Any) -> None:
+        super().__init__()
+        self._prepared = prepared
+        self.out_features, self.in_features = prepared.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._prepared.matmul(x)
+
+    @property
+    def row_independent(self) -> bool:
+        return isinstance(self._prepared, kernels.CpuQWeight)
+
+    def extra_repr(self) -> str:
+        return repr(self._prepared)
+
+
+class QExperts(PreparedExperts):
     """Drop-in for ``DbrxExperts``: same attributes and ``forward(x, expert_ids, weights)``.
 
     Expert e computes ``(act(x @ w1[e].T) * (x @ v1[e].T)) @ w2[e].T`` with the prepared per-expert
@@ -212,13 +273,10 @@ class QExperts(nn.Module):
 
     def __init__(self, config, mq: ModuleQuant, *, device: torch.device | None = None,
                  name: str = "experts", mix: tuple[tuple[ModuleQuant, ...], tuple[int, ...]] | None = None) -> None:
-        super().__init__()
-        self.num_experts, self.ffn_hidden_size = config.num_experts, config.ffn_hidden_size
-        self.act: Callable[[torch.Tensor], torch.Tensor] = ACTIVATIONS[config.activation]
+        super().__init__(config.num_experts, config.ffn_hidden_size, ACTIVATIONS[config.activation])
         self.mixed = mix is not None  # per-expert recipes (format_version 3)
         self.mlp = QExpertGLU(config.num_experts, config.ffn_hidden_size, config.d_model, mq,
                               device=device, name=f"{name}.mlp", mix=mix)
-        self._prepared: list[tuple[Any, Any, Any]] | None = None
 
     def expert_weights(self, e: int) -> tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor]:
         """Expert e's (w1 ``[F, D]``, v1 ``[F, D]``, w2 ``[D, F]``): contiguous views of the buffers."""
@@ -246,31 +304,6 @@ class QExperts(nn.Module):
                         release(t)
             trim_heap()
         self._prepared_changed()
-
-    def set_prepared(self, e: int, prepared: tuple[Any, Any, Any]) -> None:
-        """Replace expert e's kernel weights (for an offloading cache that moved them)."""
-        assert self._prepared is not None and len(prepared) == 3
-        self._prepared[e] = tuple(prepared)
-        self._prepared_changed()
-
-    def _prepared_changed(self) -> None:
-        self._row_independent = all(isinstance(w, kernels.CpuQWeight) for p in self._prepared for w in p)
-        self._table = kernels.moe_table(self._prepared, self.act)
-
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """x ``(n, D)`` -> ``(n, D)`` through expert e."""
-        assert self._prepared is not None, "QExperts used before finalize_load()"
-        return kernels.glu(x, *self._prepared[e], self.act, out_dtype=torch.float32)
-
-    @property
-    def row_independent(self) -> bool:
-        """Every expert on dbrxq's C kernels, which compute each row alone (dbrxq.model.batch.batch_invariant)."""
-        return self._prepared is not None and self._row_independent
-
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self._table is not None:  # every expert on the C kernel: the layer in one call (the same bits)
-            return kernels.moe(x, expert_ids, weights, self._table, self._prepared)
-        return moe_dispatch(x, expert_ids, weights, self.num_experts, self.expert, self.row_independent)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ float checkpoint in dbrxq; the F32 GGUF export of the same checkpoint in llama.c
 and the top-1 agreement, all on the same disjoint windows of 256 held-out tokens (compare_kquants.py's
 windows and measures), the file's bytes, and the decode speed: tokens/s of greedy decoding after a
 short prompt, best of ``--repeats``, both engines on ``--threads`` threads of the same machine, one after
-the other. dbrxq reads a checkpoint folder (its safetensors files are its bytes), llama.cpp a GGUF file
-(through llama-cpp-python, a measuring tool, not a dependency).
+the other. dbrxq reads a checkpoint folder (its safetensors files are its bytes) or a GGUF file, llama.cpp a
+GGUF file (through llama-cpp-python, a measuring tool, not a dependency).
 
     python scripts/compare_runtimes.py FLOAT --f32-gguf F32.gguf \\
         --gguf q4_k_m+imatrix=llama-imatrix-q4_k_m.gguf --dbrxq q4_k_m-size=CHECKPOINT \\
@@ -82,6 +82,9 @@ def llama_speed(path: Path, prompt: list[int], tokens: int, repeats: int, thread
 
 
 def folder_bytes(path: Path) -> int:
+    """A checkpoint's bytes: a GGUF file's size, or a folder's safetensors files."""
+    if path.is_file():
+        return path.stat().st_size
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
@@ -90,7 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("model", help="the float checkpoint (dbrxq's reference)")
     p.add_argument("--f32-gguf", type=Path, required=True, help="its F32 GGUF export (llama.cpp's reference)")
     p.add_argument("--gguf", action="append", default=[], metavar="LABEL=FILE", help="a GGUF file llama.cpp runs")
-    p.add_argument("--dbrxq", action="append", default=[], metavar="LABEL=FOLDER", help="a checkpoint dbrxq runs")
+    p.add_argument("--dbrxq", action="append", default=[], metavar="LABEL=PATH",
+                   help="a checkpoint dbrxq runs: a dbrxq folder, or a GGUF file (the same file may be given to --gguf)")
     p.add_argument("--kl-data", type=Path, required=True)
     p.add_argument("--kl-tokens", type=int, default=8192)
     p.add_argument("--threads", type=int, default=2)

@@ -35,7 +35,9 @@ from dbrxq.formats.checkpoint import (
     check_checkpoint,
     checkpoint_float_dtype,
 )
+from dbrxq.formats.gguf_file import is_gguf
 from dbrxq.formats.hub import resolve_model_dir
+from dbrxq.loading.gguf import load_gguf_model
 from dbrxq.loading.offloading import enable_offloading
 from dbrxq.model.config import DbrxConfig
 from dbrxq.model.dbrx import DbrxForCausalLM, register_loader, skip_init
@@ -97,10 +99,10 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
                backend: str | None = None, gpu_memory: str | int | None = None,
                cpu_memory: str | int | None = None, context: int | None = None, batch_size: int = 1,
                kv_cache: str = "bf16", offload_options: dict | None = None) -> DbrxForCausalLM:
-    """Load a float or dbrxq-quantized DBRX checkpoint.
+    """Load a float or dbrxq-quantized DBRX checkpoint, or a DBRX GGUF file (dbrxq.loading.gguf).
 
     Args:
-        path_or_repo_id: a local folder or a hub repo id.
+        path_or_repo_id: a local folder, a hub repo id, or a ``.gguf`` file.
         device: where the weights go (cpu, cuda, auto).
         dtype: activation/float weight dtype; None/'auto' keeps the checkpoint's.
         backend: quantized-kernel override (quantize.kernels names); None picks automatically.
@@ -114,6 +116,9 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
         CheckpointError, ConfigError: with one line naming the file, tensor or field;
         BudgetError (a ConfigError) for a budget that cannot hold the non-expert weights.
     """
+    if is_gguf(path_or_repo_id):  # a GGUF file (dbrxq's or llama.cpp's): its own loader
+        return load_gguf_model(path_or_repo_id, device=device, dtype=parse_dtype(dtype), backend=backend,
+                               offloading=gpu_memory is not None or cpu_memory is not None)
     t0 = time.perf_counter()
     folder = resolve_model_dir(path_or_repo_id, revision=revision)
     config = DbrxConfig.from_json(Path(folder) / "config.json")

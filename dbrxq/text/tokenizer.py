@@ -480,6 +480,40 @@ def _load_hf_json(path: Path, folder: Path | None = None) -> DbrxTokenizer:
     return DbrxTokenizer(ranks, added, pat_str=_hf_pattern(data, path), source=str(path))
 
 
+# GGUF token types (llama.cpp's llama_token_type): what from_gguf_vocab takes each token as
+GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED = 1, 3, 4, 5
+
+
+def from_gguf_vocab(tokens: list, types: list, *, pre: str | None, eos: int | None, eot: int | None,
+                    pad: int | None, source: str) -> DbrxTokenizer:
+    """A GGUF file's byte-level BPE vocabulary (``tokenizer.ggml.tokens`` / ``token_type``, DBRX's
+    ``dbrx`` pre-tokenizer) as a DbrxTokenizer: normal tokens are tiktoken ranks (their ids, as llama.cpp's
+    DBRX converter and dbrxq's export write them), control and user-defined tokens special tokens, unused
+    ids (padding rows) left out; ``eos`` and ``eot`` end generation."""
+    if pre not in (None, "dbrx"):
+        raise TokenizerError(f"{source}: tokenizer.ggml.pre is {pre!r}; DBRX's text is split by its 'dbrx' "
+                             f"(cl100k_base) pattern")
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
+    ranks: dict[bytes, int] = {}
+    special: dict[str, int] = {}
+    for i, (tok, kind) in enumerate(zip(tokens, types)):
+        if not isinstance(tok, str) or type(kind) is not int:
+            raise TokenizerError(f"{source}: token {i} is not a string with an integer type")
+        if kind == GGUF_NORMAL:
+            try:
+                ranks[bytes(decoder[c] for c in tok)] = i
+            except KeyError:
+                raise TokenizerError(f"{source}: token {i} {tok!r:.40} is not GPT-2 byte-level text") from None
+        elif kind in (GGUF_CONTROL, GGUF_USER_DEFINED):
+            special[tok] = i
+        elif kind != GGUF_UNUSED:
+            raise TokenizerError(f"{source}: token {i} has type {kind}; a byte-level BPE has normal, control, "
+                                 f"user-defined and unused tokens only")
+    ends = [i for i in (eos, eot) if i is not None]
+    return DbrxTokenizer(ranks, special, eos_token_ids=list(dict.fromkeys(ends)) or None, pad_token_id=pad,
+                         source=source)
+
+
 def _check_merge_order(ranks: dict[bytes, int], merges: list, decoder: dict[str, int], path: Path) -> None:
     """Check that the token ids can serve as tiktoken ranks for this merges list.
 

@@ -1,0 +1,192 @@
+"""A DBRX GGUF file in dbrxq's runtime: ``dbrxq.load("model.gguf")``, ``dbrxq run model.gguf``.
+
+One quantize serves both engines: the file `dbrxq quantize --recipe` (or `dbrxq export`) writes for
+llama.cpp runs here too, as do llama.cpp's own K-quants of DBRX. Each tensor keeps its numbers:
+
+- attention, experts and the head: Q2_K .. Q6_K in the C kernel's K-quant path
+  (:class:`quantize.kernels.CpuKQWeight`: llama.cpp's integers, repacked into blocks of 16 rows), Q8_0 and
+  Q4_0 as dbrxq's int8 / int4 symmetric g32 weights (the same codes and fp16 scales), floats as they are.
+  The weight each computes with is llama.cpp's dequantization of the file's blocks, exactly; the
+  activations are rounded to int8 as in llama.cpp (one scale per 256 values for K-quants, 32 for
+  Q8_0 and Q4_0).
+- the token embedding: dequantized to the model's dtype (llama.cpp dequantizes the rows it looks up);
+  norms and the router: float, as stored (F32 in every file llama.cpp or dbrxq writes).
+
+What is resident: the kernel copies of every quantized tensor (about the file's bytes; Q5_K and Q6_K are
+held with 8-bit codes, 1.45x and 1.22x their file bytes), the embedding in the model's dtype, and the
+float tensors; the file's mapping is closed after loading. Other types (llama.cpp's i-quants, Q4_1,
+Q5_0, Q5_1) are refused in one line naming the tensor. CPU only: offloading budgets and GPUs take dbrxq's
+own checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dbrxq.core.errors import CheckpointError, ConfigError, QuantizationError
+from dbrxq.core.untrusted import check_finite
+from dbrxq.formats.gguf_file import FLOAT_TYPES, GGUFModelFile, GGUFTensor
+from dbrxq.model.dbrx import DbrxForCausalLM, skip_init
+from dbrxq.model.moe import ACTIVATIONS, DbrxExperts
+from dbrxq.text.tokenizer import from_gguf_vocab
+from quantize import kernels
+from quantize.float_experts import use_float_kernel
+from quantize.kquants import BLOCK_BYTES
+from quantize.modules import PreparedExperts, PreparedLinear
+from quantize.primitives import QuantizedTensor, pack_codes
+
+log = logging.getLogger(__name__)
+
+_TORCH_FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _float(t: GGUFTensor, dtype: torch.dtype, where: Path) -> torch.Tensor:
+    """A float tensor (or any runnable type, dequantized by llama.cpp's reference) as ``dtype``, checked finite."""
+    if t.ggml_type in FLOAT_TYPES:
+        a = np.asarray(t.data)
+        x = torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16) if t.ggml_type == "BF16" else \
+            torch.from_numpy(np.array(a, dtype=a.dtype))
+        x = x.reshape(t.shape)
+    else:
+        import gguf
+
+        x = torch.from_numpy(gguf.quants.dequantize(np.asarray(t.data), gguf.GGMLQuantizationType[t.ggml_type]))
+        x = x.reshape(t.shape)
+    return check_finite(x, t.name, where, what="refusing to run it").to(dtype)
+
+
+def _check_scales(raw: np.ndarray, ggml_type: str, name: str, where: Path) -> None:
+    """Refuse a quantized tensor whose fp16 super-scales are not finite (its weights would be NaN/Inf)."""
+    per = BLOCK_BYTES.get(ggml_type, 18)  # Q4_0: 18 bytes, d first
+    blocks = np.asarray(raw).reshape(-1, per)
+    at = {"Q6_K": [per - 2], "Q3_K": [per - 2], "Q2_K": [per - 4, per - 2]}.get(ggml_type, [0, 2] if ggml_type in (
+        "Q4_K", "Q5_K") else [0])
+    for col in at:
+        h = np.ascontiguousarray(blocks[:, col:col + 2]).view(np.float16)
+        if not np.isfinite(h).all():
+            raise CheckpointError(f"{where}: tensor {name} holds {int((~np.isfinite(h)).sum())} non-finite "
+                                  f"block scale(s); refusing to run it")
+
+
+def _matrix(t: GGUFTensor, index: int | None, dtype: torch.dtype, where: Path):
+    """One 2-D weight ``[N, K]`` (a stacked tensor's expert ``index``) as a prepared kernel weight, or a float tensor."""
+    data = t.data if index is None else t.data[index]
+    shape = t.shape if index is None else t.shape[1:]
+    if t.ggml_type in FLOAT_TYPES:
+        return _float(GGUFTensor(t.name, t.ggml_type, shape, data), dtype, where)
+    _check_scales(data, t.ggml_type, t.name, where)
+    try:
+        if t.ggml_type == "Q4_0":
+            return _q4_0(np.asarray(data), shape)
+        return kernels.prepare_ggml(np.asarray(data), t.ggml_type, shape)
+    except QuantizationError as e:
+        raise CheckpointError(f"{where}: tensor {t.name}: {e}") from None
+
+
+def _q4_0(raw: np.ndarray, shape: tuple[int, int]):
+    """Q4_0 blocks (fp16 d, 16 bytes of nibbles: values j and j+16 in byte j) as dbrxq's int4 symmetric
+    g32 weight: W = d (q - 8), the same codes and scales."""
+    n, k = shape
+    b = np.ascontiguousarray(raw).reshape(n * k // 32, 18)
+    d = torch.from_numpy(b[:, :2].copy().view(np.float16)).reshape(n, k // 32)
+    qs = b[:, 2:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1).reshape(n, k)  # natural order within each block
+    qt = QuantizedTensor(pack_codes(torch.from_numpy(codes), 4), d, None, 4, 32, (n, k))
+    return kernels.prepare(qt, "cpu_q4", "cpu")
+
+
+def _linear(w, name: str) -> nn.Module:
+    if isinstance(w, torch.Tensor):
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        return lin
+    return PreparedLinear(w)
+
+
+def _set_param(module: nn.Module, attr: str, value: torch.Tensor) -> None:
+    setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def load_gguf_model(path: str | Path, *, device: str | torch.device | None = "cpu",
+                    dtype: torch.dtype | None = None, backend: str | None = None,
+                    offloading: bool = False) -> DbrxForCausalLM:
+    """Build a DbrxForCausalLM from a DBRX GGUF file (module docstring); ``model.tokenizer_from_file``
+    is its vocabulary. Raises CheckpointError naming the file and tensor for what cannot run."""
+    t0 = time.perf_counter()
+    path = Path(path)
+    if device not in (None, "cpu", "auto") and torch.device(device).type != "cpu":
+        raise ConfigError(f"{path}: a GGUF file runs on the CPU in dbrxq (device {device!r} asked); quantize the "
+                          f"float model with `dbrxq quantize` for --device cuda")
+    if offloading:
+        raise ConfigError(f"{path}: --cpu-memory/--gpu-memory offloading takes dbrxq's own checkpoints; a GGUF file "
+                          f"is loaded whole")
+    if backend not in (None, "auto", "cpu_q4", "cpu_q8"):
+        raise ConfigError(f"{path}: a GGUF file's tensors run on dbrxq's C kernel; backend {backend!r} is not offered")
+    dtype = dtype or torch.bfloat16
+    f = GGUFModelFile(path)
+    try:
+        config = f.config
+        tok_meta = f.vocab()
+        tokenizer = from_gguf_vocab(tok_meta["tokens"], tok_meta["types"], pre=tok_meta["pre"], eos=tok_meta["eos"],
+                                    eot=tok_meta["eot"], pad=tok_meta["pad"], source=str(path))
+        config.eos_token_id = tokenizer.eos_token_ids or None
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device("meta"), skip_init():
+                model = DbrxForCausalLM(config)
+        finally:
+            torch.set_default_dtype(old)
+        T = f.tensors
+        tr = model.transformer
+        _set_param(tr.wte, "weight", _float(T["token_embd.weight"], dtype, path))
+        _set_param(tr.norm_f, "weight", _float(T["output_norm.weight"], dtype, path))
+        if not config.tie_word_embeddings:
+            model.lm_head = _linear(_matrix(T["output.weight"], None, dtype, path), "output.weight")
+        act = ACTIVATIONS[config.activation]
+        for i, block in enumerate(tr.blocks):
+            b = f"blk.{i}."
+            nan = block.norm_attn_norm
+            _set_param(nan.norm_1, "weight", _float(T[b + "attn_norm.weight"], dtype, path))
+            _set_param(nan.norm_2, "weight", _float(T[b + "attn_output_norm.weight"], dtype, path))
+            nan.attn.Wqkv = _linear(_matrix(T[b + "attn_qkv.weight"], None, dtype, path), b + "attn_qkv.weight")
+            nan.attn.out_proj = _linear(_matrix(T[b + "attn_output.weight"], None, dtype, path), b + "attn_output.weight")
+            _set_param(block.ffn.router.layer, "weight", _float(T[b + "ffn_gate_inp.weight"], dtype, path))
+            block.ffn.experts = _experts(f, i, config, act, dtype, path)
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_meta:
+                raise CheckpointError(f"{path}: {name} was not filled from the file")  # a mapping bug, never input
+    finally:
+        f.close()
+    use_float_kernel(model)  # float experts (an F16/BF16/F32 file's) step through the C kernel
+    model.eval()
+    model.requires_grad_(False)
+    model.source_dir = path.parent
+    model.tokenizer_from_file = tokenizer
+    log.info("loaded %s (GGUF, %d layers) in %.1f s", path, config.n_layers, time.perf_counter() - t0)
+    return model
+
+
+def _experts(f: GGUFModelFile, i: int, config, act, dtype: torch.dtype, where: Path) -> nn.Module:
+    b = f"blk.{i}."
+    ts = [f.tensors[b + n] for n in ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")]
+    floats = [t.ggml_type in FLOAT_TYPES for t in ts]
+    if all(floats):  # float experts: the hub's [E*F, D] tensors (w2 transposed back)
+        E, F, D = config.num_experts, config.ffn_hidden_size, config.d_model
+        w1, v1, w2 = (_float(t, dtype, where) for t in ts)
+        ex = DbrxExperts(config)
+        _set_param(ex.mlp, "w1", w1.reshape(E * F, D))
+        _set_param(ex.mlp, "v1", v1.reshape(E * F, D))
+        _set_param(ex.mlp, "w2", w2.transpose(1, 2).reshape(E * F, D).contiguous())
+        return ex
+    if any(floats):
+        raise CheckpointError(f"{where}: layer {i}'s expert tensors mix float and quantized types "
+                              f"({', '.join(t.ggml_type for t in ts)}); dbrxq runs them all float or all quantized")
+    prepared = [tuple(_matrix(t, e, dtype, where) for t in ts) for e in range(config.num_experts)]
+    return PreparedExperts(config.num_experts, config.ffn_hidden_size, act, prepared)
