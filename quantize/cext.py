@@ -118,6 +118,8 @@ def load() -> ctypes.CDLL | None:
     lib.dbrxq_glu2.restype = _c_int
     lib.dbrxq_kq_repack.argtypes = [_vp, _vp, _vp, _vp, _vp, _c_int, _c_int, _c_int, _vp]
     lib.dbrxq_kq_repack.restype = None
+    lib.dbrxq_kq_from_ggml.argtypes = [_vp, _c_int, _c_int, _c_int, _vp, _c_int]
+    lib.dbrxq_kq_from_ggml.restype = _c_int
     lib.dbrxq_moe.argtypes = [_vp, _c_int, _c_int, _c_int, _c_int, _vp, _vp, _vp, _c_int, _vp, _c_int, _c_int]
     lib.dbrxq_moe.restype = _c_int
     lib.dbrxq_moe_float.argtypes = [_vp, _c_int, _c_int, _c_int, _c_int, _vp, _vp, _vp, _vp, _vp, _c_int, _c_int, _vp,

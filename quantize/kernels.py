@@ -26,12 +26,14 @@ import functools
 import logging
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dbrxq.core.errors import QuantizationError
 from quantize import cext, kquants
 from quantize.blocks import BlocksTensor
+from quantize.kquants import QK_K
 from quantize.primitives import QuantizedTensor, pack_codes
 
 log = logging.getLogger(__name__)
@@ -400,12 +402,14 @@ class CpuKQWeight(CpuQWeight):
     layout (5- and 6-bit codes in the 8-bit one), each row's sub-block scales (and mins) as int8, its fp16
     ``d`` (and ``dmin``) per 256 values. The weight computed with is llama.cpp's dequantization of the
     block exactly; activations take one int8 scale per 256 values (as llama.cpp's Q8_K), so
-    ``|y - y_ref| <= sum_k |W[n, k]| d_256(k) / 2`` (+ float32 rounding). Q8_0 needs no class of its own:
-    it is dbrxq's int8 symmetric g32 (:func:`prepare_ggml`)."""
+    ``|y - y_ref| <= sum_k |W[n, k]| d_256(k) / 2`` (+ float32 rounding). Made from a
+    :class:`~quantize.kquants.KQuantized` (``kq``) or straight from a GGUF tensor's bytes (``raw``, in C,
+    at memory speed). Q8_0 needs no class of its own: it is dbrxq's int8 symmetric g32 (:func:`prepare_ggml`)."""
 
-    def __init__(self, kq, cpu_path: str | None = None):
-        n, k = kq.shape
-        g = kq.grid
+    def __init__(self, kq=None, cpu_path: str | None = None, *, raw=None, ggml_type: str | None = None,
+                 shape: tuple[int, int] | None = None):
+        g = kq.grid if kq is not None else kquants.grid(ggml_type)
+        n, k = kq.shape if kq is not None else shape
         self.shape, self.group_size, self.group, self.symmetric = (n, k), g.block, g.block, not g.asym
         self.device = torch.device("cpu")
         self.ggml_type = g.name
@@ -415,14 +419,23 @@ class CpuKQWeight(CpuQWeight):
         self.path = cpu_path or cext.cpu_path()
         self.asym = 0
         self.act_span = self.lib.dbrxq_act_span(self.bits, self.group)
+        self.nbytes = self.lib.dbrxq_packed_bytes(self.bits, n, k, self.group, 0)
+        self.w = torch.empty(self.nbytes, dtype=torch.uint8)
+        if kq is None:
+            src = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
+            need = n * (k // QK_K) * kquants.BLOCK_BYTES[g.name]
+            if k % QK_K or src.size != need:
+                raise QuantizationError(f"{g.name} tensor of shape {[n, k]} needs rows of a multiple of {QK_K} values "
+                                        f"and {need} bytes, got {k} values and {src.size} bytes")
+            if self.lib.dbrxq_kq_from_ggml(src.ctypes.data, self.bits, n, k, self.w.data_ptr(), torch.get_num_threads()):
+                raise MemoryError(f"dbrxq_kq_from_ggml could not allocate its row buffers (K={k})")
+            return
         codes = (kq.codes - g.lo).to(torch.uint8).contiguous()  # unsigned: c - off is llama.cpp's code
         f = kq.fields
         sc = f["sc"].reshape(n, -1).to(torch.int8).contiguous()  # |sc| <= 127 on every grid (Q6_K: int8 as stored)
         mn = f["m"].reshape(n, -1).to(torch.uint8).contiguous() if g.asym else None
         d = f["d"].reshape(n, -1).contiguous()
         dmin = f["dmin"].reshape(n, -1).contiguous() if g.asym else None
-        self.nbytes = self.lib.dbrxq_packed_bytes(self.bits, n, k, self.group, 0)
-        self.w = torch.empty(self.nbytes, dtype=torch.uint8)
         self.lib.dbrxq_kq_repack(codes.data_ptr(), sc.data_ptr(), None if mn is None else mn.data_ptr(), d.data_ptr(),
                                  None if dmin is None else dmin.data_ptr(), self.bits, n, k, self.w.data_ptr())
 
@@ -433,17 +446,17 @@ class CpuKQWeight(CpuQWeight):
 def prepare_ggml(raw, ggml_type: str, shape: tuple[int, int], cpu_path: str | None = None) -> PreparedWeight:
     """A GGUF tensor's bytes (Q8_0 or a K-quant, rows of ``shape[1]`` values) as dbrxq's C kernel weight,
     its numbers unchanged: Q8_0 becomes int8 symmetric g32 (code + 128, the fp16 scale as stored), a
-    K-quant a :class:`CpuKQWeight`. Raises QuantizationError for another type or a short tensor."""
+    K-quant a :class:`CpuKQWeight` (converted in C). Raises QuantizationError for another type or a short tensor."""
     why = cext.unavailable_reason()
     if why is not None:
         raise QuantizationError(f"{ggml_type} tensor {list(shape)}: {why}")
-    kq = kquants.from_bytes(raw, ggml_type, shape)
     if ggml_type == "Q8_0":
         n, k = shape
+        kq = kquants.from_bytes(raw, ggml_type, shape)
         codes = (kq.codes + 128).to(torch.uint8)
         qt = QuantizedTensor(codes, kq.fields["d"].reshape(n, k // 32).contiguous(), None, 8, 32, (n, k))
         return CpuQWeight(qt, torch.device("cpu"), cpu_path)
-    return CpuKQWeight(kq, cpu_path)
+    return CpuKQWeight(None, cpu_path, raw=raw, ggml_type=ggml_type, shape=shape)
 
 
 _CLASSES = {"torch": TorchWeight, "torch_int4": TorchInt4Weight, "torch_int8": TorchInt8Weight,

@@ -170,28 +170,134 @@ void dbrxq_repack(const uint8_t *codes, const uint16_t *scales, const uint8_t *z
  * code), sc int8 [N, K/sub], mn uint8 [N, K/sub] (types with mins, else NULL), d and dmin fp16
  * [N, K/256] (dmin NULL without mins). The integers and halves are copied, never rounded: the
  * weight the kernel computes with is llama.cpp's dequantization of the same block. */
+/* Row r of a block from its unpacked K-quant parts (one row: codes [K], sc/mn [K/sub], d/dmin [K/256]). */
+static void kq_put_row(uint8_t *blk, int r, const uint8_t *codes, const int8_t *sc, const uint8_t *mn,
+                       const uint16_t *d, const uint16_t *dmin, kqi_t t, int K) {
+    int ns = K / t.sub, nsb = K / QKK;
+    put_codes(blk, codes, t.cbits, K, r);
+    int8_t *s = (int8_t *)(blk + codes_bytes(t.cbits, K));
+    uint8_t *m = (uint8_t *)s + (int64_t)RB * ns;
+    uint16_t *dd = (uint16_t *)(m + (t.mins ? (int64_t)RB * ns : 0)), *dm = dd + RB * nsb;
+    for (int j = 0; j < ns; j++) {
+        s[j * RB + r] = sc[j];
+        if (t.mins) m[j * RB + r] = mn[j];
+    }
+    for (int j = 0; j < nsb; j++) {
+        dd[j * RB + r] = d[j];
+        if (t.mins) dm[j * RB + r] = dmin[j];
+    }
+}
+
 void dbrxq_kq_repack(const uint8_t *codes, const int8_t *sc, const uint8_t *mn, const uint16_t *d,
                      const uint16_t *dmin, int bits, int N, int K, uint8_t *dst) {
     kqi_t t = kq_info(bits);
     int ns = K / t.sub, nsb = K / QKK, nb = (N + RB - 1) / RB;
-    int64_t bb = kq_block_bytes(bits, K), cb = codes_bytes(t.cbits, K);
+    int64_t bb = kq_block_bytes(bits, K);
     memset(dst, 0, (size_t)(nb * bb));
-    for (int n = 0; n < N; n++) {
-        uint8_t *blk = dst + (n / RB) * bb;
-        int r = n % RB;
-        put_codes(blk, codes + (int64_t)n * K, t.cbits, K, r);
-        int8_t *s = (int8_t *)(blk + cb);
-        uint8_t *m = (uint8_t *)s + (int64_t)RB * ns;
-        uint16_t *dd = (uint16_t *)(m + (t.mins ? (int64_t)RB * ns : 0)), *dm = dd + RB * nsb;
-        for (int j = 0; j < ns; j++) {
-            s[j * RB + r] = sc[(int64_t)n * ns + j];
-            if (t.mins) m[j * RB + r] = mn[(int64_t)n * ns + j];
+    for (int n = 0; n < N; n++)
+        kq_put_row(dst + (n / RB) * bb, n % RB, codes + (int64_t)n * K, sc + (int64_t)n * ns,
+                   mn ? mn + (int64_t)n * ns : NULL, d + (int64_t)n * nsb, dmin ? dmin + (int64_t)n * nsb : NULL, t, K);
+}
+
+static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+
+/* One GGUF block of 256 values (llama.cpp's block_q2_K .. block_q6_K, little-endian) into unsigned codes
+ * c[256] (minus the grid's lowest code), sub-block scales and mins, d and dmin: the layouts of llama.cpp's
+ * dequantize_row_* (quantize/kquants.py's from_bytes reads the same, in numpy). */
+static void kq_parse(int bits, const uint8_t *b, uint8_t *c, int8_t *sc, uint8_t *mn, uint16_t *d, uint16_t *dmin) {
+    switch (bits - KQ) {
+    case 10: /* Q2_K: scales[16] (sc | m << 4), qs[64], d, dmin */
+        for (int j = 0; j < 16; j++) { sc[j] = (int8_t)(b[j] & 15); mn[j] = b[j] >> 4; }
+        for (int h = 0; h < 2; h++)
+            for (int r = 0; r < 4; r++)
+                for (int l = 0; l < 32; l++) c[h * 128 + r * 32 + l] = (b[16 + h * 32 + l] >> (2 * r)) & 3;
+        *d = rd16(b + 80); *dmin = rd16(b + 82);
+        break;
+    case 11: { /* Q3_K: hmask[32], qs[64], scales[12] (16 6-bit, biased by 32), d */
+        const uint8_t *hm = b, *qs = b + 32, *s = b + 96;
+        for (int h = 0; h < 2; h++)
+            for (int r = 0; r < 4; r++)
+                for (int l = 0; l < 32; l++) {
+                    int v = h * 128 + r * 32 + l;
+                    c[v] = (uint8_t)(((qs[h * 32 + l] >> (2 * r)) & 3) | (((hm[l] >> (v / 32)) & 1) << 2));
+                }
+        for (int j = 0; j < 16; j++) {
+            int lo = j < 8 ? s[j] & 15 : s[j - 8] >> 4, hi = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+            sc[j] = (int8_t)((lo | hi << 4) - 32);
         }
-        for (int j = 0; j < nsb; j++) {
-            dd[j * RB + r] = d[(int64_t)n * nsb + j];
-            if (t.mins) dm[j * RB + r] = dmin[(int64_t)n * nsb + j];
-        }
+        *d = rd16(b + 108);
+        break;
     }
+    case 12: case 13: { /* Q4_K / Q5_K: d, dmin, scales[12] (8 6-bit scales and mins), [qh[32]], qs[128] */
+        const uint8_t *s = b + 4, *qh = b + 16, *qs = b + (bits - KQ == 13 ? 48 : 16);
+        *d = rd16(b); *dmin = rd16(b + 2);
+        for (int j = 0; j < 8; j++) {
+            sc[j] = (int8_t)(j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4));
+            mn[j] = (uint8_t)(j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+        }
+        for (int i = 0; i < 4; i++)
+            for (int l = 0; l < 32; l++) {
+                c[i * 64 + l] = qs[i * 32 + l] & 15;
+                c[i * 64 + 32 + l] = qs[i * 32 + l] >> 4;
+            }
+        if (bits - KQ == 13)
+            for (int v = 0; v < 256; v++) c[v] |= (uint8_t)(((qh[v % 32] >> (v / 32)) & 1) << 4);
+        break;
+    }
+    default: { /* Q6_K: ql[128], qh[64], scales[16] int8, d */
+        const uint8_t *ql = b, *qh = b + 128;
+        for (int h = 0; h < 2; h++)
+            for (int r = 0; r < 4; r++)
+                for (int l = 0; l < 32; l++) {
+                    uint8_t lo = r < 2 ? ql[h * 64 + r * 32 + l] & 15 : ql[h * 64 + (r - 2) * 32 + l] >> 4;
+                    c[h * 128 + r * 32 + l] = (uint8_t)(lo | ((qh[h * 32 + l] >> (2 * r)) & 3) << 4);
+                }
+        memcpy(sc, b + 192, 16);
+        *d = rd16(b + 208);
+    }
+    }
+}
+
+/* Bytes of one GGUF block of 256 values of a K-quant kind. */
+int dbrxq_kq_ggml_block_bytes(int bits) {
+    static const int bytes[] = {84, 110, 144, 176, 210};
+    return kq_info(bits).cbits ? bytes[bits - KQ - 10] : 0;
+}
+
+/* A GGUF K-quant tensor [N, K] (rows of K/256 blocks) straight into the kernel's blocks (dst:
+ * dbrxq_packed_bytes), blocks of rows in parallel: what kquants.from_bytes + dbrxq_kq_repack give, at
+ * memory speed. Returns 0, or -1 on allocation failure. */
+int dbrxq_kq_from_ggml(const uint8_t *src, int bits, int N, int K, uint8_t *dst, int nthreads) {
+    kqi_t t = kq_info(bits);
+    int nsb = K / QKK, ns = K / t.sub, nb = (N + RB - 1) / RB, per = dbrxq_kq_ggml_block_bytes(bits);
+    int64_t bb = kq_block_bytes(bits, K);
+    int failed = 0;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        uint8_t *c = malloc((size_t)K + 2 * (size_t)ns + 4 * (size_t)nsb + 8);
+        int8_t *sc = (int8_t *)(c + K);
+        uint8_t *mn = (uint8_t *)(sc + ns);
+        uint16_t *d = (uint16_t *)(c + ((K + 2 * (size_t)ns + 1) & ~(size_t)1)), *dm = d + nsb;
+        if (!c) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int b = 0; b < nb; b++) {
+            if (!c) continue;
+            memset(dst + (int64_t)b * bb, 0, (size_t)bb);
+            for (int n = b * RB; n < N && n < (b + 1) * RB; n++) {
+                const uint8_t *row = src + (int64_t)n * nsb * per;
+                for (int j = 0; j < nsb; j++)
+                    kq_parse(bits, row + (int64_t)j * per, c + j * QKK, sc + j * (QKK / t.sub), mn + j * (QKK / t.sub), d + j,
+                             dm + j);
+                kq_put_row(dst + (int64_t)b * bb, n % RB, c, sc, t.mins ? mn : NULL, d, t.mins ? dm : NULL, t, K);
+            }
+        }
+        free(c);
+    }
+    return failed ? -1 : 0;
 }
 
 /* Activation values that share one scale: 128 for q4 weights whose group size is a multiple

@@ -76,7 +76,8 @@ def test_a_row_is_the_same_alone_or_in_a_batch(name):
 
 def test_from_bytes_reads_any_block_as_llama_cpp_does():
     """Random block bytes (finite halves): from_bytes' fields dequantize to llama.cpp's reference values,
-    bit for bit, for every type; and to_bytes gives the same bytes back."""
+    bit for bit, for every type; to_bytes gives the same bytes back; and the C conversion the loader uses
+    gives the kernel the same bytes as from_bytes does."""
     rng = np.random.default_rng(0)
     for name in TYPES:
         per = kquants.BLOCK_BYTES[name]
@@ -92,12 +93,14 @@ def test_from_bytes_reads_any_block_as_llama_cpp_does():
         want = llama_dequantize(raw, gguf.GGMLQuantizationType[name]).reshape(4, k)
         assert np.array_equal(kquants.dequantize(kq).numpy(), want), name
         assert np.array_equal(kquants.to_bytes(kq), raw), name
+        if name != "Q8_0":  # the loader's path, in C, makes the kernel bytes the numpy path makes
+            assert torch.equal(CpuKQWeight(raw=raw, ggml_type=name, shape=(4, k)).w, CpuKQWeight(kq).w), name
 
 
 def test_a_short_or_misshapen_tensor_is_refused():
     from dbrxq.core.errors import QuantizationError
     raw, _ = _weight(16, 256, "Q4_K")
-    with pytest.raises(QuantizationError, match="needs 2304 bytes"):
+    with pytest.raises(QuantizationError, match="2304 bytes, got 256 values and 2288 bytes"):
         prepare_ggml(raw[:, :-1], "Q4_K", (16, 256))
     with pytest.raises(QuantizationError, match="multiple of 256"):
         kquants.from_bytes(raw, "Q4_K", (32, 128))
