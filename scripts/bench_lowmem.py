@@ -10,6 +10,8 @@ and the engine runs in a child process put into it:
   then decoding; experts it does not hold are read from the checkpoint (blocks layout). Each run gets
   an empty cache folder, so it starts with no routing observed by earlier runs (a first run);
   ``--routing-history DIR`` shares one folder between runs instead (a user's later runs).
+- dbrxq-gguf: ``dbrxq.load(GGUF)``, the very file llama.cpp runs, loaded whole into dbrxq's kernels (its
+  K-quant blocks converted at load; no offloading), for start-up and speed on the same bytes.
 - llama.cpp (llama-cpp-python): ``Llama(GGUF, use_mmap=True)`` with ``use_extra_bufts`` off, so the
   mapped file is what it computes from (nothing repacked into anonymous memory), ``logits_all=True`` so
   that every prompt token goes through every layer's experts (without it the last layer's feed-forward
@@ -55,8 +57,11 @@ DBRXQ_CHILD = COMMON + """
 import torch
 import dbrxq
 torch.set_num_threads(args["threads"])
-r = dbrxq.load(args["model"], cpu_memory="auto", context=args["context"], threads=args["threads"],
-               offload_options={"cache_dir": args["cache_dir"], **args["options"]})
+if args["engine"] == "dbrxq-gguf":  # the GGUF file llama.cpp runs, loaded whole into dbrxq's kernels
+    r = dbrxq.load(args["gguf"], threads=args["threads"])
+else:
+    r = dbrxq.load(args["model"], cpu_memory="auto", context=args["context"], threads=args["threads"],
+                   offload_options={"cache_dir": args["cache_dir"], **args["options"]})
 marks = {}
 def on_token(tok):
     if "first" not in marks:
@@ -147,7 +152,7 @@ def run(engine: str, limit: int, child_args: dict) -> dict:
     drop_page_cache()
     cg = Cgroup(limit)
     try:
-        code = DBRXQ_CHILD if engine == "dbrxq" else LLAMA_CHILD
+        code = DBRXQ_CHILD if engine.startswith("dbrxq") else LLAMA_CHILD
         procs = cg.path / "cgroup.procs"
         spawn = time.time()
         r = subprocess.run(["sh", "-c", f'echo $$ > {procs} && exec "$0" -c "$1" "$2"', sys.executable, code,
@@ -167,7 +172,10 @@ def run(engine: str, limit: int, child_args: dict) -> dict:
 
 
 def prepare(args) -> int:
-    """The checkpoint (made when --make), its GGUF export, and the model's bytes."""
+    """The checkpoint (made when --make), its GGUF export, and the model's bytes (the GGUF file's when only
+    GGUF engines run)."""
+    if "dbrxq" not in args.engines and args.gguf is not None:
+        return args.gguf.stat().st_size
     if args.make and not (args.model / "config.json").exists():
         cmd = [sys.executable, str(ROOT / "scripts" / "make_checkpoint.py"), str(args.model), "--preset", "dbrx",
                "--layers", str(args.layers), "--vocab-size", "1536", "--random-codes", "4",
@@ -184,13 +192,16 @@ def prepare(args) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, required=True, help="an int4 g128 (Q4_0-exact) dbrxq checkpoint")
-    ap.add_argument("--gguf", type=Path, help="its GGUF export [default: MODEL.gguf, exported when absent]")
+    ap.add_argument("--model", type=Path, help="an int4 g128 (Q4_0-exact) dbrxq checkpoint (engine dbrxq)")
+    ap.add_argument("--gguf", type=Path, help="its GGUF export [default: MODEL.gguf, exported when absent], or any DBRX "
+                    "GGUF file (e.g. scripts/make_random_gguf.py's K-quant mixes) for the GGUF engines alone")
     ap.add_argument("--make", action="store_true", help="make MODEL (random codes, real width) when absent")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--router-shares", type=Path, help="per-layer routing shares to skew the router towards")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    ap.add_argument("--engines", nargs="+", default=["dbrxq", "llama.cpp"])
+    ap.add_argument("--engines", nargs="+", default=["dbrxq", "llama.cpp"], choices=["dbrxq", "dbrxq-gguf", "llama.cpp"],
+                    help="dbrxq: MODEL with --cpu-memory auto; dbrxq-gguf: the GGUF file in dbrxq, loaded whole; "
+                    "llama.cpp: the GGUF file, mapped")
     ap.add_argument("--tokens", type=int, default=24, help="decoded tokens")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
@@ -200,6 +211,8 @@ def main() -> int:
                     '(e.g. \'{"direct": true}\')')
     ap.add_argument("--json", type=Path, help="also write every run's figures here")
     args = ap.parse_args()
+    if args.model is None and ("dbrxq" in args.engines or args.gguf is None):
+        ap.error("--model is needed for the dbrxq engine, or when --gguf is not given")
     if os.geteuid() != 0:
         print("bench_lowmem needs root: it makes memory cgroups and drops the page cache", file=sys.stderr)
         return 2
@@ -215,7 +228,8 @@ def main() -> int:
         limit = int(model_bytes * frac)
         for engine in args.engines:
             with tempfile.TemporaryDirectory(prefix="dbrxq-lowmem-") as fresh:
-                child = {"model": str(args.model), "gguf": str(args.gguf), "prompt": prompt, "tokens": args.tokens,
+                child = {"engine": engine, "model": str(args.model), "gguf": str(args.gguf), "prompt": prompt,
+                         "tokens": args.tokens,
                          "threads": args.threads, "context": args.prompt_tokens + args.tokens + 8,
                          "cache_dir": str(args.routing_history or fresh), "options": args.dbrxq_options}
                 res = run(engine, limit, child)
@@ -224,7 +238,7 @@ def main() -> int:
             print(json.dumps(res), file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"# {describe_machine()}; engines on {args.threads} threads; model {args.model} ({format_size(model_bytes)}, "
+    print(f"# {describe_machine()}; engines on {args.threads} threads; model {args.model or args.gguf} ({format_size(model_bytes)}, "
           f"{args.layers} layers); prompt {args.prompt_tokens} tokens, {args.tokens} decoded; page cache dropped "
           f"before each run; dbrxq's routing history: {args.routing_history or 'none (a fresh cache folder per run)'}")
     print("| memory | engine | start-up s | prompt tok/s | decode tok/s | read/token | hit rate | peak cgroup | OOM kills "
@@ -232,9 +246,10 @@ def main() -> int:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for frac in args.fractions:
         rows = {r["engine"]: r for r in results if r["fraction"] == frac}
-        d, ll = rows.get("dbrxq"), rows.get("llama.cpp")
-        both = d and ll and "decode_tok_s" in d and "decode_tok_s" in ll
+        ll = rows.get("llama.cpp")
         for r in rows.values():
+            d = r if r["engine"].startswith("dbrxq") else None
+            both = d and ll and "decode_tok_s" in d and "decode_tok_s" in ll
             if "decode_tok_s" not in r:
                 print(f"| {frac:g} x model = {format_size(r['limit'])} | {r['engine']} | failed: {r.get('error')} "
                       f"| | | | | {format_size(r['peak_cgroup'])} | {r['oom_kills']} | | | |")
