@@ -48,11 +48,13 @@ class PageReleaser:
             self.libc = None
 
     def __call__(self, t: torch.Tensor) -> None:
-        if self.libc is None or t.device.type != "cpu":
-            return
-        start = t.data_ptr()
-        end = start + t.numel() * t.element_size()
-        if not any(a <= start and end <= b for a, b in self.maps):
+        if t.device.type == "cpu":
+            self.range(t.data_ptr(), t.numel() * t.element_size())
+
+    def range(self, start: int, nbytes: int) -> None:
+        """The same for ``nbytes`` bytes at address ``start`` (e.g. a numpy view of a mapped file)."""
+        end = start + nbytes
+        if self.libc is None or not any(a <= start and end <= b for a, b in self.maps):
             return
         a, b = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
         if b > a:

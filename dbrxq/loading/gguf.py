@@ -13,8 +13,9 @@ llama.cpp runs here too, as do llama.cpp's own K-quants of DBRX. Each tensor kee
   norms and the router: float, as stored (F32 in every file llama.cpp or dbrxq writes).
 
 What is resident: the kernel copies of every quantized tensor (about the file's bytes; Q5_K and Q6_K are
-held with 8-bit codes, 1.45x and 1.22x their file bytes), the embedding in the model's dtype, and the
-float tensors; the file's mapping is closed after loading. Other types (llama.cpp's i-quants, Q4_1,
+held with 8-bit codes, 1.45x and 1.30x their file bytes), the embedding in the model's dtype, and the
+float tensors; each layer's pages of the mapped file are given back once it is converted, and the mapping is
+closed after loading. Other types (llama.cpp's i-quants, Q4_1,
 Q5_0, Q5_1) are refused in one line naming the tensor. CPU only: offloading budgets and GPUs take dbrxq's
 own checkpoints.
 """
@@ -30,12 +31,15 @@ import torch
 from torch import nn
 
 from dbrxq.core.errors import CheckpointError, ConfigError, QuantizationError
+from dbrxq.core.memory import memory_limit, process_rss
+from dbrxq.core.pages import PageReleaser, trim_heap
+from dbrxq.core.units import format_size
 from dbrxq.core.untrusted import check_finite
 from dbrxq.formats.gguf_file import FLOAT_TYPES, GGUFModelFile, GGUFTensor
 from dbrxq.model.dbrx import DbrxForCausalLM, skip_init
 from dbrxq.model.moe import ACTIVATIONS, DbrxExperts
 from dbrxq.text.tokenizer import from_gguf_vocab
-from quantize import kernels
+from quantize import cext, kernels
 from quantize.float_experts import use_float_kernel
 from quantize.kquants import BLOCK_BYTES
 from quantize.modules import PreparedExperts, PreparedLinear
@@ -113,6 +117,38 @@ def _set_param(module: nn.Module, attr: str, value: torch.Tensor) -> None:
     setattr(module, attr, nn.Parameter(value, requires_grad=False))
 
 
+def resident_bytes(f: GGUFModelFile, dtype: torch.dtype) -> int:
+    """What loading ``f`` holds: each quantized matrix in the kernel's blocks, the rest in ``dtype`` (norms and
+    the router as stored)."""
+    lib = cext.load()
+    total = 0
+    for t in f.tensors.values():
+        rows, k = int(np.prod(t.shape[:-1])), t.shape[-1]
+        if t.ggml_type in FLOAT_TYPES or lib is None or t.name == "token_embd.weight":
+            size = torch.finfo(dtype).bits // 8 if len(t.shape) > 1 and not t.name.endswith("ffn_gate_inp.weight") \
+                else {"F32": 4}.get(t.ggml_type, 2)
+            total += rows * k * size
+            continue
+        n = t.shape[-2]
+        bits = {"Q8_0": 8, "Q4_0": 4}.get(t.ggml_type) or kernels.KQ_BITS + kernels.GGML_TYPE_IDS[t.ggml_type]
+        total += rows // n * lib.dbrxq_packed_bytes(bits, n, k, 32, 0)
+    return total
+
+
+def _check_fits(f: GGUFModelFile, dtype: torch.dtype, path: Path) -> None:
+    """Refuse, before converting anything, a file whose kernel copy would not fit the memory this process may use
+    (the kernel would kill it part-way)."""
+    need = resident_bytes(f, dtype)
+    try:
+        limit, where = memory_limit()
+    except OSError:  # not Linux: nothing to decide from
+        return
+    if need + process_rss() > limit:
+        raise ConfigError(f"{path}: dbrxq holds a GGUF file whole ({format_size(need)} in its kernels' layout) and "
+                          f"this process may use {format_size(limit)} ({where}); quantize the float model with `dbrxq "
+                          f"quantize` and run it with --cpu-memory (experts read from disk as needed)")
+
+
 def load_gguf_model(path: str | Path, *, device: str | torch.device | None = "cpu",
                     dtype: torch.dtype | None = None, backend: str | None = None,
                     offloading: bool = False) -> DbrxForCausalLM:
@@ -131,6 +167,7 @@ def load_gguf_model(path: str | Path, *, device: str | torch.device | None = "cp
     dtype = dtype or torch.bfloat16
     f = GGUFModelFile(path)
     try:
+        _check_fits(f, dtype, path)
         config = f.config
         tok_meta = f.vocab()
         tokenizer = from_gguf_vocab(tok_meta["tokens"], tok_meta["types"], pre=tok_meta["pre"], eos=tok_meta["eos"],
@@ -144,6 +181,7 @@ def load_gguf_model(path: str | Path, *, device: str | torch.device | None = "cp
         finally:
             torch.set_default_dtype(old)
         T = f.tensors
+        release = PageReleaser()  # the file's pages each tensor was read from, given back once it is converted
         tr = model.transformer
         _set_param(tr.wte, "weight", _float(T["token_embd.weight"], dtype, path))
         _set_param(tr.norm_f, "weight", _float(T["output_norm.weight"], dtype, path))
@@ -159,6 +197,10 @@ def load_gguf_model(path: str | Path, *, device: str | torch.device | None = "cp
             nan.attn.out_proj = _linear(_matrix(T[b + "attn_output.weight"], None, dtype, path), b + "attn_output.weight")
             _set_param(block.ffn.router.layer, "weight", _float(T[b + "ffn_gate_inp.weight"], dtype, path))
             block.ffn.experts = _experts(f, i, config, act, dtype, path)
+            for t in T.values():
+                if t.name.startswith(b):
+                    release.range(t.data.ctypes.data, t.data.nbytes)
+            trim_heap()
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if t.is_meta:
                 raise CheckpointError(f"{path}: {name} was not filled from the file")  # a mapping bug, never input

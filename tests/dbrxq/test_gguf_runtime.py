@@ -136,6 +136,25 @@ def test_bad_files_are_refused_in_one_line(files, tmp_path):
         load_model(files["q4_k_m"], cpu_memory="1GiB")
 
 
+def test_a_file_too_big_for_memory_is_refused_before_converting(files, monkeypatch):
+    """Loaded whole: a file whose kernel copy (counted exactly: every tensor's blocks) exceeds the memory the
+    process may use is refused in one line, not killed part-way."""
+    import dbrxq.loading.gguf as g
+    from dbrxq.formats.gguf_file import GGUFModelFile
+    f = GGUFModelFile(files["q4_k_m"])
+    need = g.resident_bytes(f, torch.bfloat16)
+    f.close()
+    model = load_model(files["q4_k_m"])
+    held = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+               if not t.is_meta and "rope" not in str(type(t)))
+    held += sum(w.w.numel() for m in model.modules() if getattr(m, "_prepared", None) is not None
+                for w in ([x for p in m._prepared for x in p] if isinstance(m._prepared, list) else [m._prepared]))
+    assert abs(held - need) <= 0.01 * need  # the estimate is what loading holds
+    monkeypatch.setattr(g, "memory_limit", lambda: (need // 2, "test limit"))
+    with pytest.raises(ConfigError, match="holds a GGUF file whole .* may use"):
+        load_model(files["q4_k_m"])
+
+
 def test_types_without_an_exact_kernel_and_other_architectures_are_refused(files, tmp_path):
     """An IQ4_NL tensor (llama.cpp's i-quant; zero blocks) and a llama architecture."""
     from gguf import GGMLQuantizationType as T, GGUFReader, GGUFWriter
