@@ -78,19 +78,22 @@ def _check_scales(raw: np.ndarray, ggml_type: str, name: str, where: Path) -> No
                                   f"block scale(s); refusing to run it")
 
 
-def _matrix(t: GGUFTensor, index: int | None, dtype: torch.dtype, where: Path):
-    """One 2-D weight ``[N, K]`` (a stacked tensor's expert ``index``) as a prepared kernel weight, or a float tensor."""
+def _matrix(t: GGUFTensor, index: int | None, dtype: torch.dtype, where: Path, release: PageReleaser | None = None):
+    """One 2-D weight ``[N, K]`` (a stacked tensor's expert ``index``) as a prepared kernel weight, or a float tensor;
+    ``release`` then gives back the file's pages it was read from (the kernel holds a copy)."""
     data = t.data if index is None else t.data[index]
     shape = t.shape if index is None else t.shape[1:]
     if t.ggml_type in FLOAT_TYPES:
         return _float(GGUFTensor(t.name, t.ggml_type, shape, data), dtype, where)
     _check_scales(data, t.ggml_type, t.name, where)
+    raw = np.asarray(data)
     try:
-        if t.ggml_type == "Q4_0":
-            return _q4_0(np.asarray(data), shape)
-        return kernels.prepare_ggml(np.asarray(data), t.ggml_type, shape)
+        w = _q4_0(raw, shape) if t.ggml_type == "Q4_0" else kernels.prepare_ggml(raw, t.ggml_type, shape)
     except QuantizationError as e:
         raise CheckpointError(f"{where}: tensor {t.name}: {e}") from None
+    if release is not None:
+        release.range(raw.ctypes.data, raw.nbytes)
+    return w
 
 
 def _q4_0(raw: np.ndarray, shape: tuple[int, int]):
@@ -181,23 +184,23 @@ def load_gguf_model(path: str | Path, *, device: str | torch.device | None = "cp
         finally:
             torch.set_default_dtype(old)
         T = f.tensors
-        release = PageReleaser()  # the file's pages each tensor was read from, given back once it is converted
+        release = PageReleaser()  # the file's pages each matrix was read from, given back once it is converted
         tr = model.transformer
         _set_param(tr.wte, "weight", _float(T["token_embd.weight"], dtype, path))
         _set_param(tr.norm_f, "weight", _float(T["output_norm.weight"], dtype, path))
         if not config.tie_word_embeddings:
-            model.lm_head = _linear(_matrix(T["output.weight"], None, dtype, path), "output.weight")
+            model.lm_head = _linear(_matrix(T["output.weight"], None, dtype, path, release), "output.weight")
         act = ACTIVATIONS[config.activation]
         for i, block in enumerate(tr.blocks):
             b = f"blk.{i}."
             nan = block.norm_attn_norm
             _set_param(nan.norm_1, "weight", _float(T[b + "attn_norm.weight"], dtype, path))
             _set_param(nan.norm_2, "weight", _float(T[b + "attn_output_norm.weight"], dtype, path))
-            nan.attn.Wqkv = _linear(_matrix(T[b + "attn_qkv.weight"], None, dtype, path), b + "attn_qkv.weight")
-            nan.attn.out_proj = _linear(_matrix(T[b + "attn_output.weight"], None, dtype, path), b + "attn_output.weight")
+            nan.attn.Wqkv = _linear(_matrix(T[b + "attn_qkv.weight"], None, dtype, path, release), b + "attn_qkv.weight")
+            nan.attn.out_proj = _linear(_matrix(T[b + "attn_output.weight"], None, dtype, path, release), b + "attn_output.weight")
             _set_param(block.ffn.router.layer, "weight", _float(T[b + "ffn_gate_inp.weight"], dtype, path))
-            block.ffn.experts = _experts(f, i, config, act, dtype, path)
-            for t in T.values():
+            block.ffn.experts = _experts(f, i, config, act, dtype, path, release)
+            for t in T.values():  # the layer's float tensors too
                 if t.name.startswith(b):
                     release.range(t.data.ctypes.data, t.data.nbytes)
             trim_heap()
@@ -215,7 +218,7 @@ def load_gguf_model(path: str | Path, *, device: str | torch.device | None = "cp
     return model
 
 
-def _experts(f: GGUFModelFile, i: int, config, act, dtype: torch.dtype, where: Path) -> nn.Module:
+def _experts(f: GGUFModelFile, i: int, config, act, dtype: torch.dtype, where: Path, release: PageReleaser) -> nn.Module:
     b = f"blk.{i}."
     ts = [f.tensors[b + n] for n in ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")]
     floats = [t.ggml_type in FLOAT_TYPES for t in ts]
@@ -230,5 +233,5 @@ def _experts(f: GGUFModelFile, i: int, config, act, dtype: torch.dtype, where: P
     if any(floats):
         raise CheckpointError(f"{where}: layer {i}'s expert tensors mix float and quantized types "
                               f"({', '.join(t.ggml_type for t in ts)}); dbrxq runs them all float or all quantized")
-    prepared = [tuple(_matrix(t, e, dtype, where) for t in ts) for e in range(config.num_experts)]
+    prepared = [tuple(_matrix(t, e, dtype, where, release) for t in ts) for e in range(config.num_experts)]
     return PreparedExperts(config.num_experts, config.ffn_hidden_size, act, prepared)
