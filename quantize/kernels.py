@@ -407,7 +407,7 @@ class CpuKQWeight(CpuQWeight):
     at memory speed). Q8_0 needs no class of its own: it is dbrxq's int8 symmetric g32 (:func:`prepare_ggml`)."""
 
     def __init__(self, kq=None, cpu_path: str | None = None, *, raw=None, ggml_type: str | None = None,
-                 shape: tuple[int, int] | None = None):
+                 shape: tuple[int, int] | None = None, empty: bool = False):
         g = kq.grid if kq is not None else kquants.grid(ggml_type)
         n, k = kq.shape if kq is not None else shape
         self.shape, self.group_size, self.group, self.symmetric = (n, k), g.block, g.block, not g.asym
@@ -422,13 +422,14 @@ class CpuKQWeight(CpuQWeight):
         self.nbytes = self.lib.dbrxq_packed_bytes(self.bits, n, k, self.group, 0)
         self.w = torch.empty(self.nbytes, dtype=torch.uint8)
         if kq is None:
-            src = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
-            need = n * (k // QK_K) * kquants.BLOCK_BYTES[g.name]
-            if k % QK_K or src.size != need:
-                raise QuantizationError(f"{g.name} tensor of shape {[n, k]} needs rows of a multiple of {QK_K} values "
-                                        f"and {need} bytes, got {k} values and {src.size} bytes")
-            if self.lib.dbrxq_kq_from_ggml(src.ctypes.data, self.bits, n, k, self.w.data_ptr(), torch.get_num_threads()):
-                raise MemoryError(f"dbrxq_kq_from_ggml could not allocate its row buffers (K={k})")
+            if k % QK_K:
+                raise QuantizationError(f"{g.name} tensor of shape {[n, k]} needs rows of a multiple of {QK_K} values")
+            if not empty:
+                size = np.asarray(raw).size
+                if size != n * self.row_bytes:
+                    raise QuantizationError(f"{g.name} tensor of shape {[n, k]} needs {n * self.row_bytes} bytes, "
+                                            f"got {size}")
+                self.fill_rows(0, raw)
             return
         codes = (kq.codes - g.lo).to(torch.uint8).contiguous()  # unsigned: c - off is llama.cpp's code
         f = kq.fields
@@ -438,6 +439,28 @@ class CpuKQWeight(CpuQWeight):
         dmin = f["dmin"].reshape(n, -1).contiguous() if g.asym else None
         self.lib.dbrxq_kq_repack(codes.data_ptr(), sc.data_ptr(), None if mn is None else mn.data_ptr(), d.data_ptr(),
                                  None if dmin is None else dmin.data_ptr(), self.bits, n, k, self.w.data_ptr())
+
+    @property
+    def row_bytes(self) -> int:
+        """GGUF bytes of one row."""
+        return self.shape[1] // QK_K * kquants.BLOCK_BYTES[self.ggml_type]
+
+    def fill_rows(self, row0: int, raw) -> None:
+        """Convert GGUF rows ``row0 ..`` (``raw``: whole rows; ``row0`` a multiple of 16, the rows a multiple of
+        16 unless they end the tensor) into their blocks, in C (``empty=True`` made the weight to fill)."""
+        n, k = self.shape
+        src = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
+        rows = src.size // self.row_bytes if self.row_bytes else 0
+        if src.size != rows * self.row_bytes or row0 % 16 or row0 + rows > n or (rows % 16 and row0 + rows != n) \
+                or (row0 == 0 and rows == 0 and n):
+            raise QuantizationError(f"{self.ggml_type} tensor of shape {[n, k]} needs {n * self.row_bytes} bytes of "
+                                    f"whole rows, got {src.size} bytes for rows from {row0}")
+        dst = self.w.data_ptr() + row0 // 16 * self.lib.dbrxq_packed_bytes(self.bits, 16, k, self.group, 0)
+        rc = self.lib.dbrxq_kq_from_ggml(src.ctypes.data, self.bits, rows, k, dst, torch.get_num_threads())
+        if rc == -2:
+            raise QuantizationError(f"{self.ggml_type} tensor {[n, k]} holds non-finite block scale(s) (d or dmin)")
+        if rc:
+            raise MemoryError(f"dbrxq_kq_from_ggml could not allocate its row buffers (K={k})")
 
     def __repr__(self) -> str:
         return f"CpuKQWeight({self.ggml_type}, shape={self.shape}, path={self.path!r})"
@@ -453,6 +476,8 @@ def prepare_ggml(raw, ggml_type: str, shape: tuple[int, int], cpu_path: str | No
     if ggml_type == "Q8_0":
         n, k = shape
         kq = kquants.from_bytes(raw, ggml_type, shape)
+        if not bool(torch.isfinite(kq.fields["d"]).all()):
+            raise QuantizationError(f"Q8_0 tensor {[n, k]} holds non-finite block scale(s) (d)")
         codes = (kq.codes + 128).to(torch.uint8)
         qt = QuantizedTensor(codes, kq.fields["d"].reshape(n, k // 32).contiguous(), None, 8, 32, (n, k))
         return CpuQWeight(qt, torch.device("cpu"), cpu_path)

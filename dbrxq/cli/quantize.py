@@ -1,6 +1,8 @@
 """``dbrxq quantize SRC OUT``: the click command over the two quantizers.
 
-``--method gptq`` (the default) goes through :func:`calibration.pipeline.quantize_with_calibration`
+An OUT ending in ``.gguf`` is a GGUF file instead (``--recipe`` or ``--target-size``): llama.cpp's K-quant mixes
+(or types allocated to fit the size) solved by GPTQ onto their grids (dbrxq.export.gguf), the one file that
+llama.cpp and dbrxq's runtime both run. Otherwise ``--method gptq`` (the default) goes through :func:`calibration.pipeline.quantize_with_calibration`
 (layer streaming, calibration data, manifest and ``--resume``); ``--method rtn`` through
 :func:`quantize.writer.quantize_checkpoint` (no calibration data, one streaming pass), unless
 ``--target-bits``/``--target-size`` asks for per-expert recipes, which are chosen on calibration data
@@ -14,9 +16,11 @@ through dbrxq.cli.app.main), not click's multi-line usage error. The summary is 
 
 from __future__ import annotations
 
+import sys
 import time
 
 import click
+from click.core import ParameterSource
 
 from calibration.options import CalibrationOptions
 from calibration.pipeline import quantize_with_calibration
@@ -24,6 +28,7 @@ from dbrxq.cli.options import CONTEXT, examples, threads_option
 from dbrxq.core.errors import QuantizationError
 from dbrxq.core.sysinfo import parse_device, set_threads
 from dbrxq.core.units import format_rate, format_size, parse_size
+from dbrxq.export.gguf import export_gguf
 from dbrxq.formats.hub import resolve_model_dir, resolve_model_name
 from quantize.config import ModuleQuant, QuantConfig
 from quantize.format import REPORT_NAME
@@ -33,6 +38,10 @@ METHODS = ("rtn", "gptq")
 RARE_STRATEGIES = ("route-all", "rtn")
 EXPERT_BITS, ATTN_BITS, LM_HEAD_BITS = (2, 3, 4, 8), (4, 8, 16), (8, 16)
 GROUP_SIZES = (32, 64, 128, -1)
+GGUF_RECIPES = ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "q8_0")  # llama.cpp's mixes (quantize/recipes.py)
+# dbrxq-format options a GGUF recipe sets for itself (every tensor's type): refused when given with one
+NOT_FOR_GGUF = ("expert_bits", "target_bits", "group_size", "attn_bits", "attn_group_size", "lm_head_bits", "asym",
+                "attn_asym", "layout", "resume")
 
 
 def _choice(option: str, value, allowed: tuple) -> None:
@@ -46,9 +55,15 @@ def _choice(option: str, value, allowed: tuple) -> None:
     'dbrxq quantize SRC OUT --method rtn                  # no calibration: seconds per layer',
     'dbrxq quantize databricks/dbrx-instruct OUT --target-size 48GB',
     'dbrxq quantize SRC OUT --resume                      # continue an interrupted run',
+    'dbrxq quantize SRC model.gguf --recipe q4_k_m        # llama.cpp\'s Q4_K_M mix, GPTQ-solved: llama.cpp and dbrxq run it',
+    'dbrxq quantize SRC model.gguf --target-size 40GB     # a GGUF file, each matrix\'s type chosen to fit',
 ))
 @click.argument("src")
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path())
+@click.option("--recipe", type=click.Choice(GGUF_RECIPES, case_sensitive=False),
+              help="Write OUT (a .gguf file) in llama.cpp's mix: each tensor's type as llama-quantize chooses, "
+                   "solved by GPTQ onto its grid on the calibration data (--method rtn: rounded to nearest; q8_0 is "
+                   "always rounded). The file runs in llama.cpp, Ollama and dbrxq (dbrxq run OUT.gguf).")
 @click.option("--method", default="gptq", show_default=True, metavar="[rtn|gptq]",
               help="gptq: calibrated, layer by layer (resumable); rtn: round to nearest, no data.")
 @click.option("--expert-bits", default=4, show_default=True, type=int, metavar="[2|3|4|8]",
@@ -57,7 +72,8 @@ def _choice(option: str, value, allowed: tuple) -> None:
               help="Choose each expert's recipe (2, 3, 4 or 8 bits) to minimise the predicted error at an "
                    "average of B bits (e.g. 3.0, 2.5); measured on the calibration data.")
 @click.option("--target-size", metavar="SIZE",
-              help="The same for a whole-checkpoint size, e.g. 48GB (the other tensors are counted first).")
+              help="The same for a whole-checkpoint size, e.g. 48GB (the other tensors are counted first); for an "
+                   "OUT.gguf file, each matrix's GGML type (Q2_K .. Q6_K, Q8_0, F16) chosen to fit.")
 @click.option("--group-size", default=128, show_default=True, type=int, metavar="[32|64|128|-1]",
               help="Expert group size along the input dim; -1 = one scale per output channel.")
 @click.option("--attn-bits", default=8, show_default=True, type=int, metavar="[4|8|16]",
@@ -89,17 +105,22 @@ def _choice(option: str, value, allowed: tuple) -> None:
 @click.option("--revision", help="Hub revision when SRC is a repo id.")
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in OUT.")
 @threads_option
-def quantize_command(src, out, method, expert_bits, target_bits, target_size, group_size, attn_bits, attn_group_size,
+def quantize_command(src, out, recipe, method, expert_bits, target_bits, target_size, group_size, attn_bits, attn_group_size,
                      lm_head_bits, asym, attn_asym, layout, calib_data, calib_field, calib_samples, calib_seq_len, seed,
                      rare_experts, min_expert_tokens, device, resume, revision, overwrite, threads) -> None:
     """Quantize the float DBRX checkpoint SRC (a folder, a hub repo id, or "demo": the small model
-    shipped with dbrxq, unless a local folder named demo exists) into the folder OUT.
+    shipped with dbrxq, unless a local folder named demo exists) into the folder OUT, or into the
+    GGUF file OUT.gguf (--recipe, or --target-size).
 
-    OUT loads with `dbrxq run OUT` and dbrxq.load(OUT); its format is in docs/format.md.
+    OUT loads with `dbrxq run OUT` and dbrxq.load(OUT); its format is in docs/format.md (GGUF: docs/gguf.md).
     """
     set_threads(threads)
     src = str(resolve_model_name(src))
     _choice("--method", method, METHODS)
+    if recipe is not None or out.lower().endswith(".gguf"):
+        _quantize_gguf(src, out, recipe, method, target_size, calib_data, calib_field, calib_samples, calib_seq_len,
+                       seed, rare_experts, min_expert_tokens, device, revision, overwrite)
+        return
     _choice("--expert-bits", expert_bits, EXPERT_BITS)
     _choice("--group-size", group_size, GROUP_SIZES)
     _choice("--attn-bits", attn_bits, ATTN_BITS)
@@ -164,6 +185,40 @@ def quantize_command(src, out, method, expert_bits, target_bits, target_size, gr
     click.echo(f"  bytes    {format_size(bytes_in)} in, {format_size(bytes_out)} out "
                f"({bytes_in / max(bytes_out, 1):.2f}x smaller)")
     click.echo(f"  time     {seconds:.1f} s ({format_rate(bytes_in, seconds)} of source)")
+
+
+def _quantize_gguf(src, out, recipe, method, target_size, calib_data, calib_field, calib_samples, calib_seq_len,
+                   seed, rare_experts, min_expert_tokens, device, revision, overwrite) -> None:
+    """OUT.gguf: llama.cpp's mix ``recipe`` or types allocated to ``target_size``, GPTQ-solved unless rtn."""
+    if not out.lower().endswith(".gguf"):
+        raise QuantizationError(f"--recipe {recipe} writes a GGUF file: OUT must end in .gguf (got {out})")
+    ctx = click.get_current_context()
+    given = [n for n in NOT_FOR_GGUF if ctx.get_parameter_source(n) is not ParameterSource.DEFAULT]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise QuantizationError(f"{flag} sets dbrxq's own format; a GGUF file's types come from --recipe or "
+                                f"--target-size (docs/gguf.md)")
+    if (recipe is None) == (target_size is None):
+        raise QuantizationError(f"{out}: a GGUF file needs --recipe ({', '.join(GGUF_RECIPES)}) or --target-size, "
+                                f"one of them")
+    _choice("--rare-experts", rare_experts, RARE_STRATEGIES)
+    parse_device(device)
+    opts = CalibrationOptions(data=calib_data, text_field=calib_field, samples=calib_samples, seq_len=calib_seq_len,
+                              seed=seed, rare_strategy=rare_experts, min_expert_tokens=min_expert_tokens, device=device)
+    recipe = recipe.lower() if recipe else "auto"
+    solve = method == "gptq" and recipe != "q8_0"
+    size = parse_size(target_size, "--target-size") if target_size is not None else None
+    r = export_gguf(src, out, type_=recipe, overwrite=overwrite, revision=revision, progress=sys.stderr.isatty(),
+                    calibrate=opts if solve else None, target_size=size, calibration=opts)
+    for msg in r.warnings:
+        click.echo(f"warning: {msg}", err=True)
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(r.types.items(), key=lambda kv: -kv[1]))
+    how = "GPTQ onto each tensor's grid" if solve else "rounded to nearest"
+    click.echo(f"quantized {src} -> {r.path} (GGUF {recipe if size is None else 'sized to ' + format_size(size)}, {how})")
+    click.echo(f"  tensors  {r.tensors} ({kinds})")
+    click.echo(f"  bytes    {format_size(r.nbytes)}")
+    click.echo(f"  time     {r.seconds:.1f} s")
+    click.echo(f"  run it   dbrxq run {r.path}   |   llama-cli -m {r.path}")
 
 
 def _source_dir(src: str, revision: str | None):

@@ -45,12 +45,14 @@ def is_gguf(path: str | Path) -> bool:
 @dataclass
 class GGUFTensor:
     """One tensor: ``shape`` in torch's order (rows last-dimension-major, e.g. ``[E, F, D]``),
-    ``data`` the mapped bytes (uint8, rows of ``shape[-1]`` values) or float values."""
+    ``data`` the mapped bytes (uint8, rows of ``shape[-1]`` values) or float values; ``offset`` where
+    they start in the file (the reader checked the tensor lies inside it)."""
 
     name: str
     ggml_type: str
     shape: tuple[int, ...]
     data: np.ndarray
+    offset: int = 0
 
 
 class GGUFModelFile:
@@ -74,7 +76,7 @@ class GGUFModelFile:
             if t.name in self.tensors:
                 raise CheckpointError(f"{self.path}: tensor {t.name} appears twice")
             shape = tuple(int(n) for n in reversed([int(v) for v in t.shape]))
-            self.tensors[t.name] = GGUFTensor(t.name, t.tensor_type.name, shape, t.data)
+            self.tensors[t.name] = GGUFTensor(t.name, t.tensor_type.name, shape, t.data, int(t.data_offset))
         self.config = self._config()
         self._check_tensors()
 

@@ -23,7 +23,10 @@ own checkpoints.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +53,58 @@ log = logging.getLogger(__name__)
 _TORCH_FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
+class _Reads:
+    """The file's K-quant matrices read in the order the loader converts them, two chunks of whole 16-row groups
+    ahead in a thread: large sequential reads (pread) that the disk serves at its rate while the C kernel converts
+    the chunk before, where faulting the mapping in converted at a third of that. Each chunk's pages are then
+    dropped from the page cache (the kernel holds its copy). ``plan``: (key, offset, bytes, bytes per row)."""
+
+    CHUNK = 32 << 20
+    AHEAD = 2
+
+    def __init__(self, path: Path, plan: list[tuple[object, int, int, int]]):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dbrxq-gguf-read")
+        self.items = iter([(key, s // rb, off + s, min(step, n - s)) for key, off, n, rb in plan
+                           for step in [max(16, self.CHUNK // rb // 16 * 16) * rb] for s in range(0, n, step)])
+        self.pending: deque = deque()
+        self._fill()
+
+    def _read(self, off: int, n: int) -> np.ndarray:
+        buf = np.empty(n, dtype=np.uint8)
+        view, done = memoryview(buf), 0
+        while done < n:
+            got = os.preadv(self.fd, [view[done:]], off + done)
+            if got <= 0:
+                raise CheckpointError(f"file ends inside a tensor's data (at byte {off + done})")
+            done += got
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
+        return buf
+
+    def _fill(self) -> None:
+        while len(self.pending) < self.AHEAD:
+            nxt = next(self.items, None)
+            if nxt is None:
+                return
+            key, row0, off, n = nxt
+            self.pending.append((key, row0, self.pool.submit(self._read, off, n)))
+
+    def rows(self, key):
+        """(first row, bytes of whole rows) of ``key``'s chunks, in order."""
+        assert self.pending and self.pending[0][0] == key, (key, self.pending[0][0] if self.pending else None)
+        while self.pending and self.pending[0][0] == key:
+            _, row0, fut = self.pending.popleft()
+            self._fill()
+            yield row0, fut.result()
+
+    def close(self) -> None:
+        for _, _, fut in self.pending:
+            fut.cancel()
+        self.pool.shutdown(wait=True)
+        os.close(self.fd)
+
+
 def _float(t: GGUFTensor, dtype: torch.dtype, where: Path) -> torch.Tensor:
     """A float tensor (or any runnable type, dequantized by llama.cpp's reference) as ``dtype``, checked finite."""
     if t.ggml_type in FLOAT_TYPES:
@@ -65,29 +120,22 @@ def _float(t: GGUFTensor, dtype: torch.dtype, where: Path) -> torch.Tensor:
     return check_finite(x, t.name, where, what="refusing to run it").to(dtype)
 
 
-def _check_scales(raw: np.ndarray, ggml_type: str, name: str, where: Path) -> None:
-    """Refuse a quantized tensor whose fp16 super-scales are not finite (its weights would be NaN/Inf)."""
-    per = BLOCK_BYTES.get(ggml_type, 18)  # Q4_0: 18 bytes, d first
-    blocks = np.asarray(raw).reshape(-1, per)
-    at = {"Q6_K": [per - 2], "Q3_K": [per - 2], "Q2_K": [per - 4, per - 2]}.get(ggml_type, [0, 2] if ggml_type in (
-        "Q4_K", "Q5_K") else [0])
-    for col in at:
-        h = np.ascontiguousarray(blocks[:, col:col + 2]).view(np.float16)
-        if not np.isfinite(h).all():
-            raise CheckpointError(f"{where}: tensor {name} holds {int((~np.isfinite(h)).sum())} non-finite "
-                                  f"block scale(s); refusing to run it")
-
-
-def _matrix(t: GGUFTensor, index: int | None, dtype: torch.dtype, where: Path, release: PageReleaser | None = None):
+def _matrix(t: GGUFTensor, index: int | None, dtype: torch.dtype, where: Path, release: PageReleaser | None = None,
+            reads: _Reads | None = None):
     """One 2-D weight ``[N, K]`` (a stacked tensor's expert ``index``) as a prepared kernel weight, or a float tensor;
-    ``release`` then gives back the file's pages it was read from (the kernel holds a copy)."""
+    a K-quant one from ``reads`` (see :func:`_k_jobs`), others from the mapping, whose pages ``release`` then
+    gives back (the kernel holds a copy). Non-finite block scales are refused in one line naming the tensor."""
     data = t.data if index is None else t.data[index]
     shape = t.shape if index is None else t.shape[1:]
     if t.ggml_type in FLOAT_TYPES:
         return _float(GGUFTensor(t.name, t.ggml_type, shape, data), dtype, where)
-    _check_scales(data, t.ggml_type, t.name, where)
-    raw = np.asarray(data)
     try:
+        if reads is not None and t.ggml_type in kernels.GGML_TYPE_IDS:
+            w = kernels.CpuKQWeight(ggml_type=t.ggml_type, shape=shape, empty=True)
+            for row0, buf in reads.rows((t.name, index)):
+                w.fill_rows(row0, buf)
+            return w
+        raw = np.asarray(data)
         w = _q4_0(raw, shape) if t.ggml_type == "Q4_0" else kernels.prepare_ggml(raw, t.ggml_type, shape)
     except QuantizationError as e:
         raise CheckpointError(f"{where}: tensor {t.name}: {e}") from None
@@ -102,6 +150,8 @@ def _q4_0(raw: np.ndarray, shape: tuple[int, int]):
     n, k = shape
     b = np.ascontiguousarray(raw).reshape(n * k // 32, 18)
     d = torch.from_numpy(b[:, :2].copy().view(np.float16)).reshape(n, k // 32)
+    if not bool(torch.isfinite(d).all()):
+        raise QuantizationError(f"Q4_0 tensor {[n, k]} holds non-finite block scale(s) (d)")
     qs = b[:, 2:]
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1).reshape(n, k)  # natural order within each block
     qt = QuantizedTensor(pack_codes(torch.from_numpy(codes), 4), d, None, 4, 32, (n, k))
@@ -118,6 +168,27 @@ def _linear(w, name: str) -> nn.Module:
 
 def _set_param(module: nn.Module, attr: str, value: torch.Tensor) -> None:
     setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def _k_jobs(f: GGUFModelFile) -> list[tuple[object, int, int, int]]:
+    """The K-quant matrices in the order :func:`load_gguf_model` converts them, as :class:`_Reads` plans:
+    (``(name, expert or None)``, offset, bytes, bytes per row)."""
+
+    def job(name, index=None):
+        t = f.tensors[name]
+        if t.ggml_type not in kernels.GGML_TYPE_IDS:
+            return []
+        rb = t.shape[-1] // 256 * BLOCK_BYTES[t.ggml_type]
+        size = int(np.prod(t.shape[-2:])) // t.shape[-1] * rb
+        return [((name, index), t.offset + (index or 0) * size, size, rb)]
+    out = [] if f.config.tie_word_embeddings else job("output.weight")
+    for i in range(f.config.n_layers):
+        b = f"blk.{i}."
+        out += job(b + "attn_qkv.weight") + job(b + "attn_output.weight")
+        kinds = [b + n for n in ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")]
+        if all(f.tensors[n].ggml_type not in FLOAT_TYPES for n in kinds):
+            out += [j for e in range(f.config.num_experts) for n in kinds for j in job(n, e)]
+    return out
 
 
 def resident_bytes(f: GGUFModelFile, dtype: torch.dtype) -> int:
@@ -169,8 +240,10 @@ def load_gguf_model(path: str | Path, *, device: str | torch.device | None = "cp
         raise ConfigError(f"{path}: a GGUF file's tensors run on dbrxq's C kernel; backend {backend!r} is not offered")
     dtype = dtype or torch.bfloat16
     f = GGUFModelFile(path)
+    reads = None
     try:
         _check_fits(f, dtype, path)
+        reads = _Reads(path, _k_jobs(f))
         config = f.config
         tok_meta = f.vocab()
         tokenizer = from_gguf_vocab(tok_meta["tokens"], tok_meta["types"], pre=tok_meta["pre"], eos=tok_meta["eos"],
@@ -189,25 +262,27 @@ def load_gguf_model(path: str | Path, *, device: str | torch.device | None = "cp
         _set_param(tr.wte, "weight", _float(T["token_embd.weight"], dtype, path))
         _set_param(tr.norm_f, "weight", _float(T["output_norm.weight"], dtype, path))
         if not config.tie_word_embeddings:
-            model.lm_head = _linear(_matrix(T["output.weight"], None, dtype, path, release), "output.weight")
+            model.lm_head = _linear(_matrix(T["output.weight"], None, dtype, path, release, reads), "output.weight")
         act = ACTIVATIONS[config.activation]
+        layer_tensors = [[t for n, t in T.items() if n.startswith(f"blk.{i}.")] for i in range(config.n_layers)]
         for i, block in enumerate(tr.blocks):
             b = f"blk.{i}."
             nan = block.norm_attn_norm
             _set_param(nan.norm_1, "weight", _float(T[b + "attn_norm.weight"], dtype, path))
             _set_param(nan.norm_2, "weight", _float(T[b + "attn_output_norm.weight"], dtype, path))
-            nan.attn.Wqkv = _linear(_matrix(T[b + "attn_qkv.weight"], None, dtype, path, release), b + "attn_qkv.weight")
-            nan.attn.out_proj = _linear(_matrix(T[b + "attn_output.weight"], None, dtype, path, release), b + "attn_output.weight")
+            nan.attn.Wqkv = _linear(_matrix(T[b + "attn_qkv.weight"], None, dtype, path, release, reads), b + "attn_qkv.weight")
+            nan.attn.out_proj = _linear(_matrix(T[b + "attn_output.weight"], None, dtype, path, release, reads), b + "attn_output.weight")
             _set_param(block.ffn.router.layer, "weight", _float(T[b + "ffn_gate_inp.weight"], dtype, path))
-            block.ffn.experts = _experts(f, i, config, act, dtype, path, release)
-            for t in T.values():  # the layer's float tensors too
-                if t.name.startswith(b):
-                    release.range(t.data.ctypes.data, t.data.nbytes)
+            block.ffn.experts = _experts(f, i, config, act, dtype, path, release, reads)
+            for t in layer_tensors[i]:  # the layer's float tensors too
+                release.range(t.data.ctypes.data, t.data.nbytes)
             trim_heap()
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if t.is_meta:
                 raise CheckpointError(f"{path}: {name} was not filled from the file")  # a mapping bug, never input
     finally:
+        if reads is not None:
+            reads.close()
         f.close()
     use_float_kernel(model)  # float experts (an F16/BF16/F32 file's) step through the C kernel
     model.eval()
@@ -218,7 +293,8 @@ def load_gguf_model(path: str | Path, *, device: str | torch.device | None = "cp
     return model
 
 
-def _experts(f: GGUFModelFile, i: int, config, act, dtype: torch.dtype, where: Path, release: PageReleaser) -> nn.Module:
+def _experts(f: GGUFModelFile, i: int, config, act, dtype: torch.dtype, where: Path, release: PageReleaser,
+             reads: _Reads) -> nn.Module:
     b = f"blk.{i}."
     ts = [f.tensors[b + n] for n in ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")]
     floats = [t.ggml_type in FLOAT_TYPES for t in ts]
@@ -233,5 +309,5 @@ def _experts(f: GGUFModelFile, i: int, config, act, dtype: torch.dtype, where: P
     if any(floats):
         raise CheckpointError(f"{where}: layer {i}'s expert tensors mix float and quantized types "
                               f"({', '.join(t.ggml_type for t in ts)}); dbrxq runs them all float or all quantized")
-    prepared = [tuple(_matrix(t, e, dtype, where, release) for t in ts) for e in range(config.num_experts)]
+    prepared = [tuple(_matrix(t, e, dtype, where, release, reads) for t in ts) for e in range(config.num_experts)]
     return PreparedExperts(config.num_experts, config.ffn_hidden_size, act, prepared)

@@ -266,14 +266,15 @@ int dbrxq_kq_ggml_block_bytes(int bits) {
 
 /* A GGUF K-quant tensor [N, K] (rows of K/256 blocks) straight into the kernel's blocks (dst:
  * dbrxq_packed_bytes), blocks of rows in parallel: what kquants.from_bytes + dbrxq_kq_repack give, at
- * memory speed. Returns 0, or -1 on allocation failure. */
+ * memory speed. Returns 0; -1 on allocation failure; -2 when a block's d or dmin is not finite (an fp16
+ * of exponent 31: the weights would be NaN or Inf), after converting the rest. */
 int dbrxq_kq_from_ggml(const uint8_t *src, int bits, int N, int K, uint8_t *dst, int nthreads) {
     kqi_t t = kq_info(bits);
     int nsb = K / QKK, ns = K / t.sub, nb = (N + RB - 1) / RB, per = dbrxq_kq_ggml_block_bytes(bits);
     int64_t bb = kq_block_bytes(bits, K);
-    int failed = 0;
+    int failed = 0, nonfinite = 0;
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1) reduction(| : nonfinite)
     {
         uint8_t *c = malloc((size_t)K + 2 * (size_t)ns + 4 * (size_t)nsb + 8);
         int8_t *sc = (int8_t *)(c + K);
@@ -289,15 +290,17 @@ int dbrxq_kq_from_ggml(const uint8_t *src, int bits, int N, int K, uint8_t *dst,
             memset(dst + (int64_t)b * bb, 0, (size_t)bb);
             for (int n = b * RB; n < N && n < (b + 1) * RB; n++) {
                 const uint8_t *row = src + (int64_t)n * nsb * per;
-                for (int j = 0; j < nsb; j++)
+                for (int j = 0; j < nsb; j++) {
                     kq_parse(bits, row + (int64_t)j * per, c + j * QKK, sc + j * (QKK / t.sub), mn + j * (QKK / t.sub), d + j,
                              dm + j);
+                    nonfinite |= (d[j] & 0x7C00) == 0x7C00 || (t.mins && (dm[j] & 0x7C00) == 0x7C00);
+                }
                 kq_put_row(dst + (int64_t)b * bb, n % RB, c, sc, t.mins ? mn : NULL, d, t.mins ? dm : NULL, t, K);
             }
         }
         free(c);
     }
-    return failed ? -1 : 0;
+    return failed ? -1 : nonfinite ? -2 : 0;
 }
 
 /* Activation values that share one scale: 128 for q4 weights whose group size is a multiple

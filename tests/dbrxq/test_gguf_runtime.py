@@ -123,11 +123,17 @@ def _patched(src, tmp_path, edit):
 
 
 def test_bad_files_are_refused_in_one_line(files, tmp_path):
+    def scale_inf(data, r):  # Q4_K blocks: d, then dmin
+        t = next(t for t in r.tensors if t.name == "blk.0.ffn_gate_exps.weight")
+        data[t.data_offset + 2 + 144 * 37:t.data_offset + 4 + 144 * 37] = np.float16(np.inf).tobytes()
+    with pytest.raises(CheckpointError, match=r"ffn_gate_exps\.weight: Q4_K tensor .* non-finite block scale"):
+        load_model(_patched(files["q4_k_m"], tmp_path, scale_inf))
+
     def scale_nan(data, r):
         t = next(t for t in r.tensors if t.name == "blk.0.ffn_gate_exps.weight")
         data[t.data_offset:t.data_offset + 2] = np.float16(np.nan).tobytes()  # Q4_K: d first
     bad = _patched(files["q4_k_m"], tmp_path, scale_nan)
-    with pytest.raises(CheckpointError, match=r"blk\.0\.ffn_gate_exps\.weight holds 1 non-finite block scale"):
+    with pytest.raises(CheckpointError, match=r"blk\.0\.ffn_gate_exps\.weight: Q4_K tensor \[256, 256\] holds non-finite block scale"):
         load_model(bad)
     (tmp_path / "short.gguf").write_bytes(files["q4_k_m"].read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):

@@ -97,11 +97,24 @@ def test_from_bytes_reads_any_block_as_llama_cpp_does():
             assert torch.equal(CpuKQWeight(raw=raw, ggml_type=name, shape=(4, k)).w, CpuKQWeight(kq).w), name
 
 
+def test_rows_filled_in_chunks_make_the_whole_tensors_bytes():
+    """The loader converts a big tensor in chunks of 16-row multiples as it reads them: the same bytes."""
+    raw, _ = _weight(53, 512, "Q5_K", seed=5)
+    whole = CpuKQWeight(raw=raw, ggml_type="Q5_K", shape=(53, 512))
+    parts = CpuKQWeight(ggml_type="Q5_K", shape=(53, 512), empty=True)
+    for r0, r1 in ((0, 16), (16, 48), (48, 53)):
+        parts.fill_rows(r0, raw[r0:r1])
+    assert torch.equal(parts.w[:whole.nbytes], whole.w)
+
+
 def test_a_short_or_misshapen_tensor_is_refused():
     from dbrxq.core.errors import QuantizationError
     raw, _ = _weight(16, 256, "Q4_K")
-    with pytest.raises(QuantizationError, match="2304 bytes, got 256 values and 2288 bytes"):
+    with pytest.raises(QuantizationError, match="needs 2304 bytes, got 2288"):
         prepare_ggml(raw[:, :-1], "Q4_K", (16, 256))
+    w = CpuKQWeight(ggml_type="Q4_K", shape=(16, 256), empty=True)
+    with pytest.raises(QuantizationError, match="whole rows"):
+        w.fill_rows(8, raw[:8])  # rows must start on a block of 16
     with pytest.raises(QuantizationError, match="multiple of 256"):
         kquants.from_bytes(raw, "Q4_K", (32, 128))
 

@@ -95,3 +95,53 @@ def test_broken_quantized_checkpoint_is_one_line_on_run(tmp_path, monkeypatch, c
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "quantization_config.format_version=7 is not supported" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def wide_src(tmp_path_factory):
+    """A random float checkpoint whose rows are whole 256-value blocks (K-quants apply to every matrix)."""
+    import torch
+    from dbrxq.formats.random import make_random_checkpoint, preset_config
+    root = tmp_path_factory.mktemp("recipe")
+    return make_random_checkpoint(root / "src", preset_config("tiny", d_model=256, ffn_hidden_size=256, n_heads=4,
+                                                               vocab_size=1536, n_layers=1),
+                                  dtype=torch.float32, tokenizer_dir=dbrxq.default_model_dir(), progress=False)
+
+
+def test_recipe_writes_one_gguf_file_both_engines_run(wide_src, tmp_path, monkeypatch, capsys):
+    """--recipe q4_k_m: llama.cpp's mix, each matrix solved by GPTQ onto its grid; the file is the calibrated
+    export's (same bytes as `dbrxq export --type q4_k_m --calibrate` on the same data) and dbrxq runs it.
+    --method rtn gives export --type q4_k_m's rounding."""
+    import gguf
+    from dbrxq.export.gguf import export_gguf
+    from calibration.options import CalibrationOptions
+    out = tmp_path / "m.gguf"
+    code, stdout, err = main_in_process(monkeypatch, capsys, "quantize", str(wide_src), str(out), "--recipe", "q4_k_m",
+                                        *SMALL_CALIB)
+    assert code == 0, err
+    assert "GPTQ onto each tensor's grid" in stdout and "dbrxq run" in stdout
+    ref = export_gguf(wide_src, tmp_path / "ref.gguf", type_="q4_k_m",
+                      calibrate=CalibrationOptions(samples=8, seq_len=64)).path
+    assert out.read_bytes() == ref.read_bytes()
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.0.ffn_gate_exps.weight"] == "Q4_K" and types["output.weight"] == "Q6_K"
+    r = dbrxq.load(out)
+    assert len(r.generate_ids([[5, 6, 7]], max_new_tokens=3, stop_tokens=[]).sequences[0]) == 3
+    code, _, err = main_in_process(monkeypatch, capsys, "quantize", str(wide_src), str(tmp_path / "r.gguf"), "--recipe",
+                                   "q4_k_m", "--method", "rtn")
+    assert code == 0, err
+    plain = export_gguf(wide_src, tmp_path / "plain.gguf", type_="q4_k_m").path
+    assert (tmp_path / "r.gguf").read_bytes() == plain.read_bytes()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("OUT", "--recipe", "q4_k_m"), "writes a GGUF file: OUT must end in .gguf"),
+    (("OUT.gguf",), "needs --recipe"),
+    (("OUT.gguf", "--recipe", "q4_k_m", "--expert-bits", "3"), "--expert-bits sets dbrxq's own format"),
+    (("OUT.gguf", "--recipe", "q4_k_m", "--target-size", "5MB"), "needs --recipe .* one of them"),
+])
+def test_recipe_options_are_checked(tmp_path, monkeypatch, capsys, args, message):
+    args = tuple(str(tmp_path / a) if a.startswith("OUT") else a for a in args)
+    code, _, err = main_in_process(monkeypatch, capsys, "quantize", TINY, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert __import__("re").search(message, err), err
