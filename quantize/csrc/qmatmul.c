@@ -174,7 +174,7 @@ void dbrxq_repack(const uint8_t *codes, const uint16_t *scales, const uint8_t *z
 static void kq_put_row(uint8_t *blk, int r, const uint8_t *codes, const int8_t *sc, const uint8_t *mn,
                        const uint16_t *d, const uint16_t *dmin, kqi_t t, int K) {
     int ns = K / t.sub, nsb = K / QKK;
-    put_codes(blk, codes, t.cbits, K, r);
+    if (codes) put_codes(blk, codes, t.cbits, K, r); /* NULL: the caller placed them (put_q4k) */
     int8_t *s = (int8_t *)(blk + codes_bytes(t.cbits, K));
     uint8_t *m = (uint8_t *)s + (int64_t)RB * ns;
     uint16_t *dd = (uint16_t *)(m + (t.mins ? (int64_t)RB * ns : 0)), *dm = dd + RB * nsb;
@@ -235,6 +235,7 @@ static void kq_parse(int bits, const uint8_t *b, uint8_t *c, int8_t *sc, uint8_t
             sc[j] = (int8_t)(j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4));
             mn[j] = (uint8_t)(j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4));
         }
+        if (!c) break; /* Q4_K's codes go straight to the block (put_q4k) */
         for (int i = 0; i < 4; i++)
             for (int l = 0; l < 32; l++) {
                 c[i * 64 + l] = qs[i * 32 + l] & 15;
@@ -256,6 +257,21 @@ static void kq_parse(int bits, const uint8_t *b, uint8_t *c, int8_t *sc, uint8_t
         *d = rd16(b + 208);
     }
     }
+}
+
+/* Q4_K's qs[128] of super-block j straight into row r's 4-bit lines, with no code array between: qs[32 i + l]
+ * holds column 64 i + l (low nibble) and 64 i + 32 + l (high); byte jj of a line of 8 columns k0.. holds
+ * c[k0 + jj] | c[k0 + 4 + jj] << 4 (dbrxq_repack). The loader's most common type, at twice the general path. */
+static void put_q4k(uint8_t *blk, int r, const uint8_t *qs, int j) {
+    for (int i = 0; i < 4; i++)
+        for (int m = 0; m < 8; m++) {
+            uint8_t *o = blk + (int64_t)((j * QKK + i * 64 + 8 * m) / 8) * (RB * 4) + r * 4;
+            const uint8_t *a = qs + i * 32 + 8 * (m & 3);
+            if (m < 4)
+                for (int jj = 0; jj < 4; jj++) o[jj] = (uint8_t)((a[jj] & 15) | (a[jj + 4] & 15) << 4);
+            else
+                for (int jj = 0; jj < 4; jj++) o[jj] = (uint8_t)((a[jj] >> 4) | (a[jj + 4] & 0xF0));
+        }
 }
 
 /* Bytes of one GGUF block of 256 values of a K-quant kind. */
@@ -290,12 +306,15 @@ int dbrxq_kq_from_ggml(const uint8_t *src, int bits, int N, int K, uint8_t *dst,
             memset(dst + (int64_t)b * bb, 0, (size_t)bb);
             for (int n = b * RB; n < N && n < (b + 1) * RB; n++) {
                 const uint8_t *row = src + (int64_t)n * nsb * per;
+                const int q4k = bits - KQ == 12;
                 for (int j = 0; j < nsb; j++) {
-                    kq_parse(bits, row + (int64_t)j * per, c + j * QKK, sc + j * (QKK / t.sub), mn + j * (QKK / t.sub), d + j,
+                    const uint8_t *blk = row + (int64_t)j * per;
+                    kq_parse(bits, blk, q4k ? NULL : c + j * QKK, sc + j * (QKK / t.sub), mn + j * (QKK / t.sub), d + j,
                              dm + j);
+                    if (q4k) put_q4k(dst + (int64_t)b * bb, n % RB, blk + 16, j);
                     nonfinite |= (d[j] & 0x7C00) == 0x7C00 || (t.mins && (dm[j] & 0x7C00) == 0x7C00);
                 }
-                kq_put_row(dst + (int64_t)b * bb, n % RB, c, sc, t.mins ? mn : NULL, d, t.mins ? dm : NULL, t, K);
+                kq_put_row(dst + (int64_t)b * bb, n % RB, q4k ? NULL : c, sc, t.mins ? mn : NULL, d, t.mins ? dm : NULL, t, K);
             }
         }
         free(c);
