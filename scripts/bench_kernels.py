@@ -17,7 +17,8 @@ bytes / the mean bandwidth of its two probes. Per variant: the median time, the 
 calls' ratios, and the median over turns of bf16's time in that turn over its own ("x faster
 than bf16"). Slow variants (seconds per call) take a third of the turns. Weights are fresh
 random tensors (100+ MB; the probes, 512 MiB, push them out of even a 480 MB L3). dbrxq's C
-kernel runs once per SIMD path this CPU has (all give the same numbers); batch 16 is also given
+kernel runs once per SIMD path this CPU has (all give the same numbers), also on llama.cpp's K-quant
+blocks (Q2_K .. Q6_K, as a GGUF file holds them); batch 16 is also given
 against its compute floor: 16 x the GLU's multiply-adds at the peak rate of the path's inner
 instruction on every thread, measured in the same run (dbrxq_peak_macs). Prints a markdown table
 and peak RSS.
@@ -31,11 +32,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dbrxq.core.sysinfo import describe_machine, peak_rss_bytes  # noqa: E402
+from make_random_gguf import random_blocks  # noqa: E402
 from quantize import cext, kernels  # noqa: E402
 from quantize.primitives import quantize_tensor  # noqa: E402
 
@@ -87,6 +91,16 @@ def variants(floats, d, f):
             pws = [kernels.prepare(q, "cpu_q4", "cpu", cpu_path=path) for q in qts]
             out.append((f"{label} cpu_q4 ({path})", sum(p.nbytes for p in pws),
                         lambda x, pws=pws: kernels.glu(x, *pws), torch.float32, False, path))
+    # llama.cpp's K-quants as a GGUF file holds them (random block bytes: the speed does not depend on the
+    # values), converted into the kernel's K-quant blocks; Q5_K and Q6_K hold 8-bit codes there
+    if cext.load() is not None:
+        rng = np.random.default_rng(0)
+        for name in ("Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K"):
+            raws = [random_blocks(rng, name, w.shape[0], w.shape[1]) for w in floats]
+            for path in [p for p in cext.runnable_paths() if p != "generic"]:
+                pws = [kernels.prepare_ggml(r, name, tuple(w.shape), cpu_path=path) for r, w in zip(raws, floats)]
+                out.append((f"{name} cpu_q4 ({path})", sum(p.nbytes for p in pws),
+                            lambda x, pws=pws: kernels.glu(x, *pws), torch.float32, False, path))
     return out
 
 
