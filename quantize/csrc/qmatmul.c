@@ -1047,106 +1047,131 @@ TGT5 static void kq_avx512(const kqb_t *w, const acts_t *a, int m0, int mt, floa
     }
 }
 
-/* Half h (rows 8h..8h+7, one per lane) of one block x nt <= 2 activation rows. vpmaddubsw's int16
- * pairs stay in range: 4 bits, <= 4 octets x 2 x 2 x 15 x 127 = 30480 before widening; 2 and 3 bits,
- * 4 quads x 2 x 7 x 127; 8-bit codes (<= 63) are widened per quad (pairs <= 2 x 63 x 127). */
-TGT INL void kq2(const kqb_t *w, const acts_t *a, int m0, const int nt, const int h, float *y, int64_t ldy, int n0,
-                 int nrows) {
+/* Halves h0..h0+nh-1 (rows 8h..8h+7, one per lane) of one block x nt activation rows, nh * nt <= 2
+ * (compile-time constants after inlining): decode takes both halves in one pass, so each 64-byte line is
+ * loaded once and the prefetch stream runs on; batches take one half and two rows. Slot x = g * nt + i.
+ * vpmaddubsw's int16 pairs stay in range: 4 bits, <= 4 octets x 2 x 2 x 15 x 127 = 30480 before
+ * widening; 2 and 3 bits, 4 quads x 2 x 7 x 127; 8-bit codes (<= 63) are widened per quad. */
+TGT INL void kq2(const kqb_t *w, const acts_t *a, int m0, const int nt, const int h0, const int nh, float *y,
+                 int64_t ldy, int n0, int nrows) {
     const int K = w->K, sub = w->t.sub, cbits = w->t.cbits, off = w->t.off, nbk = K / QK;
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03), b2 = _mm256_set1_epi8(0x04);
     const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
     __m256 acc[2], corr[2];
     const int8_t *q[2];
-    _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) {
-        q[i] = a->qa + (int64_t)(m0 + i) * K;
-        acc[i] = corr[i] = _mm256_setzero_ps();
-    }
+    _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) q[i] = a->qa + (int64_t)(m0 + i) * K;
+    _Pragma("GCC unroll 2") for (int x = 0; x < nt * nh; x++) acc[x] = corr[x] = _mm256_setzero_ps();
     for (int j = 0; j < K / QKK; j++) {
         __m256i isb[2], msb[2];
-        _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) isb[i] = msb[i] = _mm256_setzero_si256();
+        _Pragma("GCC unroll 2") for (int x = 0; x < nt * nh; x++) isb[x] = msb[x] = _mm256_setzero_si256();
         for (int k0 = j * QKK; k0 < (j + 1) * QKK; k0 += sub) {
             __m256i t[2];
             if (cbits == 8) {
-                _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) t[i] = _mm256_setzero_si256();
-                const uint8_t *cp = w->codes + (int64_t)(k0 / 4) * 64 + 32 * h;
+                _Pragma("GCC unroll 2") for (int x = 0; x < nt * nh; x++) t[x] = _mm256_setzero_si256();
+                const uint8_t *cp = w->codes + (int64_t)(k0 / 4) * 64;
                 for (int k = k0; k < k0 + sub; k += 4, cp += 64) {
-                    if (h == 0) prefetch_line(cp);
-                    __m256i c = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)cp), flip);
-                    _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++)
-                        t[i] = _mm256_add_epi32(t[i], _mm256_madd_epi16(_mm256_maddubs_epi16(c, _mm256_set1_epi32(quad(q[i] + k))), ones));
+                    if (h0 == 0) prefetch_line(cp);
+                    _Pragma("GCC unroll 2") for (int g = 0; g < nh; g++) {
+                        __m256i c = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(cp + 32 * (h0 + g))), flip);
+                        _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++)
+                            t[g * nt + i] = _mm256_add_epi32(t[g * nt + i], _mm256_madd_epi16(
+                                _mm256_maddubs_epi16(c, _mm256_set1_epi32(quad(q[i] + k))), ones));
+                    }
                 }
             } else {
                 __m256i s16[2];
-                _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) s16[i] = _mm256_setzero_si256();
+                _Pragma("GCC unroll 2") for (int x = 0; x < nt * nh; x++) s16[x] = _mm256_setzero_si256();
                 if (cbits == 4) {
-                    const uint8_t *cp = w->codes + (int64_t)(k0 / 8) * 64 + 32 * h;
+                    const uint8_t *cp = w->codes + (int64_t)(k0 / 8) * 64;
                     for (int k = k0; k < k0 + 32; k += 8, cp += 64) {
-                        if (h == 0) prefetch_line(cp);
-                        __m256i v = _mm256_loadu_si256((const __m256i *)cp);
-                        __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                        _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++)
-                            s16[i] = _mm256_add_epi16(s16[i], _mm256_add_epi16(
-                                _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(q[i] + k))),
-                                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad(q[i] + k + 4)))));
+                        if (h0 == 0) prefetch_line(cp);
+                        _Pragma("GCC unroll 2") for (int g = 0; g < nh; g++) {
+                            __m256i v = _mm256_loadu_si256((const __m256i *)(cp + 32 * (h0 + g)));
+                            __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                            _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++)
+                                s16[g * nt + i] = _mm256_add_epi16(s16[g * nt + i], _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(q[i] + k))),
+                                    _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad(q[i] + k + 4)))));
+                        }
                     }
                 } else if (cbits == 2) {
-                    const uint8_t *cp = w->codes + (int64_t)(k0 / 16) * 64 + 32 * h;
-                    if (h == 0) prefetch_line(cp);
-                    __m256i v = _mm256_loadu_si256((const __m256i *)cp);
-                    _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {
-                        __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, 2 * u), m2);
-                        _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++)
-                            s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(c, _mm256_set1_epi32(quad(q[i] + k0 + 4 * u))));
+                    const uint8_t *cp = w->codes + (int64_t)(k0 / 16) * 64;
+                    if (h0 == 0) prefetch_line(cp);
+                    _Pragma("GCC unroll 2") for (int g = 0; g < nh; g++) {
+                        __m256i v = _mm256_loadu_si256((const __m256i *)(cp + 32 * (h0 + g)));
+                        _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {
+                            __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, 2 * u), m2);
+                            _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++)
+                                s16[g * nt + i] = _mm256_add_epi16(s16[g * nt + i],
+                                    _mm256_maddubs_epi16(c, _mm256_set1_epi32(quad(q[i] + k0 + 4 * u))));
+                        }
                     }
                 } else {
-                    const uint8_t *cp = w->codes + (int64_t)(k0 / 32) * 192 + 32 * h;
+                    const uint8_t *cp = w->codes + (int64_t)(k0 / 32) * 192;
                     const int half = (k0 / 16) & 1;
-                    if (h == 0 && !half) { prefetch_line(cp); prefetch_line(cp + 64); prefetch_line(cp + 128); }
-                    __m256i l = _mm256_loadu_si256((const __m256i *)(cp + 64 * half));
-                    __m256i hb = _mm256_loadu_si256((const __m256i *)(cp + 128));
-                    if (half) hb = _mm256_srli_epi16(hb, 4);
-                    _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {
-                        __m256i lo = _mm256_and_si256(_mm256_srli_epi16(l, 2 * u), m2);
-                        __m256i hi = _mm256_and_si256(u >= 2 ? _mm256_srli_epi16(hb, u - 2) : _mm256_slli_epi16(hb, 2 - u), b2);
-                        __m256i c = _mm256_or_si256(lo, hi);
-                        _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++)
-                            s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(c, _mm256_set1_epi32(quad(q[i] + k0 + 4 * u))));
+                    if (h0 == 0 && !half) { prefetch_line(cp); prefetch_line(cp + 64); prefetch_line(cp + 128); }
+                    _Pragma("GCC unroll 2") for (int g = 0; g < nh; g++) {
+                        __m256i l = _mm256_loadu_si256((const __m256i *)(cp + 64 * half + 32 * (h0 + g)));
+                        __m256i hb = _mm256_loadu_si256((const __m256i *)(cp + 128 + 32 * (h0 + g)));
+                        if (half) hb = _mm256_srli_epi16(hb, 4);
+                        _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {
+                            __m256i lo = _mm256_and_si256(_mm256_srli_epi16(l, 2 * u), m2);
+                            __m256i hi = _mm256_and_si256(u >= 2 ? _mm256_srli_epi16(hb, u - 2) : _mm256_slli_epi16(hb, 2 - u), b2);
+                            __m256i c = _mm256_or_si256(lo, hi);
+                            _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++)
+                                s16[g * nt + i] = _mm256_add_epi16(s16[g * nt + i],
+                                    _mm256_maddubs_epi16(c, _mm256_set1_epi32(quad(q[i] + k0 + 4 * u))));
+                        }
                     }
                 }
-                _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) t[i] = _mm256_madd_epi16(s16[i], ones);
+                _Pragma("GCC unroll 2") for (int x = 0; x < nt * nh; x++) t[x] = _mm256_madd_epi16(s16[x], ones);
             }
             const int s = k0 / sub;
-            __m256i scv = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w->sc + s * RB + 8 * h)));
-            __m256i mnv = w->mn ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w->mn + s * RB + 8 * h))) : scv;
-            _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) {
-                int32_t qsum = kq_qsum(a, m0 + i, k0, sub);
-                __m256i tt = off ? _mm256_sub_epi32(t[i], _mm256_set1_epi32(off * qsum)) : t[i];
-                isb[i] = _mm256_add_epi32(isb[i], _mm256_mullo_epi32(tt, scv));
-                if (w->mn) msb[i] = _mm256_add_epi32(msb[i], _mm256_mullo_epi32(mnv, _mm256_set1_epi32(qsum)));
+            _Pragma("GCC unroll 2") for (int g = 0; g < nh; g++) {
+                const int h = h0 + g;
+                __m256i scv = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w->sc + s * RB + 8 * h)));
+                __m256i mnv = w->mn ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w->mn + s * RB + 8 * h))) : scv;
+                _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) {
+                    const int x = g * nt + i;
+                    int32_t qsum = kq_qsum(a, m0 + i, k0, sub);
+                    __m256i tt = off ? _mm256_sub_epi32(t[x], _mm256_set1_epi32(off * qsum)) : t[x];
+                    isb[x] = _mm256_add_epi32(isb[x], _mm256_mullo_epi32(tt, scv));
+                    if (w->mn) msb[x] = _mm256_add_epi32(msb[x], _mm256_mullo_epi32(mnv, _mm256_set1_epi32(qsum)));
+                }
             }
         }
-        __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->d + j * RB + 8 * h)));
-        __m256 dmv = w->mn ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->dmin + j * RB + 8 * h))) : dv;
-        _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) {
-            __m256 da = _mm256_set1_ps(a->d[(int64_t)(m0 + i) * nbk + j * (QKK / QK)]);
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isb[i]), _mm256_mul_ps(dv, da), acc[i]);
-            if (w->mn) corr[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(msb[i]), _mm256_mul_ps(dmv, da), corr[i]);
+        _Pragma("GCC unroll 2") for (int g = 0; g < nh; g++) {
+            const int h = h0 + g;
+            __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->d + j * RB + 8 * h)));
+            __m256 dmv = w->mn ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->dmin + j * RB + 8 * h))) : dv;
+            _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) {
+                const int x = g * nt + i;
+                __m256 da = _mm256_set1_ps(a->d[(int64_t)(m0 + i) * nbk + j * (QKK / QK)]);
+                acc[x] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isb[x]), _mm256_mul_ps(dv, da), acc[x]);
+                if (w->mn) corr[x] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(msb[x]), _mm256_mul_ps(dmv, da), corr[x]);
+            }
         }
     }
-    int rows = nrows - 8 * h;
-    if (rows <= 0) return;
-    _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) {
-        float out[8];
-        _mm256_storeu_ps(out, _mm256_sub_ps(acc[i], corr[i]));
-        store_rows(y, ldy, m0 + i, n0 + 8 * h, rows < 8 ? rows : 8, out);
+    _Pragma("GCC unroll 2") for (int g = 0; g < nh; g++) {
+        const int h = h0 + g, rows = nrows - 8 * h;
+        if (rows <= 0) continue;
+        _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) {
+            float out[8];
+            _mm256_storeu_ps(out, _mm256_sub_ps(acc[g * nt + i], corr[g * nt + i]));
+            store_rows(y, ldy, m0 + i, n0 + 8 * h, rows < 8 ? rows : 8, out);
+        }
     }
 }
 
 TGT static void kq_avx2(const kqb_t *w, const acts_t *a, int m0, int mt, float *y, int64_t ldy, int n0, int nrows) {
+    if (mt == 1) { /* decode: both halves in one pass */
+        kq2(w, a, m0, 1, 0, 2, y, ldy, n0, nrows);
+        return;
+    }
     for (int i = m0; i < m0 + mt; i += 2)
         for (int h = 0; h < 2 && 8 * h < nrows; h++) {
-            if (m0 + mt - i >= 2) kq2(w, a, i, 2, h, y, ldy, n0, nrows);
-            else kq2(w, a, i, 1, h, y, ldy, n0, nrows);
+            if (m0 + mt - i >= 2) kq2(w, a, i, 2, h, 1, y, ldy, n0, nrows);
+            else kq2(w, a, i, 1, h, 1, y, ldy, n0, nrows);
         }
 }
 
