@@ -84,8 +84,8 @@ ALL = "\0all"  # --clear with no MODEL
 def run(model, prompt, prompt_file, chat, system, max_new_tokens, temperature, top_k, top_p, seed, stop,
         repeat_penalty, presence_penalty, frequency_penalty, device, dtype, revision, stats, gpu_memory, cpu_memory,
         kv_cache, context, show_plan, expert_policy, cache_dir, expert_prefetch, direct_io, threads) -> None:
-    """Generate text with MODEL (a folder or hub repo id; default, or "demo": the small model shipped
-    with dbrxq; a local folder named demo wins).
+    """Generate text with MODEL (a folder, a hub repo id, or a DBRX .gguf file; default, or "demo": the small
+    model shipped with dbrxq; a local folder named demo wins).
 
     Tokens stream to stdout as they are made.
     """
