@@ -63,6 +63,7 @@ class _Reads:
     AHEAD = 2
 
     def __init__(self, path: Path, plan: list[tuple[object, int, int, int]]):
+        self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dbrxq-gguf-read")
         self.items = iter([(key, s // rb, off + s, min(step, n - s)) for key, off, n, rb in plan
@@ -76,7 +77,7 @@ class _Reads:
         while done < n:
             got = os.preadv(self.fd, [view[done:]], off + done)
             if got <= 0:
-                raise CheckpointError(f"file ends inside a tensor's data (at byte {off + done})")
+                raise CheckpointError(f"{self.path}: the file ends inside a tensor's data (at byte {off + done})")
             done += got
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
