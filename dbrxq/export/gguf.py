@@ -48,6 +48,7 @@ from dbrxq.export.fisher import Sensitivity, allocate, candidates, matrices, mea
 from dbrxq.export.calibrated import calibrate_kquants
 from dbrxq.export.gguf_meta import add_metadata
 from dbrxq.formats.checkpoint import CheckpointReader, check_checkpoint
+from dbrxq.formats.gguf_file import is_gguf
 from dbrxq.formats.hub import resolve_model_dir, resolve_model_name
 from dbrxq.model.config import DbrxConfig
 from dbrxq.text.tokenizer import DbrxTokenizer
@@ -403,6 +404,9 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, *, type_: str 
     if not out.parent.is_dir():
         raise ConfigError(f"{out.parent}: no such folder for the output file")
     src = resolve_model_name(model)
+    if is_gguf(src):
+        raise ConfigError(f"{src} is a GGUF file already: llama.cpp, Ollama and dbrxq run it as it is (to change its "
+                          f"types, export or quantize its float source)")
     folder = resolve_model_dir(src, revision=revision)
     config = DbrxConfig.from_json(Path(folder) / "config.json")
     _check_supported(config, Path(folder))

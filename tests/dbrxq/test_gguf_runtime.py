@@ -185,3 +185,15 @@ def test_types_without_an_exact_kernel_and_other_architectures_are_refused(files
         load_model(tmp_path / "iq.gguf")
     with pytest.raises(CheckpointError, match="general.architecture is 'llama'"):
         load_model(tmp_path / "arch.gguf")
+
+
+def test_eval_and_export_know_a_gguf_file(files, tmp_path):
+    """`dbrxq export` of a GGUF file says it runs as it is; the F32 file's perplexity (dbrxq eval's measure) is
+    the float checkpoint's."""
+    from dbrxq.runtime.evaluate import perplexity
+    with pytest.raises(ConfigError, match="is a GGUF file already"):
+        export_gguf(files["q4_k_m"], tmp_path / "again.gguf")
+    ids = [(7 * i * i + 3) % 1500 for i in range(300)]
+    a = perplexity(load_model(files["f32"], dtype="float32"), ids, window=128, stride=64)
+    b = perplexity(load_model(files["src"], dtype="float32"), ids, window=128, stride=64)
+    assert a["tokens"] == b["tokens"] == 299 and abs(a["ppl"] - b["ppl"]) <= 1e-4 * b["ppl"]
