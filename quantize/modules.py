@@ -208,6 +208,9 @@ class PreparedExperts(nn.Module):
     the C kernel runs in one call (:func:`quantize.kernels.moe`). Built directly from weights (a GGUF
     file's, dbrxq.loading.gguf), or by :class:`QExperts` from its buffers."""
 
+    # A layer's step in one call (x, expert_ids, weights) -> out, set from above (quantize.triton_moe on a GPU)
+    fused_moe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
     def __init__(self, num_experts: int, ffn_hidden_size: int, act: Callable[[torch.Tensor], torch.Tensor],
                  prepared: list[tuple[Any, Any, Any]] | None = None) -> None:
         super().__init__()
@@ -239,6 +242,8 @@ class PreparedExperts(nn.Module):
         return self._prepared is not None and self._row_independent
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.fused_moe is not None:
+            return self.fused_moe(x, expert_ids, weights)
         if self._table is not None:  # every expert on the C kernel: the layer in one call (the same bits)
             return kernels.moe(x, expert_ids, weights, self._table, self._prepared)
         return moe_dispatch(x, expert_ids, weights, self.num_experts, self.expert, self.row_independent)
@@ -370,6 +375,8 @@ class QBlocksExperts(nn.Module):
     per-expert recipes one stack ``mlp.o{j}.qblocks`` ``[E_j, stride_j]`` per recipe in use. On CPU every
     expert computes from its stored bytes in place; an expert's scales are checked on its first use."""
 
+    fused_moe = PreparedExperts.fused_moe  # as PreparedExperts'
+
     def __init__(self, config, mq: ModuleQuant, *, device: torch.device | None = None,
                  name: str = "experts", mix: tuple[tuple[ModuleQuant, ...], tuple[int, ...]] | None = None) -> None:
         super().__init__()
@@ -444,6 +451,8 @@ class QBlocksExperts(nn.Module):
     row_independent = QExperts.row_independent
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.fused_moe is not None:  # the stacks it computes from were checked when they were made
+            return self.fused_moe(x, expert_ids, weights)
         if self._table is not None:  # every expert on the C kernel: the layer in one call (the same bits)
             if len(self._checked) < self.num_experts:  # the experts this step meets, on their first use
                 for e in set(expert_ids.reshape(-1).tolist()) - self._checked:

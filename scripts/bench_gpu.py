@@ -11,7 +11,8 @@ pinned and from pageable memory (1 GiB), and the dense bf16 matmul rate (8192^3)
 1. Kernels: one real-width DBRX expert GLU (w1, v1 [10752, 6144], w2 [6144, 10752]) through
    quantize.kernels.glu on the backend dbrxq picks on CUDA (torch's int4 kernel; 2/3-bit codes widened
    to int4), at 1 and 16 rows; time / (bytes the kernel reads / HBM read bandwidth). Next to it,
-   the same GLU in dense bf16 (cuBLAS), the implementation a user would otherwise run; and the int8
+   the same GLU in dense bf16 (cuBLAS), the implementation a user would otherwise run; the same expert
+   through the fused Triton MoE kernels (quantize/triton_moe.py, when triton imports); and the int8
    attention weight (Wqkv) on dbrxq's CUDA path and on torch's int8 kernel.
 2. Decode: a real-width checkpoint of --layers layers (vocab 1024) of random int4 codes, written
    directly (quantize.random.make_random_quantized_checkpoint; speed does not depend on the
@@ -94,6 +95,7 @@ def kernel_rows(dev, ceil: dict) -> list[dict]:
         own = sum(t.numel() * t.element_size() for q in qts for t in (q.qweight, q.scales, q.qzeros) if t is not None)
         rows += _glu_rows(dev, ceil, [kernels.prepare(q, "auto", dev) for q in qts], own,
                           f"int{bits} g{group} {'sym' if sym else 'asym'}")
+        rows += _fused_rows(dev, ceil, qts, own, f"int{bits} g{group} {'sym' if sym else 'asym'}")
     rows += _int8_rows(dev, ceil)
     torch.cuda.empty_cache()
     return rows
@@ -141,6 +143,30 @@ def _glu_rows(dev, ceil: dict, pws: list, own: int, name: str) -> list[dict]:
         x = torch.randn(m, pws[0].shape[1], dtype=torch.bfloat16, device=dev)
         t = _time(lambda: kernels.glu(x, *pws))
         rows.append({"weights": f"{name} ({pws[0].backend})", "rows": m, "ms": t * 1e3, "bytes": read,
+                     "own_bytes": own, "ratio": t / (read / ceil["hbm_read"]), "ratio_own": t / (own / ceil["hbm_read"])})
+    return rows
+
+
+def _fused_rows(dev, ceil: dict, qts: list, own: int, name: str) -> list[dict]:
+    """The same expert through quantize.triton_moe (one expert routed every row: the layer's two launches,
+    codes dequantized in registers, plus the routing's grouping and one host sync); nothing without triton."""
+    from quantize import triton_moe
+    from quantize.kernels import widen_to_int4
+    if triton_moe.available() is not None:
+        print(f"fused MoE kernels skipped: {triton_moe.available()}", flush=True)
+        return []
+    ws = [widen_to_int4(q) if q.bits < 4 else q for q in qts]
+    parts = [(w.qweight[None].to(dev), w.scales[None].to(dev), None if w.qzeros is None else w.qzeros[None].to(dev))
+             for w in ws]
+    stack = triton_moe.Int4Stack(*parts, group=ws[0].group)
+    rows = []
+    for m in (1, 16):
+        x = torch.randn(m, ws[0].shape[1], dtype=torch.bfloat16, device=dev)
+        ids = torch.zeros(m, 1, dtype=torch.int64, device=dev)
+        w = torch.ones(m, 1, dtype=torch.float32, device=dev)
+        t = _time(lambda: triton_moe.moe(x, ids, w, stack))
+        read = sum(t_.numel() * t_.element_size() for p_ in parts for t_ in p_ if t_ is not None)
+        rows.append({"weights": f"{name} (triton fused MoE)", "rows": m, "ms": t * 1e3, "bytes": read,
                      "own_bytes": own, "ratio": t / (read / ceil["hbm_read"]), "ratio_own": t / (own / ceil["hbm_read"])})
     return rows
 

@@ -16,6 +16,7 @@ views (never touched, never resident), and dbrxq.runtime.offload wraps each laye
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from quantize.format import mixed_option
 from quantize.float_experts import use_float_kernel
 from quantize.modules import in_place, quantize_model_modules
 from quantize.primitives import check_qparams
+from quantize.triton_moe import use_triton_moe
 from quantize.specs import expected_tensors, module_kind
 
 log = logging.getLogger(__name__)
@@ -197,6 +199,9 @@ def load_model(path_or_repo_id: str | Path, *, device: str | torch.device | None
     bar.close()
     if dev.type == "cpu":
         use_float_kernel(model)  # float experts (a float checkpoint's) step through the C kernel, one call a layer
+    elif os.environ.get("DBRXQ_TRITON_MOE") == "1" and not offloading:  # experimental: docs/gpu.md
+        log.warning("DBRXQ_TRITON_MOE=1: %d layers' experts run through the fused Triton kernels",
+                    use_triton_moe(model, dev))
     model.eval()
     model.requires_grad_(False)
     model.source_dir = Path(folder)
