@@ -58,6 +58,8 @@ def _gate_up(x_ptr, tok_ptr, blk_e_ptr, h_ptr, w1q, w1s, w1z, v1q, v1s, v1z, F, 
              DOT_DTYPE: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(blk_e_ptr + pid_m)
+    if e < 0:  # a block past the last expert's (align's fixed size)
+        return
     pairs = pid_m * BM + tl.arange(0, BM)
     tok = tl.load(tok_ptr + pairs)
     live = tok >= 0
@@ -81,6 +83,8 @@ def _down(h_ptr, tok_ptr, blk_e_ptr, y_ptr, w2q, w2s, w2z, F, D,
           DOT_DTYPE: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(blk_e_ptr + pid_m)
+    if e < 0:
+        return
     pairs = pid_m * BM + tl.arange(0, BM)
     live = tl.load(tok_ptr + pairs) >= 0
     d = pid_n * BN + tl.arange(0, BN)
@@ -125,23 +129,28 @@ def available() -> str | None:
 
 def align(expert_ids: torch.Tensor, num_experts: int, block: int = BLOCK_M):
     """The step's (token, expert) pairs grouped by expert (increasing id, tokens in order), each expert's run
-    padded to whole blocks: (token of each slot ``[S]`` int32, -1 for padding; pair index of each slot
-    ``[S]`` int64, -1 for padding; expert of each block ``[S / block]`` int32)."""
+    padded to whole blocks, in arrays whose sizes depend only on the shapes (no host sync: a CUDA graph can
+    hold the step): (token of each slot ``[S]`` int32, -1 for padding; pair index of each slot ``[S]`` int64,
+    -1 for padding; expert of each block ``[S / block]`` int32, -1 for the blocks past the last expert's,
+    which the kernels leave at once). ``S = block * ceil((pairs + E (block - 1)) / block)``."""
     n, k = expert_ids.shape
+    dev = expert_ids.device
     flat = expert_ids.reshape(-1).to(torch.int64)
-    order = torch.argsort(flat * (n * k) + torch.arange(n * k, device=flat.device))  # by expert, then pair
-    counts = torch.bincount(flat, minlength=num_experts)
+    order = torch.argsort(flat * (n * k) + torch.arange(n * k, device=dev))  # by expert, then pair
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    # (scatter_add, not bincount: bincount's output size depends on the values, a host sync on a GPU)
     padded = (counts + block - 1) // block * block
     starts = torch.cumsum(padded, 0) - padded
     cstarts = torch.cumsum(counts, 0) - counts
-    total = int(padded.sum())  # one host sync per step (a device-side plan is the CUDA graph's work)
+    nblk = -(-(n * k + num_experts * (block - 1)) // block)
     sorted_e = flat[order]
-    slot = starts[sorted_e] + (torch.arange(n * k, device=flat.device) - cstarts[sorted_e])
-    pair = torch.full((total,), -1, dtype=torch.int64, device=flat.device)
+    slot = starts[sorted_e] + (torch.arange(n * k, device=dev) - cstarts[sorted_e])
+    pair = torch.full((nblk * block,), -1, dtype=torch.int64, device=dev)
     pair[slot] = order
     token = torch.where(pair >= 0, pair // k, torch.full_like(pair, -1)).to(torch.int32)
-    block_e = torch.repeat_interleave(torch.arange(num_experts, device=flat.device, dtype=torch.int32),
-                                      padded // block, output_size=total // block)
+    ends = torch.cumsum(padded // block, 0)  # blocks up to and including each expert's
+    block_e = torch.searchsorted(ends, torch.arange(nblk, device=dev), right=True).to(torch.int32)
+    block_e = torch.where(block_e < num_experts, block_e, torch.full_like(block_e, -1))
     return token, pair, block_e
 
 
@@ -180,11 +189,12 @@ def moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, stack:
         _down[(nblk, triton.cdiv(D, BLOCK_N))](
             h, token, block_e, y, w2q, w2s, w2z if stack.has_z else dummy, F, D, G=G, HAS_Z=stack.has_z,
             BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, DOT_DTYPE=dot)
-    live = pair >= 0
-    p = pair[live]
-    contrib = y[live] * weights.reshape(-1).float()[p][:, None]  # each product rounded, then summed
+    live = pair >= 0  # padding slots add zero rows to token 0: no boolean indexing, so no host sync
+    p = torch.where(live, pair, torch.zeros_like(pair))
+    wts = torch.where(live, weights.reshape(-1).float()[p], torch.zeros_like(p, dtype=torch.float32))
+    contrib = torch.where(live[:, None], y, torch.zeros_like(y)) * wts[:, None]  # each product rounded, then summed
     out = torch.zeros(n, D, dtype=torch.float32, device=x.device)
-    out.index_add_(0, (p // expert_ids.shape[1]), contrib)
+    out.index_add_(0, p // expert_ids.shape[1], contrib)
     return out.to(x.dtype)
 
 

@@ -47,12 +47,16 @@ def test_fused_moe_is_the_float_moe_of_the_dequantized_weights(bits, sym, tokens
     assert ((got.double() - ref).abs() <= 1e-5 * scale + 1e-7).all()  # float32 accumulation only
 
 
-def test_align_groups_pairs_by_expert_in_whole_blocks():
+def test_align_groups_pairs_by_expert_in_whole_blocks_of_a_fixed_count():
+    """6 pairs over 4 experts in blocks of 4: at most ceil((6 + 4 x 3) / 4) = 5 blocks, whatever the routing
+    (so no host sync); the blocks past the last expert's are marked -1."""
     ids = torch.tensor([[2, 0], [2, 1], [0, 2]])
     token, pair, block_e = triton_moe.align(ids, 4, block=4)
-    assert block_e.tolist() == [0, 1, 2]  # expert 3 has no pairs: no block
-    assert pair.tolist() == [1, 4, -1, -1, 3, -1, -1, -1, 0, 2, 5, -1]  # each expert's pairs in token order
-    assert token.tolist() == [0, 2, -1, -1, 1, -1, -1, -1, 0, 1, 2, -1]
+    assert block_e.tolist() == [0, 1, 2, -1, -1]  # expert 3 has no pairs: no block
+    assert pair.tolist() == [1, 4, -1, -1, 3, -1, -1, -1, 0, 2, 5, -1] + [-1] * 8  # each expert's pairs in order
+    assert token.tolist() == [0, 2, -1, -1, 1, -1, -1, -1, 0, 1, 2, -1] + [-1] * 8
+    token, pair, block_e = triton_moe.align(torch.tensor([[3, 3], [3, 3], [3, 3]]), 4, block=4)
+    assert block_e.tolist() == [3, 3, -1, -1, -1] and pair[:8].tolist() == [0, 1, 2, 3, 4, 5, -1, -1]
 
 
 def test_a_quantized_model_runs_its_moe_through_the_kernels(tmp_path):
