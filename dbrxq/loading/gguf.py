@@ -12,10 +12,9 @@ llama.cpp runs here too, as do llama.cpp's own K-quants of DBRX. Each tensor kee
 - the token embedding: dequantized to the model's dtype (llama.cpp dequantizes the rows it looks up);
   norms and the router: float, as stored (F32 in every file llama.cpp or dbrxq writes).
 
-What is resident: the kernel copies of every quantized tensor (about the file's bytes; Q5_K and Q6_K are
-held with 8-bit codes, 1.45x and 1.30x their file bytes), the embedding in the model's dtype, and the
-float tensors; each layer's pages of the mapped file are given back once it is converted, and the mapping is
-closed after loading. Other types (llama.cpp's i-quants, Q4_1,
+What is resident: the kernel copies of every quantized tensor (1.00-1.04x their file bytes, Q2_K 1.19x: its
+scales and mins take a byte each), the embedding in the model's dtype, and the float tensors; the file's
+pages are given back as each matrix is converted, and the mapping is closed after loading. Other types (llama.cpp's i-quants, Q4_1,
 Q5_0, Q5_1) are refused in one line naming the tensor. CPU only: offloading budgets and GPUs take dbrxq's
 own checkpoints.
 """

@@ -69,7 +69,8 @@ int dbrxq_layout_version(void) { return 3; } /* 3: native 2- and 3-bit blocks */
 
 /* Code bytes of one block: K/2 per row at 4 bits, K at 8, K/4 at 2, 3K/8 at 3 (two planes). */
 static int64_t codes_bytes(int bits, int K) {
-    return (int64_t)RB * (bits == 4 ? K / 2 : bits == 8 ? K : bits == 2 ? K / 4 : 3 * K / 8);
+    return (int64_t)RB * (bits == 4 ? K / 2 : bits == 8 ? K : bits == 2 ? K / 4 : bits == 3 ? 3 * K / 8
+                          : bits == 5 ? 5 * K / 8 : 3 * K / 4 /* 6 */);
 }
 
 /* K-quant weights (llama.cpp's Q2_K .. Q6_K, exactly): bits = KQ + the GGML type id. Per type: the
@@ -83,8 +84,8 @@ static kqi_t kq_info(int bits) {
     case 10: return (kqi_t){2, 16, 1, 0};  /* Q2_K */
     case 11: return (kqi_t){3, 16, 0, 4};  /* Q3_K */
     case 12: return (kqi_t){4, 32, 1, 0};  /* Q4_K */
-    case 13: return (kqi_t){8, 32, 1, 0};  /* Q5_K */
-    case 14: return (kqi_t){8, 16, 0, 32}; /* Q6_K */
+    case 13: return (kqi_t){5, 32, 1, 0};  /* Q5_K */
+    case 14: return (kqi_t){6, 16, 0, 32}; /* Q6_K */
     }
     return (kqi_t){0, 0, 0, 0};
 }
@@ -138,6 +139,26 @@ static void put_codes(uint8_t *blk, const uint8_t *c, int bits, int K, int r) {
                 for (int u = 0; u < 8; u++) hb |= (uint8_t)(((c[k0 + 4 * u + j] >> 2) & 1) << u);
                 o[2 * (RB * 4) + r * 4 + j] = hb;
             }
+        }
+    } else if (bits == 5 || bits == 6) { /* K-quants' Q5_K / Q6_K codes: the low nibbles as at 4 bits, then a
+        plane of the high bits: 6 bits, per 16 columns one line as at 2 bits; 5 bits, per 32 columns one line,
+        bit u of byte j = column 4u + j (the 3-bit layout's high plane) */
+        for (int k0 = 0; k0 < K; k0 += 8)
+            for (int j = 0; j < 4; j++)
+                blk[(k0 / 8) * (RB * 4) + r * 4 + j] = (uint8_t)((c[k0 + j] & 15) | (c[k0 + 4 + j] & 15) << 4);
+        uint8_t *pl = blk + (int64_t)RB * K / 2;
+        if (bits == 6) {
+            for (int k0 = 0; k0 < K; k0 += 16)
+                for (int j = 0; j < 4; j++)
+                    pl[(k0 / 16) * (RB * 4) + r * 4 + j] = (uint8_t)((c[k0 + j] >> 4) | (c[k0 + 4 + j] >> 4) << 2 |
+                                                                     (c[k0 + 8 + j] >> 4) << 4 | (c[k0 + 12 + j] >> 4) << 6);
+        } else {
+            for (int k0 = 0; k0 < K; k0 += 32)
+                for (int j = 0; j < 4; j++) {
+                    uint8_t hb = 0;
+                    for (int u = 0; u < 8; u++) hb |= (uint8_t)(((c[k0 + 4 * u + j] >> 4) & 1) << u);
+                    pl[(k0 / 32) * (RB * 4) + r * 4 + j] = hb;
+                }
         }
     } else {
         for (int k0 = 0; k0 < K; k0 += 4)
@@ -877,8 +898,8 @@ TGT static void block_avx2(const blk_t *w, const acts_t *a, int m0, int mt, floa
  *   acc  = fma(float(isb), d_j * d_a, acc);   corr = fma(float(msb), dmin_j * d_a, corr)
  *   y    = acc - corr
  *
- * |isb| <= 32 * 127 * 16 * 128 * 16 (Q6_K, the largest) < 2^31. The codes sit in the 2-, 3-, 4- and
- * 8-bit layouts of dbrxq_repack (5- and 6-bit codes in the 8-bit one). */
+ * |isb| <= 32 * 127 * 16 * 128 * 16 (Q6_K, the largest) < 2^31. The codes sit in the 2-, 3- and 4-bit
+ * layouts of dbrxq_repack; 5- and 6-bit codes as 4-bit nibbles, then a plane of their high bits (put_codes). */
 typedef struct {
     const uint8_t *codes;
     const int8_t *sc;          /* [K/sub][RB] */
@@ -900,9 +921,13 @@ static kqb_t kq_block_at(const uint8_t *w, int b, int bits, int K) {
 
 /* Unsigned code of row r at column k (the generic path's decoder). */
 static inline int kq_code(const kqb_t *w, int r, int k) {
-    if (w->t.cbits == 4) {
+    if (w->t.cbits >= 4 && w->t.cbits <= 6) {
         uint8_t byte = w->codes[(k / 8) * (RB * 4) + r * 4 + (k & 3)];
-        return (k & 4) ? byte >> 4 : byte & 15;
+        int lo = (k & 4) ? byte >> 4 : byte & 15;
+        const uint8_t *pl = w->codes + (int64_t)RB * w->K / 2;
+        if (w->t.cbits == 6) return lo | ((pl[(k / 16) * (RB * 4) + r * 4 + (k & 3)] >> (2 * ((k >> 2) & 3))) & 3) << 4;
+        if (w->t.cbits == 5) return lo | ((pl[(k / 32) * (RB * 4) + r * 4 + (k & 3)] >> ((k % 32) >> 2)) & 1) << 4;
+        return lo;
     }
     if (w->t.cbits == 8) return w->codes[(k / 4) * (RB * 4) + r * 4 + (k & 3)] ^ 0x80;
     blk_t b = {w->codes, NULL, NULL, w->K, 0, w->t.cbits, 0};
@@ -945,7 +970,6 @@ static void kq_generic(const kqb_t *w, const acts_t *a, int m0, int mt, float *y
 TGT5 INL void kq512(const kqb_t *w, const acts_t *a, int m0, const int nt, float *y, int64_t ldy, int n0, int nrows) {
     const int K = w->K, sub = w->t.sub, cbits = w->t.cbits, off = w->t.off, nbk = K / QK;
     const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(0x03), b2 = _mm512_set1_epi8(0x04);
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512 acc[4], corr[4];
     const int8_t *q[4];
     _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
@@ -969,13 +993,39 @@ TGT5 INL void kq512(const kqb_t *w, const acts_t *a, int m0, const int nt, float
                         DPBUSD(t1[i], hi, bcast_quad(q[i] + k + 4));
                     }
                 }
-            } else if (cbits == 8) { /* a line per 4 columns, stored c ^ 0x80 */
-                const uint8_t *cp = w->codes + (int64_t)(k0 / 4) * 64;
-                for (int k = k0; k < k0 + sub; k += 8, cp += 128) {
+            } else if (cbits == 6) { /* Q6_K, sub-blocks of 16: two nibble lines and one line of high-bit pairs */
+                const uint8_t *cp = w->codes + (int64_t)(k0 / 8) * 64, *pp = w->codes + (int64_t)RB * K / 2 + (k0 / 16) * 64;
+                prefetch_line(cp);
+                prefetch_line(cp + 64);
+                prefetch_line(pp);
+                __m512i v0 = _mm512_loadu_si512((const void *)cp), v1 = _mm512_loadu_si512((const void *)(cp + 64));
+                __m512i hp = _mm512_loadu_si512((const void *)pp);
+#define HI2(u) _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hp, 2 * (u)), m2), 4)
+                __m512i c0 = _mm512_or_si512(_mm512_and_si512(v0, m4), HI2(0));
+                __m512i c1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v0, 4), m4), HI2(1));
+                __m512i c2 = _mm512_or_si512(_mm512_and_si512(v1, m4), HI2(2));
+                __m512i c3 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v1, 4), m4), HI2(3));
+#undef HI2
+                _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
+                    DPBUSD(t0[i], c0, bcast_quad(q[i] + k0));
+                    DPBUSD(t1[i], c1, bcast_quad(q[i] + k0 + 4));
+                    DPBUSD(t0[i], c2, bcast_quad(q[i] + k0 + 8));
+                    DPBUSD(t1[i], c3, bcast_quad(q[i] + k0 + 12));
+                }
+            } else if (cbits == 5) { /* Q5_K, sub-blocks of 32: four nibble lines and one line of high bits */
+                const uint8_t *cp = w->codes + (int64_t)(k0 / 8) * 64, *pp = w->codes + (int64_t)RB * K / 2 + (k0 / 32) * 64;
+                prefetch_line(pp);
+                __m512i hb = _mm512_loadu_si512((const void *)pp);
+                const __m512i b4 = _mm512_set1_epi8(0x10);
+                for (int k = k0; k < k0 + 32; k += 8, cp += 64) {
                     prefetch_line(cp);
-                    prefetch_line(cp + 64);
-                    __m512i lo = _mm512_xor_si512(_mm512_loadu_si512((const void *)cp), flip);
-                    __m512i hi = _mm512_xor_si512(_mm512_loadu_si512((const void *)(cp + 64)), flip);
+                    const int u = (k - k0) / 4; /* quads u (low nibbles) and u + 1 (high) of the 32 columns */
+                    __m512i v = _mm512_loadu_si512((const void *)cp);
+                    /* bit u of hb to bit 4: a 16-bit shift keeps each byte's bits in its byte for shifts <= 4 */
+                    __m512i h0 = u <= 4 ? _mm512_slli_epi16(hb, 4 - u) : _mm512_srli_epi16(hb, u - 4);
+                    __m512i h1 = u + 1 <= 4 ? _mm512_slli_epi16(hb, 3 - u) : _mm512_srli_epi16(hb, u - 3);
+                    __m512i lo = _mm512_or_si512(_mm512_and_si512(v, m4), _mm512_and_si512(h0, b4));
+                    __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), _mm512_and_si512(h1, b4));
                     _Pragma("GCC unroll 4") for (int i = 0; i < nt; i++) {
                         DPBUSD(t0[i], lo, bcast_quad(q[i] + k));
                         DPBUSD(t1[i], hi, bcast_quad(q[i] + k + 4));
@@ -1056,7 +1106,7 @@ TGT INL void kq2(const kqb_t *w, const acts_t *a, int m0, const int nt, const in
                  int64_t ldy, int n0, int nrows) {
     const int K = w->K, sub = w->t.sub, cbits = w->t.cbits, off = w->t.off, nbk = K / QK;
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03), b2 = _mm256_set1_epi8(0x04);
-    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[2], corr[2];
     const int8_t *q[2];
     _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++) q[i] = a->qa + (int64_t)(m0 + i) * K;
@@ -1066,16 +1116,33 @@ TGT INL void kq2(const kqb_t *w, const acts_t *a, int m0, const int nt, const in
         _Pragma("GCC unroll 2") for (int x = 0; x < nt * nh; x++) isb[x] = msb[x] = _mm256_setzero_si256();
         for (int k0 = j * QKK; k0 < (j + 1) * QKK; k0 += sub) {
             __m256i t[2];
-            if (cbits == 8) {
+            if (cbits >= 5) { /* Q5_K / Q6_K: nibble lines and a high-bit plane; codes <= 63, widened per quad */
                 _Pragma("GCC unroll 2") for (int x = 0; x < nt * nh; x++) t[x] = _mm256_setzero_si256();
-                const uint8_t *cp = w->codes + (int64_t)(k0 / 4) * 64;
-                for (int k = k0; k < k0 + sub; k += 4, cp += 64) {
-                    if (h0 == 0) prefetch_line(cp);
-                    _Pragma("GCC unroll 2") for (int g = 0; g < nh; g++) {
-                        __m256i c = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(cp + 32 * (h0 + g))), flip);
+                const uint8_t *cp = w->codes + (int64_t)(k0 / 8) * 64;
+                const uint8_t *pp = w->codes + (int64_t)RB * K / 2 + (k0 / (cbits == 6 ? 16 : 32)) * 64;
+                if (h0 == 0) prefetch_line(pp);
+                const __m256i b4 = _mm256_set1_epi8(0x10);
+                _Pragma("GCC unroll 2") for (int g = 0; g < nh; g++) {
+                    __m256i hp = _mm256_loadu_si256((const __m256i *)(pp + 32 * (h0 + g)));
+                    for (int k = k0; k < k0 + sub; k += 8) {
+                        const uint8_t *lp = cp + (k - k0) / 8 * 64;
+                        if (h0 == 0 && g == 0) prefetch_line(lp);
+                        const int u = (k - k0) / 4; /* quads u and u + 1 of the sub-block */
+                        __m256i v = _mm256_loadu_si256((const __m256i *)(lp + 32 * (h0 + g)));
+                        __m256i hi0, hi1;
+                        if (cbits == 6) { /* bits 2u, 2u+1 (and 2u+2, 2u+3) of the pair plane to bits 4, 5 */
+                            hi0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hp, 2 * u), m2), 4);
+                            hi1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hp, 2 * u + 2), m2), 4);
+                        } else { /* bit u (and u + 1) of the plane to bit 4, within each byte */
+                            hi0 = _mm256_and_si256(u <= 4 ? _mm256_slli_epi16(hp, 4 - u) : _mm256_srli_epi16(hp, u - 4), b4);
+                            hi1 = _mm256_and_si256(u + 1 <= 4 ? _mm256_slli_epi16(hp, 3 - u) : _mm256_srli_epi16(hp, u - 3), b4);
+                        }
+                        __m256i lo = _mm256_or_si256(_mm256_and_si256(v, m4), hi0);
+                        __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), hi1);
                         _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++)
-                            t[g * nt + i] = _mm256_add_epi32(t[g * nt + i], _mm256_madd_epi16(
-                                _mm256_maddubs_epi16(c, _mm256_set1_epi32(quad(q[i] + k))), ones));
+                            t[g * nt + i] = _mm256_add_epi32(t[g * nt + i], _mm256_add_epi32(
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(q[i] + k))), ones),
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad(q[i] + k + 4))), ones)));
                     }
                 }
             } else {
