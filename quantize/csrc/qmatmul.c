@@ -1017,7 +1017,7 @@ TGT5 INL void kq512(const kqb_t *w, const acts_t *a, int m0, const int nt, float
                 prefetch_line(pp);
                 __m512i hb = _mm512_loadu_si512((const void *)pp);
                 const __m512i b4 = _mm512_set1_epi8(0x10);
-                for (int k = k0; k < k0 + 32; k += 8, cp += 64) {
+                _Pragma("GCC unroll 4") for (int k = k0; k < k0 + 32; k += 8, cp += 64) { /* constant shifts once unrolled */
                     prefetch_line(cp);
                     const int u = (k - k0) / 4; /* quads u (low nibbles) and u + 1 (high) of the 32 columns */
                     __m512i v = _mm512_loadu_si512((const void *)cp);
@@ -1116,7 +1116,7 @@ TGT INL void kq2(const kqb_t *w, const acts_t *a, int m0, const int nt, const in
         _Pragma("GCC unroll 2") for (int x = 0; x < nt * nh; x++) isb[x] = msb[x] = _mm256_setzero_si256();
         for (int k0 = j * QKK; k0 < (j + 1) * QKK; k0 += sub) {
             __m256i t[2];
-            if (cbits >= 5) { /* Q5_K / Q6_K: nibble lines and a high-bit plane; codes <= 63, widened per quad */
+            if (cbits >= 5) { /* Q5_K / Q6_K: nibble lines and a high-bit plane; codes <= 63, widened per octet */
                 _Pragma("GCC unroll 2") for (int x = 0; x < nt * nh; x++) t[x] = _mm256_setzero_si256();
                 const uint8_t *cp = w->codes + (int64_t)(k0 / 8) * 64;
                 const uint8_t *pp = w->codes + (int64_t)RB * K / 2 + (k0 / (cbits == 6 ? 16 : 32)) * 64;
@@ -1124,7 +1124,7 @@ TGT INL void kq2(const kqb_t *w, const acts_t *a, int m0, const int nt, const in
                 const __m256i b4 = _mm256_set1_epi8(0x10);
                 _Pragma("GCC unroll 2") for (int g = 0; g < nh; g++) {
                     __m256i hp = _mm256_loadu_si256((const __m256i *)(pp + 32 * (h0 + g)));
-                    for (int k = k0; k < k0 + sub; k += 8) {
+                    _Pragma("GCC unroll 4") for (int k = k0; k < k0 + sub; k += 8) { /* constant shifts once unrolled */
                         const uint8_t *lp = cp + (k - k0) / 8 * 64;
                         if (h0 == 0 && g == 0) prefetch_line(lp);
                         const int u = (k - k0) / 4; /* quads u and u + 1 of the sub-block */
@@ -1139,10 +1139,11 @@ TGT INL void kq2(const kqb_t *w, const acts_t *a, int m0, const int nt, const in
                         }
                         __m256i lo = _mm256_or_si256(_mm256_and_si256(v, m4), hi0);
                         __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), hi1);
+                        /* an octet's two maddubs summed in int16: <= 2 x (2 x 63 x 127) = 32004 */
                         _Pragma("GCC unroll 2") for (int i = 0; i < nt; i++)
-                            t[g * nt + i] = _mm256_add_epi32(t[g * nt + i], _mm256_add_epi32(
-                                _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(q[i] + k))), ones),
-                                _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad(q[i] + k + 4))), ones)));
+                            t[g * nt + i] = _mm256_add_epi32(t[g * nt + i], _mm256_madd_epi16(_mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(q[i] + k))),
+                                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad(q[i] + k + 4)))), ones));
                     }
                 }
             } else {
