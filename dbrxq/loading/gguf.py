@@ -35,6 +35,7 @@ from torch import nn
 from dbrxq.core.errors import CheckpointError, ConfigError, QuantizationError
 from dbrxq.core.memory import memory_limit, process_rss
 from dbrxq.core.pages import PageReleaser, trim_heap
+from dbrxq.core.sysinfo import parse_device
 from dbrxq.core.units import format_size
 from dbrxq.core.untrusted import check_finite
 from dbrxq.formats.gguf_file import FLOAT_TYPES, GGUFModelFile, GGUFTensor
@@ -158,7 +159,8 @@ def _q4_0(raw: np.ndarray, shape: tuple[int, int]):
     return kernels.prepare(qt, "cpu_q4", "cpu")
 
 
-def _linear(w, name: str) -> nn.Module:
+def _linear(w) -> nn.Module:
+    """A float weight as nn.Linear, a prepared kernel weight as PreparedLinear."""
     if isinstance(w, torch.Tensor):
         lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
         lin.weight = nn.Parameter(w, requires_grad=False)
@@ -230,7 +232,7 @@ def load_gguf_model(path: str | Path, *, device: str | torch.device | None = "cp
     is its vocabulary. Raises CheckpointError naming the file and tensor for what cannot run."""
     t0 = time.perf_counter()
     path = Path(path)
-    if device not in (None, "cpu", "auto") and torch.device(device).type != "cpu":
+    if device not in (None, "auto") and parse_device(device).type != "cpu":
         raise ConfigError(f"{path}: a GGUF file runs on the CPU in dbrxq (device {device!r} asked); quantize the "
                           f"float model with `dbrxq quantize` for --device cuda")
     if offloading:
@@ -262,7 +264,7 @@ def load_gguf_model(path: str | Path, *, device: str | torch.device | None = "cp
         _set_param(tr.wte, "weight", _float(T["token_embd.weight"], dtype, path))
         _set_param(tr.norm_f, "weight", _float(T["output_norm.weight"], dtype, path))
         if not config.tie_word_embeddings:
-            model.lm_head = _linear(_matrix(T["output.weight"], None, dtype, path, release, reads), "output.weight")
+            model.lm_head = _linear(_matrix(T["output.weight"], None, dtype, path, release, reads))
         act = ACTIVATIONS[config.activation]
         layer_tensors = [[t for n, t in T.items() if n.startswith(f"blk.{i}.")] for i in range(config.n_layers)]
         for i, block in enumerate(tr.blocks):
@@ -270,8 +272,8 @@ def load_gguf_model(path: str | Path, *, device: str | torch.device | None = "cp
             nan = block.norm_attn_norm
             _set_param(nan.norm_1, "weight", _float(T[b + "attn_norm.weight"], dtype, path))
             _set_param(nan.norm_2, "weight", _float(T[b + "attn_output_norm.weight"], dtype, path))
-            nan.attn.Wqkv = _linear(_matrix(T[b + "attn_qkv.weight"], None, dtype, path, release, reads), b + "attn_qkv.weight")
-            nan.attn.out_proj = _linear(_matrix(T[b + "attn_output.weight"], None, dtype, path, release, reads), b + "attn_output.weight")
+            nan.attn.Wqkv = _linear(_matrix(T[b + "attn_qkv.weight"], None, dtype, path, release, reads))
+            nan.attn.out_proj = _linear(_matrix(T[b + "attn_output.weight"], None, dtype, path, release, reads))
             _set_param(block.ffn.router.layer, "weight", _float(T[b + "ffn_gate_inp.weight"], dtype, path))
             block.ffn.experts = _experts(f, i, config, act, dtype, path, release, reads)
             for t in layer_tensors[i]:  # the layer's float tensors too
