@@ -205,17 +205,17 @@ def stack_of(experts, device: torch.device | str) -> Int4Stack | None:
     for e in range(experts.num_experts) if hasattr(experts, "check_expert") else []:
         experts.check_expert(e)  # the blocks layout checks an expert's scales on first use: all of them, now
     qts = [experts.expert_weights(e) for e in range(experts.num_experts)]
-    parts = []
+    parts, kinds = [], set()  # kinds: (group, zero points or not) over all three weights
     for kind in range(3):
         ws = [widen_to_int4(q[kind]) if q[kind].bits in (2, 3) else q[kind] for q in qts]
-        if {w.bits for w in ws} != {4} or len({(w.group, w.qzeros is None) for w in ws}) != 1:
+        if {w.bits for w in ws} != {4}:
             return None
+        kinds |= {(w.group, w.qzeros is None) for w in ws}
         z = None if ws[0].qzeros is None else torch.stack([w.qzeros for w in ws]).to(device)
         parts.append((torch.stack([w.qweight for w in ws]).to(device), torch.stack([w.scales for w in ws]).to(device), z))
-    groups = {widen_to_int4(q[k]).group if q[k].bits in (2, 3) else q[k].group for q in qts for k in range(3)}
-    if len(groups) != 1 or len({z is None for _, _, z in parts}) != 1:
+    if len(kinds) != 1:
         return None
-    return Int4Stack(*parts, group=groups.pop())
+    return Int4Stack(*parts, group=kinds.pop()[0])
 
 
 def use_triton_moe(model: torch.nn.Module, device: torch.device | str) -> int:

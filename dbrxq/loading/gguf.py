@@ -50,9 +50,6 @@ from quantize.primitives import QuantizedTensor, pack_codes
 
 log = logging.getLogger(__name__)
 
-_TORCH_FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
 class _Reads:
     """The file's K-quant matrices read in the order the loader converts them, two chunks of whole 16-row groups
     ahead in a thread: large sequential reads (pread) that the disk serves at its rate while the C kernel converts
@@ -194,16 +191,14 @@ def _k_jobs(f: GGUFModelFile) -> list[tuple[object, int, int, int]]:
 
 
 def resident_bytes(f: GGUFModelFile, dtype: torch.dtype) -> int:
-    """What loading ``f`` holds: each quantized matrix in the kernel's blocks, the rest in ``dtype`` (norms and
-    the router as stored)."""
+    """What loading ``f`` holds: each quantized matrix in the kernel's blocks, every other tensor (the embedding,
+    norms, router, float matrices) in ``dtype``."""
     lib = cext.load()
     total = 0
     for t in f.tensors.values():
         rows, k = int(np.prod(t.shape[:-1])), t.shape[-1]
-        if t.ggml_type in FLOAT_TYPES or lib is None or t.name == "token_embd.weight":
-            size = torch.finfo(dtype).bits // 8 if len(t.shape) > 1 and not t.name.endswith("ffn_gate_inp.weight") \
-                else {"F32": 4}.get(t.ggml_type, 2)
-            total += rows * k * size
+        if t.ggml_type in FLOAT_TYPES or t.name == "token_embd.weight" or lib is None:  # no kernel: refused later
+            total += rows * k * (torch.finfo(dtype).bits // 8)
             continue
         n = t.shape[-2]
         bits = {"Q8_0": 8, "Q4_0": 4}.get(t.ggml_type) or kernels.KQ_BITS + kernels.GGML_TYPE_IDS[t.ggml_type]

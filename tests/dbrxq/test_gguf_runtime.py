@@ -88,8 +88,11 @@ def test_a_k_quant_file_computes_with_llama_cpps_dequantized_weights(files, mix)
     fl = load_model(files["src"], dtype="float32")
     got, want, flo = _logits(model, IDS), _logits(ref, IDS), _logits(fl, IDS)
     rounding, quantization = _kl(want, got), _kl(flo, want)
+    # The kernel's only departure from `want` is rounding activations to int8 (|error| <= amax / 254 per value,
+    # 0.4% of the largest), against the weights' own rounding (Q2_K-Q6_K: a few % of each weight); KL grows with
+    # the square of a perturbation, so the rounding's share is expected near (0.4 / 4)^2 = 1% of the
+    # quantization's: 10% leaves room, while a misread scale or code (the same order as the quantization) fails.
     assert quantization > 0 and rounding < 0.1 * quantization, (rounding, quantization)
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
     kinds = {type(w).__name__ for b in model.transformer.blocks for w in b.ffn.experts._prepared[0]}
     assert kinds == {"CpuKQWeight"} and model.transformer.blocks[0].ffn.experts._table is not None
 
@@ -151,11 +154,10 @@ def test_a_file_too_big_for_memory_is_refused_before_converting(files, monkeypat
     need = g.resident_bytes(f, torch.bfloat16)
     f.close()
     model = load_model(files["q4_k_m"])
-    held = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
-               if not t.is_meta and "rope" not in str(type(t)))
+    held = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     held += sum(w.w.numel() for m in model.modules() if getattr(m, "_prepared", None) is not None
                 for w in ([x for p in m._prepared for x in p] if isinstance(m._prepared, list) else [m._prepared]))
-    assert abs(held - need) <= 0.01 * need  # the estimate is what loading holds
+    assert held == need  # the estimate is what loading holds, to the byte
     monkeypatch.setattr(g, "memory_limit", lambda: (need // 2, "test limit"))
     with pytest.raises(ConfigError, match="holds a GGUF file whole .* may use"):
         load_model(files["q4_k_m"])
