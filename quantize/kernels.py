@@ -400,8 +400,7 @@ class CpuKQWeight(CpuQWeight):
     """A weight on one of llama.cpp's K-quant grids (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) in dbrxq's C kernel,
     its integers kept: blocks of 16 rows as :class:`CpuQWeight`'s, the codes in the 2-, 3- or 4-bit layout
     (5- and 6-bit codes as 4-bit nibbles plus a plane of high bits), each row's sub-block scales (and mins) as
-    int8, its fp16
-    ``d`` (and ``dmin``) per 256 values. The weight computed with is llama.cpp's dequantization of the
+    int8, its fp16 ``d`` (and ``dmin``) per 256 values. The weight computed with is llama.cpp's dequantization of the
     block exactly; activations take one int8 scale per 256 values (as llama.cpp's Q8_K), so
     ``|y - y_ref| <= sum_k |W[n, k]| d_256(k) / 2`` (+ float32 rounding). Made from a
     :class:`~quantize.kquants.KQuantized` (``kq``) or straight from a GGUF tensor's bytes (``raw``, in C,
